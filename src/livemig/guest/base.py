@@ -1,0 +1,195 @@
+"""The guest interface: what the migration engine needs from a virtual machine, and nothing more.
+
+A guest has RAM blocks (memfd-backed, shareable with other processes), a dirty log, vCPUs that can
+be paused and resumed, and a CPU-side state that can be saved on the source and loaded on the
+destination. Two kinds implement it: :mod:`livemig.guest.portable` (runs anywhere: vCPU workers are
+host threads that mark what they write) and :mod:`livemig.guest.kvm` (a real KVM virtual machine,
+KVM's own dirty log).
+
+Life cycle on the source: ``create_guest(config)`` (RAM filled, vCPUs not running) -> ``start()``
+-> ``start_dirty_log()`` -> ``sync_dirty_log()``... -> ``pause()`` -> ``save_state()`` -> (on
+failure) ``resume()``. On the destination: ``create_guest(config, incoming=True)`` (RAM zeroed and
+prefaulted, nothing running) -> RAM written by the receiver -> ``load_state(blob)`` -> ``resume()``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import mmap
+import os
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+
+from ..errors import GuestError
+
+PAGE_SIZE = 4096
+
+
+@dataclass
+class GuestConfig:
+    """Everything needed to create the same guest on the other side (sent in the main stream)."""
+
+    #: "portable" or "kvm"
+    kind: str = "portable"
+    #: bytes of guest RAM
+    memory: int = 256 << 20
+    #: number of vCPUs
+    smp: int = 1
+    #: "idle", "dirty" or "counter"
+    workload: str = "idle"
+    #: dirty workload: pages written per second (0 = as fast as it can)
+    dirty_rate: int = 20000
+    #: dirty/counter workload: pages in the working set (0 = all of RAM but the guest's own pages)
+    working_set: int = 0
+    #: RAM fill at start: "zero", "random", "corpus", "files:DIR" or "image:PATH"
+    fill: str = "zero"
+    #: seed of every generated pattern (fill, workload)
+    seed: int = 0
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> GuestConfig:
+        try:
+            raw = json.loads(text)
+            names = {f.name for f in dataclasses.fields(cls)}
+            unknown = set(raw) - names
+            if unknown:
+                raise GuestError(f"guest config has unknown fields {sorted(unknown)}")
+            return cls(**raw)
+        except (ValueError, TypeError) as exc:
+            raise GuestError(f"guest config is not valid JSON of GuestConfig: {exc}") from exc
+
+
+class RamBlock:
+    """One RAM block: a named, page-aligned, memfd-backed mapping.
+
+    ``buf`` is the writable mapping; ``pages`` a zero-copy numpy view of shape (npages, page_size).
+    """
+
+    def __init__(self, name: str, size: int, page_size: int = PAGE_SIZE) -> None:
+        if size <= 0 or size % page_size:
+            raise GuestError(f"RAM block '{name}': size {size} is not a positive multiple of {page_size}")
+        self.name = name
+        self.size = size
+        self.page_size = page_size
+        self.fd = os.memfd_create(f"livemig-{name}", os.MFD_CLOEXEC)
+        try:
+            os.ftruncate(self.fd, size)
+            self.buf = mmap.mmap(self.fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        except OSError as exc:
+            os.close(self.fd)
+            raise GuestError(f"RAM block '{name}': cannot allocate {size} bytes: {exc}") from exc
+        self.pages: np.ndarray = np.frombuffer(self.buf, dtype=np.uint8).reshape(-1, page_size)
+
+    @property
+    def npages(self) -> int:
+        return self.size // self.page_size
+
+    def prefault(self) -> None:
+        """Populate every page now (as QEMU's ``-mem-prealloc``), so first touches are not timed."""
+        advice = getattr(mmap, "MADV_POPULATE_WRITE", 23)
+        try:
+            self.buf.madvise(advice)
+        except OSError:
+            # older kernels: touch one byte per page, vectorised
+            self.pages[:, 0] = self.pages[:, 0]
+
+    def view(self) -> memoryview:
+        return memoryview(self.buf)
+
+    def close(self) -> None:
+        self.pages = np.empty((0, self.page_size), dtype=np.uint8)
+        try:
+            self.buf.close()
+        except BufferError:
+            pass  # a view is still alive somewhere; the mapping goes with the process
+        os.close(self.fd)
+
+
+class Guest(ABC):
+    """A virtual machine as the migration engine sees it."""
+
+    #: "portable" or "kvm"
+    kind: ClassVar[str]
+
+    def __init__(self, config: GuestConfig) -> None:
+        self.config = config
+        self.page_size = PAGE_SIZE
+        self.blocks: list[RamBlock] = []
+
+    # --- RAM -------------------------------------------------------------------------------------
+    def block(self, name: str) -> RamBlock:
+        for b in self.blocks:
+            if b.name == name:
+                return b
+        raise GuestError(f"no RAM block named '{name}'")
+
+    @property
+    def ram_size(self) -> int:
+        return sum(b.size for b in self.blocks)
+
+    # --- vCPUs -----------------------------------------------------------------------------------
+    @abstractmethod
+    def start(self) -> None:
+        """Start the vCPUs running the workload (source, after creation)."""
+
+    @abstractmethod
+    def pause(self) -> None:
+        """Stop every vCPU; returns when none runs and every write so far is in RAM and the log."""
+
+    @abstractmethod
+    def resume(self) -> None:
+        """Let the vCPUs run again (after pause, or after load_state on the destination)."""
+
+    @property
+    @abstractmethod
+    def running(self) -> bool:
+        """True while the vCPUs run."""
+
+    # --- dirty log -------------------------------------------------------------------------------
+    @abstractmethod
+    def start_dirty_log(self) -> None:
+        """Start tracking writes; the first sync reports pages written since this call."""
+
+    @abstractmethod
+    def sync_dirty_log(self) -> dict[str, np.ndarray]:
+        """Block name -> sorted int64 array of page indices written since the last sync; clears them."""
+
+    @abstractmethod
+    def stop_dirty_log(self) -> None:
+        """Stop tracking writes."""
+
+    def mark_dirty(self, block: str, pages: np.ndarray) -> None:
+        """Record host-side writes into guest RAM (KVM does not see them)."""
+
+    # --- CPU-side state --------------------------------------------------------------------------
+    @abstractmethod
+    def save_state(self) -> bytes:
+        """Everything besides RAM that the guest needs to continue (paused guests only)."""
+
+    @abstractmethod
+    def load_state(self, blob: bytes) -> None:
+        """Restore what save_state produced; raises GuestError on a malformed blob."""
+
+    # --- workload --------------------------------------------------------------------------------
+    def progress(self) -> int:
+        """A monotonic measure of the workload's progress (the counter's value; 0 if none)."""
+        return 0
+
+    def check_workload(self) -> None:
+        """Raise GuestError if the workload's state in RAM is not what its reference says."""
+
+    def describe(self) -> dict[str, Any]:
+        """A few facts for statistics and logs."""
+        return {"kind": self.kind, "memory": self.ram_size, "smp": self.config.smp,
+                "workload": self.config.workload, "fill": self.config.fill}
+
+    @abstractmethod
+    def close(self) -> None:
+        """Stop everything and release RAM and fds."""

@@ -1,0 +1,100 @@
+"""Migration parameters, with QEMU's names, defaults, ranges and error wording.
+
+Names are QEMU's QAPI names (``multifd-channels``); :meth:`MigrationParameters.set` takes them as
+``migrate_set_parameter`` does. Checks and messages follow QEMU's ``migrate_params_check``
+(``Parameter 'multifd_channels' expects a value between 1 and 255``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import ParameterError
+from .units import parse_rate
+
+#: QEMU's default max-bandwidth (MAX_THROTTLE, 128 MiB/s). livemig's command line defaults to 0
+#: (unlimited) instead, because a local benchmark should not be capped unless asked.
+QEMU_MAX_THROTTLE = 128 << 20
+
+
+def _expects(name: str, what: str) -> ParameterError:
+    return ParameterError(f"Parameter '{name}' expects {what}")
+
+
+@dataclass
+class MigrationParameters:
+    """The parameters both ends must agree on, plus the source's policy knobs."""
+
+    multifd_channels: int = 2
+    multifd_compression: str = "none"
+    multifd_zlib_level: int = 1
+    multifd_zstd_level: int = 1
+    multifd_qatzip_level: int = 1
+    #: bytes per second written to the sockets (after compression); 0 = unlimited
+    max_bandwidth: int = 0
+    #: milliseconds
+    downtime_limit: int = 300
+    #: "multifd" (9.0+ default: zero pages listed in the multifd packet) or "legacy"
+    zero_page_detection: str = "multifd"
+    #: stop iterating and switch over anyway after this many dirty-sync passes (0 = never)
+    max_passes: int = 0
+
+    def check(self) -> None:
+        """Raise ParameterError, in QEMU's words, for the first value out of range."""
+        from .compress import method_names  # local import: registry imports params-free modules
+
+        if not 1 <= self.multifd_channels <= 255:
+            raise _expects("multifd_channels", "a value between 1 and 255")
+        if self.multifd_compression not in method_names():
+            raise ParameterError(
+                f"Parameter 'multifd-compression' does not accept value '{self.multifd_compression}'"
+                f" (known: {', '.join(method_names())})"
+            )
+        if not 0 <= self.multifd_zlib_level <= 9:
+            raise _expects("multifd_zlib_level", "a value between 0 and 9")
+        if not 0 <= self.multifd_zstd_level <= 20:
+            raise _expects("multifd_zstd_level", "a value between 0 and 20")
+        if not 1 <= self.multifd_qatzip_level <= 9:
+            raise _expects("multifd_qatzip_level", "a value between 1 and 9")
+        if self.max_bandwidth < 0:
+            raise _expects("max_bandwidth", "an integer in the range of 0 to 18446744073709551615 bytes/second")
+        if not 0 <= self.downtime_limit <= 2_000_000:
+            raise _expects("downtime_limit", "an integer in the range of 0 to 2000 seconds")
+        if self.zero_page_detection not in ("multifd", "legacy", "none"):
+            raise ParameterError(
+                f"Parameter 'zero-page-detection' does not accept value '{self.zero_page_detection}'"
+            )
+
+    def level(self) -> int:
+        """The level of the selected method (0 for methods without one)."""
+        return int(getattr(self, f"multifd_{self.multifd_compression}_level", 0))
+
+    def set(self, name: str, value: Any) -> None:
+        """``migrate_set_parameter name value``: QAPI name, value as text or number; checked."""
+        attr = name.replace("-", "_")
+        fields = {f.name: f for f in dataclasses.fields(self)}
+        if attr not in fields:
+            raise ParameterError(f"Parameter '{name}' not found")
+        if attr == "max_bandwidth":
+            # HMP: a bare number is MiB/s, as QEMU's hmp_migrate_set_parameter
+            v: Any = parse_rate(f"{value}M" if str(value).isdigit() else str(value))
+        elif fields[attr].type in ("int", int):
+            try:
+                v = int(value)
+            except (TypeError, ValueError):
+                raise ParameterError(f"Parameter '{name}' expects a number") from None
+        else:
+            v = str(value)
+        old = getattr(self, attr)
+        setattr(self, attr, v)
+        try:
+            self.check()
+        except ParameterError:
+            setattr(self, attr, old)
+            raise
+
+    def to_qapi(self) -> dict[str, Any]:
+        """``query-migrate-parameters``-shaped dict."""
+        return {f.name.replace("_", "-"): getattr(self, f.name) for f in dataclasses.fields(self)}

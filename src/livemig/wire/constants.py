@@ -1,0 +1,51 @@
+"""Constants of QEMU's migration wire format (facts from QEMU 7.2/10.2 ``migration/``; see
+shared/reference/qemu-multifd.md for the section numbers cited)."""
+
+from __future__ import annotations
+
+# §1.2 MultiFDInit_t / §2.1 MultiFDPacket_t (migration/multifd.h)
+MULTIFD_MAGIC = 0x11223344
+MULTIFD_VERSION = 1
+MULTIFD_PACKET_SIZE = 512 * 1024
+
+# §2.2 packet flags
+FLAG_SYNC = 0x01
+FLAG_NOCOMP = 0x00
+FLAG_ZLIB = 0x02
+FLAG_ZSTD = 0x04
+FLAG_QPL = 0x08
+FLAG_UADK = 0x10
+FLAG_QATZIP = 0x20
+FLAG_DEVICE_STATE = 0x40
+#: 9.2+ mask: every compression bit
+COMPRESSION_MASK = 0x1F << 1
+
+# §4.1 main stream header (migration/savevm.h)
+QEMU_VM_FILE_MAGIC = 0x5145564D  # "QEVM"
+QEMU_VM_FILE_VERSION = 0x00000003
+
+# §4.2 section types
+QEMU_VM_EOF = 0x00
+QEMU_VM_SECTION_START = 0x01
+QEMU_VM_SECTION_PART = 0x02
+QEMU_VM_SECTION_END = 0x03
+QEMU_VM_SECTION_FULL = 0x04
+QEMU_VM_SUBSECTION = 0x05
+QEMU_VM_VMDESCRIPTION = 0x06
+QEMU_VM_CONFIGURATION = 0x07
+QEMU_VM_COMMAND = 0x08
+QEMU_VM_SECTION_FOOTER = 0x7E
+
+# §4.5 RAM record flags (migration/ram.c)
+RAM_SAVE_FLAG_ZERO = 0x02
+RAM_SAVE_FLAG_MEM_SIZE = 0x04
+RAM_SAVE_FLAG_PAGE = 0x08
+RAM_SAVE_FLAG_EOS = 0x10
+RAM_SAVE_FLAG_CONTINUE = 0x20
+RAM_SAVE_FLAG_XBZRLE = 0x40
+RAM_SAVE_FLAG_HOOK = 0x80
+RAM_SAVE_FLAG_MULTIFD_FLUSH = 0x200
+
+#: the RAM section: idstr "ram", instance 0, version 4
+RAM_SECTION_IDSTR = "ram"
+RAM_SECTION_VERSION = 4
