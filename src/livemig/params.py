@@ -14,8 +14,7 @@ from typing import Any
 from .errors import ParameterError
 from .units import parse_rate
 
-#: QEMU's default max-bandwidth (MAX_THROTTLE, 128 MiB/s). livemig's command line defaults to 0
-#: (unlimited) instead, because a local benchmark should not be capped unless asked.
+#: QEMU's default max-bandwidth (MAX_THROTTLE, 128 MiB/s), livemig's default too.
 QEMU_MAX_THROTTLE = 128 << 20
 
 
@@ -32,11 +31,11 @@ class MigrationParameters:
     multifd_zlib_level: int = 1
     multifd_zstd_level: int = 1
     multifd_qatzip_level: int = 1
-    #: bytes per second written to the sockets (after compression); 0 = unlimited
-    max_bandwidth: int = 0
+    #: bytes per second written to the sockets (after compression); 0 = unlimited; QEMU default 128 MiB/s
+    max_bandwidth: int = QEMU_MAX_THROTTLE
     #: milliseconds
     downtime_limit: int = 300
-    #: "multifd" (9.0+ default: zero pages listed in the multifd packet) or "legacy"
+    #: "multifd" (9.0+ default: zero pages listed in the multifd packet) or "none" (no detection)
     zero_page_detection: str = "multifd"
     #: stop iterating and switch over anyway after this many dirty-sync passes (0 = never)
     max_passes: int = 0
@@ -62,7 +61,12 @@ class MigrationParameters:
             raise _expects("max_bandwidth", "an integer in the range of 0 to 18446744073709551615 bytes/second")
         if not 0 <= self.downtime_limit <= 2_000_000:
             raise _expects("downtime_limit", "an integer in the range of 0 to 2000 seconds")
-        if self.zero_page_detection not in ("multifd", "legacy", "none"):
+        if self.zero_page_detection == "legacy":
+            raise ParameterError(
+                "Parameter 'zero-page-detection' value 'legacy' (zero pages on the main channel, QEMU <= 8.2)"
+                " is not supported by livemig: use 'multifd' (default) or 'none'"
+            )
+        if self.zero_page_detection not in ("multifd", "none"):
             raise ParameterError(
                 f"Parameter 'zero-page-detection' does not accept value '{self.zero_page_detection}'"
             )

@@ -36,7 +36,7 @@ class _Send(Compressor):
 class _Recv(Decompressor):
     def __init__(self, page_size: int) -> None:
         self.page_size = page_size
-        self._z = pyzstd.ZstdDecompressor({pyzstd.DParameter.windowLogMax: _MAX_WINDOW_LOG})
+        self._z = pyzstd.ZstdDecompressor(option={pyzstd.DParameter.windowLogMax: _MAX_WINDOW_LOG})
 
     def decompress(self, payload: Buffer, normal_pages: int) -> Buffer:
         want = normal_pages * self.page_size

@@ -1,0 +1,1 @@
+"""Precopy migration over multifd channels: the source, the destination and their statistics."""

@@ -1,0 +1,464 @@
+"""The destination side: accept the channels, apply RAM, check it, resume the guest.
+
+The main channel is read by a sans-IO :class:`~livemig.wire.stream.StreamReader`; each multifd
+channel has a receive thread that validates every packet header (magic, version, counts, flags,
+block, offsets inside the block) before a single byte lands in guest RAM. For ``none`` pages are read
+straight into guest RAM; for the other methods the payload is bounded (1 MiB), decoded to exactly
+the packet's pages and scattered. SYNC packets meet the main stream's MULTIFD_FLUSH at a barrier,
+so a re-sent page never lands before an older copy.
+
+The guest is only resumed when every RAM block's digest matches the source's and its state blob
+loaded; otherwise the destination reports failed and the guest never runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from ..compress import MAX_PAYLOAD, Decompressor, Method, create_method
+from ..errors import IntegrityError, MigrationError, TransportError, WireError
+from ..guest import Guest, GuestConfig, create_guest
+from ..params import MigrationParameters
+from ..ram.digest import ChunkDigest
+from ..ram.pages import runs
+from ..transport.address import Address
+from ..transport.sockets import LineChannel, listen, recv_exact_into, recv_into_buffers
+from ..wire import handshake, packet, stream
+from ..wire.constants import MULTIFD_MAGIC, QEMU_VM_FILE_MAGIC
+from .source import MACHINE_TYPE
+from .stats import ChannelCounters, ResourceMeter
+
+
+class _RecvChannel(threading.Thread):
+    def __init__(self, dst: Destination, cid: int, sock: socket.socket, decomp: Decompressor) -> None:
+        super().__init__(name=f"multifd-recv-{cid}", daemon=True)
+        self.dst = dst
+        self.cid = cid
+        self.sock = sock
+        self.decomp = decomp
+        self.counters = ChannelCounters()
+        self.last_packet = -1
+
+    def run(self) -> None:
+        try:
+            self._loop()
+        except BaseException as exc:  # noqa: BLE001 - reported to the main thread
+            self.dst.fail(exc, f"multifd channel {self.cid}, packet {self.last_packet + 1}")
+
+    def _loop(self) -> None:
+        dst = self.dst
+        ps = dst.page_size
+        plen = packet.packet_len(ps)
+        hbuf = memoryview(bytearray(plen))
+        pbuf = memoryview(bytearray(MAX_PAYLOAD))
+        flag = dst.method.flag
+        while True:
+            if not recv_exact_into(self.sock, hbuf, "packet header", eof_ok=True):
+                return
+            hdr = packet.decode_packet(hbuf, ps)
+            self.last_packet = hdr.packet_num
+            if hdr.has_data:
+                block = dst.blocks.get(hdr.ramblock)
+                if block is None:
+                    raise WireError("multifd: unknown ram block", hdr.ramblock, f"one of {sorted(dst.blocks)}")
+                packet.check_packet(hdr, method_flag=flag, block_size=block.size, page_size=ps)
+                normal = (hdr.normal_offsets // ps).astype(np.int64)
+                zero = (hdr.zero_offsets // ps).astype(np.int64)
+                received = dst.received[block.name]
+                if normal.size:
+                    self._normal(hdr, block, normal, pbuf)
+                elif hdr.next_packet_size:
+                    raise WireError("multifd: next_packet_size of a packet without normal pages",
+                                    hdr.next_packet_size, 0)
+                if zero.size:
+                    again = zero[received[zero]]
+                    if again.size:
+                        block.pages[again] = 0
+                    received[zero] = True
+                touched = np.concatenate((normal, zero)) if zero.size else normal
+                dst.digests[block.name].mark_pages(touched)
+                c = self.counters
+                c.packets += 1
+                c.normal += int(normal.size)
+                c.zero += int(zero.size)
+                c.wire_bytes += plen + hdr.next_packet_size
+                c.payload_bytes += hdr.next_packet_size
+            elif hdr.next_packet_size:
+                raise WireError("multifd: next_packet_size of an empty packet", hdr.next_packet_size, 0)
+            if hdr.is_sync:
+                dst.channel_sync(self.cid)
+
+    def _normal(self, hdr: packet.PacketHeader, block: Any, normal: np.ndarray, pbuf: memoryview) -> None:
+        dst = self.dst
+        ps = dst.page_size
+        n = int(normal.size)
+        page_runs = runs(normal)
+        mv = dst.views[block.name]
+        if dst.method.name == "none":
+            want = n * ps
+            if hdr.next_packet_size != want:
+                raise WireError("multifd: none packet size", hdr.next_packet_size, want)
+            recv_into_buffers(self.sock, [mv[f * ps : (f + c) * ps] for f, c in page_runs],
+                              f"{n} pages of packet {hdr.packet_num}")
+        else:
+            size = hdr.next_packet_size
+            if size > MAX_PAYLOAD:
+                raise WireError(f"multifd: {dst.method.name}: received unexpectedly large packet", size,
+                                f"at most {MAX_PAYLOAD}")
+            recv_exact_into(self.sock, pbuf[:size], f"payload of packet {hdr.packet_num}")
+            out = self.decomp.decompress(pbuf[:size], n)
+            src = np.frombuffer(out, dtype=np.uint8).reshape(n, ps)
+            pages = block.pages
+            if len(page_runs) == 1:
+                f = page_runs[0][0]
+                pages[f : f + n] = src
+            else:
+                k = 0
+                for f, c in page_runs:
+                    pages[f : f + c] = src[k : k + c]
+                    k += c
+        dst.received[block.name][normal] = True
+
+
+class Destination:
+    """Listens at ``address`` and receives one migration.
+
+    ``guest`` may be created ahead (as QEMU's destination is, from its own command line; RAM then
+    prefaulted before the migration starts) or left None to create it from the source's config.
+    ``run()`` returns the result dict (``status`` completed/failed, timings, CPU, memory, workload).
+    """
+
+    def __init__(
+        self,
+        address: Address,
+        params: MigrationParameters,
+        *,
+        guest: Guest | None = None,
+        uuid: bytes = bytes(16),
+        timeout: float = 30.0,
+        run_after: float = 0.0,
+        dump_ram: str | None = None,
+        full_verify: bool = False,
+        log: Callable[[str], None] | None = None,
+    ) -> None:
+        params.check()
+        self.address = address
+        self.params = params
+        self.guest = guest
+        self.uuid = uuid
+        self.timeout = timeout
+        self.run_after = run_after
+        self.dump_ram = dump_ram
+        self.full_verify = full_verify
+        self.log = log or (lambda _m: None)
+        self.page_size = 4096
+        self.method: Method = create_method(params.multifd_compression, params.level(), self.page_size)
+        self.listener = listen(address, max(8, params.multifd_channels + 1))
+        self.port: int = self.listener.getsockname()[1] if address.scheme == "tcp" else 0
+        self.blocks: dict[str, Any] = {}
+        self.views: dict[str, memoryview] = {}
+        self.received: dict[str, np.ndarray] = {}
+        self.digests: dict[str, ChunkDigest] = {}
+        self.channels: dict[int, _RecvChannel] = {}
+        self.main: socket.socket | None = None
+        self.meter = ResourceMeter()
+        self._error: BaseException | None = None
+        self._error_lock = threading.Lock()
+        self._barrier = threading.Barrier(params.multifd_channels + 1)
+        self._guest_ready = threading.Event()
+        self._all_channels = threading.Event()
+        self._done = threading.Event()
+        self._pending: list[socket.socket] = []
+
+    # --- errors ----------------------------------------------------------------------------------
+    def fail(self, exc: BaseException, where: str) -> None:
+        with self._error_lock:
+            if self._error is None:
+                msg = f"{where}: {exc}" if isinstance(exc, MigrationError) else f"{where}: {type(exc).__name__}: {exc}"
+                self._error = type(exc)(msg) if isinstance(exc, MigrationError) else MigrationError(msg)
+        self._barrier.abort()
+        for ch in list(self.channels.values()):
+            try:
+                ch.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def _check(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def channel_sync(self, cid: int) -> None:
+        try:
+            self._barrier.wait(timeout=self.timeout)
+        except threading.BrokenBarrierError:
+            self._check()
+            raise TransportError("multifd sync abandoned (another channel or the main stream failed)") from None
+
+    # --- run -------------------------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        result: dict[str, Any] = {"status": "failed"}
+        acceptor = threading.Thread(target=self._accept_loop, name="accept", daemon=True)
+        acceptor.start()
+        hasher = threading.Thread(target=self._hash_loop, name="digest", daemon=True)
+        rp: LineChannel | None = None
+        t_first = 0.0
+        try:
+            deadline = time.monotonic() + self.timeout * 4
+            while self.main is None:
+                self._check()
+                if time.monotonic() > deadline:
+                    raise TransportError(f"no main channel connected within {self.timeout * 4:.0f} s")
+                time.sleep(0.005)
+            self.meter.start()
+            t_first = time.monotonic()
+            rp = LineChannel(self.main)
+            self._receive_main(rp, hasher)
+            result = self._finish(rp, t_first)
+        except BaseException as exc:  # noqa: BLE001 - every failure ends in a result
+            self.fail(exc, "destination")
+            err = str(self._error)
+            result = {"status": "failed", "error-desc": err, "resumed": False}
+            self.log(f"migration failed: {err}")
+            if rp is not None:
+                try:
+                    rp.send({"status": "failed", "error": err})
+                except MigrationError:
+                    pass
+        finally:
+            self._done.set()
+            self._close()
+        return result
+
+    def _accept_loop(self) -> None:
+        """Classify connections by their first 4 bytes (QEMU >= 8.0 rule): QEVM = main, multifd magic."""
+        self.listener.settimeout(0.1)
+        while not self._done.is_set() and not self._all_channels.is_set():
+            try:
+                sock, _ = self.listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            try:
+                sock.settimeout(self.timeout)
+                head = b""
+                while len(head) < 4:
+                    more = sock.recv(4 - len(head), socket.MSG_PEEK) if not head else sock.recv(4, socket.MSG_PEEK)
+                    if not more:
+                        raise TransportError("connection closed before sending its magic")
+                    head = more
+                magic = int.from_bytes(head[:4], "big")
+                if magic == QEMU_VM_FILE_MAGIC:
+                    if self.main is not None:
+                        raise WireError("second main channel connection", hex(magic), "one main channel only")
+                    self.main = sock
+                elif magic == MULTIFD_MAGIC:
+                    self._add_channel(sock)
+                else:
+                    raise WireError("unknown channel magic", hex(magic),
+                                    f"{QEMU_VM_FILE_MAGIC:#x} (main) or {MULTIFD_MAGIC:#x} (multifd)")
+            except BaseException as exc:  # noqa: BLE001
+                sock.close()
+                self.fail(exc, "incoming connection")
+                return
+
+    def _add_channel(self, sock: socket.socket) -> None:
+        buf = memoryview(bytearray(handshake.INIT_SIZE))
+        recv_exact_into(sock, buf, "MultiFDInit_t")
+        init = handshake.decode_init(buf, expected_uuid=self.uuid, channels=self.params.multifd_channels)
+        if init.channel_id in self.channels:
+            raise WireError(f"multifd: received id '{init.channel_id}' already setup")
+        if not self._guest_ready.wait(timeout=self.timeout * 4):
+            raise TransportError("multifd channel connected but the guest was never set up")
+        self._check()
+        ch = _RecvChannel(self, init.channel_id, sock, self.method.decompressor(init.channel_id))
+        ch.counters.wire_bytes += handshake.INIT_SIZE
+        self.channels[init.channel_id] = ch
+        ch.start()
+        if len(self.channels) == self.params.multifd_channels:
+            self._all_channels.set()
+
+    def _receive_main(self, rp: LineChannel, hasher: threading.Thread) -> None:
+        assert self.main is not None
+        reader = stream.StreamReader()
+        buf = bytearray(1 << 16)
+        view = memoryview(buf)
+        state_blob: bytes | None = None
+        src_digests: dict[str, str] | None = None
+        ram_seen = False
+        while True:
+            ev = reader.next_event()
+            if ev is stream.NEED_DATA:
+                self._check()
+                try:
+                    n = self.main.recv_into(view)
+                except TimeoutError as exc:
+                    raise TransportError(f"main channel idle for {self.timeout:.0f} s") from exc
+                except OSError as exc:
+                    raise TransportError(f"main channel failed: {exc}") from exc
+                if n == 0:
+                    raise TransportError("main channel closed before the end of the migration stream")
+                reader.feed(view[:n])
+                continue
+            if isinstance(ev, stream.Configuration):
+                if ev.machine_type != MACHINE_TYPE:
+                    raise WireError("Machine type received", ev.machine_type, MACHINE_TYPE)
+            elif isinstance(ev, stream.Blob):
+                if ev.idstr == "livemig/config":
+                    self._configure(ev.data, rp)
+                    hasher.start()
+                elif ev.idstr == "livemig/vcpu":
+                    state_blob = bytes(ev.data)
+                elif ev.idstr == "livemig/digest":
+                    src_digests = json.loads(ev.data)["blocks"]
+                else:
+                    raise WireError("unknown livemig section", ev.idstr,
+                                    "livemig/config, livemig/vcpu or livemig/digest")
+            elif isinstance(ev, stream.MemSize):
+                if not self._guest_ready.is_set():
+                    raise WireError("RAM section before livemig/config", "ram", "livemig/config first")
+                mine = [(b.name, b.size) for b in self.guest.blocks] if self.guest else []
+                if list(ev.blocks) != mine:
+                    raise WireError("RAM block list", list(ev.blocks), mine)
+                ram_seen = True
+            elif isinstance(ev, stream.MultifdFlush):
+                self._wait_channels()
+                try:
+                    self._barrier.wait(timeout=self.timeout)
+                except threading.BrokenBarrierError:
+                    self._check()
+                    raise TransportError("multifd channels did not reach the sync point") from None
+            elif isinstance(ev, stream.ZeroPage | stream.Page):
+                block = self.blocks[ev.block]
+                p = ev.offset // self.page_size
+                if isinstance(ev, stream.Page):
+                    block.pages[p] = np.frombuffer(ev.data, dtype=np.uint8)
+                else:
+                    block.pages[p] = 0
+                self.received[ev.block][p] = True
+                self.digests[ev.block].mark_pages(np.array([p]))
+            elif isinstance(ev, stream.Eof):
+                break
+        if not ram_seen or state_blob is None or src_digests is None:
+            raise WireError("incomplete migration stream", "EOF", "RAM, livemig/vcpu and livemig/digest sections")
+        self._verify(src_digests)
+        assert self.guest is not None
+        self.guest.load_state(state_blob)
+
+    def _wait_channels(self) -> None:
+        deadline = time.monotonic() + self.timeout
+        while not self._all_channels.wait(timeout=0.05):
+            self._check()
+            if time.monotonic() > deadline:
+                raise TransportError(
+                    f"only {len(self.channels)} of {self.params.multifd_channels} multifd channels connected"
+                )
+
+    def _configure(self, data: bytes | memoryview, rp: LineChannel) -> None:
+        try:
+            cfg = json.loads(bytes(data))
+            gcfg = GuestConfig.from_json(json.dumps(cfg["guest"]))
+        except (ValueError, KeyError, TypeError) as exc:
+            raise WireError(f"livemig/config section is malformed: {exc}") from exc
+        mine = {
+            "multifd-channels": self.params.multifd_channels,
+            "multifd-compression": self.params.multifd_compression,
+            "page-size": self.page_size,
+        }
+        for key, value in mine.items():
+            if cfg.get(key) != value:
+                err = f"{key} differs: source uses {cfg.get(key)!r}, destination {value!r}; set the same on both sides"
+                rp.send({"status": "error", "error": err})
+                raise MigrationError(err)
+        try:
+            if self.guest is None:
+                self.log(f"creating the {gcfg.kind} guest from the source's config ({gcfg.memory} bytes)")
+                self.guest = create_guest(gcfg, incoming=True)
+            else:
+                theirs = [tuple(b) for b in cfg.get("blocks", [])]
+                ours = [(b.name, b.size) for b in self.guest.blocks]
+                if theirs != ours or gcfg.kind != self.guest.config.kind:
+                    raise MigrationError(
+                        f"guest differs: source has a {gcfg.kind} guest with blocks {theirs}, "
+                        f"destination a {self.guest.config.kind} guest with {ours}"
+                    )
+                self.guest.config = gcfg
+        except MigrationError as exc:
+            rp.send({"status": "error", "error": str(exc)})
+            raise
+        for b in self.guest.blocks:
+            self.blocks[b.name] = b
+            self.views[b.name] = b.view()
+            self.received[b.name] = np.zeros(b.npages, dtype=bool)
+            self.digests[b.name] = ChunkDigest(self.views[b.name], self.page_size)
+        self._guest_ready.set()
+        rp.send({"status": "ready"})
+
+    def _verify(self, src: dict[str, str]) -> None:
+        for name, d in self.digests.items():
+            mine = d.digest(self.full_verify)
+            if src.get(name) != mine:
+                raise IntegrityError(
+                    f"RAM block '{name}' digest mismatch: source {src.get(name)}, destination {mine}; guest not started"
+                )
+        extra = set(src) - set(self.digests)
+        if extra:
+            raise IntegrityError(f"source sent digests for unknown RAM blocks {sorted(extra)}")
+
+    def _finish(self, rp: LineChannel, t_first: float) -> dict[str, Any]:
+        assert self.guest is not None
+        if self.dump_ram:
+            os.makedirs(self.dump_ram, exist_ok=True)
+            for b in self.guest.blocks:
+                with open(os.path.join(self.dump_ram, f"dst-{b.name}.bin"), "wb") as f:
+                    f.write(self.views[b.name])
+        progress0 = self.guest.progress()
+        self.guest.resume()
+        wall = time.monotonic() - t_first
+        result: dict[str, Any] = {
+            "status": "resumed",
+            "resumed": True,
+            "progress_at_resume": progress0,
+            "recv-cpu-percent": round(self.meter.cpu_percent(), 1),
+            "recv-mem-bytes": self.meter.mem_bytes(),
+            "recv-wall-ms": round(wall * 1000),
+            "recv-packets": sum(c.counters.packets for c in self.channels.values()),
+            "recv-wire-bytes": sum(c.counters.wire_bytes for c in self.channels.values()),
+        }
+        rp.send(result)
+        if self.run_after:
+            time.sleep(self.run_after)
+            report: dict[str, Any] = {"status": "report", "progress_after": self.guest.progress()}
+            try:
+                self.guest.check_workload()
+                report["workload_check"] = "ok"
+            except MigrationError as exc:
+                report["workload_check"] = str(exc)
+            try:
+                rp.send(report)
+            except MigrationError:
+                pass
+            result.update(report)
+        result["status"] = "completed"
+        return result
+
+    def _hash_loop(self) -> None:
+        while not self._done.is_set():
+            did = sum(d.refresh(limit=16) for d in list(self.digests.values()))
+            time.sleep(0.002 if did else 0.02)
+
+    def _close(self) -> None:
+        for ch in list(self.channels.values()):
+            ch.join(timeout=2)
+            ch.sock.close()
+        if self.main is not None:
+            self.main.close()
+        self.listener.close()

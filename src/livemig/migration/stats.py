@@ -1,0 +1,250 @@
+"""Migration statistics: one object, rendered as ``query-migrate``, as progress and as a table.
+
+Definitions follow QEMU 10.2 (qemu-multifd.md §6), with these choices written down:
+
+* ``transferred`` = bytes written on the main channel + ``multifd-bytes`` (bytes really written on
+  the multifd sockets: the 64-byte handshakes, packet headers and compressed payloads).
+* ``mbps`` = transferred x 8 / (total-time - setup-time), in Mbit/s, as QEMU computes it at completion.
+* ``pages-per-second`` = (normal + duplicate) pages / (total-time - setup-time): the whole-migration
+  average (QEMU shows its last 100 ms window instead).
+* ``precopy-bytes`` / ``downtime-bytes`` = main-channel RAM-section bytes while the guest ran / was
+  stopped (QEMU's definition: multifd excluded).
+* ``send-cpu-percent`` / ``recv-cpu-percent`` = that side's process CPU time (user + system) over
+  the migration's wall time, x 100 (200 % = both cores of this machine).
+* ``send-mem-bytes`` / ``recv-mem-bytes`` = peak anonymous memory of the process during the
+  migration above what it used before (guest RAM lives in a memfd and is not counted).
+* ``compression-ratio`` = normal-bytes / multifd payload bytes.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..units import format_rate_bits, format_size
+
+
+def cpu_seconds() -> float:
+    """User + system CPU time of this process so far."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def anon_bytes() -> int:
+    """Anonymous resident memory of this process (RssAnon), in bytes."""
+    try:
+        with open(f"/proc/{os.getpid()}/status") as f:
+            for line in f:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+class ResourceMeter:
+    """CPU time and peak anonymous memory of this process between start() and now."""
+
+    def __init__(self) -> None:
+        self.t0 = time.monotonic()
+        self.cpu0 = cpu_seconds()
+        self.mem0 = anon_bytes()
+        self.peak = self.mem0
+
+    def start(self) -> None:
+        self.__init__()  # type: ignore[misc]
+
+    def sample(self) -> None:
+        self.peak = max(self.peak, anon_bytes())
+
+    def cpu_percent(self) -> float:
+        wall = time.monotonic() - self.t0
+        return 100.0 * (cpu_seconds() - self.cpu0) / wall if wall > 0 else 0.0
+
+    def mem_bytes(self) -> int:
+        self.sample()
+        return max(0, self.peak - self.mem0)
+
+
+@dataclass
+class ChannelCounters:
+    """Counters one channel thread updates (no lock: one writer each; readers sum)."""
+
+    packets: int = 0
+    normal: int = 0
+    zero: int = 0
+    wire_bytes: int = 0
+    payload_bytes: int = 0
+
+
+@dataclass
+class MigrationStats:
+    """Everything query-migrate reports on the source, plus livemig's own figures."""
+
+    status: str = "none"
+    error: str = ""
+    start: float = field(default_factory=time.monotonic)
+    setup_time_ms: float = 0.0
+    total_time_ms: float = 0.0
+    downtime_ms: float = 0.0
+    expected_downtime_ms: float = 0.0
+    ram_total: int = 0
+    remaining: int = 0
+    page_size: int = 4096
+    main_bytes: int = 0
+    precopy_bytes: int = 0
+    downtime_bytes: int = 0
+    dirty_sync_count: int = 0
+    dirty_pages_rate: int = 0
+    passes: int = 0
+    channels: list[ChannelCounters] = field(default_factory=list)
+    # livemig's own
+    method: str = "none"
+    level: int = 0
+    backend: str = ""
+    accelerated: bool = False
+    max_bandwidth: int = 0
+    send_cpu_percent: float = 0.0
+    recv_cpu_percent: float = 0.0
+    send_mem_bytes: int = 0
+    recv_mem_bytes: int = 0
+    guest: dict[str, Any] = field(default_factory=dict)
+    destination: dict[str, Any] = field(default_factory=dict)
+
+    # --- sums over channels ----------------------------------------------------------------------
+    @property
+    def normal(self) -> int:
+        return sum(c.normal for c in self.channels)
+
+    @property
+    def duplicate(self) -> int:
+        return sum(c.zero for c in self.channels)
+
+    @property
+    def multifd_bytes(self) -> int:
+        return sum(c.wire_bytes for c in self.channels)
+
+    @property
+    def payload_bytes(self) -> int:
+        return sum(c.payload_bytes for c in self.channels)
+
+    @property
+    def transferred(self) -> int:
+        return self.main_bytes + self.multifd_bytes
+
+    def elapsed_ms(self) -> float:
+        if self.total_time_ms:
+            return self.total_time_ms
+        return (time.monotonic() - self.start) * 1000.0
+
+    def _active_s(self) -> float:
+        return max(1e-9, (self.elapsed_ms() - self.setup_time_ms) / 1000.0)
+
+    def mbps(self) -> float:
+        return self.transferred * 8 / self._active_s() / 1e6
+
+    def pages_per_second(self) -> float:
+        return (self.normal + self.duplicate) / self._active_s()
+
+    def compression_ratio(self) -> float:
+        payload = self.payload_bytes
+        return self.normal * self.page_size / payload if payload else 0.0
+
+    # --- renderings ------------------------------------------------------------------------------
+    def to_qapi(self) -> dict[str, Any]:
+        """query-migrate-shaped dict (source side) with livemig's figures under ``livemig``."""
+        out: dict[str, Any] = {"status": self.status}
+        if self.status == "failed" or self.error:
+            out["error-desc"] = self.error
+        if self.status in ("none", "setup"):
+            return self._with_livemig(out)
+        out["total-time"] = round(self.elapsed_ms())
+        out["setup-time"] = round(self.setup_time_ms)
+        if self.status == "completed":
+            out["downtime"] = round(self.downtime_ms)
+        else:
+            out["expected-downtime"] = round(self.expected_downtime_ms)
+        out["ram"] = {
+            "transferred": self.transferred,
+            "remaining": 0 if self.status == "completed" else self.remaining,
+            "total": self.ram_total,
+            "duplicate": self.duplicate,
+            "normal": self.normal,
+            "normal-bytes": self.normal * self.page_size,
+            "dirty-pages-rate": self.dirty_pages_rate,
+            "mbps": round(self.mbps(), 2),
+            "pages-per-second": round(self.pages_per_second()),
+            "dirty-sync-count": self.dirty_sync_count,
+            "precopy-bytes": self.precopy_bytes,
+            "downtime-bytes": self.downtime_bytes,
+            "postcopy-bytes": 0,
+            "multifd-bytes": self.multifd_bytes,
+            "page-size": self.page_size,
+        }
+        return self._with_livemig(out)
+
+    def _with_livemig(self, out: dict[str, Any]) -> dict[str, Any]:
+        out["livemig"] = {
+            "method": self.method,
+            "level": self.level,
+            "backend": self.backend,
+            "accelerated": self.accelerated,
+            "channels": len(self.channels),
+            "max-bandwidth": self.max_bandwidth,
+            "wire-bytes": self.transferred,
+            "compression-ratio": round(self.compression_ratio(), 3),
+            "send-cpu-percent": round(self.send_cpu_percent, 1),
+            "recv-cpu-percent": round(self.recv_cpu_percent, 1),
+            "send-mem-bytes": self.send_mem_bytes,
+            "recv-mem-bytes": self.recv_mem_bytes,
+            "passes": self.passes,
+            "guest": self.guest,
+        }
+        if self.destination:
+            out["destination"] = self.destination
+        return out
+
+    def progress_line(self) -> str:
+        """One line for the live progress display."""
+        return (
+            f"{self.status:<10} pass {self.passes:<3} transferred {format_size(self.transferred):>11}"
+            f"  remaining {format_size(self.remaining):>11}  rate {format_rate_bits(self.mbps() * 1e6 / 8):>12}"
+            f"  {self.pages_per_second():>10.0f} pages/s"
+        )
+
+    def table(self) -> str:
+        """The end-of-migration statistics, as ``info migrate`` prints them."""
+        q = self.to_qapi()
+        ram = q.get("ram", {})
+        lm = q["livemig"]
+        lines = [f"Migration status: {self.status}" + (f" ({self.error})" if self.error else "")]
+        if ram:
+            lines += [
+                f"total time: {q['total-time']} ms",
+                f"downtime: {q.get('downtime', q.get('expected-downtime'))} ms",
+                f"setup: {q['setup-time']} ms",
+                f"transferred ram: {ram['transferred'] // 1024} kbytes",
+                f"throughput: {ram['mbps']:.2f} mbps",
+                f"remaining ram: {ram['remaining'] // 1024} kbytes",
+                f"total ram: {ram['total'] // 1024} kbytes",
+                f"duplicate: {ram['duplicate']} pages",
+                f"normal: {ram['normal']} pages",
+                f"normal bytes: {ram['normal-bytes'] // 1024} kbytes",
+                f"dirty sync count: {ram['dirty-sync-count']}",
+                f"page size: {ram['page-size'] // 1024} kbytes",
+                f"multifd bytes: {ram['multifd-bytes'] // 1024} kbytes",
+                f"pages-per-second: {ram['pages-per-second']}",
+            ]
+        lines += [
+            f"method: {lm['method']} (level {lm['level']}) on {lm['channels']} channels: {lm['backend']}",
+            f"compression ratio: {lm['compression-ratio']:.2f}",
+            f"send cpu: {lm['send-cpu-percent']:.0f} %   recv cpu: {lm['recv-cpu-percent']:.0f} %",
+            f"memory used by migration: send {format_size(lm['send-mem-bytes'])}, "
+            f"recv {format_size(lm['recv-mem-bytes'])}",
+            f"guest: {lm['guest'].get('kind', '?')}, {format_size(lm['guest'].get('memory', 0))}, "
+            f"workload {lm['guest'].get('workload', '?')}, fill {lm['guest'].get('fill', '?')}",
+        ]
+        return "\n".join(lines)

@@ -1,0 +1,1 @@
+"""RAM helpers: page runs and digests."""

@@ -1,0 +1,1 @@
+"""Channels between source and destination: addresses, sockets, rate limiting."""

@@ -1,0 +1,162 @@
+"""Socket helpers: connect/listen with QEMU-style addresses, exact reads, vectored writes.
+
+Every failure is raised as :class:`~livemig.errors.TransportError` naming what failed.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+from collections.abc import Sequence
+from typing import Any
+
+from ..errors import TransportError
+from .address import Address
+
+#: socket buffers large enough that loopback is not window-bound at GB/s
+SOCK_BUF = 4 << 20
+
+
+def _tune(sock: socket.socket) -> None:
+    for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, opt, SOCK_BUF)
+        except OSError:
+            pass
+    if sock.family in (socket.AF_INET, socket.AF_INET6):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def connect(addr: Address, timeout: float) -> socket.socket:
+    """Connected socket to ``addr``; TransportError if refused or timed out."""
+    sock = socket.socket(addr.family, socket.SOCK_STREAM)
+    _tune(sock)
+    sock.settimeout(timeout)
+    try:
+        sock.connect(addr.sockaddr())
+    except OSError as exc:
+        sock.close()
+        raise TransportError(f"cannot connect to {addr}: {exc}") from exc
+    return sock
+
+
+def listen(addr: Address, backlog: int) -> socket.socket:
+    """Listening socket bound to ``addr`` (port 0 picks a free port)."""
+    sock = socket.socket(addr.family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    _tune(sock)
+    try:
+        sock.bind(addr.sockaddr())
+        sock.listen(backlog)
+    except OSError as exc:
+        sock.close()
+        raise TransportError(f"cannot listen on {addr}: {exc}") from exc
+    return sock
+
+
+def recv_exact_into(sock: socket.socket, buf: memoryview, what: str, eof_ok: bool = False) -> bool:
+    """Fill ``buf`` from ``sock``. Returns False on EOF before the first byte if ``eof_ok``."""
+    got = 0
+    n = buf.nbytes
+    while got < n:
+        try:
+            k = sock.recv_into(buf[got:], n - got)
+        except TimeoutError as exc:
+            raise TransportError(f"timed out reading {what}") from exc
+        except OSError as exc:
+            raise TransportError(f"connection failed while reading {what}: {exc}") from exc
+        if k == 0:
+            if got == 0 and eof_ok:
+                return False
+            raise TransportError(f"connection closed after {got} of {n} bytes of {what}")
+        got += k
+    return True
+
+
+def recv_exact(sock: socket.socket, n: int, what: str) -> bytes:
+    buf = bytearray(n)
+    recv_exact_into(sock, memoryview(buf), what)
+    return bytes(buf)
+
+
+def recv_into_buffers(sock: socket.socket, bufs: list[memoryview], what: str) -> None:
+    """Scatter-read exactly the total length of ``bufs`` into them (zero-copy into guest RAM)."""
+    bufs = [b for b in bufs if b.nbytes]
+    while bufs:
+        try:
+            k = sock.recvmsg_into(bufs[:512])[0]
+        except TimeoutError as exc:
+            raise TransportError(f"timed out reading {what}") from exc
+        except OSError as exc:
+            raise TransportError(f"connection failed while reading {what}: {exc}") from exc
+        if k == 0:
+            raise TransportError(f"connection closed in the middle of {what}")
+        while k:
+            first = bufs[0]
+            if k >= first.nbytes:
+                k -= first.nbytes
+                bufs.pop(0)
+            else:
+                bufs[0] = first[k:]
+                k = 0
+
+
+def send_buffers(sock: socket.socket, bufs: Sequence[bytes | bytearray | memoryview], what: str) -> int:
+    """Write every buffer, in order, with vectored sends; returns the bytes written."""
+    views = [memoryview(b).cast("B") for b in bufs if len(b)]
+    total = sum(v.nbytes for v in views)
+    try:
+        while views:
+            k = sock.sendmsg(views[:512])
+            while k:
+                first = views[0]
+                if k >= first.nbytes:
+                    k -= first.nbytes
+                    views.pop(0)
+                else:
+                    views[0] = first[k:]
+                    k = 0
+    except TimeoutError as exc:
+        raise TransportError(f"timed out writing {what}") from exc
+    except OSError as exc:
+        raise TransportError(f"connection failed while writing {what}: {exc}") from exc
+    return total
+
+
+class LineChannel:
+    """JSON lines on a socket: livemig's return path (destination -> source) on the main channel."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self._buf = bytearray()
+
+    def send(self, msg: dict[str, Any]) -> None:
+        send_buffers(self.sock, [json.dumps(msg).encode() + b"\n"], "return-path message")
+
+    def recv(self, timeout: float | None) -> dict[str, Any]:
+        old = self.sock.gettimeout()
+        self.sock.settimeout(timeout)
+        try:
+            while b"\n" not in self._buf:
+                if len(self._buf) > 1 << 20:
+                    raise TransportError("return-path message longer than 1 MiB")
+                try:
+                    chunk = self.sock.recv(65536)
+                except TimeoutError as exc:
+                    raise TransportError(f"no answer from the destination within {timeout:.0f} s") from exc
+                except OSError as exc:
+                    raise TransportError(f"return path failed: {exc}") from exc
+                if not chunk:
+                    raise TransportError("the destination closed the connection")
+                self._buf += chunk
+        finally:
+            self.sock.settimeout(old)
+        line, _, rest = bytes(self._buf).partition(b"\n")
+        self._buf = bytearray(rest)
+        try:
+            msg = json.loads(line)
+        except ValueError as exc:
+            raise TransportError(f"return-path message is not JSON: {line[:80]!r}") from exc
+        if not isinstance(msg, dict):
+            raise TransportError(f"return-path message is not an object: {line[:80]!r}")
+        return msg
