@@ -1,0 +1,105 @@
+"""The bench's view of the host and of the guest's data.
+
+The data sample is produced by the engine's own fill code (:func:`livemig.guest.fill.fill_pages`)
+with the same ``fill`` and seed as the benchmarked guest, so the codec speeds and the zstd-1 ratio
+in the table header are measured on the bytes the migrations move (the first pages of RAM).
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import platform
+from typing import Any
+
+import numpy as np
+
+from ..errors import MigrationError
+from .model import BenchError
+
+PAGE = 4096
+
+
+def cpu_model() -> str:
+    """The CPU model name from /proc/cpuinfo (or platform.processor() where there is none)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def host_info() -> dict[str, Any]:
+    """Cores, CPU model, kernel and memory of this host."""
+    mem = 0
+    try:
+        with open("/proc/meminfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    mem = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return {
+        "cores": os.cpu_count() or 1,
+        "cpu-model": cpu_model(),
+        "kernel": platform.release(),
+        "memory": mem,
+        "kvm": os.path.exists("/dev/kvm"),
+    }
+
+
+def fill_array(pages: np.ndarray, fill: str, seed: int = 0) -> str:
+    """Fill ``pages`` ((n, 4096) uint8, writable) exactly as a guest with ``fill`` is filled.
+
+    Uses the engine's own :func:`livemig.guest.fill.fill_pages`; returns its description.
+    Raises BenchError naming the fill when it cannot be produced.
+    """
+    try:
+        from ..guest.fill import fill_pages
+    except ImportError as exc:
+        raise BenchError(f"fill '{fill}': livemig.guest.fill is not importable: {exc}") from exc
+    try:
+        return fill_pages(pages, fill, seed)
+    except (MigrationError, OSError, ValueError) as exc:
+        raise BenchError(f"fill '{fill}': {exc}") from exc
+
+
+def sample_data(fill: str, size: int, seed: int = 0) -> bytes:
+    """The first ``size`` bytes (rounded down to pages) of a guest's RAM filled with ``fill``."""
+    pages = np.zeros((max(size // PAGE, 1), PAGE), dtype=np.uint8)
+    fill_array(pages, fill, seed)
+    return pages.tobytes()
+
+
+def zstd1_ratio(sample: bytes) -> float:
+    """zstd level 1 ratio of ``sample``, each 512 KiB (one multifd packet) compressed on its own."""
+    from ..guest.fill import corpus_ratio
+
+    return float(corpus_ratio(sample, 1))
+
+
+def write_ram_file(path: str, fill: str, size: int, seed: int = 0) -> None:
+    """Create ``path`` (e.g. in /dev/shm) of ``size`` bytes holding the guest RAM for ``fill``."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.ftruncate(fd, size)
+        with mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE) as mm:
+            pages = np.frombuffer(mm, dtype=np.uint8).reshape(-1, PAGE)
+            try:
+                fill_array(pages, fill, seed)
+            finally:
+                del pages
+    finally:
+        os.close(fd)
+
+
+def zero_page_fraction(sample: bytes, page: int = 4096) -> float:
+    """Fraction of the sample's pages that are all zero (sent as zero pages, not compressed)."""
+    n = len(sample) // page
+    if n == 0:
+        return 0.0
+    pages = np.frombuffer(sample, dtype=np.uint8, count=n * page).reshape(n, page)
+    return float(np.count_nonzero(~pages.any(axis=1))) / n

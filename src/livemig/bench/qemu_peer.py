@@ -1,0 +1,284 @@
+"""``--peer qemu``: the same experiment with QEMU's own multifd migration, driven over QMP.
+
+Per run: two fresh ``qemu-system-x86_64`` processes (``-machine pc`` with KVM, or TCG where KVM is
+missing; ``-nodefaults``, the default SeaBIOS firmware with no boot device, so the vCPU idles in
+the firmware's boot retry loop; the row says so). The source's RAM is a ``memory-backend-file``
+with ``share=on`` on a file in /dev/shm that holds the same data as livemig's guest (written once
+by the engine's fill code); the destination's RAM is a ``memory-backend-memfd``
+with ``prealloc=on``, as livemig's destination RAM is prefaulted. Both sides get the multifd and
+events capabilities and the same channels, method and level; the source also the cap and the
+downtime limit. Then ``migrate-incoming`` / ``migrate``, and ``query-migrate`` polled until the
+end. Send/recv CPU % come from /proc/<pid>/stat over the total time; the bytes really written to
+the sockets from the bench's private network namespace (QEMU 7.2's own counters count multifd
+pages uncompressed).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import subprocess
+import time
+import uuid
+from typing import Any
+
+from ..errors import MigrationError
+from .data import write_ram_file
+from .model import BenchError, Run
+from .procs import Children, NetNamespace, stop
+from .qmp_client import QMPClient
+from .runner import Experiment
+
+QEMU = "qemu-system-x86_64"
+#: multifd-compression values and the QEMU version that added each (qemu-multifd.md §5.1)
+METHOD_SINCE = {
+    "none": (4, 0),
+    "zlib": (5, 0),
+    "zstd": (5, 0),
+    "qpl": (9, 1),
+    "uadk": (9, 1),
+    "qatzip": (9, 2),
+}
+#: max-bandwidth for "uncapped" (bytes/s): far above anything a host can move
+UNCAPPED = 1 << 40
+PORT = 4444  # inside the bench's private network namespace (or loopback when there is none)
+
+
+def _cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat", encoding="utf-8") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class QemuPeer:
+    """Runs QEMU migrations for the bench; :meth:`run` returns a Run (result, error or n/a)."""
+
+    def __init__(self, children: Children, exp: Experiment, workdir: str, netns: NetNamespace | None) -> None:
+        self.children = children
+        self.exp = exp
+        self.workdir = workdir
+        self.netns = netns
+        self.binary = shutil.which(QEMU)
+        self.version: tuple[int, int] = (0, 0)
+        self.version_text = ""
+        self.unavailable: str | None = None
+        self.ram_file: str | None = None
+        if self.binary is None:
+            self.unavailable = f"no {QEMU}; install qemu-system-x86 (scripts/install-qemu)"
+            return
+        try:
+            out = subprocess.run(
+                [self.binary, "--version"], capture_output=True, text=True, timeout=30
+            ).stdout
+        except (OSError, subprocess.SubprocessError) as exc:
+            self.unavailable = f"{QEMU} --version failed: {exc}"
+            return
+        self.version_text = out.splitlines()[0] if out else "unknown"
+        m = re.search(r"version (\d+)\.(\d+)", out)
+        if m:
+            self.version = (int(m.group(1)), int(m.group(2)))
+        self.accel = "kvm" if os.access("/dev/kvm", os.R_OK | os.W_OK) else "tcg"
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "peer": "qemu",
+            "binary": self.binary,
+            "version": self.version_text,
+            "unavailable": self.unavailable,
+            "accel": getattr(self, "accel", None),
+            "guest": "SeaBIOS idling with no boot device (-nodefaults), RAM = the same data",
+        }
+
+    def method_na(self, method: str) -> str | None:
+        if self.unavailable:
+            return self.unavailable
+        since = METHOD_SINCE.get(method)
+        v = f"{self.version[0]}.{self.version[1]}"
+        if since is None:
+            return f"QEMU has no multifd-compression '{method}'"
+        if self.version < since:
+            return f"QEMU {v} has no {method} (since {since[0]}.{since[1]})"
+        return None
+
+    def _ensure_ram_file(self) -> str:
+        if self.ram_file is not None:
+            return self.ram_file
+        path = f"/dev/shm/livemig-bench-{os.getpid()}-{uuid.uuid4().hex[:8]}.ram"
+        self.ram_file = path
+        try:
+            write_ram_file(path, self.exp.fill, self.exp.memory)
+        except OSError as exc:
+            raise BenchError(f"cannot write QEMU's RAM file {path}: {exc}") from exc
+        return path
+
+    def _argv(self, name: str, backend: str, qmp: str, incoming: bool) -> list[str]:
+        argv = [
+            str(self.binary),
+            "-name", name,
+            "-machine", f"pc,accel={self.accel},memory-backend=ram0",
+            "-object", backend,
+            "-m", str(self.exp.memory // (1 << 20)) + "M",
+            "-smp", str(self.exp.smp),
+            "-nodefaults", "-display", "none", "-serial", "none", "-monitor", "none",
+            "-qmp", f"unix:{qmp},server=on,wait=off",
+        ]  # fmt: skip
+        if incoming:
+            argv += ["-incoming", "defer"]
+        return (self.netns.prefix if self.netns else []) + argv
+
+    def _params(self, method: str, channels: int) -> dict[str, Any]:
+        p: dict[str, Any] = {"multifd-channels": channels, "multifd-compression": method}
+        if method in ("zlib", "zstd", "qatzip"):
+            p[f"multifd-{method}-level"] = self.exp.level
+        return p
+
+    def run(self, method: str, channels: int, bandwidth: int, repeat: int) -> Run:
+        """One QEMU migration; errors land in the Run (KeyboardInterrupt propagates)."""
+        run = Run("qemu", method, channels, bandwidth, repeat)
+        na = self.method_na(method)
+        if na:
+            run.na = na
+            return run
+        if self.exp.workload != "idle":
+            run.na = f"QEMU peer runs an idle firmware guest only, not workload '{self.exp.workload}'"
+            return run
+        procs: list[subprocess.Popen[Any]] = []
+        clients: list[QMPClient] = []
+        tag = uuid.uuid4().hex[:6]
+        logs: list[Any] = []
+        try:
+            ram = self._ensure_ram_file()
+            size = self.exp.memory
+            src_qmp = os.path.join(self.workdir, f"qemu-src-{tag}.qmp")
+            dst_qmp = os.path.join(self.workdir, f"qemu-dst-{tag}.qmp")
+            src_backend = f"memory-backend-file,id=ram0,size={size},mem-path={ram},share=on"
+            dst_backend = f"memory-backend-memfd,id=ram0,size={size},prealloc=on"
+            for name, backend, qmp, incoming in (
+                ("livemig-bench-dst", dst_backend, dst_qmp, True),
+                ("livemig-bench-src", src_backend, src_qmp, False),
+            ):
+                log = open(os.path.join(self.workdir, f"{name}-{tag}.log"), "w+", encoding="utf-8")  # noqa: SIM115
+                logs.append(log)
+                procs.append(
+                    self.children.spawn(
+                        self._argv(name, backend, qmp, incoming), stdout=log, stderr=subprocess.STDOUT
+                    )
+                )
+            dst_proc, src_proc = procs
+            run.extra["argv"] = [p.args for p in procs]
+            try:
+                dst = QMPClient.connect(dst_qmp, timeout=120)  # prealloc of the destination takes a while
+                clients.append(dst)
+                src = QMPClient.connect(src_qmp, timeout=60)
+                clients.append(src)
+            except MigrationError as exc:
+                for log in logs:
+                    log.seek(0)
+                raise BenchError(
+                    f"{exc}; QEMU said: {' / '.join(log.read().strip() for log in logs)}"
+                ) from exc
+            caps = {
+                "capabilities": [
+                    {"capability": "multifd", "state": True},
+                    {"capability": "events", "state": True},
+                ]
+            }
+            for c in (dst, src):
+                c.execute("migrate-set-capabilities", caps)
+                c.execute("migrate-set-parameters", self._params(method, channels))
+            sp: dict[str, Any] = {"max-bandwidth": bandwidth if bandwidth > 0 else UNCAPPED}
+            if self.exp.downtime_limit is not None:
+                sp["downtime-limit"] = self.exp.downtime_limit
+            src.execute("migrate-set-parameters", sp)
+            uri = f"tcp:127.0.0.1:{PORT}"
+            dst.execute("migrate-incoming", {"uri": uri})
+            time.sleep(1.0)  # let the firmware reach its idle boot-retry loop
+            status = src.execute("query-status")
+            run.extra["source-status-before"] = status
+            lo0 = self.netns.lo_counters() if self.netns else None
+            cpu0 = (_cpu_seconds(src_proc.pid), _cpu_seconds(dst_proc.pid))
+            t0 = time.monotonic()
+            src.execute("migrate", {"uri": uri})
+            deadline = t0 + self.exp.timeout
+            info: dict[str, Any] = {}
+            while time.monotonic() < deadline:
+                info = src.execute("query-migrate")
+                if info.get("status") in ("completed", "failed", "cancelled"):
+                    break
+                time.sleep(0.02)
+            else:
+                src.execute("migrate_cancel")
+                raise BenchError(f"QEMU migration not finished after {self.exp.timeout:.0f} s: {info}")
+            cpu_src = _cpu_seconds(src_proc.pid)
+            dinfo: dict[str, Any] = {}
+            while time.monotonic() < deadline:
+                dinfo = dst.execute("query-migrate")
+                if (
+                    dinfo.get("status") in ("completed", "failed", "cancelled")
+                    or info.get("status") != "completed"
+                ):
+                    break
+                time.sleep(0.01)
+            cpu_dst = _cpu_seconds(dst_proc.pid)
+            lo1 = self.netns.lo_counters() if self.netns else None
+            run.extra["wall-s"] = time.monotonic() - t0
+            if lo0 is not None and lo1 is not None:
+                run.extra["socket-bytes"] = NetNamespace.payload(lo0, lo1)
+            run.extra["dst-status"] = dinfo.get("status")
+            run.extra["dst-vm-status"] = dst.execute("query-status")
+            total = float(info.get("total-time", 0)) or 1.0
+            run.result = {
+                "status": info.get("status"),
+                "total-time": info.get("total-time"),
+                "setup-time": info.get("setup-time"),
+                "downtime": info.get("downtime"),
+                "ram": info.get("ram", {}),
+                "livemig": {
+                    "method": method,
+                    "level": self.exp.level if method != "none" else None,
+                    "backend": f"{self.version_text}, accel={self.accel}",
+                    "accelerated": False,
+                    "channels": channels,
+                    "max-bandwidth": bandwidth,
+                    "send-cpu-percent": 100.0 * (cpu_src - cpu0[0]) / (total / 1000.0),
+                    "recv-cpu-percent": 100.0 * (cpu_dst - cpu0[1]) / (total / 1000.0),
+                    "guest": {
+                        "kind": f"qemu-{self.accel}",
+                        "memory": size,
+                        "smp": self.exp.smp,
+                        "workload": "idle firmware",
+                        "fill": self.exp.fill,
+                    },  # fmt: skip
+                },
+                "qemu": {"source": info, "destination": dinfo},
+            }
+            if info.get("status") != "completed":
+                run.error = f"QEMU status {info.get('status')}: {info.get('error-desc', 'no error text')}"
+            elif dinfo.get("status") != "completed":
+                run.error = f"QEMU destination status {dinfo.get('status')}: {dinfo.get('error-desc', '')}"
+        except MigrationError as exc:
+            run.error = str(exc)
+        finally:
+            for c in clients:
+                with contextlib.suppress(MigrationError):
+                    c.execute("quit")
+                c.close()
+            for p in procs:
+                try:
+                    p.wait(timeout=5)
+                except subprocess.TimeoutExpired:
+                    stop(p)
+            for p in procs:
+                stop(p)
+            for log in logs:
+                log.close()
+        return run
+
+    def close(self) -> None:
+        """Remove the /dev/shm RAM file (always called, Ctrl-C included)."""
+        if self.ram_file is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.ram_file)
+            self.ram_file = None

@@ -1,0 +1,230 @@
+"""The seed's table (qatzip-compression.rst), as text and markdown, from aggregated rows. Pure.
+
+The text layout is the document's: ``|8 Channels |Total time(ms)|down time(ms)|throughput(mbps)|
+pages per second|send cpu %|recv cpu %|``, two header lines, a rule after every row. Three columns
+are added on the right: the compute limit (see :mod:`livemig.bench.limits`), the percent of it the
+run reached, and the bytes really sent.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from ..units import format_rate_bits
+from .model import Row, ratio_row
+
+
+@dataclass(frozen=True)
+class Column:
+    key: str  # metric name, or "limit" / "of-limit"
+    top: str
+    bottom: str
+    fmt: Callable[[float], str]
+
+
+def _int(v: float) -> str:
+    return f"{v:.0f}"
+
+
+def _mib(v: float) -> str:
+    return f"{v / (1 << 20):.1f}"
+
+
+def _pct(v: float) -> str:
+    return f"{v:.0f}%"
+
+
+def columns(cores: int) -> list[Column]:
+    """The table's value columns, in order (the seed's six, then limit, % of limit, wire)."""
+    return [
+        Column("total-time", "Total", "time(ms)", _int),
+        Column("downtime", "down", "time(ms)", _int),
+        Column("mbps", "throughput", "(mbps)", _int),
+        Column("pages-per-second", "pages per", "second", _int),
+        Column("send-cpu", " send", " cpu %", _int),
+        Column("recv-cpu", " recv", " cpu%", _int),
+        Column("limit", f"{cores}-core", "limit(ms)", _int),
+        Column("of-limit", "% of", "limit", _pct),
+        Column("wire", "sent", "(MiB)", _mib),
+    ]
+
+
+def _cell(row: Row, col: Column, spread: bool) -> str:
+    if col.key == "limit":
+        return col.fmt(row.limit_ms) if row.limit_ms is not None else "-"
+    if col.key == "of-limit":
+        v = row.of_limit
+        return col.fmt(v) if v is not None else "-"
+    key = col.key
+    if key == "wire":
+        # bytes really written to the sockets when the bench measured them, else the engine's count
+        key = "socket-bytes" if "socket-bytes" in row.stats else "wire-bytes"
+    s = row.stats.get(key)
+    if s is None:
+        return "-"
+    if spread:
+        return f"{col.fmt(s.min)}..{col.fmt(s.max)}"
+    return col.fmt(s.median)
+
+
+def _label(row: Row, with_peer: bool) -> str:
+    if not with_peer:
+        return row.method
+    return f"{row.method} {'QEMU' if row.peer == 'qemu' else 'livemig'}"
+
+
+def _ratio_cells(ours: Row, theirs: Row, cols: Sequence[Column]) -> list[str]:
+    keys = [c.key if c.key != "wire" else "socket-bytes" for c in cols]
+    r = ratio_row(ours, theirs, [k for k in keys if k not in ("limit", "of-limit")])
+    out = []
+    for k in keys:
+        v = r.get(k)
+        out.append(f"{v:.2f}x" if v is not None else "-")
+    return out
+
+
+def table_lines(rows: Sequence[Row], cores: int, spread: bool = False) -> list[list[str]]:
+    """The table as a list of cell lists: [label, value cells...] or [label, note].
+
+    With ``spread`` the cells are "min..max" instead of medians. Rows of peer "qemu" follow the
+    livemig row of the same method and are followed by a "livemig/QEMU" ratio row.
+    """
+    cols = columns(cores)
+    with_peer = any(r.peer == "qemu" for r in rows)
+    out: list[list[str]] = []
+    for row in rows:
+        label = _label(row, with_peer)
+        if row.note:
+            out.append([label, row.note])
+        else:
+            cells = [label] + [_cell(row, c, spread) for c in cols]
+            out.append(cells)
+        if row.peer == "qemu" and not spread:
+            ours = next(
+                (
+                    r
+                    for r in rows
+                    if r.peer == "livemig"
+                    and (r.method, r.channels, r.bandwidth) == (row.method, row.channels, row.bandwidth)
+                ),
+                None,
+            )
+            if ours is not None and not ours.note and not row.note:
+                out.append(["livemig/QEMU", *_ratio_cells(ours, row, cols)])
+    return out
+
+
+def render_text(rows: Sequence[Row], cores: int, channels_label: str, spread: bool = False) -> str:
+    """The seed's ASCII table (one per bandwidth/channel group; the caller splits groups)."""
+    cols = columns(cores)
+    body = table_lines(rows, cores, spread)
+    first = max([len(channels_label) + 1, *(len(b[0]) for b in body)])
+    widths = []
+    for i, c in enumerate(cols):
+        w = max(len(c.top), len(c.bottom))
+        for b in body:
+            if len(b) == len(cols) + 1:
+                w = max(w, len(b[i + 1]))
+        widths.append(w)
+    rule = "|" + "-" * first + "|" + "|".join("-" * w for w in widths) + "|"
+    inner = sum(widths) + len(widths) - 1
+    lines = [
+        rule,
+        "|"
+        + channels_label.ljust(first)
+        + "|"
+        + "|".join(c.top.ljust(w) for c, w in zip(cols, widths, strict=False))
+        + "|",
+        "|"
+        + " " * first
+        + "|"
+        + "|".join(c.bottom.ljust(w) for c, w in zip(cols, widths, strict=False))
+        + "|",
+        rule,
+    ]
+    for b in body:
+        if len(b) == 2:
+            lines.append("|" + b[0].ljust(first) + "|" + b[1][:inner].ljust(inner) + "|")
+            if len(b[1]) > inner:
+                lines.append("|" + " " * first + "|" + b[1][inner : 2 * inner].ljust(inner) + "|")
+        else:
+            lines.append(
+                "|"
+                + b[0].ljust(first)
+                + "|"
+                + "|".join(v.rjust(w) for v, w in zip(b[1:], widths, strict=False))
+                + "|"
+            )
+        lines.append(rule)
+    return "\n".join(lines)
+
+
+def render_markdown(rows: Sequence[Row], cores: int, channels_label: str, spread: bool = False) -> str:
+    """The same table as GitHub markdown."""
+    cols = columns(cores)
+    body = table_lines(rows, cores, spread)
+    head = (
+        "| " + channels_label + " | " + " | ".join(f"{c.top.strip()} {c.bottom.strip()}" for c in cols) + " |"
+    )
+    sep = "|---|" + "|".join("---:" for _ in cols) + "|"
+    lines = [head, sep]
+    for b in body:
+        if len(b) == 2:
+            lines.append(f"| {b[0]} | {b[1]} |" + " |" * (len(cols) - 1))
+        else:
+            lines.append("| " + " | ".join(b) + " |")
+    return "\n".join(lines)
+
+
+def bandwidth_label(bw: int) -> str:
+    """``10Gbps`` style label of a cap in bytes/s (``uncapped`` for 0)."""
+    if bw <= 0:
+        return "uncapped"
+    text = format_rate_bits(bw)  # e.g. "10.00 Gbps"
+    num, unit = text.split()
+    return f"{float(num):g}{unit}"
+
+
+def render_memory(rows: Sequence[Row], markdown: bool = False) -> str:
+    """Memory used by migration beyond guest RAM, the document's QAT table layout.
+
+    One line per channel count, a sender and a receiver column per method (MiB, medians).
+    """
+    methods: list[str] = []
+    chans: list[int] = []
+    for r in rows:
+        if r.method not in methods:
+            methods.append(r.method)
+        if r.channels not in chans:
+            chans.append(r.channels)
+    chans.sort()
+    header = ["Number of channels"]
+    for m in methods:
+        header += [f"{m} sender", f"{m} receiver"]
+    body: list[list[str]] = []
+    for ch in chans:
+        line = [str(ch)]
+        for m in methods:
+            row = next((r for r in rows if r.method == m and r.channels == ch), None)
+            for key in ("send-mem", "recv-mem"):
+                if row is None:
+                    line.append("-")
+                elif row.note:
+                    line.append(row.note.split(":")[0])  # "n/a" or "error"
+                else:
+                    v = row.value(key)
+                    line.append(f"{v / (1 << 20):.1f}M" if v is not None else "-")
+        body.append(line)
+    if markdown:
+        out = ["| " + " | ".join(header) + " |", "|" + "|".join("---:" for _ in header) + "|"]
+        out += ["| " + " | ".join(b) + " |" for b in body]
+    else:
+        widths = [max(len(header[i]), *(len(b[i]) for b in body)) for i in range(len(header))]
+        rule = "|" + "|".join("-" * w for w in widths) + "|"
+        out = [rule, "|" + "|".join(h.ljust(w) for h, w in zip(header, widths, strict=False)) + "|", rule]
+        for b in body:
+            out.append("|" + "|".join(v.rjust(w) for v, w in zip(b, widths, strict=False)) + "|")
+        out.append(rule)
+    notes = [f"{r.method} at {r.channels} channels: {r.note}" for r in rows if r.note]
+    return "\n".join(out + notes)

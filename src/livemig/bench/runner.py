@@ -1,0 +1,129 @@
+"""One livemig migration per call: ``livemig migrate --local ... --json FILE`` in a child process.
+
+The source process starts its own destination process (``--local``); the bench only reads the JSON
+result and, when it runs the migration inside its private network namespace, the loopback bytes.
+A run that fails returns a :class:`~livemig.bench.model.Run` carrying the error; only Ctrl-C
+propagates (after the children are stopped by the caller's :class:`Children`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from ..units import parse_size
+from .model import Run
+from .procs import Children, NetNamespace, stop
+
+#: how the bench starts livemig: the same interpreter, the installed package
+LIVEMIG = [sys.executable, "-c", "import sys; from livemig.cli import main; sys.exit(main())"]
+
+
+@dataclass
+class Experiment:
+    """What every migration of one bench shares."""
+
+    guest: str
+    memory: int
+    workload: str
+    fill: str
+    smp: int = 1
+    level: int = 1
+    downtime_limit: int | None = None
+    timeout: float = 900.0
+    extra_args: tuple[str, ...] = ()
+
+
+def migrate_argv(exp: Experiment, method: str, channels: int, bandwidth: int, json_path: str) -> list[str]:
+    """The ``livemig migrate --local`` command line of one run."""
+    argv = [
+        *LIVEMIG,
+        "migrate",
+        "--local",
+        "--guest", exp.guest,
+        "--memory", str(exp.memory),
+        "--smp", str(exp.smp),
+        "--workload", exp.workload,
+        "--fill", exp.fill,
+        "--multifd-channels", str(channels),
+        "--multifd-compression", method,
+        "--max-bandwidth", str(bandwidth),
+        "--json", json_path,
+        "--quiet",
+    ]  # fmt: skip
+    if method in ("zlib", "zstd", "qatzip"):
+        argv += [f"--multifd-{method}-level", str(exp.level)]
+    if exp.downtime_limit is not None:
+        argv += ["--downtime-limit", str(exp.downtime_limit)]
+    argv += list(exp.extra_args)
+    return argv
+
+
+def _tail(text: str, lines: int = 3) -> str:
+    kept = [ln for ln in text.strip().splitlines() if ln.strip()][-lines:]
+    return " / ".join(kept)
+
+
+def run_livemig(
+    children: Children,
+    exp: Experiment,
+    method: str,
+    channels: int,
+    bandwidth: int,
+    repeat: int,
+    workdir: str,
+    netns: NetNamespace | None,
+) -> Run:
+    """Run one migration and return its Run (result or error). KeyboardInterrupt propagates."""
+    run = Run("livemig", method, channels, bandwidth, repeat)
+    path = os.path.join(workdir, f"livemig-{method}-{channels}ch-{bandwidth}-{repeat}.json")
+    argv = migrate_argv(exp, method, channels, bandwidth, path)
+    if netns is not None:
+        argv = netns.prefix + argv
+    run.extra["argv"] = argv
+    before = netns.lo_counters() if netns else None
+    t0 = time.monotonic()
+    proc = children.spawn(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = proc.communicate(timeout=exp.timeout)
+    except subprocess.TimeoutExpired:
+        stop(proc)
+        run.error = f"timed out after {exp.timeout:.0f} s"
+        return run
+    finally:
+        if proc.poll() is None:
+            stop(proc)
+    run.extra["wall-s"] = time.monotonic() - t0
+    if netns is not None and before is not None:
+        run.extra["socket-bytes"] = NetNamespace.payload(before, netns.lo_counters())
+    result: dict[str, Any] | None = None
+    try:
+        with open(path, encoding="utf-8") as f:
+            loaded = json.load(f)
+        if isinstance(loaded, dict):
+            result = loaded
+    except (OSError, ValueError) as exc:
+        if proc.returncode == 0:
+            run.error = f"no JSON result in {path}: {exc}"
+            return run
+    if result is None:
+        run.error = f"exit status {proc.returncode}: {_tail(err or out) or 'no output'}"
+        return run
+    run.result = result
+    if result.get("status") != "completed":
+        run.error = (
+            f"status {result.get('status')}: {result.get('error-desc') or _tail(err) or 'no error text'}"
+        )
+    elif proc.returncode != 0:
+        run.error = f"exit status {proc.returncode}: {_tail(err or out)}"
+    return run
+
+
+def parse_sizes(text: str) -> list[int]:
+    """Comma list of sizes (``256M,1G``)."""
+    return [parse_size(t) for t in text.split(",") if t.strip()]
