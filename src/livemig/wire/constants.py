@@ -23,6 +23,8 @@ COMPRESSION_MASK = 0x1F << 1
 # §4.1 main stream header (migration/savevm.h)
 QEMU_VM_FILE_MAGIC = 0x5145564D  # "QEVM"
 QEMU_VM_FILE_VERSION = 0x00000003
+#: the obsolete v2 format: "SaveVM v2 format is obsolete and no longer supported" (10.2)
+QEMU_VM_FILE_VERSION_COMPAT = 0x00000002
 
 # §4.2 section types
 QEMU_VM_EOF = 0x00
@@ -36,7 +38,15 @@ QEMU_VM_CONFIGURATION = 0x07
 QEMU_VM_COMMAND = 0x08
 QEMU_VM_SECTION_FOOTER = 0x7E
 
+# §4.2 QEMU_VM_COMMAND sub-commands (migration/savevm.c, same numbering in 7.2 and 10.2)
+MIG_CMD_OPEN_RETURN_PATH = 1
+MIG_CMD_PING = 2
+#: 10.0+ only, sent just before the final SECTION_END sections
+MIG_CMD_SWITCHOVER_START = 11
+
 # §4.5 RAM record flags (migration/ram.c)
+#: obsolete since 2009, never sent
+RAM_SAVE_FLAG_FULL = 0x01
 RAM_SAVE_FLAG_ZERO = 0x02
 RAM_SAVE_FLAG_MEM_SIZE = 0x04
 RAM_SAVE_FLAG_PAGE = 0x08
@@ -44,8 +54,13 @@ RAM_SAVE_FLAG_EOS = 0x10
 RAM_SAVE_FLAG_CONTINUE = 0x20
 RAM_SAVE_FLAG_XBZRLE = 0x40
 RAM_SAVE_FLAG_HOOK = 0x80
+#: legacy `compress` capability, removed in 9.1
+RAM_SAVE_FLAG_COMPRESS_PAGE = 0x100
 RAM_SAVE_FLAG_MULTIFD_FLUSH = 0x200
 
 #: the RAM section: idstr "ram", instance 0, version 4
 RAM_SECTION_IDSTR = "ram"
 RAM_SECTION_VERSION = 4
+
+#: livemig's own sections (one length-prefixed blob each) have idstrs starting with this
+LIVEMIG_SECTION_PREFIX = "livemig/"

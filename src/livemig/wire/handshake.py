@@ -1,0 +1,116 @@
+"""MultiFDInit_t: the 64-byte record that opens every multifd channel (reference §1.2).
+
+Layout (QEMU 7.2 and 10.2 ``migration/multifd.c``, packed, all integers big-endian)::
+
+    off  size  field
+      0     4  magic      0x11223344 (MULTIFD_MAGIC)
+      4     4  version    1 (MULTIFD_VERSION)
+      8    16  uuid       the sender's VM UUID, raw bytes (all zero when the VM has no -uuid)
+     24     1  id         channel index 0..N-1
+     25     7  unused1    zero
+     32    32  unused2    4 x u64, zero
+
+Sans-IO: :func:`encode_init` returns the bytes to write, :func:`decode_init` checks 64 bytes the
+caller has read. The receiver's checks run in QEMU's order (magic, version, uuid, id), with one
+deliberate difference: QEMU compares ``id > channels`` (so id == N slips through and indexes past
+its array); we reject every ``id >= channels``. Duplicate ids are the caller's check, because only
+the caller knows which channels already exist.
+"""
+
+from __future__ import annotations
+
+import struct
+import uuid as _uuid
+from dataclasses import dataclass
+
+from livemig.errors import WireError
+from livemig.wire.constants import MULTIFD_MAGIC, MULTIFD_VERSION
+
+#: size of MultiFDInit_t on the wire
+INIT_SIZE = 64
+#: magic, version, uuid, id, then 7 + 32 reserved zero bytes
+_INIT = struct.Struct(">II16sB39x")
+assert _INIT.size == INIT_SIZE
+
+_UUID_LEN = 16
+
+
+@dataclass(frozen=True)
+class MultiFDInit:
+    """A validated MultiFDInit_t: the sender's VM UUID (16 raw bytes) and the channel index."""
+
+    uuid: bytes
+    channel_id: int
+
+
+def _wire_error(text: str, value: object, expected: object) -> WireError:
+    err = WireError(text)
+    err.value = value
+    err.expected = expected
+    return err
+
+
+def _uuid_text(raw: bytes) -> str:
+    return str(_uuid.UUID(bytes=bytes(raw)))
+
+
+def encode_init(uuid: bytes, channel_id: int) -> bytes:
+    """The 64 bytes a multifd sender writes first on channel ``channel_id``.
+
+    Raises ValueError for a uuid that is not 16 bytes or a channel id outside 0..255 (a u8).
+    """
+    if len(uuid) != _UUID_LEN:
+        raise ValueError(f"multifd init: uuid must be {_UUID_LEN} bytes, got {len(uuid)}")
+    if not 0 <= channel_id <= 0xFF:
+        raise ValueError(f"multifd init: channel id {channel_id} out of range 0..255")
+    return _INIT.pack(MULTIFD_MAGIC, MULTIFD_VERSION, bytes(uuid), channel_id)
+
+
+def decode_init(buf: bytes | bytearray | memoryview, *, expected_uuid: bytes, channels: int) -> MultiFDInit:
+    """Validate a received MultiFDInit_t and return its uuid and channel id.
+
+    ``buf`` must be exactly :data:`INIT_SIZE` bytes. Checks, in QEMU's order: magic, version, uuid
+    (byte-for-byte against ``expected_uuid``), then ``0 <= id < channels``. Each failure raises
+    :class:`~livemig.errors.WireError` whose text names the field, the value received and the value
+    expected; ``err.value`` / ``err.expected`` carry them too. The reserved bytes are not checked
+    (QEMU does not read them). Raises ValueError for a bad ``expected_uuid`` or ``channels``
+    (caller bugs, not wire errors).
+    """
+    if len(expected_uuid) != _UUID_LEN:
+        raise ValueError(f"multifd init: expected_uuid must be {_UUID_LEN} bytes, got {len(expected_uuid)}")
+    if not 1 <= channels <= 0xFF + 1:
+        raise ValueError(f"multifd init: channels must be 1..256, got {channels}")
+    view = memoryview(buf).cast("B")
+    if view.nbytes != INIT_SIZE:
+        raise _wire_error(
+            f"multifd: received initial packet of {view.nbytes} bytes, expected {INIT_SIZE}",
+            view.nbytes,
+            INIT_SIZE,
+        )
+    magic, version, uuid, channel_id = _INIT.unpack(view)
+    if magic != MULTIFD_MAGIC:
+        raise _wire_error(
+            f"multifd: received packet magic {magic:#010x}, expected {MULTIFD_MAGIC:#010x}",
+            magic,
+            MULTIFD_MAGIC,
+        )
+    if version != MULTIFD_VERSION:
+        raise _wire_error(
+            f"multifd: received packet version {version}, expected {MULTIFD_VERSION}",
+            version,
+            MULTIFD_VERSION,
+        )
+    if uuid != bytes(expected_uuid):
+        raise _wire_error(
+            f"multifd: received uuid '{_uuid_text(uuid)}' and expected uuid "
+            f"'{_uuid_text(expected_uuid)}' for channel {channel_id}",
+            uuid,
+            bytes(expected_uuid),
+        )
+    if channel_id >= channels:
+        raise _wire_error(
+            f"multifd: received channel id {channel_id}, expected < {channels} (the number of channels)",
+            channel_id,
+            f"< {channels}",
+        )
+    return MultiFDInit(uuid=uuid, channel_id=channel_id)

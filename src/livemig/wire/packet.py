@@ -1,0 +1,362 @@
+"""MultiFDPacket_t: the fixed-size RAM packet header of a multifd channel (reference §2, 10.x layout).
+
+Layout (QEMU 10.2 ``migration/multifd.h``, packed, all integers big-endian)::
+
+    off  size            field
+      0     4            magic             0x11223344
+      4     4            version           1
+      8     4            flags             SYNC 0x01 | one compression flag (mask 0x3e); 0x40 device state
+     12     4            pages_alloc       page_count (128 for 4 KiB pages); 0 in a 10.2 SYNC-only packet
+     16     4            normal_pages      pages whose data follows the header
+     20     4            next_packet_size  payload bytes that follow the header on this channel
+     24     8            packet_num        global sequence number (informational)
+     32     4            zero_pages        (9.0+) zero pages listed after the normal ones
+     36    28            unused            zero
+     64   256            ramblock          RAMBlock id, NUL-terminated (the receiver forces byte 255 to 0)
+    320   8*page_count   offset[]          u64 byte offsets within the block: normal, then zero, then padding
+
+The header is always :func:`packet_len` bytes (1344 for 4 KiB pages) whatever the page count.
+
+Sans-IO: :func:`encode_packet` / :func:`encode_sync` return the header bytes to write (the payload
+is the compression method's business), :func:`decode_packet` validates the fields QEMU validates
+when unfilling a packet (§2.4), and :func:`check_packet` does the checks that need the receiver's
+state (the method's flag, the block's length). Offsets are converted with numpy in one call each
+way, never with a Python loop per page.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from livemig.errors import WireError
+from livemig.wire.constants import (
+    COMPRESSION_MASK,
+    FLAG_DEVICE_STATE,
+    FLAG_SYNC,
+    MULTIFD_MAGIC,
+    MULTIFD_PACKET_SIZE,
+    MULTIFD_VERSION,
+)
+
+Buffer = bytes | bytearray | memoryview
+Offsets = npt.NDArray[np.uint64]
+
+#: magic, version, flags, pages_alloc, normal_pages, next_packet_size, packet_num, zero_pages,
+#: 28 reserved bytes, ramblock[256]
+_HEADER = struct.Struct(">6IQI28x256s")
+#: bytes before offset[]
+HEADER_FIXED_SIZE = 320
+assert _HEADER.size == HEADER_FIXED_SIZE
+_RAMBLOCK_SIZE = 256
+_RAMBLOCK_OFFSET = 64
+#: flag bits a RAM packet may carry
+_KNOWN_FLAGS = FLAG_SYNC | COMPRESSION_MASK
+_U32_MAX = 0xFFFFFFFF
+_U64_MAX = 0xFFFFFFFFFFFFFFFF
+
+
+def _wire_error(text: str, value: object, expected: object) -> WireError:
+    err = WireError(text)
+    err.value = value
+    err.expected = expected
+    return err
+
+
+def page_count(page_size: int = 4096) -> int:
+    """Offset slots per packet: MULTIFD_PACKET_SIZE / page_size (128 for 4 KiB pages).
+
+    Raises ValueError when ``page_size`` does not divide MULTIFD_PACKET_SIZE (QEMU requires it).
+    """
+    if page_size <= 0 or MULTIFD_PACKET_SIZE % page_size:
+        raise ValueError(
+            f"page size {page_size} does not divide the multifd packet size {MULTIFD_PACKET_SIZE}"
+        )
+    return MULTIFD_PACKET_SIZE // page_size
+
+
+def packet_len(page_size: int = 4096) -> int:
+    """Bytes of one packet header on the wire: 320 + 8 * page_count (1344 for 4 KiB pages)."""
+    return HEADER_FIXED_SIZE + 8 * page_count(page_size)
+
+
+@dataclass
+class PacketHeader:
+    """A decoded, format-checked packet header.
+
+    ``offsets`` holds ``normal_pages + zero_pages`` native uint64 byte offsets within ``ramblock``:
+    the normal pages first (in payload order), then the zero pages. It is a copy, independent of
+    the buffer it was decoded from. ``ramblock`` is "" when the packet lists no pages.
+    """
+
+    flags: int
+    pages_alloc: int
+    normal_pages: int
+    next_packet_size: int
+    packet_num: int
+    zero_pages: int
+    ramblock: str
+    offsets: Offsets
+
+    @property
+    def normal_offsets(self) -> Offsets:
+        """Offsets of the pages whose data is in the payload, in payload order (a view)."""
+        return self.offsets[: self.normal_pages]
+
+    @property
+    def zero_offsets(self) -> Offsets:
+        """Offsets of the pages the receiver must make zero (a view)."""
+        return self.offsets[self.normal_pages : self.normal_pages + self.zero_pages]
+
+    @property
+    def is_sync(self) -> bool:
+        """True when the sender flagged MULTIFD_FLAG_SYNC: post to the main stream's barrier after it."""
+        return bool(self.flags & FLAG_SYNC)
+
+    @property
+    def has_data(self) -> bool:
+        """True when the packet lists pages (10.2: normal_pages + zero_pages > 0)."""
+        return self.normal_pages + self.zero_pages > 0
+
+    @property
+    def compression_flag(self) -> int:
+        """The compression bits of ``flags`` (0 for none)."""
+        return self.flags & COMPRESSION_MASK
+
+
+def _ramblock_field(ramblock: str) -> bytes:
+    try:
+        raw = ramblock.encode("ascii")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"multifd packet: ramblock {ramblock!r} is not ASCII") from exc
+    if len(raw) >= _RAMBLOCK_SIZE:
+        raise ValueError(
+            f"multifd packet: ramblock {ramblock!r} is {len(raw)} bytes, max {_RAMBLOCK_SIZE - 1}"
+        )
+    if b"\0" in raw:
+        raise ValueError(f"multifd packet: ramblock {ramblock!r} contains a NUL byte")
+    return raw
+
+
+def _as_offsets(name: str, values: npt.ArrayLike) -> npt.NDArray[np.integer]:
+    arr = np.asarray(values)
+    if arr.ndim != 1:
+        raise ValueError(f"multifd packet: {name} offsets must be one-dimensional, got shape {arr.shape}")
+    if arr.size == 0:
+        return np.empty(0, dtype=np.uint64)
+    if arr.dtype.kind not in "iu":
+        raise ValueError(f"multifd packet: {name} offsets must be integers, got dtype {arr.dtype}")
+    if arr.dtype.kind == "i" and int(arr.min()) < 0:
+        raise ValueError(f"multifd packet: {name} offsets contain a negative value {int(arr.min())}")
+    return arr
+
+
+def encode_packet(
+    *,
+    flags: int,
+    packet_num: int,
+    ramblock: str,
+    normal: npt.ArrayLike,
+    zero: npt.ArrayLike,
+    next_packet_size: int,
+    page_size: int = 4096,
+) -> bytes:
+    """The header of a RAM packet, :func:`packet_len` bytes, as QEMU 10.2 fills it.
+
+    ``normal`` and ``zero`` are byte offsets within ``ramblock`` (non-negative integers, one
+    dimension); ``len(normal) + len(zero)`` must not exceed :func:`page_count`. pages_alloc is
+    page_count, unused offset slots and reserved fields are zero. ``flags`` may only carry SYNC and
+    compression bits. Raises ValueError for anything that QEMU's receiver would refuse or that does
+    not fit its field (a ramblock name of 256 bytes or more, or not ASCII). Offsets are not checked
+    against a block here: the sender owns its blocks.
+    """
+    slots = page_count(page_size)
+    if flags & ~_KNOWN_FLAGS or not 0 <= flags <= _U32_MAX:
+        raise ValueError(f"multifd packet: flags {flags:#x} outside SYNC|compression ({_KNOWN_FLAGS:#x})")
+    if not 0 <= packet_num <= _U64_MAX:
+        raise ValueError(f"multifd packet: packet_num {packet_num} does not fit a u64")
+    if not 0 <= next_packet_size <= _U32_MAX:
+        raise ValueError(f"multifd packet: next_packet_size {next_packet_size} does not fit a u32")
+    name = _ramblock_field(ramblock)
+    normal_arr = _as_offsets("normal", normal)
+    zero_arr = _as_offsets("zero", zero)
+    used = normal_arr.size + zero_arr.size
+    if used > slots:
+        raise ValueError(
+            f"multifd packet: {normal_arr.size} normal + {zero_arr.size} zero pages exceed {slots} slots"
+        )
+    buf = bytearray(HEADER_FIXED_SIZE + 8 * slots)
+    _HEADER.pack_into(
+        buf,
+        0,
+        MULTIFD_MAGIC,
+        MULTIFD_VERSION,
+        flags,
+        slots,
+        normal_arr.size,
+        next_packet_size,
+        packet_num,
+        zero_arr.size,
+        name,
+    )
+    if used:
+        # One vectorized store straight into the packet buffer (big-endian u64 view of it).
+        out = np.frombuffer(buf, dtype=">u8", count=used, offset=HEADER_FIXED_SIZE)
+        out[: normal_arr.size] = normal_arr
+        out[normal_arr.size :] = zero_arr
+    return bytes(buf)
+
+
+def encode_sync(packet_num: int, page_size: int = 4096) -> bytes:
+    """A 10.2 SYNC-only packet: flags = SYNC, packet_num, everything else zero (pages_alloc too)."""
+    if not 0 <= packet_num <= _U64_MAX:
+        raise ValueError(f"multifd packet: packet_num {packet_num} does not fit a u64")
+    buf = bytearray(packet_len(page_size))
+    _HEADER.pack_into(buf, 0, MULTIFD_MAGIC, MULTIFD_VERSION, FLAG_SYNC, 0, 0, 0, packet_num, 0, b"")
+    return bytes(buf)
+
+
+def decode_packet(buf: Buffer, page_size: int = 4096) -> PacketHeader:
+    """Decode and format-check one packet header of exactly :func:`packet_len` bytes.
+
+    Checks, each raising :class:`~livemig.errors.WireError` with the value received and expected:
+    length, magic, version, flags (only SYNC and compression bits; the device-state flag 0x40 is
+    "not supported"), pages_alloc <= page_count, normal_pages <= pages_alloc, zero_pages <=
+    pages_alloc - normal_pages, and a ramblock name that is ASCII (byte 255 is forced to NUL, as
+    QEMU does; the name ends at the first NUL). Padding slots and reserved fields are ignored. For
+    a packet with no pages the ramblock is ignored and returned as "". Checks needing the
+    receiver's method and block lengths are in :func:`check_packet`.
+    """
+    slots = page_count(page_size)
+    view = memoryview(buf).cast("B")
+    expected_len = HEADER_FIXED_SIZE + 8 * slots
+    if view.nbytes != expected_len:
+        raise _wire_error(
+            f"multifd: received packet of {view.nbytes} bytes, expected {expected_len}",
+            view.nbytes,
+            expected_len,
+        )
+    (magic, version, flags, pages_alloc, normal_pages, next_packet_size, packet_num, zero_pages, raw_name) = (
+        _HEADER.unpack_from(view)
+    )
+    if magic != MULTIFD_MAGIC:
+        raise _wire_error(
+            f"multifd: received packet magic {magic:#010x}, expected {MULTIFD_MAGIC:#010x}",
+            magic,
+            MULTIFD_MAGIC,
+        )
+    if version != MULTIFD_VERSION:
+        raise _wire_error(
+            f"multifd: received packet version {version}, expected {MULTIFD_VERSION}",
+            version,
+            MULTIFD_VERSION,
+        )
+    if flags & FLAG_DEVICE_STATE:
+        raise _wire_error(
+            f"multifd: received packet flags {flags:#x} with DEVICE_STATE ({FLAG_DEVICE_STATE:#x}): "
+            "device state packets are not supported, expected a RAM packet",
+            flags,
+            f"flags within {_KNOWN_FLAGS:#x}",
+        )
+    if flags & ~_KNOWN_FLAGS:
+        raise _wire_error(
+            f"multifd: received packet flags {flags:#x} with unknown bits {flags & ~_KNOWN_FLAGS:#x}, "
+            f"expected only bits of {_KNOWN_FLAGS:#x}",
+            flags,
+            f"flags within {_KNOWN_FLAGS:#x}",
+        )
+    if pages_alloc > slots:
+        raise _wire_error(
+            f"multifd: received packet with {pages_alloc} pages, expected {slots}", pages_alloc, slots
+        )
+    if normal_pages > pages_alloc:
+        raise _wire_error(
+            f"multifd: received packet with {normal_pages} non-zero pages, "
+            f"which exceeds maximum expected pages {pages_alloc}",
+            normal_pages,
+            f"<= {pages_alloc}",
+        )
+    if zero_pages > pages_alloc - normal_pages:
+        raise _wire_error(
+            f"multifd: received packet with {zero_pages} zero pages, "
+            f"expected maximum {pages_alloc - normal_pages}",
+            zero_pages,
+            f"<= {pages_alloc - normal_pages}",
+        )
+    used = normal_pages + zero_pages
+    ramblock = ""
+    if used:
+        name = bytes(raw_name[: _RAMBLOCK_SIZE - 1]).split(b"\0", 1)[0]
+        try:
+            ramblock = name.decode("ascii")
+        except UnicodeDecodeError as exc:
+            raise _wire_error(
+                f"multifd: received ramblock name {name!r} that is not ASCII", name, "ASCII"
+            ) from exc
+        offsets: Offsets = np.frombuffer(view, dtype=">u8", count=used, offset=HEADER_FIXED_SIZE).astype(
+            np.uint64
+        )
+    else:
+        offsets = np.empty(0, dtype=np.uint64)
+    return PacketHeader(
+        flags=flags,
+        pages_alloc=pages_alloc,
+        normal_pages=normal_pages,
+        next_packet_size=next_packet_size,
+        packet_num=packet_num,
+        zero_pages=zero_pages,
+        ramblock=ramblock,
+        offsets=offsets,
+    )
+
+
+def check_packet(hdr: PacketHeader, *, method_flag: int, block_size: int, page_size: int = 4096) -> None:
+    """Checks that need the receiver's state; the guard that keeps writes inside guest RAM.
+
+    For a packet with pages (``hdr.has_data``): ``flags & COMPRESSION_MASK`` must equal
+    ``method_flag``; every offset must be ``<= block_size - page_size`` (QEMU's bound), a multiple
+    of ``page_size`` (stricter than QEMU, which does not check alignment), and appear only once in
+    the packet. Packets without pages pass (QEMU only counts them). Raises
+    :class:`~livemig.errors.WireError`. Cost: a few vectorized numpy passes over <= 128 offsets.
+    """
+    if not hdr.has_data:
+        return
+    received = hdr.flags & COMPRESSION_MASK
+    if received != method_flag:
+        raise _wire_error(
+            f"multifd: flags received {received:#x} flags expected {method_flag:#x}", received, method_flag
+        )
+    offsets = hdr.offsets
+    limit = block_size - page_size
+    if limit < 0:
+        raise _wire_error(
+            f"multifd: offset too long {int(offsets[0])} (block {hdr.ramblock!r} of {block_size} bytes "
+            f"holds no {page_size}-byte page)",
+            int(offsets[0]),
+            f"<= {limit}",
+        )
+    too_long = np.flatnonzero(offsets > np.uint64(limit))
+    if too_long.size:
+        bad = int(offsets[too_long[0]])
+        raise _wire_error(f"multifd: offset too long {bad} (max {limit})", bad, f"<= {limit}")
+    unaligned = np.flatnonzero(offsets % np.uint64(page_size))
+    if unaligned.size:
+        bad = int(offsets[unaligned[0]])
+        raise _wire_error(
+            f"multifd: offset {bad} not page aligned (page size {page_size})",
+            bad,
+            f"a multiple of {page_size}",
+        )
+    if offsets.size > 1:
+        ordered = np.sort(offsets)
+        dups = np.flatnonzero(ordered[1:] == ordered[:-1])
+        if dups.size:
+            bad = int(ordered[dups[0]])
+            raise _wire_error(
+                f"multifd: offset {bad} listed more than once in packet {hdr.packet_num}",
+                bad,
+                "unique offsets",
+            )
