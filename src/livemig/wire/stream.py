@@ -72,7 +72,6 @@ from livemig.wire.constants import (
 Buffer = bytes | bytearray | memoryview
 
 _U8 = struct.Struct(">B")
-_BE16 = struct.Struct(">H")
 _BE32 = struct.Struct(">I")
 _BE64 = struct.Struct(">Q")
 #: magic, version (§4.1)
@@ -488,8 +487,9 @@ class StreamReader:
     """Sans-IO parser of the main migration stream (module docstring for the grammar).
 
     ``feed(data)`` appends bytes; ``feed(b"")`` says the peer closed. ``next_event()`` returns the
-    next complete :data:`Event` or :data:`NEED_DATA`. At most one record is parsed per call; a
-    record is consumed only once it is complete, so any chunking yields the same events. Cost:
+    next complete :data:`Event` or :data:`NEED_DATA`. Each call returns at most one event (section
+    footers are checked and consumed silently); a record is consumed only once it is complete, so
+    any chunking yields the same events and errors. Cost:
     amortized O(bytes) (a bytearray with a read offset, compacted when more than half is consumed);
     a Page or Blob is copied once out of the buffer.
 
