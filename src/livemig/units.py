@@ -16,7 +16,7 @@ _BIN = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 _DEC = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
 
 _SIZE_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgtb]?)(?:i?b)?\s*$", re.IGNORECASE)
-_BITS_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)(?:bps|bit/s|b/s)\s*$")
+_BITS_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgtKMGT]?)(?:bps|bit/s|b/s)\s*$")
 
 
 def parse_size(text: str | int, default_unit: str = "") -> int:
