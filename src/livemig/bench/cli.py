@@ -157,6 +157,12 @@ def header(b: Bench) -> str:
             reason = c["unavailable"].get(m)
             where.append(f"{m}: n/a ({reason})" if reason else f"{m}: no successful run")
     lines.append("Methods: " + "; ".join(where))
+    if b.peer_info:
+        p = b.peer_info
+        if p.get("unavailable"):
+            lines.append(f"Peer: QEMU n/a: {p['unavailable']}")
+        else:
+            lines.append(f"Peer: {p['version']}, accel={p['accel']}; guest: {p['guest']}")
     return "\n".join(lines)
 
 
@@ -252,7 +258,7 @@ def _measure_data(b: Bench, args: argparse.Namespace) -> None:
 
 def run_bench(args: argparse.Namespace, children: Children) -> Bench:
     """Measure everything ``args`` asks for. KeyboardInterrupt propagates (children stopped by caller)."""
-    from ..guest import default_kind, kvm_unavailable
+    from ..guest import kvm_unavailable
 
     methods = _parse_list(args.methods, "methods")
     bandwidths = _parse_bandwidths(args.bandwidth)
@@ -271,8 +277,12 @@ def run_bench(args: argparse.Namespace, children: Children) -> Bench:
     else:
         fill = args.fill
         fill_label = "the built-in corpus" if fill == "corpus" else f"'{fill}' data"
-    guest = args.guest or default_kind()
-    guest_na = kvm_unavailable() if guest == "kvm" else None
+    try:
+        kvm_na = kvm_unavailable()
+    except Exception as exc:  # an incomplete KVM module must not take the bench down
+        kvm_na = f"KVM guest support is broken here: {exc!r}"
+    guest = args.guest or ("kvm" if kvm_na is None else "portable")
+    guest_na = kvm_na if guest == "kvm" else None
     unavailable = available_methods()
     config: dict[str, Any] = {
         "methods": methods,

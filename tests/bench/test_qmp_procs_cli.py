@@ -1,0 +1,174 @@
+"""QMP client against a scripted server, process-group cleanup, and the bench command's bad input."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import socket
+import subprocess
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from livemig.bench import cli as bench_cli
+from livemig.bench.model import Run
+from livemig.bench.procs import Children, descendants
+from livemig.bench.qmp_client import QMPClient, QMPError
+from livemig.errors import TransportError
+
+
+def _serve(path: str, script: list[tuple[str, list[dict[str, Any]]]], seen: list[dict[str, Any]]) -> threading.Thread:
+    """A QMP server: greeting, then for each expected command, the listed replies (events first)."""
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    srv.bind(path)
+    srv.listen(1)
+
+    def run() -> None:
+        conn, _ = srv.accept()
+        f = conn.makefile("rwb")
+        f.write(b'{"QMP": {"version": {"qemu": {"major": 7, "minor": 2, "micro": 0}}, "capabilities": []}}\r\n')
+        f.flush()
+        for name, replies in script:
+            msg = json.loads(f.readline())
+            seen.append(msg)
+            assert msg["execute"] == name
+            for r in replies:
+                r = dict(r)
+                if "event" not in r:
+                    r["id"] = msg["id"]
+                f.write(json.dumps(r).encode() + b"\r\n")
+            f.flush()
+        conn.close()
+        srv.close()
+
+    th = threading.Thread(target=run, daemon=True)
+    th.start()
+    return th
+
+
+def test_qmp_client_commands_events_errors(tmp_path: Path) -> None:
+    path = str(tmp_path / "qmp.sock")
+    seen: list[dict[str, Any]] = []
+    th = _serve(
+        path,
+        [
+            ("qmp_capabilities", [{"return": {}}]),
+            ("migrate-set-parameters", [{"return": {}}]),
+            ("query-migrate", [{"event": "MIGRATION", "data": {"status": "active"}},
+                               {"return": {"status": "active", "ram": {"transferred": 42}}}]),
+            ("migrate", [{"error": {"class": "GenericError", "desc": "There's a migration process in progress"}}]),
+        ],
+        seen,
+    )  # fmt: skip
+    c = QMPClient.connect(path, timeout=5)
+    assert c.greeting["version"]["qemu"]["major"] == 7
+    assert c.execute("migrate-set-parameters", {"multifd-channels": 8}) == {}
+    assert c.execute("query-migrate")["ram"]["transferred"] == 42
+    assert c.events == [{"event": "MIGRATION", "data": {"status": "active"}}]
+    with pytest.raises(QMPError, match="migrate .*tcp:1.2.3.4:5.*GenericError: There's a migration process"):
+        c.execute("migrate", {"uri": "tcp:1.2.3.4:5"})
+    c.close()
+    th.join(5)
+    assert seen[1] == {"execute": "migrate-set-parameters", "id": 2, "arguments": {"multifd-channels": 8}}
+    assert [m["id"] for m in seen] == [1, 2, 3, 4]
+
+
+def test_qmp_client_rejects_a_non_qmp_server(tmp_path: Path) -> None:
+    path = str(tmp_path / "x.sock")
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    srv.bind(path)
+    srv.listen(1)
+
+    def run() -> None:
+        conn, _ = srv.accept()
+        conn.sendall(b"hello\r\n")
+        conn.close()
+
+    threading.Thread(target=run, daemon=True).start()
+    with pytest.raises(TransportError, match="invalid JSON"):
+        QMPClient.connect(path, timeout=5)
+    srv.close()
+
+
+def test_qmp_connect_times_out_without_server(tmp_path: Path) -> None:
+    with pytest.raises(TransportError, match="cannot connect to QMP socket"):
+        QMPClient.connect(str(tmp_path / "none.sock"), timeout=0.2)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_children_stop_kills_descendants_in_other_sessions() -> None:
+    with Children() as ch:
+        # the grandchild moves to its own session, as livemig's local destination does
+        p = ch.spawn(["sh", "-c", "setsid sleep 60 & sleep 60"], stdout=subprocess.DEVNULL)
+        deadline = time.monotonic() + 5
+        while len(descendants(p.pid)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        tree = descendants(p.pid)
+        assert len(tree) >= 2
+    assert not _alive(p.pid)
+    assert not any(_alive(pid) for pid in tree)
+
+
+def _args(**kw: Any) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    sub = parser.add_subparsers()
+    bench_cli.add_commands(sub)
+    argv = ["bench"]
+    for k, v in kw.items():
+        flag = "--" + k.replace("_", "-")
+        argv += [flag] if v is True else [flag, str(v)]
+    return parser.parse_args(argv)
+
+
+def test_bench_defaults_match_the_document() -> None:
+    a = _args()
+    assert a.methods == "qatzip,zstd,none" and a.multifd_channels == 8 and a.bandwidth == "10Gbps"
+    assert a.workload == "idle" and a.fill == "corpus" and a.repeat == 1 and a.func is bench_cli.main
+
+
+@pytest.mark.parametrize(
+    "kw,msg",
+    [
+        ({"memory": "12345"}, "--memory: 12345 is not a positive multiple of 4 KiB"),
+        ({"multifd_channels": 0}, "--multifd-channels: 0 is not between 1 and 255"),
+        ({"repeat": 0}, "--repeat: 0 must be at least 1"),
+        ({"corpus": "/nonexistent/dir"}, "--corpus: '/nonexistent/dir' is not a directory"),
+        ({"methods": ","}, "--methods: empty list"),
+    ],
+)
+def test_bad_options_are_named(kw: dict[str, Any], msg: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert bench_cli.main(_args(**kw)) == 2
+    assert msg in capsys.readouterr().err
+
+
+def test_unavailable_method_and_peer_are_na_rows(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    started: list[str] = []
+    monkeypatch.setattr(bench_cli, "run_livemig", lambda *a, **k: started.append(a[2]) or Run("livemig", a[2], 8, 0))
+    monkeypatch.setattr("livemig.bench.qemu_peer.shutil.which", lambda name: None)
+    out = tmp_path / "b.json"
+    code = bench_cli.main(
+        _args(methods="bogus", memory="16M", sample="1M", peer="qemu", no_netns=True, json=str(out), guest="portable")
+    )
+    text = capsys.readouterr().out
+    assert code == 0 and started == []  # nothing ran
+    known = r"\(known: none, zlib, zstd, qatzip, qpl, uadk\)"
+    assert re.search(r"^\|bogus livemig *\|n/a: unknown method " + known, text, re.M)
+    assert re.search(r"^\|bogus QEMU *\|n/a: no qemu-system-x86_64; install qemu-system-x86", text, re.M)
+    assert "Peer: QEMU n/a: no qemu-system-x86_64" in text
+    doc = json.loads(out.read_text())
+    assert doc["runs"][0]["na"].startswith("unknown method") and doc["runs"][1]["peer"] == "qemu"
+    assert not [f for f in os.listdir("/dev/shm") if f.startswith(f"livemig-bench-{os.getpid()}-")]
