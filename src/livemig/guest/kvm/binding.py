@@ -287,6 +287,13 @@ class VmFd:
         self.close()
 
 
+def _close_quietly(fd: int) -> None:
+    try:
+        os.close(fd)
+    except OSError:
+        pass
+
+
 def _check_bitmap(bitmap: np.ndarray) -> None:
     if bitmap.dtype != np.uint64 or not bitmap.flags.c_contiguous or not bitmap.flags.writeable:
         raise GuestError("dirty bitmap must be a writable C-contiguous numpy uint64 array")
@@ -302,11 +309,11 @@ class VcpuFd:
         try:
             self._mm = mmap.mmap(fd, mmap_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         except OSError as exc:
-            os.close(fd)
+            _close_quietly(fd)
             self.fd = -1
             raise KvmError("mmap(kvm_run)", exc.errno or errno_mod.EINVAL, f"vcpu {vcpu_id}") from exc
         except ValueError as exc:  # e.g. a mapping larger than the file behind a non-KVM fd
-            os.close(fd)
+            _close_quietly(fd)
             self.fd = -1
             raise KvmError("mmap(kvm_run)", errno_mod.EINVAL, f"vcpu {vcpu_id}: {exc}") from exc
         self._run: st.Run | None = st.Run.from_buffer(self._mm)
@@ -327,13 +334,15 @@ class VcpuFd:
 
     def run(self) -> Exit:
         """Enter the guest until it exits; return the exit. EINTR gives :data:`INTERRUPTED`."""
-        r = self.run_struct
+        if self._run is None:
+            raise GuestError(f"vcpu {self.id} is closed")
         ret = _libc_ioctl(self.fd, io.KVM_RUN.number, None)
         if ret < 0:
             err = ctypes.get_errno()
             if err == errno_mod.EINTR:
                 return INTERRUPTED
             raise KvmError(io.KVM_RUN.name, err, f"vcpu {self.id}")
+        r = self._run
         reason = r.exit_reason
         if reason == io.KVM_EXIT_IO:
             pio = r.exit.io
@@ -421,7 +430,10 @@ class VcpuFd:
     def close(self) -> None:
         if self._run is not None:
             self._run = None  # drop the export before unmapping
-            self._mm.close()
+            try:
+                self._mm.close()
+            except BufferError:
+                pass  # a caller still holds a view of kvm_run; the mapping goes when it does
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
