@@ -45,13 +45,16 @@ class _RecvChannel(threading.Thread):
         self.sock = sock
         self.decomp = decomp
         self.counters = ChannelCounters()
-        self.last_packet = -1
+        self.current: int | None = None
 
     def run(self) -> None:
         try:
             self._loop()
         except BaseException as exc:  # noqa: BLE001 - reported to the main thread
-            self.dst.fail(exc, f"multifd channel {self.cid}, packet {self.last_packet + 1}")
+            where = f"multifd channel {self.cid}"
+            if self.current is not None:
+                where += f", packet {self.current}"
+            self.dst.fail(exc, where)
 
     def _loop(self) -> None:
         dst = self.dst
@@ -61,10 +64,11 @@ class _RecvChannel(threading.Thread):
         pbuf = memoryview(bytearray(MAX_PAYLOAD))
         flag = dst.method.flag
         while True:
+            self.current = None
             if not recv_exact_into(self.sock, hbuf, "packet header", eof_ok=True):
                 return
             hdr = packet.decode_packet(hbuf, ps)
-            self.last_packet = hdr.packet_num
+            self.current = hdr.packet_num
             if hdr.has_data:
                 block = dst.blocks.get(hdr.ramblock)
                 if block is None:
@@ -188,6 +192,11 @@ class Destination:
         for ch in list(self.channels.values()):
             try:
                 ch.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        if self.main is not None:
+            try:  # wake the main thread's read; keep the write side for the error report
+                self.main.shutdown(socket.SHUT_RD)
             except OSError:
                 pass
 

@@ -14,11 +14,11 @@ from ..errors import TransportError
 from .address import Address
 
 #: socket buffers large enough that loopback is not window-bound at GB/s
-SOCK_BUF = 4 << 20
+SOCK_BUF = 0
 
 
 def _tune(sock: socket.socket) -> None:
-    for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+    for opt in ((socket.SO_SNDBUF, socket.SO_RCVBUF) if SOCK_BUF else ()):
         try:
             sock.setsockopt(socket.SOL_SOCKET, opt, SOCK_BUF)
         except OSError:

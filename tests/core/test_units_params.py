@@ -1,0 +1,80 @@
+"""Units, parameters (QEMU names, defaults, ranges and wording), addresses."""
+
+from __future__ import annotations
+
+import pytest
+
+from livemig.errors import ParameterError
+from livemig.params import QEMU_MAX_THROTTLE, MigrationParameters
+from livemig.transport.address import parse_address
+from livemig.units import parse_rate, parse_size
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [("4096", 4096), ("2G", 2 << 30), ("512M", 512 << 20), ("1.5GiB", 3 << 29), ("64k", 65536), ("1T", 1 << 40)],
+)
+def test_sizes(text: str, value: int) -> None:
+    assert parse_size(text) == value
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [("10Gbps", 1_250_000_000), ("100Mbit/s", 12_500_000), ("1GiB/s", 1 << 30), ("128M", 128 << 20), ("0", 0)],
+)
+def test_rates(text: str, value: int) -> None:
+    assert parse_rate(text) == value
+
+
+@pytest.mark.parametrize("bad", ["", "ten", "1X", "-1G"])
+def test_bad_sizes_name_the_text(bad: str) -> None:
+    with pytest.raises(ParameterError, match="invalid size"):
+        parse_size(bad)
+
+
+def test_defaults_are_qemus() -> None:
+    p = MigrationParameters()
+    assert (p.multifd_channels, p.multifd_compression, p.multifd_zlib_level, p.multifd_zstd_level) == (2, "none", 1, 1)
+    assert (p.multifd_qatzip_level, p.downtime_limit, p.max_bandwidth) == (1, 300, QEMU_MAX_THROTTLE)
+    p.check()
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "message"),
+    [
+        ("multifd-channels", 0, "Parameter 'multifd_channels' expects a value between 1 and 255"),
+        ("multifd-channels", 256, "Parameter 'multifd_channels' expects a value between 1 and 255"),
+        ("multifd-zlib-level", 10, "Parameter 'multifd_zlib_level' expects a value between 0 and 9"),
+        ("multifd-zstd-level", 21, "Parameter 'multifd_zstd_level' expects a value between 0 and 20"),
+        ("multifd-qatzip-level", 0, "Parameter 'multifd_qatzip_level' expects a value between 1 and 9"),
+        ("downtime-limit", 2_000_001, "Parameter 'downtime_limit' expects an integer in the range of 0 to 2000"),
+        ("multifd-compression", "lz4", "Parameter 'multifd-compression' does not accept value 'lz4'"),
+        ("no-such-thing", 1, "Parameter 'no-such-thing' not found"),
+    ],
+)
+def test_bad_parameters_refused_in_qemus_words(name: str, value: object, message: str) -> None:
+    p = MigrationParameters()
+    with pytest.raises(ParameterError) as info:
+        p.set(name, value)
+    assert str(info.value).startswith(message)
+    assert p == MigrationParameters()  # a refused value leaves the parameters unchanged
+
+
+def test_set_parameter_like_hmp() -> None:
+    p = MigrationParameters()
+    p.set("multifd-compression", "zstd")
+    p.set("multifd-channels", "8")
+    p.set("max-bandwidth", "1000")  # HMP: bare number = MiB/s
+    assert (p.multifd_compression, p.multifd_channels, p.max_bandwidth) == ("zstd", 8, 1000 << 20)
+    assert p.to_qapi()["multifd-compression"] == "zstd"
+
+
+def test_addresses() -> None:
+    a = parse_address("tcp:127.0.0.1:4444")
+    assert (a.host, a.port) == ("127.0.0.1", 4444)
+    assert parse_address("tcp::5555").host == "0.0.0.0"
+    assert parse_address("tcp:[::1]:6").host == "::1"
+    with pytest.raises(ParameterError, match="expected tcp:HOST:PORT"):
+        parse_address("exec:cat")
+    with pytest.raises(ParameterError, match="port 'x' is not a number"):
+        parse_address("tcp:localhost:x")

@@ -1,0 +1,167 @@
+"""A hostile or broken peer: the destination fails with an error naming the field, writes nothing
+outside guest RAM, and never resumes the guest; the source survives a vanishing destination and
+cancels cleanly."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from typing import Any
+
+import numpy as np
+import pytest
+
+from livemig.guest.base import GuestConfig
+from livemig.migration.destination import Destination
+from livemig.migration.source import MACHINE_TYPE, Source
+from livemig.params import MigrationParameters
+from livemig.transport.address import parse_address
+from livemig.transport.sockets import LineChannel
+from livemig.wire import handshake, packet, stream
+from livemig.wire.constants import FLAG_ZLIB
+from support.fakeguest import FakeGuest
+
+MEM = 4 << 20
+
+
+def _destination(params: MigrationParameters) -> tuple[Destination, FakeGuest, dict[str, Any], threading.Thread]:
+    g = FakeGuest(GuestConfig(memory=MEM), incoming=True)
+    d = Destination(parse_address("tcp:127.0.0.1:0"), params, guest=g, timeout=5)
+    out: dict[str, Any] = {}
+    t = threading.Thread(target=lambda: out.update(d.run()))
+    t.start()
+    return d, g, out, t
+
+
+def _hello(port: int, params: MigrationParameters) -> tuple[socket.socket, LineChannel]:
+    main = socket.create_connection(("127.0.0.1", port))
+    cfg = {"guest": json.loads(GuestConfig(memory=MEM).to_json()), "page-size": 4096,
+           "multifd-channels": params.multifd_channels, "multifd-compression": params.multifd_compression,
+           "blocks": [["pc.ram", MEM]]}
+    main.sendall(stream.file_header() + stream.configuration(MACHINE_TYPE)
+                 + stream.section_full(1, "livemig/config", 0, 1) + stream.blob(json.dumps(cfg).encode())
+                 + stream.section_footer(1))
+    rp = LineChannel(main)
+    assert rp.recv(5)["status"] == "ready"
+    return main, rp
+
+
+def _finish(t: threading.Thread, out: dict[str, Any], g: FakeGuest) -> str:
+    t.join(timeout=15)
+    assert not t.is_alive()
+    assert out["status"] == "failed"
+    assert g.resumed == 0
+    return str(out["error-desc"])
+
+
+def test_unknown_channel_magic_is_named() -> None:
+    params = MigrationParameters(multifd_channels=1, max_bandwidth=0)
+    d, g, out, t = _destination(params)
+    s = socket.create_connection(("127.0.0.1", d.port))
+    s.sendall(b"\xde\xad\xbe\xef" + bytes(60))
+    err = _finish(t, out, g)
+    assert "unknown channel magic" in err and "0xdeadbeef" in err
+    s.close()
+
+
+@pytest.mark.parametrize(
+    ("init", "needle"),
+    [
+        (handshake.encode_init(b"\x01" * 16, 0), "uuid"),
+        (handshake.encode_init(bytes(16), 5), "channel id"),
+        (handshake.encode_init(bytes(16), 0)[:4] + (9).to_bytes(4, "big") + handshake.encode_init(bytes(16), 0)[8:],
+         "version"),
+    ],
+)
+def test_bad_handshake_is_named(init: bytes, needle: str) -> None:
+    params = MigrationParameters(multifd_channels=2, max_bandwidth=0)
+    d, g, out, t = _destination(params)
+    main, rp = _hello(d.port, params)
+    ch = socket.create_connection(("127.0.0.1", d.port))
+    ch.sendall(init)
+    err = _finish(t, out, g)
+    assert needle in err
+    main.close()
+    ch.close()
+
+
+@pytest.mark.parametrize(
+    ("make", "needle"),
+    [
+        (lambda: packet.encode_packet(flags=0, packet_num=0, ramblock="pc.ram", normal=np.array([MEM], np.uint64),
+                                      zero=np.array([], np.uint64), next_packet_size=4096), "offset too long"),
+        (lambda: packet.encode_packet(flags=0, packet_num=0, ramblock="nope", normal=np.array([0], np.uint64),
+                                      zero=np.array([], np.uint64), next_packet_size=4096), "unknown ram block"),
+        (lambda: packet.encode_packet(flags=FLAG_ZLIB, packet_num=0, ramblock="pc.ram",
+                                      normal=np.array([0], np.uint64), zero=np.array([], np.uint64),
+                                      next_packet_size=4096), "flags"),
+        (lambda: packet.encode_packet(flags=0, packet_num=0, ramblock="pc.ram", normal=np.array([4096], np.uint64),
+                                      zero=np.array([], np.uint64), next_packet_size=100), "none packet size"),
+    ],
+)
+def test_bad_packet_is_refused_and_ram_untouched(make: Any, needle: str) -> None:
+    params = MigrationParameters(multifd_channels=1, max_bandwidth=0)
+    d, g, out, t = _destination(params)
+    main, rp = _hello(d.port, params)
+    ch = socket.create_connection(("127.0.0.1", d.port))
+    ch.sendall(handshake.encode_init(bytes(16), 0) + make() + b"\xff" * 4096)
+    err = _finish(t, out, g)
+    assert needle in err
+    assert "multifd channel 0" in err
+    assert not g.blocks[0].pages.any()
+    main.close()
+    ch.close()
+
+
+def test_corrupt_payload_names_method_channel_packet() -> None:
+    params = MigrationParameters(multifd_channels=1, multifd_compression="zlib", max_bandwidth=0)
+    d, g, out, t = _destination(params)
+    main, rp = _hello(d.port, params)
+    ch = socket.create_connection(("127.0.0.1", d.port))
+    junk = b"\x78\x01" + bytes(range(256)) * 4
+    hdr = packet.encode_packet(flags=FLAG_ZLIB, packet_num=7, ramblock="pc.ram", normal=np.array([0], np.uint64),
+                               zero=np.array([], np.uint64), next_packet_size=len(junk))
+    ch.sendall(handshake.encode_init(bytes(16), 0) + hdr + junk)
+    err = _finish(t, out, g)
+    assert "zlib" in err and "multifd channel 0" in err and "packet 7" in err
+    main.close()
+    ch.close()
+
+
+def test_cancel_leaves_the_source_guest_running() -> None:
+    params = MigrationParameters(multifd_channels=2, max_bandwidth=2 << 20)  # 2 MiB/s: slow on purpose
+    d, g, out, t = _destination(params)
+    src_guest = FakeGuest(GuestConfig(memory=MEM, seed=1))
+    src_guest.start()
+    src = Source(src_guest, parse_address(f"tcp:127.0.0.1:{d.port}"), params, timeout=5)
+    threading.Timer(0.3, src.cancel).start()
+    t0 = time.monotonic()
+    stats = src.run()
+    assert time.monotonic() - t0 < 5
+    assert stats.status == "cancelled"
+    assert src_guest.running
+    t.join(timeout=15)
+    assert out["status"] == "failed" and g.resumed == 0
+
+
+def test_vanishing_destination_fails_the_source_in_bounded_time() -> None:
+    params = MigrationParameters(multifd_channels=2, max_bandwidth=2 << 20)
+    d, g, out, t = _destination(params)
+    src_guest = FakeGuest(GuestConfig(memory=MEM, seed=1))
+    src_guest.start()
+    src = Source(src_guest, parse_address(f"tcp:127.0.0.1:{d.port}"), params, timeout=5)
+
+    def vanish() -> None:
+        d.fail(RuntimeError("killed"), "test")
+        if d.main is not None:
+            d.main.shutdown(socket.SHUT_RDWR)
+
+    threading.Timer(0.3, vanish).start()
+    t0 = time.monotonic()
+    stats = src.run()
+    assert time.monotonic() - t0 < 6
+    assert stats.status == "failed" and stats.error
+    assert src_guest.running
+    t.join(timeout=15)
