@@ -135,11 +135,11 @@ def fill_random(pages: np.ndarray, seed: int) -> None:
 def fill_corpus(pages: np.ndarray, seed: int) -> None:
     """Tile the generated base region (:func:`generate_base`) over ``pages``.
 
-    RAM segment ``s`` (16 pages) = base segment ``s mod 128`` XOR a one-byte key derived from
-    (seed, s), and the base's zero pages stay zero. A key is a bijection on bytes, so a segment keeps
-    its own compressibility exactly, while two copies of the same base segment (8 MiB apart, or
-    wherever the dirty order brings them next to each other in one channel's stream) differ in
-    every byte: no compressor window ever sees repeats the base does not have, whatever the
+    RAM segment ``s`` (16 pages) = base segment ``s mod 128`` XOR a one-byte key (see
+    :func:`_segment_keys`), and the base's zero pages stay zero. A key is a bijection on bytes, so a
+    segment keeps its own compressibility exactly, while two copies of the same base segment (8 MiB
+    apart, or wherever the dirty order brings them next to each other in one channel's stream)
+    differ in every byte: no compressor window sees repeats the base does not have, whatever the
     channel count. The cost is one XOR pass (several GB/s on prefaulted RAM); on fresh memory the
     kernel's first-touch cost per page dominates.
     """
@@ -277,14 +277,23 @@ def _mix_counts(nseg: int) -> list[int]:
 
 
 def _segment_keys(seed: int, nseg: int) -> np.ndarray:
-    """One key byte per RAM segment (splitmix64 of seed and index), replicated into a uint64."""
+    """One key byte per RAM segment, replicated into a uint64.
+
+    Segment s is copy t = s // 128 of base segment b = s % 128; its key is
+    ``(splitmix64(seed, b) + 157 t) mod 256``, so the 256 copies of one base segment nearest to each
+    other (2 GiB of RAM) all have different keys, hence differ in every byte.
+    """
+    s = np.arange(nseg, dtype=np.uint64)
+    b = s % np.uint64(BASE_SEGMENTS)
+    t = s // np.uint64(BASE_SEGMENTS)
     with np.errstate(over="ignore"):
-        z = np.arange(nseg, dtype=np.uint64) + np.uint64((seed * 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF)
+        z = b + np.uint64((seed * 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF)
         z = z * np.uint64(0x9E3779B97F4A7C15)
         z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
         z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
         z = z ^ (z >> np.uint64(31))
-        keys: np.ndarray = (z & np.uint64(0xFF)) * np.uint64(0x0101010101010101)
+        key = (z + t * np.uint64(157)) & np.uint64(0xFF)
+        keys: np.ndarray = key * np.uint64(0x0101010101010101)
     return keys
 
 
