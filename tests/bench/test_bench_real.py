@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -43,3 +45,48 @@ def test_small_real_bench(tmp_path: Path) -> None:
     for name in written:
         assert (plots / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert f"wrote {plots / name}" in proc.stdout
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.slow
+def test_ctrl_c_leaves_nothing_behind() -> None:
+    from livemig.bench.procs import descendants
+
+    # a fresh interpreter with SIGINT at its default (a test runner may ignore it), like a terminal's Ctrl-C
+    boot = "import signal,os,sys; signal.signal(signal.SIGINT, signal.SIG_DFL); os.execv(sys.executable, sys.argv[1:])"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", boot, sys.executable, "-m", "livemig.cli", "bench", "--memory", "512M",
+         "--methods", "none", "--sample", "4M", "--repeat", "3"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    tree: list[int] = []
+    deadline = time.monotonic() + 60
+    # wait until the migration's source and destination processes both run
+    while time.monotonic() < deadline and proc.poll() is None:
+        tree = descendants(proc.pid)
+        if len([p for p in tree if "incoming" in _cmdline(p)]) >= 1:
+            break
+        time.sleep(0.05)
+    assert any("incoming" in _cmdline(p) for p in tree), "the bench never started a migration"
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "interrupted; child processes stopped" in err
+    time.sleep(0.2)
+    assert [p for p in tree if _alive(p)] == []
+    assert not [f for f in os.listdir("/dev/shm") if f.startswith(f"livemig-bench-{proc.pid}-")]
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""

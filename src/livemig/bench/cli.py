@@ -32,7 +32,7 @@ from .render import bandwidth_label, render_markdown, render_memory, render_text
 from .runner import Experiment, run_livemig
 
 DEFAULT_METHODS = "qatzip,zstd,none"
-DEFAULT_MEMORY = "1G"
+DEFAULT_MEMORY = "2G"
 MEMORY_TABLE_CHANNELS = (2, 4, 8)
 
 

@@ -86,12 +86,16 @@ def write_ram_file(path: str, fill: str, size: int, seed: int = 0) -> None:
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
         os.ftruncate(fd, size)
-        with mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE) as mm:
+        mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        try:
             pages = np.frombuffer(mm, dtype=np.uint8).reshape(-1, PAGE)
+            fill_array(pages, fill, seed)
+            del pages
+        finally:
             try:
-                fill_array(pages, fill, seed)
-            finally:
-                del pages
+                mm.close()
+            except BufferError:
+                pass  # an exception's traceback still holds a view; the mapping goes with it
     finally:
         os.close(fd)
 

@@ -88,6 +88,8 @@ def write_plots(bench: Bench, outdir: str) -> list[str]:
         pts = sorted(p for p in pts if p[0] == p[0])
         if pts:
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
+    if len({r.bandwidth for r in rows if r.bandwidth > 0}) > 2:
+        ax.set_xscale("log")
     for r in uncapped:
         ax.axhline(r.value("pages-per-second") or 0.0, linestyle=":", linewidth=1)
     ax.set_xlabel("max-bandwidth (Gbit/s)" + (" (dotted: uncapped)" if uncapped else ""))
