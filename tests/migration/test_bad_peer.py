@@ -4,6 +4,7 @@ cancels cleanly."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import threading
@@ -154,9 +155,11 @@ def test_vanishing_destination_fails_the_source_in_bounded_time() -> None:
     src = Source(src_guest, parse_address(f"tcp:127.0.0.1:{d.port}"), params, timeout=5)
 
     def vanish() -> None:
+        main = d.main
         d.fail(RuntimeError("killed"), "test")
-        if d.main is not None:
-            d.main.shutdown(socket.SHUT_RDWR)
+        if main is not None:
+            with contextlib.suppress(OSError):  # the destination may have closed it already
+                main.shutdown(socket.SHUT_RDWR)
 
     threading.Timer(0.3, vanish).start()
     t0 = time.monotonic()

@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from ..compress import Compressor, Method, create_method
+from ..compress import Buffer, Compressor, Method, create_method
 from ..errors import Cancelled, MigrationError, TransportError
 from ..guest import Guest
 from ..guest.base import RamBlock
@@ -55,9 +55,14 @@ SECTION_DIGEST = 4
 
 @dataclass
 class _Pages:
+    """Up to BATCH consecutive packets of one block, sent with one vectored write."""
+
     block: RamBlock
-    idx: np.ndarray
-    num: int
+    packets: list[tuple[np.ndarray, int]]
+
+
+#: packets per channel job: fewer queue hand-offs and syscalls, same packets on the wire
+BATCH = 4
 
 
 @dataclass
@@ -99,9 +104,16 @@ class _SendChannel(threading.Thread):
             self.src.channel_failed(self.cid, exc)
 
     def _send_pages(self, job: _Pages) -> None:
+        bufs: list[Buffer] = []
+        for idx, num in job.packets:
+            bufs += self._packet(job.block, idx, num)
+        total = sum(len(b) for b in bufs)
+        self.src.limiter.acquire(total)
+        self.counters.wire_bytes += send_buffers(self.sock, bufs, f"multifd channel {self.cid} packets")
+
+    def _packet(self, block: RamBlock, idx: np.ndarray, num: int) -> list[Buffer]:
+        """Header and payload buffers of one packet; counts its pages."""
         ps = self.src.page_size
-        idx = job.idx
-        block = job.block
         first, n = int(idx[0]), int(idx.size)
         contiguous = int(idx[-1]) - first + 1 == n
         if self.src.zero_detect:
@@ -121,21 +133,19 @@ class _SendChannel(threading.Thread):
         plen = sum(len(b) for b in payload)
         hdr = packet.encode_packet(
             flags=self.src.method.flag,
-            packet_num=job.num,
+            packet_num=num,
             ramblock=block.name,
             normal=normal.astype(np.uint64) * ps,
             zero=zero.astype(np.uint64) * ps,
             next_packet_size=plen,
             page_size=ps,
         )
-        self.src.limiter.acquire(len(hdr) + plen)
-        wrote = send_buffers(self.sock, [hdr, *payload], f"multifd channel {self.cid} packet {job.num}")
         c = self.counters
         c.packets += 1
         c.normal += int(normal.size)
         c.zero += int(zero.size)
-        c.wire_bytes += wrote
         c.payload_bytes += plen
+        return [hdr, *payload]
 
 
 class Source:
@@ -358,11 +368,19 @@ class Source:
             idx = dirty.get(block.name)
             if idx is None or idx.size == 0:
                 continue
+            job = _Pages(block, [])
             for piece in chunks(idx, self.page_count):
-                self._check()
-                self._dispatch(_Pages(block, piece, self._next_num()))
+                job.packets.append((piece, self._next_num()))
                 left -= int(piece.size)
-                self.stats.remaining = left * self.page_size
+                if len(job.packets) == BATCH:
+                    self._check()
+                    self._dispatch(job)
+                    job = _Pages(block, [])
+                    self.stats.remaining = left * self.page_size
+            if job.packets:
+                self._check()
+                self._dispatch(job)
+            self.stats.remaining = left * self.page_size
         return total
 
     def _next_num(self) -> int:
