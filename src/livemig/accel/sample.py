@@ -1,9 +1,9 @@
 """Sample page data for codec measurements and tests: zero, random, corpus and mixed pages.
 
-``corpus`` uses the guest fill of the same name (``livemig.guest.fill.fill_pages``) when that module
-is present, so ``livemig advise`` measures what a ``--fill corpus`` guest holds; otherwise it falls
-back to :func:`synthetic_corpus`, deterministic text-and-table data that compresses about like the
-Silesia mix (zlib-1 ratio about 3). All kinds are deterministic for a given seed.
+``corpus`` is the guest fill of the same name (``livemig.guest.fill.fill_pages``), so ``livemig
+advise`` measures what a ``--fill corpus`` guest holds (:func:`synthetic_corpus` stands in only if
+that module is missing). ``files:DIR`` and ``image:PATH`` are passed to the guest fill too. All kinds
+are deterministic for a given seed.
 """
 
 from __future__ import annotations
@@ -56,19 +56,26 @@ def synthetic_corpus(nbytes: int, seed: int = 0) -> bytes:
 
 def _fill_corpus(npages: int, seed: int) -> bytes:
     try:
-        from ..guest.fill import fill_pages  # written alongside; optional here
+        from ..guest.fill import fill_pages
     except ImportError:
         return synthetic_corpus(npages * PAGE_SIZE, seed)
     pages = np.zeros((npages, PAGE_SIZE), dtype=np.uint8)
-    try:
-        fill_pages(pages, "corpus", seed)
-    except Exception:  # noqa: BLE001 (any failure of the optional fill: use our own corpus)
-        return synthetic_corpus(npages * PAGE_SIZE, seed)
+    fill_pages(pages, "corpus", seed)
+    return pages.tobytes()
+
+
+def _fill_spec(npages: int, spec: str, seed: int) -> bytes:
+    from ..guest.fill import fill_pages
+
+    pages = np.zeros((npages, PAGE_SIZE), dtype=np.uint8)
+    fill_pages(pages, spec, seed)
     return pages.tobytes()
 
 
 def sample_pages(npages: int, kind: str = "corpus", seed: int = 0) -> bytes:
-    """``npages`` pages of ``kind`` (one of :data:`KINDS`), concatenated."""
+    """``npages`` pages of ``kind`` (one of :data:`KINDS`, or a guest fill spec such as ``files:DIR``
+    or ``image:PATH``), concatenated. Raises ValueError for an unknown kind, GuestError for a bad
+    fill spec."""
     if kind == "zero":
         return bytes(npages * PAGE_SIZE)
     if kind == "random":
@@ -93,7 +100,9 @@ def sample_pages(npages: int, kind: str = "corpus", seed: int = 0) -> bytes:
             else:
                 out += corpus[i * PAGE_SIZE : (i + 1) * PAGE_SIZE]
         return bytes(out)
-    raise ValueError(f"sample kind {kind!r} is not one of {', '.join(KINDS)}")
+    if kind.startswith(("files:", "image:")):
+        return _fill_spec(npages, kind, seed)
+    raise ValueError(f"sample kind {kind!r} is not one of {', '.join(KINDS)}, files:DIR, image:PATH")
 
 
 def ratio_hint(data: bytes) -> float:

@@ -197,6 +197,15 @@ def library_path() -> str | None:
     return _lib_path
 
 
+def library_label() -> str:
+    """Short form of :func:`library_path` for messages: ``libqatzip.so.3 (project vendor/qatzip)``."""
+    if _lib_path is None:
+        return "libqatzip.so.3 (not loaded)"
+    if Path(_lib_path).parent == vendor_dir():
+        return "libqatzip.so.3 (project vendor/qatzip)"
+    return _lib_path
+
+
 @dataclass(frozen=True)
 class Probe:
     """What :func:`probe` found: whether the library loads and whether a QAT device serves it."""
@@ -254,9 +263,9 @@ def probe() -> Probe:
     if rc not in (QZ_OK, QZ_DUPLICATE):
         _probe = Probe(True, False, f"qzSetupSessionDeflate returned {rc_name(rc)}")
     elif stat == QZ_NO_HW or stat < 0:
-        _probe = Probe(True, False, f"{_lib_path} loads but reports no device ({rc_name(stat)})")
+        _probe = Probe(True, False, f"{library_label()} loads but reports no device ({rc_name(stat)})")
     else:
-        _probe = Probe(True, True, f"{_lib_path} loads and a QAT device serves it (hw_session_stat {stat})")
+        _probe = Probe(True, True, f"{library_label()} loads and a QAT device serves it (hw_session_stat {stat})")
     return _probe
 
 

@@ -317,7 +317,7 @@ class Qatzip(Method):
 
     def backend(self) -> str:
         if self._probe.hardware:
-            return f"hardware: QAT via {libqatzip.library_path()}"
+            return f"hardware: QAT via {libqatzip.library_label()}"
         engine, elevel = LEVEL_MAP[self.level]
         what = f"ISA-L {isal.__version__} deflate level {elevel}" if engine == "isal" else (
             f"zlib {zlib.ZLIB_RUNTIME_VERSION} deflate level {elevel}"

@@ -1,0 +1,138 @@
+#!/usr/bin/env python3
+"""Codec speed of every compression method and level, as the migration channels run them.
+
+Each method compresses the sample in 512 KiB packets (128 pages, MULTIFD_PACKET_SIZE) through
+``create_method(name, level).compressor(0)`` and decompresses through ``.decompressor(0)``: the same
+calls the multifd channels make, including payload framing. Figures are MB/s of page data (10^6
+bytes of input per second), best of ``--repeat`` runs, on one core; ``2-thr`` is the aggregate
+compress rate of two threads, each with its own compressor (it shows whether the codec releases the
+GIL: ~2x the single-thread figure on a 2-core host). Ratio = page bytes / payload bytes.
+
+    python3 scripts/codec-speed.py                      # built-in corpus fill, 32 MiB
+    python3 scripts/codec-speed.py --fill files:/work/shared/corpus/silesia --size 64M
+    python3 scripts/codec-speed.py --methods qatzip --levels 1-9
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from livemig.accel.sample import sample_pages  # noqa: E402
+from livemig.compress import create_method, get_method, method_names  # noqa: E402
+from livemig.errors import MigrationError  # noqa: E402
+from livemig.units import parse_size  # noqa: E402
+
+PAGE = 4096
+PACKET_PAGES = 128
+
+DEFAULT_LEVELS = {"zlib": [1, 6, 9], "zstd": [1, 3, 9], "qatzip": list(range(1, 10))}
+
+
+def packets(data: bytes) -> list[memoryview]:
+    mv = memoryview(data)
+    step = PACKET_PAGES * PAGE
+    return [mv[i : i + step] for i in range(0, len(data), step)]
+
+
+def run_compress(name: str, level: int, pkts: list[memoryview]) -> tuple[float, list[bytes]]:
+    send = create_method(name, level).compressor(0)
+    t = time.perf_counter()
+    out = [b"".join(send.compress([p])) for p in pkts]
+    return time.perf_counter() - t, out
+
+
+def run_decompress(name: str, level: int, payloads: list[bytes], pages: list[int]) -> float:
+    recv = create_method(name, level).decompressor(0)
+    t = time.perf_counter()
+    for p, n in zip(payloads, pages, strict=True):
+        recv.decompress(p, n)
+    return time.perf_counter() - t
+
+
+def run_threads(name: str, level: int, pkts: list[memoryview], threads: int) -> float:
+    method = create_method(name, level)
+    sends = [method.compressor(i) for i in range(threads)]
+    barrier = threading.Barrier(threads + 1)
+
+    def work(i: int) -> None:
+        barrier.wait()
+        for p in pkts:
+            b"".join(sends[i].compress([p]))
+
+    ths = [threading.Thread(target=work, args=(i,)) for i in range(threads)]
+    for th in ths:
+        th.start()
+    barrier.wait()
+    t = time.perf_counter()
+    for th in ths:
+        th.join()
+    return time.perf_counter() - t
+
+
+def parse_levels(text: str) -> list[int]:
+    out: list[int] = []
+    for part in text.split(","):
+        lo, _, hi = part.partition("-")
+        out.extend(range(int(lo), int(hi or lo) + 1))
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--fill", default="corpus", help="corpus (default), mixed, zero, random, files:DIR, image:PATH")
+    ap.add_argument("--size", default="32M", help="sample size (default 32M)")
+    ap.add_argument("--methods", default=",".join(method_names()), help="comma-separated (default: all)")
+    ap.add_argument("--levels", help="levels for methods with levels, e.g. 1-9 or 1,3,9 (default per method)")
+    ap.add_argument("--repeat", type=int, default=3, help="runs per figure; the best is shown (default 3)")
+    ap.add_argument("--threads", type=int, default=2, help="threads of the aggregate column (0: skip)")
+    args = ap.parse_args()
+
+    size = parse_size(args.size)
+    npages = max(PACKET_PAGES, size // PAGE)
+    t = time.perf_counter()
+    data = sample_pages(npages, args.fill, seed=0)
+    print(f"sample: {args.fill}, {len(data) / 2**20:.0f} MiB in {PACKET_PAGES}-page packets "
+          f"(made in {time.perf_counter() - t:.1f} s); host: {os.cpu_count()} cpus; best of {args.repeat}")
+    pkts = packets(data)
+    pages = [p.nbytes // PAGE for p in pkts]
+    total = len(data)
+
+    head = f"{'method':8} {'level':>5} {'comp MB/s':>9} {'dec MB/s':>9} {'ratio':>6} {f'{args.threads}-thr MB/s':>11}  backend"
+    print(head)
+    print("-" * len(head))
+    for name in args.methods.split(","):
+        try:
+            cls = get_method(name)
+        except MigrationError as exc:
+            print(f"{name:8} {'':>5} unavailable: {exc}")
+            continue
+        if cls.levels is None:
+            levels = [1]
+        elif args.levels:
+            levels = [lv for lv in parse_levels(args.levels) if cls.levels[0] <= lv <= cls.levels[1]]
+        else:
+            levels = DEFAULT_LEVELS.get(name, [cls.levels[0]])
+        for level in levels:
+            ctime, payloads = min((run_compress(name, level, pkts) for _ in range(args.repeat)), key=lambda r: r[0])
+            dtime = min(run_decompress(name, level, payloads, pages) for _ in range(args.repeat))
+            wire = sum(len(p) for p in payloads)
+            agg = ""
+            if args.threads > 0:
+                ttime = min(run_threads(name, level, pkts, args.threads) for _ in range(args.repeat))
+                agg = f"{args.threads * total / ttime / 1e6:11.0f}"
+            lv = "-" if cls.levels is None else str(level)
+            backend = create_method(name, level).backend()
+            print(f"{name:8} {lv:>5} {total / ctime / 1e6:9.0f} {total / dtime / 1e6:9.0f} "
+                  f"{total / wire:6.3f} {agg:>11}  {backend[:90]}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
