@@ -89,3 +89,13 @@ def test_chunk_digest_tracks_writes() -> None:
     assert a.digest() != b.digest()
     assert a.digest(full=True) == a.digest()
     del mv
+
+
+def test_nonzero_pages_finds_a_single_late_byte() -> None:
+    from livemig.migration.source import nonzero_pages
+
+    pages = np.zeros((6, 4096), dtype=np.uint8)
+    pages[1, 0] = 1
+    pages[3, 4095] = 7  # only the last byte: the prefix check alone would miss it
+    pages[4, 64] = 1
+    assert nonzero_pages(pages.view(np.uint64)).tolist() == [False, True, False, True, True, False]

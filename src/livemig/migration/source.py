@@ -73,6 +73,19 @@ class _Sync:
 _STOP = object()
 
 
+def nonzero_pages(pages64: np.ndarray) -> np.ndarray:
+    """Bool per page (rows of uint64 words): True where any byte is non-zero.
+
+    Like QEMU's buffer_is_zero, it looks at the cheap part first: a page whose first 64 bytes are not
+    all zero is non-zero without reading the rest; only the others are scanned whole.
+    """
+    nonzero = pages64[:, :8].any(axis=1)
+    rest = np.flatnonzero(~nonzero)
+    if rest.size:
+        nonzero[rest] = pages64[rest].any(axis=1)
+    return nonzero
+
+
 class _SendChannel(threading.Thread):
     """One multifd channel: zero detection, compression and sending, in packet order."""
 
@@ -119,7 +132,7 @@ class _SendChannel(threading.Thread):
         if self.src.zero_detect:
             p64 = self.src.pages64[block.name]
             view = p64[first : first + n] if contiguous else p64[idx]
-            nonzero = view.any(axis=1)
+            nonzero = nonzero_pages(view)
             normal = idx[nonzero]
             zero = idx[~nonzero]
         else:
