@@ -172,3 +172,13 @@ def test_unavailable_method_and_peer_are_na_rows(
     doc = json.loads(out.read_text())
     assert doc["runs"][0]["na"].startswith("unknown method") and doc["runs"][1]["peer"] == "qemu"
     assert not [f for f in os.listdir("/dev/shm") if f.startswith(f"livemig-bench-{os.getpid()}-")]
+
+
+def test_missing_kvm_makes_kvm_rows_na(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setattr("livemig.guest.kvm_unavailable", lambda: "/dev/kvm: No such file or directory")
+    monkeypatch.setattr(bench_cli, "run_livemig", lambda *a, **k: pytest.fail("no run may start"))
+    code = bench_cli.main(_args(methods="zstd,none", memory="16M", sample="1M", no_netns=True, guest="kvm"))
+    text = capsys.readouterr().out
+    assert code == 0
+    for m in ("zstd", "none"):
+        assert re.search(rf"^\|{m} *\|n/a: kvm guest: /dev/kvm: No such file or directory", text, re.M)

@@ -133,7 +133,12 @@ def header(b: Bench) -> str:
     """The lines above the table: host, guest, data, link, and where each method runs."""
     h, c, d = b.host, b.config, b.data
     lines = [
-        f"Host: {h['cores']} cores, {h['cpu-model']}, Linux {h['kernel']}",
+        f"Host: {h['cores']} cores, {h['cpu-model']}, Linux {h['kernel']}"
+        + (
+            f"; load average {h['loadavg-before']:.1f} before, {h['loadavg-after']:.1f} after"
+            if "loadavg-after" in h
+            else ""
+        ),
         f"VM Configuration: {c['guest']} guest, {c['smp']} vCPU, {format_size(c['memory'])} memory",
         f"VM Workload: vCPUs {c['workload']}; memory filled with {c['fill-label']}"
         + (f", zstd-1 ratio {d['zstd-1-ratio']:.2f}" if d.get("zstd-1-ratio") else "")
@@ -187,6 +192,11 @@ def footer(b: Bench) -> str:
         )
     for m, e in b.codec_errors.items():
         lines.append(f"{m}: codec not measured: {e}")
+    if b.peer_info and not b.peer_info.get("unavailable"):
+        lines.append(
+            "QEMU rows: CPU % from /proc/<pid>/stat over QEMU's total time; QEMU 7.2's throughput and"
+            " max-bandwidth count multifd pages uncompressed, so compare the sent column for bytes."
+        )
     return "\n".join(lines)
 
 
@@ -301,6 +311,12 @@ def run_bench(args: argparse.Namespace, children: Children) -> Bench:
         "unavailable": {m: _na_reason(m, unavailable) for m in methods},
     }
     b = Bench(host_info(), config)
+    b.host["loadavg-before"] = os.getloadavg()[0]
+    if b.host["loadavg-before"] > 0.5 * b.host["cores"]:
+        _progress(
+            f"bench: warning: load average {b.host['loadavg-before']:.1f} on {b.host['cores']} cores;"
+            " other work will slow the runs and the codec measurements alike"
+        )
     _progress("bench: measuring codec speeds on a data sample ...")
     _measure_data(b, args)
     exp = Experiment(
@@ -340,6 +356,7 @@ def run_bench(args: argparse.Namespace, children: Children) -> Bench:
         if netns is not None:
             netns.close()
         shutil.rmtree(workdir, ignore_errors=True)
+    b.host["loadavg-after"] = os.getloadavg()[0]
     return b
 
 
