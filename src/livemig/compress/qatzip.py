@@ -102,8 +102,10 @@ class _CpuSend(Compressor):
         return z.compress(piece) + z.flush()
 
     def compress(self, runs: Sequence[Buffer]) -> list[Buffer]:
-        data = runs[0] if len(runs) == 1 else b"".join(runs)
-        mv = memoryview(data).cast("B")
+        # copy first, as QEMU does: the guest may write its pages meanwhile, and the deflate data
+        # and the CRC32 must describe the same bytes
+        data = b"".join(runs)
+        mv = memoryview(data)
         out: list[Buffer] = []
         for off in range(0, mv.nbytes, MEMBER_INPUT):
             piece = mv[off : off + MEMBER_INPUT]

@@ -36,8 +36,11 @@ ISAL_LEVEL = 1
 
 
 def compress_page(page: memoryview) -> bytes:
-    """Raw deflate of one page, window 4 KiB (may be longer than the page: the caller sends it raw)."""
-    out: bytes = igzip_lib.compress(page, ISAL_LEVEL, igzip_lib.COMP_DEFLATE, 0, HIST_BITS)
+    """Raw deflate of one page, window 4 KiB (may be longer than the page: the caller sends it raw).
+
+    The page is copied first (4 KiB, cheap next to deflate): the guest may write it meanwhile, and a
+    deflater must not see its input change under it."""
+    out: bytes = igzip_lib.compress(bytes(page), ISAL_LEVEL, igzip_lib.COMP_DEFLATE, 0, HIST_BITS)
     return out
 
 

@@ -51,9 +51,13 @@ _ADLER = struct.Struct(">I")
 
 
 def compress_page(page: memoryview) -> bytes:
-    """One page as a zlib stream: ``78 9c`` + raw deflate (4 KiB window) + adler32 (BE)."""
-    body: bytes = igzip_lib.compress(page, ISAL_LEVEL, igzip_lib.COMP_DEFLATE, 0, HIST_BITS)
-    return ZLIB_HEADER + body + _ADLER.pack(isal_zlib.adler32(page))
+    """One page as a zlib stream: ``78 9c`` + raw deflate (4 KiB window) + adler32 (BE).
+
+    The page is copied first: the guest may write it meanwhile, and the deflate data and the adler32
+    must describe the same bytes."""
+    snap = bytes(page)
+    body: bytes = igzip_lib.compress(snap, ISAL_LEVEL, igzip_lib.COMP_DEFLATE, 0, HIST_BITS)
+    return ZLIB_HEADER + body + _ADLER.pack(isal_zlib.adler32(snap))
 
 
 def decompress_page(data: memoryview, page_size: int) -> bytes:
