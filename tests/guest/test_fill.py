@@ -163,3 +163,13 @@ def test_corpus_ratio_measures() -> None:
     assert corpus_ratio(bytes(1 << 20)) > 100
     with pytest.raises(GuestError):
         corpus_ratio(b"")
+
+
+def test_corpus_threads_do_not_change_the_content() -> None:
+    from livemig.guest.fill import fill_corpus
+
+    n = 3 * BASE_PAGES + 100 + 5  # several tiles, a partial segment at the end
+    a, b = pages(n), pages(n)
+    fill_corpus(a, 11, threads=1)
+    fill_corpus(b, 11, threads=3)
+    assert np.array_equal(a, b)
