@@ -227,3 +227,19 @@ def test_full_output_and_json_shape() -> None:
 def test_accelerator_is_named_from_the_result() -> None:
     b = _bench([run("qatzip", result(900, backend="hardware: QAT 4xxx", accelerated=True))])
     assert "qatzip: accelerator (hardware: QAT 4xxx)" in render_all(b, markdown=True)
+
+
+def test_plots_are_written(tmp_path: Any) -> None:
+    from livemig.bench.plots import write_plots
+
+    runs = []
+    for bw, f in ((125_000_000, 1), (1_250_000_000, 5), (0, 8)):
+        runs += [run("zstd", result(1000 * f, pps=40000 * f), bw=bw), run("none", result(900, pps=30000 * f), bw=bw)]
+    runs.append(run("qatzip", None, na="no QAT"))
+    b = _bench(runs)
+    b.config["bandwidths"] = [125_000_000, 1_250_000_000, 0]
+    paths = write_plots(b, str(tmp_path / "plots"))
+    assert [p.rsplit("/", 1)[1] for p in paths] == ["time-cpu.png", "pps-vs-bandwidth.png", "wire-bytes.png"]
+    for p in paths:
+        with open(p, "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"

@@ -4,7 +4,32 @@ For each bandwidth, repeat and method it runs one real migration (``livemig migr
 separate source and destination processes over loopback), optionally the same with QEMU
 (``--peer qemu``), then prints one table per bandwidth with medians (and min..max when repeated),
 the memory table (``--memory-table``), writes every statistic of every run (``--json``) and plots
-(``--plot``). See :mod:`livemig.bench.limits` for the compute-limit column.
+(``--plot``).
+
+Examples::
+
+    livemig bench                                   # qatzip, zstd, none; 8 channels; 10Gbps; 2G; idle
+    livemig bench --memory 2G --peer qemu           # the same with QEMU's migration side by side
+    livemig bench --memory-table                    # + memory used at 2, 4 and 8 channels
+    livemig bench --bandwidth 1Gbps,10Gbps,0 --plot plots/   # sweep the cap (0 = uncapped)
+    livemig bench --corpus /work/shared/corpus/silesia --repeat 3 --markdown --json bench.json
+
+Columns: the seed's six (total time, downtime, throughput and pages per second as the engine's
+query-migrate result reports them; send/recv CPU % = each side's process CPU time over the
+migration's wall time, 100 = one core), then:
+
+* ``N-core limit(ms)``: max((RAM/compress + RAM/decompress + wire x loopback) / N cores, wire/cap),
+  from single-core codec speeds and loopback socket cost measured in-process on a sample of the same
+  data (see :mod:`livemig.bench.limits`); ``% of limit`` = limit / total time.
+* ``sent (MiB)``: TCP payload bytes that really crossed the sockets, counted on the ``lo`` of a
+  private network namespace the migrations run in (``--no-netns``: the engine's wire-bytes).
+
+A method, guest or peer that cannot run here gets an "n/a: <reason>" row and the rest runs; a
+failed run shows its error and does not stop the others; Ctrl-C or SIGTERM stops every child
+process (each in its own session, descendants found through /proc) and removes the /dev/shm file
+of the QEMU peer. Exit status: 0 when every attempted run succeeded, 1 if one failed, 2 on bad
+options, 130 on Ctrl-C. Figures are only as good as the host is quiet: the header shows the load
+average before and after.
 """
 
 from __future__ import annotations
