@@ -19,9 +19,17 @@ Workloads (their state lives in RAM, see :mod:`livemig.guest.workloads` for the 
     writing one page of the working set; :meth:`check_workload` checks the chain against a
     reference computed from the seed. The destination resumes from the step count in RAM.
 
+On the source, RAM is filled as ``config.fill`` says, and the pages of the working set (and page 0)
+are then allocated at once (MADV_POPULATE_WRITE), so the workload does not pay first-touch faults
+while it is measured. The destination's RAM is zero and prefaulted; nothing runs until
+:meth:`PortableGuest.resume`, which first checks the workload header that arrived in RAM.
+
 The dirty log is one byte per page, written by the workers under a lock after the RAM writes it
 covers; :meth:`sync_dirty_log` swaps it for a clean one under the same lock, so no write is lost
-between syncs. The CPU-side state (:meth:`save_state`) is a versioned JSON document with each
+between syncs. Figures (``python3 -m livemig.guest.portable``, 2 cores): rates within 0.1 % from
+1k to 100k pages/s; pause() median < 0.01 ms, max < 0.5 ms (it waits for at most one batch). With
+``dirty_rate`` 0 the threads run flat out and compete for the GIL with the migration's threads.
+The CPU-side state (:meth:`save_state`) is a versioned JSON document with each
 vCPU's random generator state; everything else is in RAM.
 """
 
@@ -358,3 +366,57 @@ def _check_config(config: GuestConfig) -> None:
         raise GuestError(f"memory {config.memory!r} must be at least 2 pages (8192 bytes)")
     if not isinstance(config.seed, int):
         raise GuestError(f"seed {config.seed!r} must be an integer")
+
+
+def _measure(argv: list[str] | None = None) -> int:
+    """``python3 -m livemig.guest.portable``: workload rate accuracy and pause latency.
+
+    For each rate: start the guest, count progress (page writes or counter steps, read from RAM)
+    over ``--seconds``, then pause/resume ``--pauses`` times at random moments and time pause().
+    """
+    import argparse
+    import random
+
+    from ..units import parse_size
+
+    ap = argparse.ArgumentParser(prog="python3 -m livemig.guest.portable", description=_measure.__doc__)
+    ap.add_argument("--memory", default="1G")
+    ap.add_argument("--smp", type=int, default=1)
+    ap.add_argument("--workload", default="dirty", choices=["dirty", "counter"])
+    ap.add_argument("--rates", default="1000,10000,50000,100000,0")
+    ap.add_argument("--fill", default="corpus")
+    ap.add_argument("--seconds", type=float, default=2.0)
+    ap.add_argument("--pauses", type=int, default=200)
+    args = ap.parse_args(argv)
+    for rate in (int(r) for r in args.rates.split(",")):
+        cfg = GuestConfig(kind="portable", memory=parse_size(args.memory), smp=args.smp,
+                          workload=args.workload, dirty_rate=rate, fill=args.fill)
+        g = PortableGuest(cfg)
+        try:
+            g.start_dirty_log()
+            g.start()
+            time.sleep(0.2)
+            p0, t0 = g.progress(), time.monotonic()
+            time.sleep(args.seconds)
+            p1, t1 = g.progress(), time.monotonic()
+            lat = []
+            for _ in range(args.pauses):
+                time.sleep(random.uniform(0.0005, 0.005))
+                t = time.perf_counter()
+                g.pause()
+                lat.append((time.perf_counter() - t) * 1e3)
+                g.resume()
+            g.pause()
+            g.check_workload()
+        finally:
+            g.close()
+        got = (p1 - p0) / (t1 - t0)
+        err = f"{(got / rate - 1) * 100:+.1f} %" if rate else "unpaced"
+        q = np.percentile(np.array(lat), [50, 99, 100])
+        print(f"{args.workload} rate {rate:>7} smp {args.smp}: measured {got:11.0f}/s ({err}); "
+              f"pause ms median {q[0]:.3f} p99 {q[1]:.3f} max {q[2]:.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(_measure())
