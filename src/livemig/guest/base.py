@@ -165,8 +165,8 @@ class Guest(ABC):
     def stop_dirty_log(self) -> None:
         """Stop tracking writes."""
 
-    def mark_dirty(self, block: str, pages: np.ndarray) -> None:
-        """Record host-side writes into guest RAM (KVM does not see them)."""
+    def mark_dirty(self, block: str, pages: np.ndarray) -> None:  # noqa: B027 - optional hook
+        """Record host-side writes into guest RAM (KVM does not see them). Default: nothing to do."""
 
     # --- CPU-side state --------------------------------------------------------------------------
     @abstractmethod
@@ -182,8 +182,8 @@ class Guest(ABC):
         """A monotonic measure of the workload's progress (the counter's value; 0 if none)."""
         return 0
 
-    def check_workload(self) -> None:
-        """Raise GuestError if the workload's state in RAM is not what its reference says."""
+    def check_workload(self) -> None:  # noqa: B027 - optional hook
+        """Raise GuestError if the workload's state in RAM is not what its reference says (default: no check)."""
 
     def describe(self) -> dict[str, Any]:
         """A few facts for statistics and logs."""

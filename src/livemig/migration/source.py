@@ -79,7 +79,7 @@ def nonzero_pages(pages64: np.ndarray) -> np.ndarray:
     Like QEMU's buffer_is_zero, it looks at the cheap part first: a page whose first 64 bytes are not
     all zero is non-zero without reading the rest; only the others are scanned whole.
     """
-    nonzero = pages64[:, :8].any(axis=1)
+    nonzero: np.ndarray = np.asarray(pages64[:, :8].any(axis=1))
     rest = np.flatnonzero(~nonzero)
     if rest.size:
         nonzero[rest] = pages64[rest].any(axis=1)
