@@ -259,11 +259,16 @@ class Destination:
             try:
                 sock.settimeout(self.timeout)
                 head = b""
+                deadline = time.monotonic() + self.timeout
                 while len(head) < 4:
-                    more = sock.recv(4 - len(head), socket.MSG_PEEK) if not head else sock.recv(4, socket.MSG_PEEK)
-                    if not more:
+                    head = sock.recv(4, socket.MSG_PEEK)  # peek: the owner of the channel reads it again
+                    if not head:
                         raise TransportError("connection closed before sending its magic")
-                    head = more
+                    if len(head) < 4:
+                        if time.monotonic() > deadline:
+                            raise TransportError(f"connection sent {len(head)} bytes and no magic within "
+                                                 f"{self.timeout:.0f} s")
+                        time.sleep(0.001)
                 magic = int.from_bytes(head[:4], "big")
                 if magic == QEMU_VM_FILE_MAGIC:
                     if self.main is not None:
