@@ -187,3 +187,44 @@ def test_libqatzip_session_recovers_after_bad_input() -> None:
         sess.decompress(good, len(data) - 1)
     assert sess.decompress(good, len(data)) == data
     assert not sess.hardware()
+
+
+@pytest.mark.qatzip_lib
+@pytest.mark.parametrize("level", [1, 9])
+def test_library_path_in_migration_objects(monkeypatch: pytest.MonkeyPatch, level: int) -> None:
+    # the path used with a QAT device, run here in libqatzip's software mode: several packets on one
+    # channel, cross-checked against the CPU path's receiver and sender
+    _qz_session(level).close()
+    monkeypatch.setenv("LIVEMIG_QATZIP", "lib")
+    lib = create_method("qatzip", level)
+    assert "software mode" in lib.backend() and not lib.accelerated()
+    monkeypatch.setenv("LIVEMIG_QATZIP", "cpu")
+    cpu = create_method("qatzip", level)
+    lib_send, lib_recv = lib.compressor(0), lib.decompressor(0)
+    cpu_send, cpu_recv = cpu.compressor(0), cpu.decompressor(0)
+    for k, (kind, pages) in enumerate((("corpus", 128), ("mixed", 37), ("zero", 1), ("random", 2))):
+        data = sample_pages(pages, kind, seed=k)
+        theirs = b"".join(bytes(b) for b in lib_send.compress([data[:PAGE], data[PAGE:]]))
+        ours = b"".join(bytes(b) for b in cpu_send.compress([data]))
+        assert bytes(cpu_recv.decompress(theirs, pages)) == data
+        assert bytes(lib_recv.decompress(ours, pages)) == data
+        with pytest.raises(PayloadError, match="qatzip"):
+            lib_recv.decompress(ours[:-9], pages)
+    assert bytes(lib_recv.decompress(ours, pages)) == data  # the session recovered
+    # every lie the CPU receiver refuses, the library receiver refuses too
+    data = sample_pages(20, "corpus", seed=2)
+    payload = b"".join(bytes(b) for b in cpu_send.compress([data]))
+    for lie, make in LYING.items():
+        with pytest.raises(PayloadError, match="qatzip"):
+            lib_recv.decompress(make(payload, _members(payload)), 20)
+            pytest.fail(f"library receiver accepted: {lie}")
+    assert bytes(lib_recv.decompress(payload, 20)) == data
+
+
+def test_backend_mode_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LIVEMIG_QATZIP", "cpu")
+    m = create_method("qatzip", 1)
+    assert m.backend().startswith("cpu: ISA-L") and "not probed" in m.backend()
+    monkeypatch.setenv("LIVEMIG_QATZIP", "gpu")
+    with pytest.raises(Exception, match="LIVEMIG_QATZIP is 'gpu'"):
+        create_method("qatzip", 1)

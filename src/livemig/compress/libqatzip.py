@@ -307,7 +307,8 @@ class QzSession:
         stat = int(self._sess.hw_session_stat)
         return stat >= 0 and stat != QZ_NO_HW
 
-    def _reset(self) -> None:
+    def reset(self) -> None:
+        """Tear the session down and set it up again (after any error: QATzip keeps bad state)."""
         self.lib.qzTeardownSession(ctypes.byref(self._sess))
         self._setup()
 
@@ -326,7 +327,7 @@ class QzSession:
         dst_len = ctypes.c_uint(bound)
         rc = self.lib.qzCompress(ctypes.byref(self._sess), data, ctypes.byref(src_len), out, ctypes.byref(dst_len), 1)
         if rc != QZ_OK or src_len.value != n:
-            self._reset()
+            self.reset()
             raise QatzipError("qzCompress", rc, f"consumed {src_len.value} of {n} bytes")
         return ctypes.string_at(out, dst_len.value)
 
@@ -339,7 +340,7 @@ class QzSession:
         dst_len = ctypes.c_uint(expected + 1)
         rc = self.lib.qzDecompress(ctypes.byref(self._sess), data, ctypes.byref(src_len), out, ctypes.byref(dst_len))
         if rc != QZ_OK or src_len.value != n or dst_len.value != expected:
-            self._reset()
+            self.reset()
             raise QatzipError(
                 "qzDecompress", rc, f"consumed {src_len.value} of {n} bytes, produced {dst_len.value} of {expected}"
             )

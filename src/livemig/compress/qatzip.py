@@ -19,7 +19,8 @@ Backends, chosen once per process (``livemig accel`` shows which):
 * **hardware**: ``libqatzip.so.3`` through ctypes (:mod:`.libqatzip`), one session per channel,
   sw_backup on, strict length checks, a new session after any error. Used only when the library
   loads *and* a QAT device serves its session (``hw_session_stat`` is not QZ_NO_HW). Set
-  ``LIVEMIG_QATZIP=cpu`` to skip the probe and always use the CPU path.
+  ``LIVEMIG_QATZIP=cpu`` to skip the probe and always use the CPU path, or ``LIVEMIG_QATZIP=lib``
+  to force the library path without a device (QATzip's zlib software mode; for tests).
 * **cpu**: the same wire format written here: ISA-L deflate (``isal`` package; it releases the GIL,
   so channel threads compress in parallel) for levels 1..3, zlib (memLevel 9, as QATzip's software
   path) for levels 4..9; CRC32 by ISA-L. libqatzip's own software fallback is plain zlib at every
@@ -290,15 +291,77 @@ class _HwRecv(Decompressor):
         mv, want = _check_size(payload, normal_pages, self.page_size)
         if not want:
             return b""
+        if not all_qz_members(mv):
+            # plain gzip: QAT hardware would hand it to software anyway; ours checks more
+            return decode_members(mv, want)
         try:
-            return self.sess.decompress(mv.tobytes(), want)
+            out = self.sess.decompress(mv.tobytes(), want)
         except libqatzip.QatzipError as exc:
             raise PayloadError(f"qatzip: qzDecompress failed: {exc}") from exc
+        # QATzip does not check gzip trailers (a payload cut inside the last trailer decodes with
+        # QZ_OK and leaves the session waiting for the rest): check every member's sizes, CRC32 and
+        # ISIZE against what it produced, and start a new session after any failure
+        try:
+            check_members(mv, out)
+        except PayloadError:
+            self.sess.reset()
+            raise
+        return out
+
+
+def all_qz_members(mv: memoryview) -> bool:
+    """True when every member header in ``mv`` carries a QZ subfield (members located by dest_sz)."""
+    pos, n, index = 0, mv.nbytes, 0
+    while pos < n:
+        start, qz = _parse_header(mv, pos, index)
+        if qz is None:
+            return False
+        pos = start + qz[1] + TRAILER.size
+        index += 1
+    return True
+
+
+def check_members(mv: memoryview, out: bytes) -> None:
+    """Check QZ members' src_sz, dest_sz, CRC32 and ISIZE against ``out``, their inflated bytes."""
+    pos, n, produced, index = 0, mv.nbytes, 0, 0
+    while pos < n:
+        start, qz = _parse_header(mv, pos, index)
+        where = f"member {index} at byte {pos}"
+        if qz is None:
+            raise PayloadError(f"qatzip: {where}: no QZ extra field")
+        src_sz, dest_sz = qz
+        tpos = start + dest_sz
+        if n - tpos < TRAILER.size:
+            raise PayloadError(f"qatzip: {where}: QZ dest_sz {dest_sz} leaves no room for the gzip trailer")
+        if src_sz > len(out) - produced:
+            raise PayloadError(f"qatzip: {where}: QZ src_sz {src_sz} exceeds the output left ({len(out) - produced})")
+        crc, isize = TRAILER.unpack_from(mv, tpos)
+        piece = memoryview(out)[produced : produced + src_sz]
+        actual = isal_zlib.crc32(piece)
+        if crc != actual or isize != src_sz & 0xFFFFFFFF:
+            raise PayloadError(
+                f"qatzip: {where}: trailer CRC32 0x{crc:08x} ISIZE {isize}, data has 0x{actual:08x} and {src_sz} bytes"
+            )
+        produced += src_sz
+        pos = tpos + TRAILER.size
+        index += 1
+    if produced != len(out):
+        raise PayloadError(f"qatzip: members' QZ src_sz add up to {produced}, output is {len(out)}")
+
+
+def backend_mode() -> str:
+    """``LIVEMIG_QATZIP``: ``auto`` (default: libqatzip if it reports a QAT device, else the CPU path),
+    ``cpu`` (never probe libqatzip) or ``lib`` (always libqatzip, in its zlib software mode when
+    there is no device: slow, for testing the library path)."""
+    mode = os.environ.get("LIVEMIG_QATZIP", "auto").lower() or "auto"
+    if mode not in ("auto", "cpu", "lib"):
+        raise ParameterError(f"LIVEMIG_QATZIP is '{mode}', expected auto, cpu or lib")
+    return mode
 
 
 def hardware_probe() -> libqatzip.Probe:
     """What libqatzip reports on this host (not probed when ``LIVEMIG_QATZIP=cpu``)."""
-    if os.environ.get("LIVEMIG_QATZIP", "").lower() == "cpu":
+    if backend_mode() == "cpu":
         return libqatzip.Probe(False, False, "LIVEMIG_QATZIP=cpu: libqatzip not probed")
     return libqatzip.probe()
 
@@ -313,6 +376,11 @@ class Qatzip(Method):
             raise ParameterError("Parameter 'multifd_qatzip_level' expects a value between 1 and 9")
         super().__init__(level, page_size)
         self._probe = hardware_probe()
+        self._use_lib = self._probe.hardware
+        if backend_mode() == "lib":
+            if not self._probe.loaded:
+                raise MethodUnavailable(f"qatzip: LIVEMIG_QATZIP=lib but {self._probe.detail}")
+            self._use_lib = True
 
     def accelerated(self) -> bool:
         return self._probe.hardware
@@ -320,6 +388,8 @@ class Qatzip(Method):
     def backend(self) -> str:
         if self._probe.hardware:
             return f"hardware: QAT via {libqatzip.library_label()}"
+        if self._use_lib:
+            return f"cpu: {libqatzip.library_label()} software mode (zlib; LIVEMIG_QATZIP=lib, no QAT device)"
         engine, elevel = LEVEL_MAP[self.level]
         what = f"ISA-L {isal.__version__} deflate level {elevel}" if engine == "isal" else (
             f"zlib {zlib.ZLIB_RUNTIME_VERSION} deflate level {elevel}"
@@ -327,12 +397,12 @@ class Qatzip(Method):
         return f"cpu: {what}, same wire format (no QAT device: {self._probe.detail})"
 
     def compressor(self, channel: int) -> Compressor:
-        if self._probe.hardware:
+        if self._use_lib:
             return _HwSend(self.level)
         return _CpuSend(self.level)
 
     def decompressor(self, channel: int) -> Decompressor:
-        if self._probe.hardware:
+        if self._use_lib:
             return _HwRecv(self.page_size)
         return _CpuRecv(self.page_size)
 
