@@ -62,16 +62,17 @@ def sync_figures(memory: int, rounds: int) -> dict[str, Any]:
             t = time.perf_counter()
             g.sync_dirty_log()
             empty.append((time.perf_counter() - t) * 1e3)
-        full, npages = [], 0
+        full, full_cpu, npages = [], [], 0
         for _ in range(rounds):
             target = g.progress() + ws
             g.resume()
             while g.progress() < target:
                 time.sleep(0.01)
             g.pause()
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.thread_time()
             pages = g.sync_dirty_log()["pc.ram"]
             full.append((time.perf_counter() - t) * 1e3)
+            full_cpu.append((time.thread_time() - c) * 1e3)  # CPU time: wall time minus waiting for a core
             npages = pages.size
         # the same while the guest runs and dirties its whole working set
         g.resume()
@@ -83,7 +84,9 @@ def sync_figures(memory: int, rounds: int) -> dict[str, Any]:
             running.append(((time.perf_counter() - t) * 1e3, n))
         g.pause()
         return {"memory": memory, "dirty_pages": int(npages), "first_pass_s": round(first_pass, 2),
-                "sync_full_ms_median": round(statistics.median(full), 3), "sync_full_ms_max": round(max(full), 3),
+                "sync_full_ms_median": round(statistics.median(full), 3), "sync_full_ms_min": round(min(full), 3),
+                "sync_full_ms_max": round(max(full), 3),
+                "sync_full_cpu_ms_median": round(statistics.median(full_cpu), 3),
                 "sync_empty_ms_median": round(statistics.median(empty), 3),
                 "sync_running_ms": [(round(ms, 3), n) for ms, n in running]}
     finally:
@@ -116,6 +119,37 @@ def pause_figures(cycles: int) -> dict[str, Any]:
     return out
 
 
+def state_figures(cycles: int) -> dict[str, Any]:
+    """save_state / load_state (into a second, incoming VM) / resume times of a paused counter guest."""
+    cfg = GuestConfig(kind="kvm", memory=64 << 20, workload="counter", smp=2, dirty_rate=20000)
+    src = _kvm(cfg)
+    dst = create_guest(GuestConfig.from_json(cfg.to_json()), incoming=True)
+    try:
+        src.start()
+        time.sleep(0.1)
+        src.pause()
+        save, load = [], []
+        for _ in range(cycles):
+            t = time.perf_counter()
+            blob = src.save_state()
+            save.append((time.perf_counter() - t) * 1e3)
+            t = time.perf_counter()
+            dst.load_state(blob)
+            load.append((time.perf_counter() - t) * 1e3)
+        dst.blocks[0].pages[:] = src.blocks[0].pages
+        t = time.perf_counter()
+        dst.resume()
+        resume_ms = (time.perf_counter() - t) * 1e3
+        time.sleep(0.1)
+        dst.pause()
+        dst.check_workload()
+        return {"smp": 2, "blob_bytes": len(blob), "save_ms_median": round(statistics.median(save), 3),
+                "load_ms_median": round(statistics.median(load), 3), "resume_ms": round(resume_ms, 3)}
+    finally:
+        src.close()
+        dst.close()
+
+
 def rate_figures() -> dict[str, Any]:
     """Achieved dirty rate (distinct pages per second in the log) for a few requested rates."""
     out: dict[str, Any] = {}
@@ -135,10 +169,8 @@ def rate_figures() -> dict[str, Any]:
                 total += g.sync_dirty_log()["pc.ram"].size
             dt = time.monotonic() - t0
             steps = g.progress() - p0
-            cpu = os.times()
             g.pause()
             out[str(rate or "unlimited")] = {"steps_per_s": round(steps / dt), "dirty_pages_per_s": round(total / dt)}
-            del cpu
         finally:
             g.close()
     return out
@@ -182,7 +214,7 @@ def downtime_figures(args: argparse.Namespace) -> dict[str, Any]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", choices=["sync", "pause", "rate", "idle", "downtime"], action="append")
+    ap.add_argument("--only", choices=["sync", "pause", "state", "rate", "idle", "downtime"], action="append")
     ap.add_argument("--memory", default="1G", help="guest RAM for the sync figure (default 1G)")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--cycles", type=int, default=200)
@@ -191,7 +223,7 @@ def main() -> None:
     ap.add_argument("--dirty-memory", default="1G")
     ap.add_argument("--json", help="write the figures here too")
     args = ap.parse_args()
-    which = args.only or ["sync", "pause", "rate", "idle"]
+    which = args.only or ["sync", "pause", "state", "rate", "idle"]
     figures: dict[str, Any] = {}
     if "sync" in which:
         figures["sync"] = sync_figures(parse_size(args.memory), args.rounds)
@@ -199,6 +231,9 @@ def main() -> None:
     if "pause" in which:
         figures["pause"] = pause_figures(args.cycles)
         print("pause:", json.dumps(figures["pause"]), flush=True)
+    if "state" in which:
+        figures["state"] = state_figures(50)
+        print("state:", json.dumps(figures["state"]), flush=True)
     if "rate" in which:
         figures["rate"] = rate_figures()
         print("rate:", json.dumps(figures["rate"]), flush=True)

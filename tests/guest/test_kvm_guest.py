@@ -174,8 +174,9 @@ def test_state_moves_to_a_second_vm_and_continues_exactly(make: Callable[..., Kv
     src_reports = [last for last, _ in src.reports()]
     at_switch = src.progress()
 
-    dst = make(incoming=True, workload="counter", dirty_rate=100_000, working_set=2048, fill="random",
-               seed=9, smp=2)
+    # created as `livemig incoming` does, from its own options; the source's config replaces them
+    dst = make(incoming=True, smp=2)
+    dst.config = GuestConfig.from_json(src.config.to_json())
     assert dst.progress() == 0
     with pytest.raises(GuestError, match="load_state"):
         dst.resume()

@@ -6,15 +6,22 @@ RAM is identical at switchover."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from livemig.guest import GuestConfig
+from livemig.guest import GuestConfig, create_guest
 from livemig.guest.kvm.guest import _P_N, Layout
+from livemig.migration.source import Source
+from livemig.params import MigrationParameters
+from livemig.transport.address import parse_address
 
 pytestmark = [pytest.mark.kvm, pytest.mark.slow]
 
@@ -51,3 +58,33 @@ def test_kvm_counter_guest_migrates_between_processes(tmp_path: Path, method: st
     lay = Layout.of(GuestConfig(kind="kvm", memory=MEM, workload="counter"))
     n_at_switchover = int(src.view(np.uint64)[(lay.params * 4096 + _P_N) // 8])
     assert d["progress_at_resume"] == n_at_switchover
+
+
+def test_source_keeps_its_kvm_guest_when_the_destination_dies(tmp_path: Path) -> None:
+    port_file = tmp_path / "port"
+    dst = subprocess.Popen([sys.executable, "-m", "livemig.cli", "incoming", "tcp:127.0.0.1:0", "--port-file",
+                            str(port_file), "--guest", "kvm", "--memory", str(MEM), "--multifd-channels", "2"],
+                           stderr=subprocess.DEVNULL, start_new_session=True)
+    guest = create_guest(GuestConfig(kind="kvm", memory=MEM, workload="counter", dirty_rate=20000, fill="corpus"))
+    try:
+        deadline = time.monotonic() + 60
+        while not port_file.exists():
+            assert time.monotonic() < deadline and dst.poll() is None
+            time.sleep(0.02)
+        port = int(port_file.read_text())
+        guest.start()
+        src = Source(guest, parse_address(f"tcp:127.0.0.1:{port}"),
+                     MigrationParameters(multifd_channels=2, max_bandwidth=4 << 20), timeout=5)
+        threading.Timer(0.5, lambda: os.killpg(dst.pid, signal.SIGKILL)).start()
+        stats = src.run()
+        assert stats.status == "failed" and stats.error
+        assert guest.running
+        before = guest.progress()
+        time.sleep(0.2)
+        assert guest.progress() > before
+        guest.check_workload()
+    finally:
+        guest.close()
+        if dst.poll() is None:
+            os.killpg(dst.pid, signal.SIGKILL)
+        dst.wait()

@@ -196,8 +196,16 @@ def vcpu_seed(seed: int, vcpu: int) -> int:
 
 
 def report_shift(rate: int) -> int:
-    """Report every 2^shift steps, so a vCPU stepping ``rate`` times a second reports ~200 times."""
-    steps = rate if rate > 0 else 300_000
+    """Report every 2^shift steps, so a vCPU stepping ``rate`` times a second reports ~200 times.
+
+    Unlimited (0): every 65536 steps, a few hundred reports a second at most even when the working
+    set fits in the cache (~12 M steps/s). Exits are kept rare because a vCPU thread that exits
+    thousands of times a second holds the GIL so often that other threads wait for the 5 ms
+    switch interval (pause latency).
+    """
+    if rate <= 0:
+        return 16
+    steps = rate
     shift = 0
     while (1 << (shift + 1)) <= max(1, steps // _REPORTS_PER_SECOND):
         shift += 1
@@ -364,7 +372,8 @@ class KvmGuest(Guest):
         _check_config(config)
         self._want_manual = manual_protect
         super().__init__(config)
-        self.layout = Layout.of(config)
+        self._layout = Layout.of(config)
+        self._layout_of = config.to_json()
         self.incoming = incoming
         #: why the guest stopped on its own (shutdown, internal error, ...), else None
         self.failure: str | None = None
@@ -383,6 +392,14 @@ class KvmGuest(Guest):
         except BaseException:
             self.close()
             raise
+
+    @property
+    def layout(self) -> Layout:
+        """The layout of the current config (a destination's config is replaced by the source's)."""
+        key = self.config.to_json()
+        if key != self._layout_of:
+            self._layout, self._layout_of = Layout.of(self.config), key
+        return self._layout
 
     # --- creation --------------------------------------------------------------------------------
     def _setup(self) -> None:
@@ -647,7 +664,7 @@ class KvmGuest(Guest):
         with self._host_lock:
             bm |= self._host_dirty
             self._host_dirty[:] = 0
-        return {BLOCK_NAME: bitmap_to_pages(bm, self.layout.npages)}
+        return {BLOCK_NAME: bitmap_to_pages(bm, self.blocks[0].npages)}
 
     def stop_dirty_log(self) -> None:
         if not self._logging:
@@ -731,8 +748,8 @@ class KvmGuest(Guest):
             raise GuestError(f"KVM state blob: version {version}, expected {_STATE_VERSION}")
         if flags != 0:
             raise GuestError(f"KVM state blob: flags {flags:#x}, expected 0")
-        if nvcpus != self.config.smp:
-            raise GuestError(f"KVM state blob: {nvcpus} vCPUs, this guest has smp {self.config.smp}")
+        if nvcpus != len(self._vcpus):
+            raise GuestError(f"KVM state blob: {nvcpus} vCPUs, this guest has smp {len(self._vcpus)}")
         if len(blob) - h != length:
             raise GuestError(f"KVM state blob: body of {len(blob) - h} bytes, header says {length}")
         body = memoryview(blob)[h:]
@@ -785,7 +802,7 @@ class KvmGuest(Guest):
         if self.config.workload == "idle" or self._vm is None:
             return 0
         lay = self.layout
-        return int(self._ram64[lay.params: lay.params + self.config.smp, _P_N // 8].sum())
+        return int(self._ram64[lay.params: lay.params + len(self._vcpus), _P_N // 8].sum())
 
     def reports(self) -> list[tuple[int, int]]:
         """Per vCPU: (last value reported through the counter port, reports seen by this process)."""
