@@ -20,7 +20,10 @@ import zlib
 from collections.abc import Callable, Sequence
 from typing import cast
 
-from isal import isal_zlib
+try:
+    from isal import isal_zlib
+except ImportError as exc:  # a dependency in pyproject.toml; say what to install if it is missing
+    raise ImportError(f"{exc}: install the isal package (pip install isal, or apt-get install python3-isal)") from exc
 
 from ..errors import PayloadError
 from .base import MAX_PAYLOAD, Buffer

@@ -55,8 +55,11 @@ import struct
 import zlib
 from collections.abc import Sequence
 
-import isal
-from isal import igzip_lib, isal_zlib
+try:
+    import isal
+    from isal import igzip_lib, isal_zlib
+except ImportError as exc:  # a dependency in pyproject.toml; say what to install if it is missing
+    raise ImportError(f"{exc}: install the isal package (pip install isal, or apt-get install python3-isal)") from exc
 
 from ..errors import MethodUnavailable, ParameterError, PayloadError
 from ..wire.constants import FLAG_QATZIP

@@ -22,8 +22,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import isal
-from isal import igzip_lib
+try:
+    import isal
+    from isal import igzip_lib
+except ImportError as exc:  # a dependency in pyproject.toml; say what to install if it is missing
+    raise ImportError(f"{exc}: install the isal package (pip install isal, or apt-get install python3-isal)") from exc
 
 from ..wire.constants import FLAG_QPL
 from . import pagetable
