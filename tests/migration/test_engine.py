@@ -82,3 +82,33 @@ def test_method_mismatch_refused_before_ram_moves() -> None:
     assert sg.running
     assert dres["status"] == "failed"
     assert not dg.blocks[0].pages.any()
+
+
+def test_digest_mismatch_names_the_block_and_the_guest_never_runs() -> None:
+    """A write the dirty log missed: --full-verify on the source catches it at switchover."""
+    params = MigrationParameters(multifd_channels=2, multifd_compression="none", max_bandwidth=0, max_passes=2)
+    cfg = GuestConfig(memory=8 << 20, seed=3)
+    src_guest = FakeGuest(cfg)
+    dst_guest = FakeGuest(cfg, incoming=True)
+    dst = Destination(parse_address("tcp:127.0.0.1:0"), params, guest=dst_guest, timeout=10)
+    out: dict[str, Any] = {}
+    t = threading.Thread(target=lambda: out.update(dst.run()))
+    t.start()
+    src_guest.start()
+    src = Source(src_guest, parse_address(f"tcp:127.0.0.1:{dst.port}"), params, timeout=10, full_verify=True)
+    orig = src._sync_dirty
+    calls = []
+
+    def sync() -> dict[str, np.ndarray]:
+        if not calls:
+            src_guest.blocks[0].pages[10, 100] ^= 0xFF  # written behind the dirty log's back
+        calls.append(1)
+        return orig()
+
+    src._sync_dirty = sync  # type: ignore[method-assign]
+    stats = src.run()
+    t.join(timeout=30)
+    assert stats.status == "failed"
+    assert "RAM block 'pc.ram' digest mismatch" in stats.error
+    assert out["status"] == "failed" and dst_guest.resumed == 0
+    assert src_guest.running
