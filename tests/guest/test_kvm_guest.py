@@ -268,3 +268,21 @@ def test_guest_fault_is_reported(make: Callable[..., KvmGuest]) -> None:
         g.pause()
     with pytest.raises(GuestError, match="shut down"):
         g.resume()
+
+
+@pytest.mark.kvm
+def test_missing_capability_and_api_version_are_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    from livemig.guest.kvm import binding, ioctls
+
+    real = binding.Kvm.check_extension
+
+    def without_xcrs(self: binding.Kvm, cap: int) -> int:
+        return 0 if cap in (ioctls.KVM_CAP_XCRS, ioctls.KVM_CAP_IMMEDIATE_EXIT) else real(self, cap)
+
+    monkeypatch.setattr(binding.Kvm, "check_extension", without_xcrs)
+    with pytest.raises(GuestError, match="missing KVM capabilities: KVM_CAP_IMMEDIATE_EXIT, KVM_CAP_XCRS"):
+        kg.open_kvm()
+    monkeypatch.setattr(binding.Kvm, "check_extension", real)
+    monkeypatch.setattr(binding.Kvm, "api_version", lambda self: 11)
+    with pytest.raises(GuestError, match="API version 11, expected 12"):
+        kg.open_kvm()
