@@ -63,6 +63,7 @@ def not_kvm_fd() -> Iterator[int]:
     fd = os.memfd_create("not-kvm")
     os.ftruncate(fd, 3 * 4096)
     yield fd
+    os.close(fd)
 
 
 _BITMAP = np.zeros(4, dtype=np.uint64)
@@ -124,7 +125,7 @@ def test_vm_wrappers_on_bad_fds(name: str, call: Callable[[b.VmFd], object], not
 
 @pytest.mark.parametrize(("name", "call"), VCPU_CALLS, ids=[n for n, _ in VCPU_CALLS])
 def test_vcpu_wrappers_on_non_kvm_fd(name: str, call: Callable[[b.VcpuFd], object], not_kvm_fd: int) -> None:
-    vcpu = b.VcpuFd(not_kvm_fd, 12288)
+    vcpu = b.VcpuFd(os.dup(not_kvm_fd), 12288)  # the VcpuFd owns (and closes) its copy
     try:
         with pytest.raises(b.KvmError) as info:
             call(vcpu)
