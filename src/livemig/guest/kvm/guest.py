@@ -47,14 +47,18 @@ Pause
 
 from __future__ import annotations
 
+import functools
+import os
 import signal
 import struct
+import sys
 import threading
 import time
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 import numpy as np
 
@@ -127,6 +131,28 @@ REQUIRED_CAPS = {
     "KVM_CAP_XSAVE": io.KVM_CAP_XSAVE,
     "KVM_CAP_XCRS": io.KVM_CAP_XCRS,
 }
+
+
+#: LIVEMIG_KVM_TRACE=1 prints the duration of pause, resume, dirty-log and state calls to stderr
+_TRACE = os.environ.get("LIVEMIG_KVM_TRACE", "") not in ("", "0")
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def _traced(fn: Callable[_P, _R]) -> Callable[_P, _R]:
+    if not _TRACE:
+        return fn
+
+    @functools.wraps(fn)
+    def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        t = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            print(f"livemig kvm[{os.getpid()}]: {fn.__name__} {(time.perf_counter() - t) * 1e3:.3f} ms",
+                  file=sys.stderr, flush=True)
+
+    return wrapper
 
 
 def missing_capabilities(kvm: b.Kvm) -> list[str]:
@@ -589,6 +615,7 @@ class KvmGuest(Guest):
         """Start the vCPUs (same as :meth:`resume`)."""
         self.resume()
 
+    @_traced
     def pause(self) -> None:
         """Stop every vCPU; returns when all are parked (pending I/O completed). GuestError on failure."""
         with self._cv:
@@ -604,6 +631,7 @@ class KvmGuest(Guest):
             raise GuestError(f"vCPUs did not stop within {_PAUSE_TIMEOUT:.0f} s")
         self._raise_failure()
 
+    @_traced
     def resume(self) -> None:
         """Let the vCPUs run. GuestError on a destination without loaded state, or after a failure."""
         self._raise_failure()
@@ -635,6 +663,7 @@ class KvmGuest(Guest):
             raise GuestError("KVM guest is closed")
         return self._vm
 
+    @_traced
     def start_dirty_log(self) -> None:
         vm = self._vm_fd()
         block = self.blocks[0]
@@ -648,6 +677,7 @@ class KvmGuest(Guest):
         with self._host_lock:
             self._host_dirty[:] = 0
 
+    @_traced
     def sync_dirty_log(self) -> dict[str, np.ndarray]:
         """``{"pc.ram": sorted int64 page indices}`` written by the guest or the host since the last sync.
 
@@ -666,6 +696,7 @@ class KvmGuest(Guest):
             self._host_dirty[:] = 0
         return {BLOCK_NAME: bitmap_to_pages(bm, self.blocks[0].npages)}
 
+    @_traced
     def stop_dirty_log(self) -> None:
         if not self._logging:
             return
@@ -708,6 +739,7 @@ class KvmGuest(Guest):
         self._mark_host_dirty(np.array(pages, dtype=np.int64))
 
     # --- Guest interface: CPU state --------------------------------------------------------------
+    @_traced
     def save_state(self) -> bytes:
         """vCPU state (sregs, xcrs, xsave, fpu, regs, mp_state, events) and the report port, one blob.
 
@@ -776,6 +808,7 @@ class KvmGuest(Guest):
             raise GuestError(f"KVM state blob: {len(body) - pos} trailing bytes")
         return out
 
+    @_traced
     def load_state(self, blob: bytes) -> None:
         """Validate the whole blob, then load it into the (paused) vCPUs. GuestError if malformed."""
         if self._want_run:
