@@ -50,6 +50,15 @@ def test_missing_device_is_a_clear_error(tmp_path: Any) -> None:
         b.Kvm(str(tmp_path / "nope"))
 
 
+def test_no_permission_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    def denied(path: str, flags: int) -> int:
+        raise PermissionError(errno.EACCES, "Permission denied", path)
+
+    monkeypatch.setattr(b.os, "open", denied)  # root bypasses file modes, so simulate a plain user
+    with pytest.raises(GuestError, match="permission denied opening /dev/kvm"):
+        b.Kvm()
+
+
 # --- error paths on bad fds ------------------------------------------------------------------------
 def _closed_fd() -> int:
     """An fd number that is not open (beyond any descriptor this process has)."""
