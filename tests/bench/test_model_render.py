@@ -84,7 +84,7 @@ def test_seed_layout() -> None:
     sub = [c.strip() for c in lines[2].strip("|").split("|")]
     assert head[:7] == ["8 Channels", "Total", "down", "throughput", "pages per", "send", "recv"]
     assert sub[1:7] == ["time(ms)", "time(ms)", "(mbps)", "second", "cpu %", "cpu%"]
-    assert head[7:] == ["2-core", "% of", "sent"] and sub[7:] == ["limit(ms)", "limit", "(MiB)"]
+    assert head[7:] == ["2-core", "% of", "sent", "pages"] and sub[7:] == ["limit(ms)", "limit", "(MiB)", "/RAM"]
     # a rule after every row, all lines the same width
     assert [ln for ln in lines[4:] if not ln.startswith("|---")][0].startswith("|qatzip")
     assert len({len(ln) for ln in lines}) == 1
@@ -124,14 +124,14 @@ def test_na_and_error_rows_do_not_stop_others() -> None:
     assert data_cells(text, "none")[0] == "4321"
     md = render_markdown(rows, 2, "8 Channels")
     assert "| qatzip | n/a: no QAT device; install libqatzip3 |" in md
-    assert [ln.count("|") for ln in md.splitlines()] == [11] * 5
+    assert [ln.count("|") for ln in md.splitlines()] == [12] * 5
 
 
 def test_markdown_shape_and_values() -> None:
     rows = aggregate([run("zstd", result(1234, pps=5678))])
     md = render_markdown(rows, 2, "8 Channels").splitlines()
     assert md[0].startswith("| 8 Channels | Total time(ms) | down time(ms) | throughput (mbps) | pages per second")
-    assert md[1] == "|---|" + "|".join(["---:"] * 9) + "|"
+    assert md[1] == "|---|" + "|".join(["---:"] * 10) + "|"
     cells = [c.strip() for c in md[2].strip("|").split("|")]
     assert cells[0] == "zstd" and cells[1] == "1234" and cells[4] == "5678"
 
@@ -243,3 +243,11 @@ def test_plots_are_written(tmp_path: Any) -> None:
     for p in paths:
         with open(p, "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_pages_sent_per_ram_page_follows_results() -> None:
+    once, twice = result(10), result(10)
+    twice["ram"] = dict(twice["ram"], normal=500000, duplicate=24288)  # 2 x 262144 pages of 1 GiB
+    text = render_text(aggregate([run("zstd", once), run("none", twice)]), 2, "8 Channels")
+    assert data_cells(text, "zstd")[9] == f"{(250000 + 12000) * 4096 / (1 << 30):.2f}x"
+    assert data_cells(text, "none")[9] == "2.00x"

@@ -53,7 +53,18 @@ METRICS: dict[str, Callable[[dict[str, Any]], float | None]] = {
     "duplicate": lambda r: _num(r, "ram", "duplicate"),
     "ram-total": lambda r: _num(r, "ram", "total"),
     "compression-ratio": lambda r: _num(r, "livemig", "compression-ratio"),
+    "dirty-sync-count": lambda r: _num(r, "ram", "dirty-sync-count"),
+    "pages-sent-per-ram-page": lambda r: _sent_per_page(r),
 }
+
+
+def _sent_per_page(r: dict[str, Any]) -> float | None:
+    """(normal + zero pages sent) / RAM pages: 1.0 when every page went once, more when re-sent."""
+    normal, dup = _num(r, "ram", "normal"), _num(r, "ram", "duplicate")
+    total, page = _num(r, "ram", "total"), _num(r, "ram", "page-size") or 4096.0
+    if normal is None or dup is None or not total:
+        return None
+    return (normal + dup) * page / total
 
 
 @dataclass(frozen=True)

@@ -43,6 +43,8 @@ METHOD_SINCE = {
 }
 #: max-bandwidth for "uncapped" (bytes/s): far above anything a host can move
 UNCAPPED = 1 << 40
+#: seconds the source runs before ``migrate``, so SeaBIOS is past POST and idling
+FIRMWARE_SETTLE_S = 1.0
 PORT = 4444  # inside the bench's private network namespace (or loopback when there is none)
 
 
@@ -194,7 +196,7 @@ class QemuPeer:
             src.execute("migrate-set-parameters", sp)
             uri = f"tcp:127.0.0.1:{PORT}"
             dst.execute("migrate-incoming", {"uri": uri})
-            time.sleep(1.0)  # let the firmware reach its idle boot-retry loop
+            time.sleep(FIRMWARE_SETTLE_S)
             status = src.execute("query-status")
             run.extra["source-status-before"] = status
             lo0 = self.netns.lo_counters() if self.netns else None
@@ -211,6 +213,14 @@ class QemuPeer:
             else:
                 src.execute("migrate_cancel")
                 raise BenchError(f"QEMU migration not finished after {self.exp.timeout:.0f} s: {info}")
+            # 7.2 sets "completed" before migration_calculate_complete() fills total-time, downtime
+            # and the whole-migration mbps: poll until they are there
+            settle = time.monotonic() + 5.0
+            while info.get("status") == "completed" and not info.get("total-time"):
+                if time.monotonic() > settle:
+                    raise BenchError(f"QEMU completed but reports no total-time: {info}")
+                time.sleep(0.005)
+                info = src.execute("query-migrate")
             cpu_src = _cpu_seconds(src_proc.pid)
             dinfo: dict[str, Any] = {}
             while time.monotonic() < deadline:

@@ -1,9 +1,9 @@
 """The seed's table (qatzip-compression.rst), as text and markdown, from aggregated rows. Pure.
 
 The text layout is the document's: ``|8 Channels |Total time(ms)|down time(ms)|throughput(mbps)|
-pages per second|send cpu %|recv cpu %|``, two header lines, a rule after every row. Three columns
+pages per second|send cpu %|recv cpu %|``, two header lines, a rule after every row. Four columns
 are added on the right: the compute limit (see :mod:`livemig.bench.limits`), the percent of it the
-run reached, and the bytes really sent.
+run reached, the bytes really sent, and the pages sent per RAM page (1.00x when none went twice).
 """
 
 from __future__ import annotations
@@ -31,6 +31,10 @@ def _mib(v: float) -> str:
     return f"{v / (1 << 20):.1f}"
 
 
+def _times(v: float) -> str:
+    return f"{v:.2f}x"
+
+
 def _pct(v: float) -> str:
     return f"{v:.0f}%"
 
@@ -47,6 +51,7 @@ def columns(cores: int) -> list[Column]:
         Column("limit", f"{cores}-core", "limit(ms)", _int),
         Column("of-limit", "% of", "limit", _pct),
         Column("wire", "sent", "(MiB)", _mib),
+        Column("pages-sent-per-ram-page", "pages", "/RAM", _times),
     ]
 
 
@@ -76,7 +81,9 @@ def _label(row: Row, with_peer: bool) -> str:
 
 def _ratio_cells(ours: Row, theirs: Row, cols: Sequence[Column]) -> list[str]:
     keys = [c.key if c.key != "wire" else "socket-bytes" for c in cols]
-    r = ratio_row(ours, theirs, [k for k in keys if k not in ("limit", "of-limit")])
+    r = ratio_row(
+        ours, theirs, [k for k in keys if k not in ("limit", "of-limit", "pages-sent-per-ram-page")]
+    )
     out = []
     for k in keys:
         v = r.get(k)
