@@ -46,38 +46,54 @@ def descendants(pid: int) -> list[int]:
     return out
 
 
-def _signal(pids: Sequence[int], pgid: int | None, sig: int) -> None:
-    if pgid is not None:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(pgid, sig)
-    for p in pids:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.kill(p, sig)
+def _starttime(pid: int) -> int | None:
+    """The process's start time (clock ticks since boot), or None when it is gone or a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="utf-8", errors="replace") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    if not fields or fields[0] == "Z":
+        return None
+    return int(fields[19])
+
+
+def _kill_same(tree: dict[int, int | None], sig: int) -> None:
+    """Signal the processes of ``tree`` that are still the ones recorded (same pid and start time)."""
+    for pid, started in tree.items():
+        if started is not None and _starttime(pid) == started:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, sig)
 
 
 def stop(proc: subprocess.Popen[Any], grace: float = 3.0) -> None:
-    """Terminate ``proc``, its process group and its descendants; SIGKILL after ``grace`` s; reap."""
-    if proc.poll() is not None and not descendants(proc.pid):
+    """Terminate a running ``proc``, its process group and its descendants (SIGTERM, then SIGKILL
+    after ``grace`` s), and reap it.
+
+    A child already reaped is left alone: its pid and group id may belong to others by now. The
+    descendants are recorded with their start times while ``proc`` lives, so a reused pid is
+    never signalled.
+    """
+    if proc.poll() is not None:
         return
-    tree = descendants(proc.pid)
-    pgid = proc.pid  # start_new_session: the child leads its own group
-    _signal([proc.pid, *tree], pgid, signal.SIGTERM)
+    tree = {p: _starttime(p) for p in descendants(proc.pid)}
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGTERM)  # start_new_session: proc leads its own group
+    _kill_same(tree, signal.SIGTERM)
     deadline = time.monotonic() + grace
     while time.monotonic() < deadline:
-        if proc.poll() is not None and not any(_alive(p) for p in tree):
-            break
+        if proc.poll() is not None and not any(_starttime(p) == t for p, t in tree.items() if t is not None):
+            return
         time.sleep(0.05)
-    _signal([proc.pid, *tree, *descendants(proc.pid)], pgid, signal.SIGKILL)
+    if proc.poll() is None:
+        tree.update({p: _starttime(p) for p in descendants(proc.pid)})
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+    _kill_same(tree, signal.SIGKILL)
     with contextlib.suppress(subprocess.TimeoutExpired):
         proc.wait(timeout=grace)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat", encoding="utf-8", errors="replace") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
 
 
 class Children:
