@@ -286,3 +286,34 @@ def test_missing_capability_and_api_version_are_named(monkeypatch: pytest.Monkey
     monkeypatch.setattr(binding.Kvm, "api_version", lambda self: 11)
     with pytest.raises(GuestError, match="API version 11, expected 12"):
         kg.open_kvm()
+
+
+@pytest.mark.kvm
+def test_state_kvm_refuses_leaves_a_guest_that_does_not_run(make: Callable[..., KvmGuest]) -> None:
+    import zlib
+
+    from livemig.guest.kvm import binding
+    from livemig.guest.kvm import structs as st
+
+    src = make(workload="counter")
+    blob = src.save_state()
+    h = kg._STATE_HEADER.size
+    body = bytearray(blob[h:])
+    off = kg._REC.size  # the sregs record comes first
+    sregs = st.Sregs.from_buffer_copy(bytes(body[off: off + 312]))
+    sregs.cr0 = 0x80000000  # paging without protected mode: KVM_SET_SREGS says EINVAL
+    body[off: off + 312] = bytes(sregs)
+    magic, version, flags, nvcpus, length, _crc = kg._STATE_HEADER.unpack_from(blob)
+    bad = kg._STATE_HEADER.pack(magic, version, flags, nvcpus, length, zlib.crc32(body)) + bytes(body)
+    dst = make(incoming=True, workload="counter")
+    with pytest.raises(binding.KvmError) as info:
+        dst.load_state(bad)
+    assert info.value.ioctl == "KVM_SET_SREGS"
+    with pytest.raises(GuestError, match="no complete vCPU state"):
+        dst.resume()
+    dst.load_state(blob)  # a good blob afterwards makes it runnable
+    dst.blocks[0].pages[:] = src.blocks[0].pages
+    dst.resume()
+    _wait(lambda: dst.progress() > 0)
+    dst.pause()
+    dst.check_workload()

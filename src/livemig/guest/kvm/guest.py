@@ -636,7 +636,7 @@ class KvmGuest(Guest):
         """Let the vCPUs run. GuestError on a destination without loaded state, or after a failure."""
         self._raise_failure()
         if not self._state_loaded:
-            raise GuestError("KVM destination guest: load_state() must succeed before resume()")
+            raise GuestError("KVM guest has no complete vCPU state: load_state() must succeed before resume()")
         if self._closing:
             raise GuestError("KVM guest is closed")
         with self._cv:
@@ -814,6 +814,7 @@ class KvmGuest(Guest):
         if self._want_run:
             raise GuestError("load_state() needs a paused guest")
         records = self.parse_state(blob)
+        self._state_loaded = False  # a load that fails half-way leaves a guest that must not run
         for v, recs in zip(self._vcpus, records, strict=True):
             fd = v.fd
             fd.set_sregs(st.Sregs.from_buffer_copy(recs[_REC_SREGS]))
