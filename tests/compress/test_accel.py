@@ -152,3 +152,16 @@ def test_advise_measures_and_recommends() -> None:
     assert adv.recommended in ("zstd", "qatzip", "qpl")
     text = render(adv)
     assert "recommended:" in text and "qatzip-1" in text
+
+
+def test_advise_command(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["advise", "--bandwidth", "1Gbps", "--multifd-channels", "4", "--sample-size", "1M",
+                 "--methods", "none,qatzip:1", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["bandwidth"] == 125_000_000 and data["channels"] == 4
+    names = [p["measurement"]["method"] for p in data["predictions"]]
+    assert names == ["none", "qatzip"] and data["recommended"] in names
+    none = data["predictions"][0]
+    assert none["limit"] == "link" and none["pages_per_second"] == pytest.approx(125_000_000 / PAGE)
+    assert main(["advise", "--methods", "qatzip:12"]) == 1
+    assert "between 1 and 9" in capsys.readouterr().err
