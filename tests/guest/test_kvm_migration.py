@@ -33,12 +33,15 @@ def _cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
                           timeout=timeout)
 
 
-@pytest.mark.parametrize("channels", [1, 8])
-@pytest.mark.parametrize("method", ["none", "zlib", "zstd"])
-def test_kvm_counter_guest_migrates_between_processes(tmp_path: Path, method: str, channels: int) -> None:
+CASES = [(method, channels, 1) for method in ("none", "zlib", "zstd") for channels in (1, 8)] + [("zstd", 8, 2)]
+
+
+@pytest.mark.parametrize(("method", "channels", "smp"), CASES, ids=[f"{m}-{c}ch-smp{s}" for m, c, s in CASES])
+def test_kvm_counter_guest_migrates_between_processes(tmp_path: Path, method: str, channels: int,
+                                                      smp: int) -> None:
     out = tmp_path / "r.json"
     dump = tmp_path / "ram"
-    r = _cli("migrate", "--local", "--guest", "kvm", "--memory", str(MEM), "--workload", "counter",
+    r = _cli("migrate", "--local", "--guest", "kvm", "--memory", str(MEM), "--smp", str(smp), "--workload", "counter",
              "--dirty-rate", "5000", "--fill", "corpus", "--multifd-channels", str(channels),
              "--multifd-compression", method, "--max-bandwidth", "0", "--run-before", "0.2",
              "--run-after", "0.3", "--dump-ram", str(dump), "--json", str(out), "--quiet")
@@ -55,8 +58,9 @@ def test_kvm_counter_guest_migrates_between_processes(tmp_path: Path, method: st
     dst = np.fromfile(dump / "dst-pc.ram.bin", dtype=np.uint8)
     assert src.size == MEM and np.array_equal(src, dst)
     # the destination resumed from exactly the counter state the source stopped at
-    lay = Layout.of(GuestConfig(kind="kvm", memory=MEM, workload="counter"))
-    n_at_switchover = int(src.view(np.uint64)[(lay.params * 4096 + _P_N) // 8])
+    lay = Layout.of(GuestConfig(kind="kvm", memory=MEM, workload="counter", smp=smp))
+    ram64 = src.view(np.uint64).reshape(-1, 512)
+    n_at_switchover = int(ram64[lay.params: lay.params + smp, _P_N // 8].sum())
     assert d["progress_at_resume"] == n_at_switchover
 
 
