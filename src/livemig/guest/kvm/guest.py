@@ -3,8 +3,9 @@
 What it is
     One memfd-backed RAM block ("pc.ram") registered as KVM memory slot 0 at guest physical
     address 0; ``config.smp`` vCPUs, each driven by its own host thread; 64-bit long mode set up
-    directly through ``KVM_SET_SREGS`` with page tables the host writes into guest RAM (2 MiB pages,
-    accessed/dirty bits preset so the MMU never writes them). The workload programs
+    directly through ``KVM_SET_SREGS`` with page tables the host writes into guest RAM (2 MiB pages
+    but for the first 2 MiB, accessed/dirty bits preset so the MMU never writes them; the code
+    page read-only, so that fetching it never puts it in the dirty log). The workload programs
     (``programs/*.asm``, assembled bytes committed next to them) run at CPL3 with IOPL=3 (ring 0 is
     emulated and ~3000x slower on this nested host); ``idle`` runs at CPL0 because HLT is
     privileged, and every HLT exits to userspace where the vCPU thread sleeps (0 % CPU).
@@ -43,6 +44,15 @@ Pause
     from the main thread by :func:`install_kick_handler`, so KVM_RUN returns EINTR); each thread
     re-enters KVM_RUN once with ``immediate_exit`` set, which completes a pending I/O exit, and
     parks on a condition variable.
+
+State blob
+    :meth:`save_state`: a versioned header with a CRC-32, then per vCPU sregs, xcrs, xsave, fpu,
+    regs, mp_state, vcpu_events and the report port's state; :meth:`load_state` validates all of
+    it before touching a vCPU, and a guest whose load failed half-way refuses to resume.
+
+Diagnostics
+    ``LIVEMIG_KVM_TRACE=1`` prints the duration of every pause, resume, dirty-log and state call
+    to stderr (both sides of a migration). Measured figures: ``scripts/kvm-figures.py``.
 """
 
 from __future__ import annotations
