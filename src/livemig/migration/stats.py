@@ -90,6 +90,8 @@ class MigrationStats:
     setup_time_ms: float = 0.0
     total_time_ms: float = 0.0
     downtime_ms: float = 0.0
+    #: milliseconds per switchover phase (pause, sync, send, save state, digest, destination resumed)
+    downtime_phases: dict[str, float] = field(default_factory=dict)
     expected_downtime_ms: float = 0.0
     ram_total: int = 0
     remaining: int = 0
@@ -201,6 +203,7 @@ class MigrationStats:
             "send-mem-bytes": self.send_mem_bytes,
             "recv-mem-bytes": self.recv_mem_bytes,
             "passes": self.passes,
+            "downtime-phases": self.downtime_phases,
             "guest": self.guest,
         }
         if self.destination:
