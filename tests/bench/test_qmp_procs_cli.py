@@ -182,3 +182,12 @@ def test_missing_kvm_makes_kvm_rows_na(monkeypatch: pytest.MonkeyPatch, capsys: 
     assert code == 0
     for m in ("zstd", "none"):
         assert re.search(rf"^\|{m} *\|n/a: kvm guest: /dev/kvm: No such file or directory", text, re.M)
+
+
+def test_idle_firmware_halts_at_the_reset_vector() -> None:
+    from livemig.bench.qemu_peer import idle_firmware
+
+    image = idle_firmware()
+    assert len(image) == 65536  # QEMU wants a multiple of 64 KiB
+    assert image[0xFFF0:0xFFF3] == b"\xf4\xeb\xfd"  # hlt; jmp back to the hlt
+    assert set(image) == {0xF4, 0xEB, 0xFD}
