@@ -147,3 +147,25 @@ def test_qemu_uadk_without_hardware_is_decoded() -> None:
     data = sample_pages(5, "corpus", seed=4)
     payload = struct.pack(">5I", *[PAGE] * 5) + data
     assert _decode("uadk", payload, 5) == data
+
+
+@pytest.mark.parametrize("name", ["qpl", "uadk"])
+def test_every_page_fits_a_4k_window(name: str) -> None:
+    # IAA (and, per QEMU, UADK) decompress only streams whose matches reach back <= 4 KiB: zlib with
+    # windowBits 12 refuses anything further ("invalid distance too far back")
+    data = sample_pages(64, "corpus", seed=21) + sample_pages(64, "mixed", seed=22)
+    payload = _payload(name, data)
+    lens = _table(payload, 128)
+    pos = 4 * 128
+    compressed = 0
+    for i, ln in enumerate(lens):
+        chunk = payload[pos : pos + ln]
+        page = data[i * PAGE : (i + 1) * PAGE]
+        if ln < PAGE:
+            body = chunk[2:-4] if name == "uadk" else chunk
+            assert zlib.decompress(body, -12) == page
+            compressed += 1
+        else:
+            assert chunk == page
+        pos += ln
+    assert compressed > 64
