@@ -357,6 +357,7 @@ class Source:
         self.guest.pause()
         self._paused_by_us = True
         self._running_bytes = False
+        self.limiter.set_rate(0)  # as QEMU: no bandwidth cap while the guest is stopped
         marks.append(("pause", time.monotonic()))
         final = self._sync_dirty()
         for name, idx in self._pending.items():
