@@ -232,6 +232,7 @@ class Source:
             max_bandwidth=params.max_bandwidth,
             ram_total=guest.ram_size,
             guest=guest.describe(),
+            expected_downtime_ms=params.downtime_limit,  # QEMU's initial value
         )
         self.status.listeners.append(self._on_status)
         _warm_numpy()
