@@ -168,3 +168,40 @@ def test_vanishing_destination_fails_the_source_in_bounded_time() -> None:
     assert stats.status == "failed" and stats.error
     assert src_guest.running
     t.join(timeout=15)
+
+
+def test_long_pass_is_not_a_timeout() -> None:
+    """A pass longer than the timeout (slow cap) completes: only a channel that stops moving fails."""
+    params = MigrationParameters(multifd_channels=2, max_bandwidth=3 << 20)
+    g = FakeGuest(GuestConfig(memory=MEM), incoming=True)
+    d = Destination(parse_address("tcp:127.0.0.1:0"), params, guest=g, timeout=0.5)
+    out: dict[str, Any] = {}
+    t = threading.Thread(target=lambda: out.update(d.run()))
+    t.start()
+    src_guest = FakeGuest(GuestConfig(memory=MEM, seed=1))
+    src_guest.start()
+    t0 = time.monotonic()
+    stats = Source(src_guest, parse_address(f"tcp:127.0.0.1:{d.port}"), params, timeout=0.5).run()
+    t.join(timeout=15)
+    assert stats.status == "completed", stats.error
+    assert time.monotonic() - t0 > 0.5  # the pass really was longer than the timeout
+    assert out["status"] == "completed"
+    assert np.array_equal(src_guest.blocks[0].pages, g.blocks[0].pages)
+
+
+def test_stalled_source_fails_the_destination_in_bounded_time() -> None:
+    params = MigrationParameters(multifd_channels=1, max_bandwidth=0)
+    g = FakeGuest(GuestConfig(memory=MEM), incoming=True)
+    d = Destination(parse_address("tcp:127.0.0.1:0"), params, guest=g, timeout=0.5)
+    out: dict[str, Any] = {}
+    t = threading.Thread(target=lambda: out.update(d.run()))
+    t.start()
+    main, rp = _hello(d.port, params)
+    ch = socket.create_connection(("127.0.0.1", d.port))
+    ch.sendall(handshake.encode_init(bytes(16), 0))  # then nothing more, sockets left open
+    t0 = time.monotonic()
+    err = _finish(t, out, g)
+    assert time.monotonic() - t0 < 5
+    assert "no data from the source" in err
+    main.close()
+    ch.close()

@@ -65,7 +65,7 @@ class _RecvChannel(threading.Thread):
         flag = dst.method.flag
         while True:
             self.current = None
-            if not recv_exact_into(self.sock, hbuf, "packet header", eof_ok=True):
+            if not recv_exact_into(self.sock, hbuf, "packet header", eof_ok=True, alive=dst.alive):
                 return
             hdr = packet.decode_packet(hbuf, ps)
             self.current = hdr.packet_num
@@ -90,6 +90,7 @@ class _RecvChannel(threading.Thread):
                 touched = np.concatenate((normal, zero)) if zero.size else normal
                 dst.digests[block.name].mark_pages(touched)
                 c = self.counters
+                dst.last_progress = time.monotonic()
                 c.packets += 1
                 c.normal += int(normal.size)
                 c.zero += int(zero.size)
@@ -111,13 +112,13 @@ class _RecvChannel(threading.Thread):
             if hdr.next_packet_size != want:
                 raise WireError("multifd: none packet size", hdr.next_packet_size, want)
             recv_into_buffers(self.sock, [mv[f * ps : (f + c) * ps] for f, c in page_runs],
-                              f"{n} pages of packet {hdr.packet_num}")
+                              f"{n} pages of packet {hdr.packet_num}", alive=dst.alive)
         else:
             size = hdr.next_packet_size
             if size > MAX_PAYLOAD:
                 raise WireError(f"multifd: {dst.method.name}: received unexpectedly large packet", size,
                                 f"at most {MAX_PAYLOAD}")
-            recv_exact_into(self.sock, pbuf[:size], f"payload of packet {hdr.packet_num}")
+            recv_exact_into(self.sock, pbuf[:size], f"payload of packet {hdr.packet_num}", alive=dst.alive)
             out = self.decomp.decompress(pbuf[:size], n)
             src = np.frombuffer(out, dtype=np.uint8).reshape(n, ps)
             pages = block.pages
@@ -181,6 +182,8 @@ class Destination:
         self._all_channels = threading.Event()
         self._done = threading.Event()
         self._pending: list[socket.socket] = []
+        self.last_progress = time.monotonic()
+        self._stream_done = False
 
     # --- errors ----------------------------------------------------------------------------------
     def fail(self, exc: BaseException, where: str) -> None:
@@ -204,9 +207,20 @@ class Destination:
         if self._error is not None:
             raise self._error
 
+    def _watchdog(self) -> None:
+        """Fail the migration when no channel has moved for ``timeout`` seconds (a stalled peer)."""
+        while not self._done.wait(0.25) and not self._stream_done:
+            if self._error is None and time.monotonic() - self.last_progress > self.timeout:
+                self.fail(TransportError(f"no data from the source for {self.timeout:.0f} s"), "destination")
+                return
+
+    def alive(self) -> bool:
+        """True while some channel delivered a packet within the timeout."""
+        return self._error is None and time.monotonic() - self.last_progress < self.timeout
+
     def channel_sync(self, cid: int) -> None:
         try:
-            self._barrier.wait(timeout=self.timeout)
+            self._barrier.wait()  # no timeout: the watchdog aborts the barrier when nothing moves
         except threading.BrokenBarrierError:
             self._check()
             raise TransportError("multifd sync abandoned (another channel or the main stream failed)") from None
@@ -229,7 +243,11 @@ class Destination:
             self.meter.start()
             t_first = time.monotonic()
             rp = LineChannel(self.main)
+            self.last_progress = time.monotonic()
+            watchdog = threading.Thread(target=self._watchdog, name="watchdog", daemon=True)
+            watchdog.start()
             self._receive_main(rp, hasher)
+            self._stream_done = True
             result = self._finish(rp, t_first)
         except BaseException as exc:  # noqa: BLE001 - every failure ends in a result
             self.fail(exc, "destination")
@@ -315,12 +333,15 @@ class Destination:
                 try:
                     n = self.main.recv_into(view)
                 except TimeoutError as exc:
-                    raise TransportError(f"main channel idle for {self.timeout:.0f} s") from exc
+                    if self.alive():
+                        continue  # a long pass: the channels are busy, the main stream waits for its flush
+                    raise TransportError(f"no progress on any channel for {self.timeout:.0f} s") from exc
                 except OSError as exc:
                     raise TransportError(f"main channel failed: {exc}") from exc
                 if n == 0:
                     raise TransportError("main channel closed before the end of the migration stream")
                 reader.feed(view[:n])
+                self.last_progress = time.monotonic()
                 continue
             if isinstance(ev, stream.Configuration):
                 if ev.machine_type != MACHINE_TYPE:
@@ -346,7 +367,7 @@ class Destination:
             elif isinstance(ev, stream.MultifdFlush):
                 self._wait_channels()
                 try:
-                    self._barrier.wait(timeout=self.timeout)
+                    self._barrier.wait()
                 except threading.BrokenBarrierError:
                     self._check()
                     raise TransportError("multifd channels did not reach the sync point") from None
@@ -408,6 +429,7 @@ class Destination:
         except MigrationError as exc:
             rp.send({"status": "error", "error": str(exc)})
             raise
+        self.last_progress = time.monotonic()  # creating the guest may have taken a while
         for b in self.guest.blocks:
             self.blocks[b.name] = b
             self.views[b.name] = b.view()

@@ -468,12 +468,17 @@ class Source:
                     break
                 except queue.Full:
                     continue
-        deadline = time.monotonic() + self.timeout
         for ch in self.channels:
+            # wait while the channel makes progress (a slow cap or codec can take long); fail when it stalls
+            seen, deadline = ch.counters.wire_bytes, time.monotonic() + self.timeout
             while not ch.synced.acquire(timeout=0.05):
                 self._check()
-                if time.monotonic() > deadline:
-                    raise TransportError(f"multifd channel {ch.cid} did not write its SYNC within {self.timeout:.0f} s")
+                if ch.counters.wire_bytes != seen:
+                    seen, deadline = ch.counters.wire_bytes, time.monotonic() + self.timeout
+                elif time.monotonic() > deadline:
+                    raise TransportError(
+                        f"multifd channel {ch.cid} wrote nothing for {self.timeout:.0f} s before its SYNC"
+                    )
         self._main_write(stream.ram_multifd_flush())
 
     def _sync_dirty(self) -> dict[str, np.ndarray]:

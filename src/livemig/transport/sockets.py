@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import socket
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from ..errors import TransportError
@@ -54,7 +54,13 @@ def listen(addr: Address, backlog: int) -> socket.socket:
     return sock
 
 
-def recv_exact_into(sock: socket.socket, buf: memoryview, what: str, eof_ok: bool = False) -> bool:
+#: a callable telling whether the migration as a whole still makes progress: a read that times out
+#: on one channel keeps waiting while others move (a long pass can leave one socket quiet)
+Alive = Callable[[], bool] | None
+
+
+def recv_exact_into(sock: socket.socket, buf: memoryview, what: str, eof_ok: bool = False,
+                    alive: Alive = None) -> bool:
     """Fill ``buf`` from ``sock``. Returns False on EOF before the first byte if ``eof_ok``."""
     got = 0
     n = buf.nbytes
@@ -62,6 +68,8 @@ def recv_exact_into(sock: socket.socket, buf: memoryview, what: str, eof_ok: boo
         try:
             k = sock.recv_into(buf[got:], n - got)
         except TimeoutError as exc:
+            if alive is not None and alive():
+                continue
             raise TransportError(f"timed out reading {what}") from exc
         except OSError as exc:
             raise TransportError(f"connection failed while reading {what}: {exc}") from exc
@@ -79,13 +87,15 @@ def recv_exact(sock: socket.socket, n: int, what: str) -> bytes:
     return bytes(buf)
 
 
-def recv_into_buffers(sock: socket.socket, bufs: list[memoryview], what: str) -> None:
+def recv_into_buffers(sock: socket.socket, bufs: list[memoryview], what: str, alive: Alive = None) -> None:
     """Scatter-read exactly the total length of ``bufs`` into them (zero-copy into guest RAM)."""
     bufs = [b for b in bufs if b.nbytes]
     while bufs:
         try:
             k = sock.recvmsg_into(bufs[:512])[0]
         except TimeoutError as exc:
+            if alive is not None and alive():
+                continue
             raise TransportError(f"timed out reading {what}") from exc
         except OSError as exc:
             raise TransportError(f"connection failed while reading {what}: {exc}") from exc
