@@ -8,6 +8,7 @@ import os
 import re
 import socket
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -191,3 +192,44 @@ def test_idle_firmware_halts_at_the_reset_vector() -> None:
     assert len(image) == 65536  # QEMU wants a multiple of 64 KiB
     assert image[0xFFF0:0xFFF3] == b"\xf4\xeb\xfd"  # hlt; jmp back to the hlt
     assert set(image) == {0xF4, 0xEB, 0xFD}
+
+
+def test_migrate_argv_carries_the_experiment() -> None:
+    from livemig.bench.runner import Experiment, migrate_argv
+
+    exp = Experiment("portable", 1 << 30, "dirty", "files:/data", smp=2, level=3, downtime_limit=50)
+    argv = migrate_argv(exp, "zstd", 4, 125_000_000, "/tmp/r.json")
+    i = argv.index("migrate")
+    opts = dict(zip(argv[i + 2 :: 2], argv[i + 3 :: 2], strict=False))
+    assert argv[i + 1] == "--local"
+    assert opts["--guest"] == "portable" and opts["--memory"] == str(1 << 30) and opts["--smp"] == "2"
+    assert opts["--workload"] == "dirty" and opts["--fill"] == "files:/data"
+    assert opts["--multifd-channels"] == "4" and opts["--multifd-compression"] == "zstd"
+    assert opts["--max-bandwidth"] == "125000000" and opts["--json"] == "/tmp/r.json"
+    assert argv[argv.index("--multifd-zstd-level") + 1] == "3"
+    assert argv[argv.index("--downtime-limit") + 1] == "50"
+    assert "--multifd-zstd-level" not in migrate_argv(exp, "none", 4, 0, "x")
+
+
+@pytest.mark.parametrize(
+    "script,expect",
+    [
+        # the engine wrote a failed result: its error-desc is the row's error
+        ("json.dump({'status': 'failed', 'error-desc': 'channel 3: connection reset'}, open(path, 'w')); "
+         "sys.exit(1)", "status failed: channel 3: connection reset"),
+        # no result at all: the exit status and the last stderr line
+        ("sys.stderr.write('Traceback...\\nValueError: boom\\n'); sys.exit(3)",
+         "exit status 3: Traceback... / ValueError: boom"),
+    ],
+)  # fmt: skip
+def test_failed_run_carries_its_error(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, script: str, expect: str
+) -> None:
+    from livemig.bench import runner
+
+    fake = f"import json, sys; path = sys.argv[sys.argv.index('--json') + 1]; {script}"
+    monkeypatch.setattr(runner, "LIVEMIG", [sys.executable, "-c", fake])
+    exp = runner.Experiment("portable", 1 << 20, "idle", "zero", timeout=30)
+    with Children() as ch:
+        run = runner.run_livemig(ch, exp, "zstd", 2, 0, 0, str(tmp_path), None)
+    assert run.error == expect and not run.ok
