@@ -233,3 +233,16 @@ def test_failed_run_carries_its_error(
     with Children() as ch:
         run = runner.run_livemig(ch, exp, "zstd", 2, 0, 0, str(tmp_path), None)
     assert run.error == expect and not run.ok
+
+
+def test_data_sample_spans_the_fill(tmp_path: Path) -> None:
+    from livemig.bench.data import sample_data
+
+    for i, name in enumerate("abcd"):
+        (tmp_path / name).write_bytes(bytes([65 + i]) * (4 << 20))  # four 4 MiB files: A.., B.., C.., D..
+    head = sample_data(f"files:{tmp_path}", 2 << 20)  # no RAM size: the first 2 MiB only
+    assert set(head) == {65}
+    spread = sample_data(f"files:{tmp_path}", 2 << 20, memory=16 << 20, span=16 << 20)
+    assert len(spread) == 2 << 20 and set(spread) == {65, 68}  # first and last MiB of the 16 MiB
+    spread4 = sample_data(f"files:{tmp_path}", 4 << 20, memory=16 << 20, span=16 << 20)
+    assert set(spread4) == {65, 66, 67, 68}

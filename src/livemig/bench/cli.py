@@ -270,7 +270,7 @@ def _measure_data(b: Bench, args: argparse.Namespace) -> None:
     size = parse_size(args.sample)
     size -= size % (128 * 4096)
     try:
-        sample = sample_data(fill, max(size, 128 * 4096))
+        sample = sample_data(fill, max(size, 128 * 4096), memory=int(b.config["memory"]))
     except MigrationError as exc:
         b.data = {}
         b.codec_errors = {m: str(exc) for m in b.config["methods"]}

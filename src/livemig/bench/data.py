@@ -67,11 +67,29 @@ def fill_array(pages: np.ndarray, fill: str, seed: int = 0) -> str:
         raise BenchError(f"fill '{fill}': {exc}") from exc
 
 
-def sample_data(fill: str, size: int, seed: int = 0) -> bytes:
-    """The first ``size`` bytes (rounded down to pages) of a guest's RAM filled with ``fill``."""
-    pages = np.zeros((max(size // PAGE, 1), PAGE), dtype=np.uint8)
+def sample_data(
+    fill: str, size: int, seed: int = 0, memory: int | None = None, span: int = 256 << 20
+) -> bytes:
+    """``size`` bytes of a guest's RAM filled with ``fill``, spread over its first ``span`` bytes.
+
+    The first min(``memory``, ``span``) bytes of RAM are filled as the guest's are, and the sample
+    is taken from them in 1 MiB pieces at even distances, so a ``files:`` fill is represented by
+    all its files rather than the first ones (rounded down to whole pages; at least one page).
+    """
+    size = max(size - size % PAGE, PAGE)
+    region = max(size, min(memory if memory else size, span))
+    pages = np.zeros((region // PAGE, PAGE), dtype=np.uint8)
     fill_array(pages, fill, seed)
-    return pages.tobytes()
+    flat = pages.reshape(-1)
+    piece = min(1 << 20, size)
+    count = size // piece
+    if region <= size or count <= 1:
+        return flat[:size].tobytes()
+    step = (region - piece) // (count - 1)
+    step -= step % PAGE
+    parts = [flat[i * step : i * step + piece] for i in range(count)]
+    out = b"".join(p.tobytes() for p in parts)
+    return out + flat[count * step : count * step + size - len(out)].tobytes() if len(out) < size else out
 
 
 def zstd1_ratio(sample: bytes) -> float:
