@@ -46,6 +46,20 @@ class Decompressor(ABC):
     def decompress(self, payload: Buffer, normal_pages: int) -> Buffer:
         """Exactly ``normal_pages * page_size`` bytes, or PayloadError."""
 
+    def decompress_into(self, payload: Buffer, outs: Sequence[memoryview], page_size: int = 4096) -> None:
+        """Decode ``payload`` straight into ``outs`` (the packet's page runs in guest RAM, in order).
+
+        The output must fill ``outs`` exactly, else PayloadError; nothing is written anywhere else.
+        The default decodes with :meth:`decompress` and copies; a method that can write into the
+        destination directly (zstd through libzstd) overrides it and saves that copy.
+        """
+        total = sum(o.nbytes for o in outs)
+        data = memoryview(self.decompress(payload, total // page_size)).cast("B")
+        k = 0
+        for o in outs:
+            o[:] = data[k : k + o.nbytes]
+            k += o.nbytes
+
 
 class Method(ABC):
     """A compression method: its QEMU name, packet flag, level range and backends."""

@@ -157,7 +157,9 @@ class _SendChannel(threading.Thread):
             page_runs = [mv[first * ps : (first + n) * ps]]
         else:
             page_runs = [mv[f * ps : (f + c) * ps] for f, c in runs(normal)]
+        t0 = time.thread_time()
         payload = self.comp.compress(page_runs) if normal.size else []
+        self.counters.codec_seconds += time.thread_time() - t0
         plen = sum(len(b) for b in payload)
         hdr = packet.encode_packet(
             flags=self.src.method.flag,

@@ -78,6 +78,8 @@ class ChannelCounters:
     zero: int = 0
     wire_bytes: int = 0
     payload_bytes: int = 0
+    #: thread CPU seconds spent in the compression method (compress or decompress)
+    codec_seconds: float = 0.0
 
 
 @dataclass
@@ -132,6 +134,10 @@ class MigrationStats:
     @property
     def payload_bytes(self) -> int:
         return sum(c.payload_bytes for c in self.channels)
+
+    @property
+    def codec_seconds(self) -> float:
+        return sum(c.codec_seconds for c in self.channels)
 
     @property
     def transferred(self) -> int:
@@ -200,6 +206,7 @@ class MigrationStats:
             "compression-ratio": round(self.compression_ratio(), 3),
             "send-cpu-percent": round(self.send_cpu_percent, 1),
             "recv-cpu-percent": round(self.recv_cpu_percent, 1),
+            "send-codec-cpu-s": round(self.codec_seconds, 3),
             "send-mem-bytes": self.send_mem_bytes,
             "recv-mem-bytes": self.recv_mem_bytes,
             "passes": self.passes,

@@ -33,24 +33,41 @@ class ChunkDigest:
         self.chunk_bytes = chunk_pages * page_size
         n = -(-buf.nbytes // self.chunk_bytes)
         self.dirty = np.ones(n, dtype=bool)
+        #: bumped by every mark; a chunk whose count did not move since the last settled refresh is
+        #: "settled" (no write in flight), so background hashing does not hash half-received chunks
+        self._touch = np.zeros(n, dtype=np.uint32)
+        self._touch_seen = np.zeros(n, dtype=np.uint32)
         self.hashes = np.zeros((n, 16), dtype=np.uint8)
         self._lock = threading.Lock()
+        #: chunks hashed so far (work done, for statistics)
+        self.hashed = 0
 
     def mark_pages(self, pages: np.ndarray) -> None:
         """Pages (indices) were written, or may have been."""
         if pages.size:
-            self.dirty[np.asarray(pages, dtype=np.int64) // self.chunk_pages] = True
+            c = np.asarray(pages, dtype=np.int64) // self.chunk_pages
+            self._touch[c] += 1
+            self.dirty[c] = True
 
     def mark_all(self) -> None:
         self.dirty[:] = True
 
-    def refresh(self, limit: int = 0) -> int:
-        """Hash up to ``limit`` dirty chunks (0 = all); returns how many were hashed."""
+    def refresh(self, limit: int = 0, settled: bool = False) -> int:
+        """Hash up to ``limit`` dirty chunks (0 = all); returns how many were hashed.
+
+        ``settled``: only chunks not marked since the previous settled refresh (for background use).
+        """
         with self._lock:
-            todo = np.flatnonzero(self.dirty)
+            if settled:
+                quiet = self._touch == self._touch_seen
+                self._touch_seen[:] = self._touch
+                todo = np.flatnonzero(self.dirty & quiet)
+            else:
+                todo = np.flatnonzero(self.dirty)
             if limit:
                 todo = todo[:limit]
             self.dirty[todo] = False
+            self.hashed += int(todo.size)
             for c in todo.tolist():
                 start = c * self.chunk_bytes
                 self.hashes[c] = np.frombuffer(
