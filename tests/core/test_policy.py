@@ -99,3 +99,11 @@ def test_nonzero_pages_finds_a_single_late_byte() -> None:
     pages[3, 4095] = 7  # only the last byte: the prefix check alone would miss it
     pages[4, 64] = 1
     assert nonzero_pages(pages.view(np.uint64)).tolist() == [False, True, False, True, True, False]
+
+
+def test_assume_zero_matches_hashing_zero_memory() -> None:
+    a = ChunkDigest(memoryview(bytearray(3 * 64 * 4096 + 4096)), chunk_pages=64)
+    b = ChunkDigest(memoryview(bytearray(3 * 64 * 4096 + 4096)), chunk_pages=64)
+    a.assume_zero()
+    assert a.refresh() == 0  # nothing left to hash
+    assert a.digest() == b.digest()

@@ -428,6 +428,7 @@ class Destination:
             self.views[b.name] = b.view()
             self.received[b.name] = np.zeros(b.npages, dtype=bool)
             self.digests[b.name] = ChunkDigest(self.views[b.name], self.page_size)
+            self.digests[b.name].assume_zero()  # an incoming guest's RAM is zero (Guest contract)
         self._guest_ready.set()
         rp.send({"status": "ready"})
 

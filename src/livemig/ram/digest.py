@@ -42,6 +42,18 @@ class ChunkDigest:
         #: chunks hashed so far (work done, for statistics)
         self.hashed = 0
 
+    def assume_zero(self) -> None:
+        """Take the block as all zero without reading it (a destination's fresh RAM): every chunk
+        gets the digest of a zero chunk, nothing is left to hash until something is written."""
+        with self._lock:
+            zero = np.frombuffer(xxhash.xxh3_128(bytes(self.chunk_bytes)).digest(), dtype=np.uint8)
+            self.hashes[:] = zero
+            tail = self.buf.nbytes % self.chunk_bytes
+            if tail:
+                self.hashes[-1] = np.frombuffer(xxhash.xxh3_128(bytes(tail)).digest(), dtype=np.uint8)
+            self.dirty[:] = False
+            self._touch_seen[:] = self._touch
+
     def mark_pages(self, pages: np.ndarray) -> None:
         """Pages (indices) were written, or may have been."""
         if pages.size:
