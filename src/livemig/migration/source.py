@@ -132,12 +132,18 @@ class _SendChannel(threading.Thread):
             self.src.channel_failed(self.cid, exc)
 
     def _send_pages(self, job: _Pages) -> None:
-        bufs: list[Buffer] = []
+        what = f"multifd channel {self.cid} packets"
+        if self.src.limiter.rate:
+            # capped: one packet at a time, so progress (and the cap) moves in packet steps
+            for idx, num in job.packets:
+                bufs = self._packet(job.block, idx, num)
+                self.src.limiter.acquire(sum(len(b) for b in bufs))
+                self.counters.wire_bytes += send_buffers(self.sock, bufs, what)
+            return
+        bufs = []
         for idx, num in job.packets:
             bufs += self._packet(job.block, idx, num)
-        total = sum(len(b) for b in bufs)
-        self.src.limiter.acquire(total)
-        self.counters.wire_bytes += send_buffers(self.sock, bufs, f"multifd channel {self.cid} packets")
+        self.counters.wire_bytes += send_buffers(self.sock, bufs, what)
 
     def _packet(self, block: RamBlock, idx: np.ndarray, num: int) -> list[Buffer]:
         """Header and payload buffers of one packet; counts its pages."""
