@@ -40,6 +40,14 @@ class WireError(MigrationError):
         self.value = value
         self.expected = expected
 
+    @classmethod
+    def with_values(cls, text: str, value: object = None, expected: object = None) -> WireError:
+        """An error with exactly ``text`` as its message (already naming the values), carrying them too."""
+        err = cls(text)
+        err.value = value
+        err.expected = expected
+        return err
+
 
 class PayloadError(WireError):
     """A compressed payload that is corrupt, truncated, oversized or of the wrong decoded size."""

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 from livemig.errors import WireError
 from livemig.wire.constants import MULTIFD_MAGIC, MULTIFD_VERSION
+from livemig.wire.packet import check_magic_version
 
 #: size of MultiFDInit_t on the wire
 INIT_SIZE = 64
@@ -41,13 +42,6 @@ class MultiFDInit:
 
     uuid: bytes
     channel_id: int
-
-
-def _wire_error(text: str, value: object, expected: object) -> WireError:
-    err = WireError(text)
-    err.value = value
-    err.expected = expected
-    return err
 
 
 def _uuid_text(raw: bytes) -> str:
@@ -82,33 +76,22 @@ def decode_init(buf: bytes | bytearray | memoryview, *, expected_uuid: bytes, ch
         raise ValueError(f"multifd init: channels must be 1..256, got {channels}")
     view = memoryview(buf).cast("B")
     if view.nbytes != INIT_SIZE:
-        raise _wire_error(
+        raise WireError.with_values(
             f"multifd: received initial packet of {view.nbytes} bytes, expected {INIT_SIZE}",
             view.nbytes,
             INIT_SIZE,
         )
     magic, version, uuid, channel_id = _INIT.unpack(view)
-    if magic != MULTIFD_MAGIC:
-        raise _wire_error(
-            f"multifd: received packet magic {magic:#010x}, expected {MULTIFD_MAGIC:#010x}",
-            magic,
-            MULTIFD_MAGIC,
-        )
-    if version != MULTIFD_VERSION:
-        raise _wire_error(
-            f"multifd: received packet version {version}, expected {MULTIFD_VERSION}",
-            version,
-            MULTIFD_VERSION,
-        )
+    check_magic_version(magic, version)
     if uuid != bytes(expected_uuid):
-        raise _wire_error(
+        raise WireError.with_values(
             f"multifd: received uuid '{_uuid_text(uuid)}' and expected uuid "
             f"'{_uuid_text(expected_uuid)}' for channel {channel_id}",
             uuid,
             bytes(expected_uuid),
         )
     if channel_id >= channels:
-        raise _wire_error(
+        raise WireError.with_values(
             f"multifd: received channel id {channel_id}, expected < {channels} (the number of channels)",
             channel_id,
             f"< {channels}",

@@ -59,11 +59,20 @@ _U32_MAX = 0xFFFFFFFF
 _U64_MAX = 0xFFFFFFFFFFFFFFFF
 
 
-def _wire_error(text: str, value: object, expected: object) -> WireError:
-    err = WireError(text)
-    err.value = value
-    err.expected = expected
-    return err
+def check_magic_version(magic: int, version: int) -> None:
+    """The first two fields of MultiFDInit_t and of every packet: WireError naming what came."""
+    if magic != MULTIFD_MAGIC:
+        raise WireError.with_values(
+            f"multifd: received packet magic {magic:#010x}, expected {MULTIFD_MAGIC:#010x}",
+            magic,
+            MULTIFD_MAGIC,
+        )
+    if version != MULTIFD_VERSION:
+        raise WireError.with_values(
+            f"multifd: received packet version {version}, expected {MULTIFD_VERSION}",
+            version,
+            MULTIFD_VERSION,
+        )
 
 
 def page_count(page_size: int = 4096) -> int:
@@ -234,7 +243,7 @@ def decode_packet(buf: Buffer, page_size: int = 4096) -> PacketHeader:
     view = memoryview(buf).cast("B")
     expected_len = HEADER_FIXED_SIZE + 8 * slots
     if view.nbytes != expected_len:
-        raise _wire_error(
+        raise WireError.with_values(
             f"multifd: received packet of {view.nbytes} bytes, expected {expected_len}",
             view.nbytes,
             expected_len,
@@ -242,45 +251,34 @@ def decode_packet(buf: Buffer, page_size: int = 4096) -> PacketHeader:
     (magic, version, flags, pages_alloc, normal_pages, next_packet_size, packet_num, zero_pages, raw_name) = (
         _HEADER.unpack_from(view)
     )
-    if magic != MULTIFD_MAGIC:
-        raise _wire_error(
-            f"multifd: received packet magic {magic:#010x}, expected {MULTIFD_MAGIC:#010x}",
-            magic,
-            MULTIFD_MAGIC,
-        )
-    if version != MULTIFD_VERSION:
-        raise _wire_error(
-            f"multifd: received packet version {version}, expected {MULTIFD_VERSION}",
-            version,
-            MULTIFD_VERSION,
-        )
+    check_magic_version(magic, version)
     if flags & FLAG_DEVICE_STATE:
-        raise _wire_error(
+        raise WireError.with_values(
             f"multifd: received packet flags {flags:#x} with DEVICE_STATE ({FLAG_DEVICE_STATE:#x}): "
             "device state packets are not supported, expected a RAM packet",
             flags,
             f"flags within {_KNOWN_FLAGS:#x}",
         )
     if flags & ~_KNOWN_FLAGS:
-        raise _wire_error(
+        raise WireError.with_values(
             f"multifd: received packet flags {flags:#x} with unknown bits {flags & ~_KNOWN_FLAGS:#x}, "
             f"expected only bits of {_KNOWN_FLAGS:#x}",
             flags,
             f"flags within {_KNOWN_FLAGS:#x}",
         )
     if pages_alloc > slots:
-        raise _wire_error(
+        raise WireError.with_values(
             f"multifd: received packet with {pages_alloc} pages, expected {slots}", pages_alloc, slots
         )
     if normal_pages > pages_alloc:
-        raise _wire_error(
+        raise WireError.with_values(
             f"multifd: received packet with {normal_pages} non-zero pages, "
             f"which exceeds maximum expected pages {pages_alloc}",
             normal_pages,
             f"<= {pages_alloc}",
         )
     if zero_pages > pages_alloc - normal_pages:
-        raise _wire_error(
+        raise WireError.with_values(
             f"multifd: received packet with {zero_pages} zero pages, "
             f"expected maximum {pages_alloc - normal_pages}",
             zero_pages,
@@ -293,7 +291,7 @@ def decode_packet(buf: Buffer, page_size: int = 4096) -> PacketHeader:
         try:
             ramblock = name.decode("ascii")
         except UnicodeDecodeError as exc:
-            raise _wire_error(
+            raise WireError.with_values(
                 f"multifd: received ramblock name {name!r} that is not ASCII", name, "ASCII"
             ) from exc
         offsets: Offsets = np.frombuffer(view, dtype=">u8", count=used, offset=HEADER_FIXED_SIZE).astype(
@@ -326,13 +324,13 @@ def check_packet(hdr: PacketHeader, *, method_flag: int, block_size: int, page_s
         return
     received = hdr.flags & COMPRESSION_MASK
     if received != method_flag:
-        raise _wire_error(
+        raise WireError.with_values(
             f"multifd: flags received {received:#x} flags expected {method_flag:#x}", received, method_flag
         )
     offsets = hdr.offsets
     limit = block_size - page_size
     if limit < 0:
-        raise _wire_error(
+        raise WireError.with_values(
             f"multifd: offset too long {int(offsets[0])} (block {hdr.ramblock!r} of {block_size} bytes "
             f"holds no {page_size}-byte page)",
             int(offsets[0]),
@@ -341,11 +339,11 @@ def check_packet(hdr: PacketHeader, *, method_flag: int, block_size: int, page_s
     too_long = np.flatnonzero(offsets > np.uint64(limit))
     if too_long.size:
         bad = int(offsets[too_long[0]])
-        raise _wire_error(f"multifd: offset too long {bad} (max {limit})", bad, f"<= {limit}")
+        raise WireError.with_values(f"multifd: offset too long {bad} (max {limit})", bad, f"<= {limit}")
     unaligned = np.flatnonzero(offsets % np.uint64(page_size))
     if unaligned.size:
         bad = int(offsets[unaligned[0]])
-        raise _wire_error(
+        raise WireError.with_values(
             f"multifd: offset {bad} not page aligned (page size {page_size})",
             bad,
             f"a multiple of {page_size}",
@@ -355,7 +353,7 @@ def check_packet(hdr: PacketHeader, *, method_flag: int, block_size: int, page_s
         dups = np.flatnonzero(ordered[1:] == ordered[:-1])
         if dups.size:
             bad = int(ordered[dups[0]])
-            raise _wire_error(
+            raise WireError.with_values(
                 f"multifd: offset {bad} listed more than once in packet {hdr.packet_num}",
                 bad,
                 "unique offsets",

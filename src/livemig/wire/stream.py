@@ -128,13 +128,6 @@ _RAM_REFUSED: Final = {
 }
 
 
-def _wire_error(text: str, value: object = None, expected: object = None) -> WireError:
-    err = WireError(text)
-    err.value = value
-    err.expected = expected
-    return err
-
-
 def _ascii(what: str, text: str, max_len: int) -> bytes:
     try:
         raw = text.encode("ascii")
@@ -588,12 +581,12 @@ class StreamReader:
         if self._current is not None:
             where += f", section {self._current} ({self._sections[self._current].idstr!r})"
         if not self._avail():
-            return _wire_error(
+            return WireError.with_values(
                 f"main stream: connection closed before QEMU_VM_EOF ({where}), expected more records",
                 "end of stream",
                 "QEMU_VM_EOF",
             )
-        return _wire_error(
+        return WireError.with_values(
             f"main stream: connection closed in the middle of a record ({where}; "
             f"{self._avail()} bytes of an incomplete record buffered)",
             "end of stream",
@@ -607,21 +600,21 @@ class StreamReader:
             return None
         magic, version = _FILE_HEADER.unpack_from(self._buf, self._pos)
         if magic != QEMU_VM_FILE_MAGIC:
-            raise _wire_error(
+            raise WireError.with_values(
                 f"main stream: received file magic {magic:#010x}, "
                 f'expected {QEMU_VM_FILE_MAGIC:#010x} ("QEVM")',
                 magic,
                 QEMU_VM_FILE_MAGIC,
             )
         if version == QEMU_VM_FILE_VERSION_COMPAT:
-            raise _wire_error(
+            raise WireError.with_values(
                 "main stream: SaveVM v2 format is obsolete and no longer supported "
                 f"(received file version {version}, expected {QEMU_VM_FILE_VERSION})",
                 version,
                 QEMU_VM_FILE_VERSION,
             )
         if version != QEMU_VM_FILE_VERSION:
-            raise _wire_error(
+            raise WireError.with_values(
                 f"main stream: received file version {version}, expected {QEMU_VM_FILE_VERSION}",
                 version,
                 QEMU_VM_FILE_VERSION,
@@ -647,21 +640,21 @@ class StreamReader:
             self._state = _State.AFTER_EOF
             event = Eof()
         elif kind == QEMU_VM_SUBSECTION:
-            raise _wire_error(
+            raise WireError.with_values(
                 "main stream: received record type 0x05 (SUBSECTION) outside a vmstate; configuration "
                 "subsections are not supported, expected a section, command or EOF",
                 kind,
                 "a top-level record type",
             )
         elif kind == QEMU_VM_SECTION_FOOTER:
-            raise _wire_error(
+            raise WireError.with_values(
                 "main stream: received a section footer (0x7e) outside a section, "
                 "expected a section, command or EOF",
                 kind,
                 "a top-level record type",
             )
         else:
-            raise _wire_error(
+            raise WireError.with_values(
                 f"main stream: received unknown record type {kind:#04x}, "
                 "expected one of 0x00-0x04, 0x07, 0x08",
                 kind,
@@ -673,7 +666,7 @@ class StreamReader:
 
     def _read_configuration(self) -> Event | None:
         if self._records:
-            raise _wire_error(
+            raise WireError.with_values(
                 "main stream: received CONFIGURATION (0x07) after other records, "
                 "expected it right after the header",
                 QEMU_VM_CONFIGURATION,
@@ -683,7 +676,7 @@ class StreamReader:
             return None
         _, length = _TYPE_LEN.unpack_from(self._buf, self._pos)
         if length > MAX_MACHINE_TYPE:
-            raise _wire_error(
+            raise WireError.with_values(
                 f"main stream: received machine type length {length}, expected at most {MAX_MACHINE_TYPE}",
                 length,
                 f"<= {MAX_MACHINE_TYPE}",
@@ -695,7 +688,7 @@ class StreamReader:
         try:
             name = raw.decode("ascii")
         except UnicodeDecodeError as exc:
-            raise _wire_error(
+            raise WireError.with_values(
                 f"main stream: received machine type {raw!r} that is not ASCII", raw, "ASCII"
             ) from exc
         return Configuration(name)
@@ -712,27 +705,27 @@ class StreamReader:
         try:
             idstr = raw.decode("ascii")
         except UnicodeDecodeError as exc:
-            raise _wire_error(
+            raise WireError.with_values(
                 f"main stream: received section idstr {raw!r} that is not ASCII", raw, "ASCII"
             ) from exc
         kind_name = "SECTION_START" if kind == QEMU_VM_SECTION_START else "SECTION_FULL"
         if idstr == RAM_SECTION_IDSTR:
             if version_id != RAM_SECTION_VERSION:
-                raise _wire_error(
+                raise WireError.with_values(
                     f"main stream: received section 'ram' version {version_id}, "
                     f"expected {RAM_SECTION_VERSION}",
                     version_id,
                     RAM_SECTION_VERSION,
                 )
             if instance_id != 0:
-                raise _wire_error(
+                raise WireError.with_values(
                     f"main stream: received section 'ram' instance {instance_id}, expected 0", instance_id, 0
                 )
             payload = _State.RAM
         elif idstr.startswith(LIVEMIG_SECTION_PREFIX) and len(idstr) > len(LIVEMIG_SECTION_PREFIX):
             payload = _State.BLOB
         else:
-            raise _wire_error(
+            raise WireError.with_values(
                 f"main stream: received {kind_name} of unknown section {idstr!r} (instance {instance_id}, "
                 f"section id {section_id}), expected 'ram' or '{LIVEMIG_SECTION_PREFIX}<name>'",
                 idstr,
@@ -740,14 +733,14 @@ class StreamReader:
             )
         known = self._sections.get(section_id)
         if known is not None and (known.idstr, known.instance_id) != (idstr, instance_id):
-            raise _wire_error(
+            raise WireError.with_values(
                 f"main stream: received {kind_name} for section id {section_id} as {idstr!r} instance "
                 f"{instance_id}, expected {known.idstr!r} instance {known.instance_id} (the id is taken)",
                 (idstr, instance_id),
                 (known.idstr, known.instance_id),
             )
         if known is not None and known.is_open:
-            raise _wire_error(
+            raise WireError.with_values(
                 f"main stream: received {kind_name} for section id {section_id} ({idstr!r}) "
                 "that is already open, "
                 "expected SECTION_PART or SECTION_END",
@@ -769,14 +762,14 @@ class StreamReader:
         kind_name = "SECTION_PART" if kind == QEMU_VM_SECTION_PART else "SECTION_END"
         section = self._sections.get(section_id)
         if section is None:
-            raise _wire_error(
+            raise WireError.with_values(
                 f"main stream: received {kind_name} for unknown section id {section_id}, "
                 f"expected one of {sorted(self._sections)} (opened by SECTION_START)",
                 section_id,
                 sorted(self._sections),
             )
         if not section.is_open:
-            raise _wire_error(
+            raise WireError.with_values(
                 f"main stream: received {kind_name} for section id {section_id} ({section.idstr!r}) "
                 "that is not "
                 "open, expected a SECTION_START first",
@@ -798,14 +791,14 @@ class StreamReader:
         expected = _COMMAND_LENGTHS.get(cmd)
         if expected is None:
             name = _COMMAND_NAMES.get(cmd, "unknown")
-            raise _wire_error(
+            raise WireError.with_values(
                 f"main stream: received COMMAND {cmd} ({name}), expected OPEN_RETURN_PATH (1), PING (2) or "
                 "SWITCHOVER_START (11): postcopy, COLO and packaged streams are not supported",
                 cmd,
                 sorted(_COMMAND_LENGTHS),
             )
         if length != expected:
-            raise _wire_error(
+            raise WireError.with_values(
                 f"main stream: received COMMAND {cmd} ({_COMMAND_NAMES[cmd]}) with length {length}, "
                 f"expected {expected}",
                 length,
@@ -828,7 +821,7 @@ class StreamReader:
         if kind != QEMU_VM_SECTION_FOOTER:
             raise self._bad_footer_type()
         if section_id != self._current:
-            raise _wire_error(
+            raise WireError.with_values(
                 f"main stream: received section footer for section id {section_id}, expected {self._current}",
                 section_id,
                 self._current,
@@ -840,7 +833,7 @@ class StreamReader:
 
     def _bad_footer_type(self) -> WireError:
         kind = self._buf[self._pos]
-        return _wire_error(
+        return WireError.with_values(
             f"main stream: received record type {kind:#04x} after the payload of section {self._current}, "
             f"expected the section footer {QEMU_VM_SECTION_FOOTER:#04x}",
             kind,
@@ -854,7 +847,7 @@ class StreamReader:
         assert self._current is not None
         idstr = self._sections[self._current].idstr
         if length > self.max_blob:
-            raise _wire_error(
+            raise WireError.with_values(
                 f"main stream: received a {length}-byte blob in section {self._current} ({idstr!r}), "
                 f"expected at most {self.max_blob}",
                 length,
@@ -875,7 +868,7 @@ class StreamReader:
             return None
         kind = self._buf[self._pos]
         if kind != QEMU_VM_VMDESCRIPTION:
-            raise _wire_error(
+            raise WireError.with_values(
                 f"main stream: received record type {kind:#04x} after EOF, expected VMDESCRIPTION "
                 f"({QEMU_VM_VMDESCRIPTION:#04x}) or the end of the stream",
                 kind,
@@ -885,7 +878,7 @@ class StreamReader:
             return None
         _, length = _TYPE_LEN.unpack_from(self._buf, self._pos)
         if length > MAX_VMDESC:
-            raise _wire_error(
+            raise WireError.with_values(
                 f"main stream: received VMDESCRIPTION of {length} bytes, expected at most {MAX_VMDESC}",
                 length,
                 f"<= {MAX_VMDESC}",
@@ -897,7 +890,7 @@ class StreamReader:
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as exc:
-            raise _wire_error(
+            raise WireError.with_values(
                 f"main stream: VMDESCRIPTION is not UTF-8 ({exc.reason} at byte {exc.start})",
                 raw[:32],
                 "UTF-8 JSON",
@@ -908,7 +901,7 @@ class StreamReader:
     def _read_done(self) -> Event | None:
         if self._avail():
             kind = self._buf[self._pos]
-            raise _wire_error(
+            raise WireError.with_values(
                 f"main stream: received {self._avail()} bytes (first {kind:#04x}) after the VMDESCRIPTION, "
                 "expected the end of the stream",
                 kind,
@@ -930,13 +923,13 @@ class StreamReader:
         if kind not in _RAM_TYPES:
             for bit, name in _RAM_REFUSED.items():
                 if flags & bit:
-                    raise _wire_error(
+                    raise WireError.with_values(
                         f"RAM: received record flags {flags:#x} with {name}, which livemig does not support; "
                         "expected ZERO, MEM_SIZE, PAGE, EOS or MULTIFD_FLUSH",
                         flags,
                         "one of 0x02, 0x04, 0x08, 0x10, 0x200 (| 0x20)",
                     )
-            raise _wire_error(
+            raise WireError.with_values(
                 f"RAM: Unknown combination of migration flags: {flags:#x} (record {word:#018x}), "
                 "expected one of ZERO 0x02, MEM_SIZE 0x04, PAGE 0x08, EOS 0x10, MULTIFD_FLUSH 0x200, "
                 "with CONTINUE 0x20 only on ZERO/PAGE",
@@ -945,7 +938,7 @@ class StreamReader:
             )
         cont = bool(flags & RAM_SAVE_FLAG_CONTINUE)
         if cont and kind not in (RAM_SAVE_FLAG_ZERO, RAM_SAVE_FLAG_PAGE):
-            raise _wire_error(
+            raise WireError.with_values(
                 f"RAM: Unknown combination of migration flags: {flags:#x}, CONTINUE (0x20) expected only "
                 "with ZERO or PAGE",
                 flags,
@@ -954,7 +947,7 @@ class StreamReader:
         if kind in (RAM_SAVE_FLAG_EOS, RAM_SAVE_FLAG_MULTIFD_FLUSH):
             name = "EOS" if kind == RAM_SAVE_FLAG_EOS else "MULTIFD_FLUSH"
             if addr:
-                raise _wire_error(f"RAM: received {name} record with address {addr:#x}, expected 0", addr, 0)
+                raise WireError.with_values(f"RAM: received {name} record with address {addr:#x}, expected 0", addr, 0)
             self._pos += _BE64.size
             if kind == RAM_SAVE_FLAG_EOS:
                 self._state = _State.FOOTER
@@ -962,7 +955,7 @@ class StreamReader:
             return MultifdFlush()
         if kind == RAM_SAVE_FLAG_MEM_SIZE:
             if self._blocks is not None:
-                raise _wire_error(
+                raise WireError.with_values(
                     "RAM: received a second MEM_SIZE record, expected it once, in the setup section",
                     "MEM_SIZE",
                     "one MEM_SIZE",
@@ -984,7 +977,7 @@ class StreamReader:
             return None
         idlen = self._buf[self._pos]
         if idlen == 0:
-            raise _wire_error(
+            raise WireError.with_values(
                 f"RAM: MEM_SIZE lists an empty block id with {self._mem_left} of {self._mem_total} "
                 "bytes undeclared, "
                 "expected a block id of 1..255 bytes",
@@ -998,11 +991,11 @@ class StreamReader:
         try:
             name = raw.decode("ascii")
         except UnicodeDecodeError as exc:
-            raise _wire_error(f"RAM: MEM_SIZE block id {raw!r} is not ASCII", raw, "ASCII") from exc
+            raise WireError.with_values(f"RAM: MEM_SIZE block id {raw!r} is not ASCII", raw, "ASCII") from exc
         if any(name == known for known, _ in self._mem_list):
-            raise _wire_error(f"RAM: MEM_SIZE lists block {name!r} twice", name, "unique block ids")
+            raise WireError.with_values(f"RAM: MEM_SIZE lists block {name!r} twice", name, "unique block ids")
         if length > self._mem_left:
-            raise _wire_error(
+            raise WireError.with_values(
                 f"RAM: MEM_SIZE block {name!r} of {length} bytes exceeds the {self._mem_left} "
                 "bytes left of the "
                 f"declared total {self._mem_total}",
@@ -1010,7 +1003,7 @@ class StreamReader:
                 f"<= {self._mem_left}",
             )
         if len(self._mem_list) >= MAX_RAM_BLOCKS:
-            raise _wire_error(
+            raise WireError.with_values(
                 f"RAM: MEM_SIZE lists more than {MAX_RAM_BLOCKS} blocks",
                 len(self._mem_list) + 1,
                 MAX_RAM_BLOCKS,
@@ -1024,7 +1017,7 @@ class StreamReader:
         pos = self._pos + _BE64.size
         if cont:
             if self._last_block is None:
-                raise _wire_error(
+                raise WireError.with_values(
                     f"RAM: received a record with CONTINUE (0x20) at offset {addr:#x} "
                     "before any block was named, "
                     "expected a block id first",
@@ -1043,19 +1036,19 @@ class StreamReader:
             try:
                 block = raw.decode("ascii")
             except UnicodeDecodeError as exc:
-                raise _wire_error(f"RAM: received block id {raw!r} that is not ASCII", raw, "ASCII") from exc
+                raise WireError.with_values(f"RAM: received block id {raw!r} that is not ASCII", raw, "ASCII") from exc
         # Validate as soon as the block and offset are known, before waiting for the page data.
         blocks = self._blocks or {}
         length = blocks.get(block)
         if length is None:
-            raise _wire_error(
+            raise WireError.with_values(
                 f"RAM: Unknown ramblock {block!r}, cannot accept migration "
                 f"(expected a block declared by MEM_SIZE: {sorted(blocks)})",
                 block,
                 sorted(blocks),
             )
         if addr > length - self.page_size:
-            raise _wire_error(
+            raise WireError.with_values(
                 f"RAM: offset {addr:#x} is outside block {block!r} of {length:#x} bytes "
                 f"(max {max(length - self.page_size, 0):#x})",
                 addr,
@@ -1068,7 +1061,7 @@ class StreamReader:
         if kind == RAM_SAVE_FLAG_ZERO:
             fill = self._buf[pos]
             if fill != 0:
-                raise _wire_error(
+                raise WireError.with_values(
                     f"RAM: Found a zero page with value {fill} at offset {addr:#x} of block {block!r}, "
                     "expected 0",
                     fill,
