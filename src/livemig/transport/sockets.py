@@ -59,14 +59,30 @@ def listen(addr: Address, backlog: int) -> socket.socket:
 Alive = Callable[[], bool] | None
 
 
-def recv_exact_into(sock: socket.socket, buf: memoryview, what: str, eof_ok: bool = False,
-                    alive: Alive = None) -> bool:
-    """Fill ``buf`` from ``sock``. Returns False on EOF before the first byte if ``eof_ok``."""
+def _consume(views: list[memoryview], k: int) -> None:
+    """Drop the first ``k`` bytes from a list of buffers (after a partial vectored read or write)."""
+    while k:
+        first = views[0]
+        if k >= first.nbytes:
+            k -= first.nbytes
+            views.pop(0)
+        else:
+            views[0] = first[k:]
+            k = 0
+
+
+def recv_into_buffers(sock: socket.socket, bufs: list[memoryview], what: str, alive: Alive = None,
+                      eof_ok: bool = False) -> bool:
+    """Scatter-read exactly the total length of ``bufs`` into them (zero-copy into guest RAM).
+
+    Returns False on EOF before the first byte if ``eof_ok`` (a peer that closed between packets).
+    """
+    views = [b for b in bufs if b.nbytes]
+    want = sum(v.nbytes for v in views)
     got = 0
-    n = buf.nbytes
-    while got < n:
+    while views:
         try:
-            k = sock.recv_into(buf[got:], n - got)
+            k = sock.recvmsg_into(views[:512])[0]
         except TimeoutError as exc:
             if alive is not None and alive():
                 continue
@@ -76,39 +92,16 @@ def recv_exact_into(sock: socket.socket, buf: memoryview, what: str, eof_ok: boo
         if k == 0:
             if got == 0 and eof_ok:
                 return False
-            raise TransportError(f"connection closed after {got} of {n} bytes of {what}")
+            raise TransportError(f"connection closed after {got} of {want} bytes of {what}")
         got += k
+        _consume(views, k)
     return True
 
 
-def recv_exact(sock: socket.socket, n: int, what: str) -> bytes:
-    buf = bytearray(n)
-    recv_exact_into(sock, memoryview(buf), what)
-    return bytes(buf)
-
-
-def recv_into_buffers(sock: socket.socket, bufs: list[memoryview], what: str, alive: Alive = None) -> None:
-    """Scatter-read exactly the total length of ``bufs`` into them (zero-copy into guest RAM)."""
-    bufs = [b for b in bufs if b.nbytes]
-    while bufs:
-        try:
-            k = sock.recvmsg_into(bufs[:512])[0]
-        except TimeoutError as exc:
-            if alive is not None and alive():
-                continue
-            raise TransportError(f"timed out reading {what}") from exc
-        except OSError as exc:
-            raise TransportError(f"connection failed while reading {what}: {exc}") from exc
-        if k == 0:
-            raise TransportError(f"connection closed in the middle of {what}")
-        while k:
-            first = bufs[0]
-            if k >= first.nbytes:
-                k -= first.nbytes
-                bufs.pop(0)
-            else:
-                bufs[0] = first[k:]
-                k = 0
+def recv_exact_into(sock: socket.socket, buf: memoryview, what: str, eof_ok: bool = False,
+                    alive: Alive = None) -> bool:
+    """Fill ``buf`` from ``sock``. Returns False on EOF before the first byte if ``eof_ok``."""
+    return recv_into_buffers(sock, [buf], what, alive, eof_ok)
 
 
 def send_buffers(sock: socket.socket, bufs: Sequence[bytes | bytearray | memoryview], what: str) -> int:
@@ -117,15 +110,7 @@ def send_buffers(sock: socket.socket, bufs: Sequence[bytes | bytearray | memoryv
     total = sum(v.nbytes for v in views)
     try:
         while views:
-            k = sock.sendmsg(views[:512])
-            while k:
-                first = views[0]
-                if k >= first.nbytes:
-                    k -= first.nbytes
-                    views.pop(0)
-                else:
-                    views[0] = first[k:]
-                    k = 0
+            _consume(views, sock.sendmsg(views[:512]))
     except TimeoutError as exc:
         raise TransportError(f"timed out writing {what}") from exc
     except OSError as exc:
