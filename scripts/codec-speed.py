@@ -18,14 +18,14 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import threading
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from livemig.accel.sample import sample_pages  # noqa: E402
-from livemig.compress import create_method, get_method, method_names  # noqa: E402
+from livemig.advise import Measurement, measure  # noqa: E402
+from livemig.compress import get_method, method_names  # noqa: E402
 from livemig.errors import MigrationError  # noqa: E402
 from livemig.units import parse_size  # noqa: E402
 
@@ -33,47 +33,6 @@ PAGE = 4096
 PACKET_PAGES = 128
 
 DEFAULT_LEVELS = {"zlib": [1, 6, 9], "zstd": [1, 3, 9], "qatzip": list(range(1, 10))}
-
-
-def packets(data: bytes) -> list[memoryview]:
-    mv = memoryview(data)
-    step = PACKET_PAGES * PAGE
-    return [mv[i : i + step] for i in range(0, len(data), step)]
-
-
-def run_compress(name: str, level: int, pkts: list[memoryview]) -> tuple[float, list[bytes]]:
-    send = create_method(name, level).compressor(0)
-    t = time.perf_counter()
-    out = [b"".join(send.compress([p])) for p in pkts]
-    return time.perf_counter() - t, out
-
-
-def run_decompress(name: str, level: int, payloads: list[bytes], pages: list[int]) -> float:
-    recv = create_method(name, level).decompressor(0)
-    t = time.perf_counter()
-    for p, n in zip(payloads, pages, strict=True):
-        recv.decompress(p, n)
-    return time.perf_counter() - t
-
-
-def run_threads(name: str, level: int, pkts: list[memoryview], threads: int) -> float:
-    method = create_method(name, level)
-    sends = [method.compressor(i) for i in range(threads)]
-    barrier = threading.Barrier(threads + 1)
-
-    def work(i: int) -> None:
-        barrier.wait()
-        for p in pkts:
-            b"".join(sends[i].compress([p]))
-
-    ths = [threading.Thread(target=work, args=(i,)) for i in range(threads)]
-    for th in ths:
-        th.start()
-    barrier.wait()
-    t = time.perf_counter()
-    for th in ths:
-        th.join()
-    return time.perf_counter() - t
 
 
 def parse_levels(text: str) -> list[int]:
@@ -100,9 +59,6 @@ def main() -> int:
     data = sample_pages(npages, args.fill, seed=0)
     print(f"sample: {args.fill}, {len(data) / 2**20:.0f} MiB in {PACKET_PAGES}-page packets "
           f"(made in {time.perf_counter() - t:.1f} s); host: {os.cpu_count()} cpus; best of {args.repeat}")
-    pkts = packets(data)
-    pages = [p.nbytes // PAGE for p in pkts]
-    total = len(data)
 
     cases: list[tuple[str, int, bool]] = []
     for name in args.methods.split(","):
@@ -121,30 +77,28 @@ def main() -> int:
 
     # rounds over all cases (not all repeats of one case in a row): on a shared, noisy host every
     # case then sees the same spread of load, and the best of the rounds is compared
-    inf = float("inf")
-    best: dict[tuple[str, int], list[float]] = {(n, lv): [inf, inf, inf] for n, lv, _ in cases}
-    wire: dict[tuple[str, int], int] = {}
+    best: dict[tuple[str, int], Measurement] = {}
     for _ in range(args.repeat):
         for name, level, _ in cases:
-            b = best[(name, level)]
-            ctime, payloads = run_compress(name, level, pkts)
-            wire[(name, level)] = sum(len(p) for p in payloads)
-            b[0] = min(b[0], ctime)
-            b[1] = min(b[1], run_decompress(name, level, payloads, pages))
-            if args.threads > 0:
-                b[2] = min(b[2], run_threads(name, level, pkts, args.threads))
+            m = measure(name, level, data, threads=args.threads, repeat=1)
+            old = best.get((name, level))
+            if old is None:
+                best[(name, level)] = m
+            else:
+                old.compress_rate = max(old.compress_rate, m.compress_rate)
+                old.decompress_rate = max(old.decompress_rate, m.decompress_rate)
+                old.compress_rate_parallel = max(old.compress_rate_parallel, m.compress_rate_parallel)
 
     thr = f"{args.threads}-thr MB/s"
     head = f"{'method':8} {'level':>5} {'comp MB/s':>9} {'dec MB/s':>9} {'ratio':>6} {thr:>11}  backend"
     print(head)
     print("-" * len(head))
     for name, level, nolevel in cases:
-        ctime, dtime, ttime = best[(name, level)]
-        agg = f"{args.threads * total / ttime / 1e6:11.0f}" if args.threads > 0 else ""
+        m = best[(name, level)]
+        agg = f"{m.compress_rate_parallel / 1e6:11.0f}" if args.threads > 0 else ""
         lv = "-" if nolevel else str(level)
-        backend = create_method(name, level).backend()
-        print(f"{name:8} {lv:>5} {total / ctime / 1e6:9.0f} {total / dtime / 1e6:9.0f} "
-              f"{total / wire[(name, level)]:6.3f} {agg:>11}  {backend[:70]}")
+        print(f"{name:8} {lv:>5} {m.compress_rate / 1e6:9.0f} {m.decompress_rate / 1e6:9.0f} "
+              f"{m.ratio:6.3f} {agg:>11}  {m.backend[:70]}")
     return 0
 
 

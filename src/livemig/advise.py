@@ -117,7 +117,11 @@ def _parallel(fn: Any, args: list[Any]) -> float:
 
 
 def measure(name: str, level: int | None, data: bytes, threads: int, repeat: int = 2) -> Measurement:
-    """Codec figures of ``name`` at ``level`` on ``data`` (see the module docstring)."""
+    """Codec figures of ``name`` at ``level`` on ``data`` (see the module docstring).
+
+    The one codec measurement of the project (``livemig advise``, ``livemig bench``'s compute limit,
+    ``scripts/codec-speed.py``); ``threads=0`` skips the multi-thread aggregate.
+    """
     method = create_method(name, level if level is not None else 1)
     pkts = _packets(data)
     pages = [p.nbytes // PAGE for p in pkts]
@@ -147,8 +151,11 @@ def measure(name: str, level: int | None, data: bytes, threads: int, repeat: int
         best_d = min(best_d, time.perf_counter() - w)
         cpu_d = min(cpu_d, time.thread_time() - c)
     wire = sum(len(p) for p in payloads)
-    par_c = min(_parallel(compress_all, list(range(threads))) for _ in range(repeat))
-    par_d = min(_parallel(lambda ch: decompress_all(ch, payloads), list(range(threads))) for _ in range(repeat))
+    if threads > 0:
+        par_c = min(_parallel(compress_all, list(range(threads))) for _ in range(repeat))
+        par_d = min(_parallel(lambda ch: decompress_all(ch, payloads), list(range(threads))) for _ in range(repeat))
+    else:  # single-core figures only: the aggregate columns repeat them
+        threads, par_c, par_d = 1, best_c, best_d
     return Measurement(
         method=name,
         level=level,

@@ -29,7 +29,7 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from ..compress import create_method
+from ..advise import measure
 
 PACKET = 128 * 4096  # pages per multifd packet x page size (qemu-multifd.md §2.3)
 
@@ -68,47 +68,21 @@ class LoopbackSpeed:
         return asdict(self)
 
 
-def _best(fn: Any, passes: int) -> float:
-    best = float("inf")
-    for _ in range(passes):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
-
-
 def measure_codec(method: str, sample: bytes, level: int = 1, passes: int = 3) -> CodecSpeed:
-    """Compress then decompress ``sample`` in multifd packets with ``method``'s own codec objects.
+    """Single-core compress and decompress speed of ``method`` on ``sample``, in multifd packets,
+    through the method's own per-channel objects (:func:`livemig.advise.measure`).
 
-    Raises MethodUnavailable when the method cannot run here. Each pass uses fresh per-channel
-    states, like a new migration.
+    Raises MethodUnavailable when the method cannot run here.
     """
-    m = create_method(method, level)
-    view = memoryview(sample)
     usable = len(sample) - len(sample) % PACKET
     if usable <= 0:
         raise ValueError(f"sample of {len(sample)} bytes is smaller than one packet ({PACKET})")
-    packets = [view[i : i + PACKET] for i in range(0, usable, PACKET)]
-    payloads: list[bytes] = []
-
-    def comp() -> None:
-        c = m.compressor(0)
-        payloads.clear()
-        for p in packets:
-            payloads.append(b"".join(bytes(b) for b in c.compress([p])))
-
-    def decomp() -> None:
-        d = m.decompressor(0)
-        for p in payloads:
-            d.decompress(p, PACKET // 4096)
-
-    tc = _best(comp, passes)
-    td = _best(decomp, passes)
-    compressed = sum(len(p) for p in payloads)
+    m = measure(method, level, sample[:usable], threads=0, repeat=passes)
+    compressed = round(usable / m.ratio)
     if method == "none":
-        # the payload is the page itself: no codec work (the joins above are bench-side copies)
+        # the payload is the page itself: no codec work
         return CodecSpeed(method, level, usable, compressed, float("inf"), float("inf"))
-    return CodecSpeed(method, level, usable, compressed, usable / tc, usable / td)
+    return CodecSpeed(method, level, usable, compressed, m.compress_rate, m.decompress_rate)
 
 
 def measure_loopback(total: int = 256 << 20, chunk: int = PACKET) -> LoopbackSpeed:
