@@ -205,3 +205,18 @@ def test_stalled_source_fails_the_destination_in_bounded_time() -> None:
     assert "no data from the source" in err
     main.close()
     ch.close()
+
+
+def test_a_probe_that_connects_and_closes_does_not_end_the_wait() -> None:
+    params = MigrationParameters(multifd_channels=2, max_bandwidth=0)
+    g = FakeGuest(GuestConfig(memory=MEM), incoming=True)
+    d = Destination(parse_address("tcp:127.0.0.1:0"), params, guest=g, timeout=5)
+    out: dict[str, Any] = {}
+    t = threading.Thread(target=lambda: out.update(d.run()))
+    t.start()
+    socket.create_connection(("127.0.0.1", d.port)).close()
+    src_guest = FakeGuest(GuestConfig(memory=MEM, seed=2))
+    stats = Source(src_guest, parse_address(f"tcp:127.0.0.1:{d.port}"), params, timeout=5).run()
+    t.join(timeout=15)
+    assert stats.status == "completed", stats.error
+    assert out["status"] == "completed"

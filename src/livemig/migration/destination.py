@@ -274,12 +274,16 @@ class Destination:
                 while len(head) < 4:
                     head = sock.recv(4, socket.MSG_PEEK)  # peek: the owner of the channel reads it again
                     if not head:
-                        raise TransportError("connection closed before sending its magic")
+                        break
                     if len(head) < 4:
                         if time.monotonic() > deadline:
                             raise TransportError(f"connection sent {len(head)} bytes and no magic within "
                                                  f"{self.timeout:.0f} s")
                         time.sleep(0.001)
+                if not head:  # connected and closed without a byte (a probe): not a migration peer
+                    self.log("a connection closed before sending anything; still waiting")
+                    sock.close()
+                    continue
                 magic = int.from_bytes(head[:4], "big")
                 if magic == QEMU_VM_FILE_MAGIC:
                     if self.main is not None:

@@ -525,29 +525,32 @@ class Source:
             self.on_progress(self.stats)
 
     def _fail(self, exc: BaseException) -> None:
+        """End in cancelled (a cancel was asked) or failed, guest running again first."""
+        if self._paused_by_us:  # failure during switchover: the guest runs on here, at once
+            self._paused_by_us = False
+            try:
+                self.guest.resume()
+            except MigrationError as resume_exc:
+                self.stats.guest["resume-error"] = str(resume_exc)
         with self._error_lock:
             err = self._error or exc
-        cancelled = self._cancel.is_set() and not isinstance(err, MigrationError | OSError) or isinstance(
-            err, Cancelled
-        )
-        self.stats.error = str(err) if not isinstance(err, KeyboardInterrupt) else "interrupted"
+        cancelled = self._cancel.is_set() or isinstance(err, Cancelled | KeyboardInterrupt)
+        if cancelled:
+            self.stats.error = "migration cancelled"
+        else:
+            self.stats.error = str(err) or type(err).__name__
+            peer = self._peer_error()
+            if peer:
+                self.stats.error = f"{self.stats.error} (destination: {peer})"
         self.stats.total_time_ms = (time.monotonic() - self.stats.start) * 1000
         self.stats.send_cpu_percent = self.meter.cpu_percent()
         self.stats.send_mem_bytes = self.meter.mem_bytes()
-        peer = self._peer_error()
-        if peer:
-            self.stats.error = f"{self.stats.error} (destination: {peer})"
-        if self._cancel.is_set() or cancelled:
+        if cancelled:
             self.status.try_step(state.CANCELLING)
             self.status.try_step(state.CANCELLED)
         else:
             self.status.try_step(state.FAILED)
         self._shutdown_sockets()
-        if self._paused_by_us:
-            self.guest.resume()
-            self._paused_by_us = False
-        if isinstance(exc, KeyboardInterrupt):
-            self.stats.error = "interrupted"
 
     def _peer_error(self) -> str:
         """The destination's own account of a failure, if it sent one on the return path."""
