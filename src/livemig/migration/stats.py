@@ -231,6 +231,11 @@ class MigrationStats:
         ram = q.get("ram", {})
         lm = q["livemig"]
         lines = [f"Migration status: {self.status}" + (f" ({self.error})" if self.error else "")]
+        if self.status in ("failed", "cancelled"):
+            return "\n".join(lines + [
+                f"after: {q.get('total-time', 0)} ms, {ram.get('transferred', 0) // 1024} kbytes transferred",
+                "the source guest was left running (resumed if it had been paused)",
+            ])
         if ram:
             lines += [
                 f"total time: {q['total-time']} ms",
