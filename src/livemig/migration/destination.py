@@ -174,7 +174,6 @@ class Destination:
         self._guest_ready = threading.Event()
         self._all_channels = threading.Event()
         self._done = threading.Event()
-        self._pending: list[socket.socket] = []
         self.last_progress = time.monotonic()
         self._stream_done = False
 

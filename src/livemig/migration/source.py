@@ -259,6 +259,8 @@ class Source:
         self._rr = 0
         self._paused_by_us = False
         self._running_bytes = True
+        #: pages found dirty by the last sync before switchover, still to be sent
+        self._pending: dict[str, np.ndarray] = {}
 
     # --- public ----------------------------------------------------------------------------------
     def cancel(self) -> None:
