@@ -75,6 +75,9 @@ def test_runs_and_chunks() -> None:
     idx = np.array([1, 2, 3, 7, 9, 10], dtype=np.int64)
     assert runs(idx) == [(1, 3), (7, 1), (9, 2)]
     assert runs(idx[:0]) == []
+    assert runs(np.array([4, 5, 6, 7])) == [(4, 4)]
+    # a peer's order is kept: unsorted offsets spanning a contiguous range are not one run
+    assert runs(np.array([3, 5, 4, 6])) == [(3, 1), (5, 1), (4, 1), (6, 1)]
     assert [c.tolist() for c in chunks(idx, 4)] == [[1, 2, 3, 7], [9, 10]]
 
 

@@ -220,3 +220,30 @@ def test_a_probe_that_connects_and_closes_does_not_end_the_wait() -> None:
     t.join(timeout=15)
     assert stats.status == "completed", stats.error
     assert out["status"] == "completed"
+
+
+@pytest.mark.parametrize("method", ["none", "zstd"])
+def test_unsorted_offsets_land_on_their_own_pages(method: str) -> None:
+    """QEMU reorders a packet's offsets (zero pages swapped to the end): page i goes to offset[i]."""
+    from livemig.compress import create_method
+
+    params = MigrationParameters(multifd_channels=1, multifd_compression=method, max_bandwidth=0)
+    d, g, out, t = _destination(params)
+    main, rp = _hello(d.port, params)
+    ch = socket.create_connection(("127.0.0.1", d.port))
+    order = [3, 5, 4, 6]
+    data = b"".join(bytes([p]) * 4096 for p in order)
+    m = create_method(method)
+    payload = b"".join(bytes(b) for b in m.compressor(0).compress([data]))
+    hdr = packet.encode_packet(flags=m.flag, packet_num=0, ramblock="pc.ram",
+                               normal=np.array(order, np.uint64) * 4096, zero=np.array([], np.uint64),
+                               next_packet_size=len(payload))
+    ch.sendall(handshake.encode_init(bytes(16), 0) + hdr + payload + packet.encode_sync(1))
+    deadline = time.monotonic() + 5
+    while not g.blocks[0].pages[6].any() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    for p in order:
+        assert (g.blocks[0].pages[p] == p).all(), f"page {p}"
+    main.close()
+    ch.close()
+    t.join(timeout=15)

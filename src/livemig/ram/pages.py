@@ -8,9 +8,14 @@ import numpy as np
 
 
 def runs(idx: np.ndarray) -> list[tuple[int, int]]:
-    """Contiguous runs of a sorted page index array as (first, count) pairs."""
+    """Runs of consecutive ascending page indices, in the array's order, as (first, count) pairs."""
     if idx.size == 0:
         return []
+    first = int(idx[0])
+    # the common case, one ascending contiguous run; the order check matters: a peer's offsets need
+    # not be sorted (QEMU moves zero pages to the end of the list by swapping)
+    if int(idx[-1]) - first + 1 == idx.size and bool(np.all(idx[1:] > idx[:-1])):
+        return [(first, int(idx.size))]
     breaks = np.flatnonzero(np.diff(idx) != 1) + 1
     starts = np.concatenate(([0], breaks))
     ends = np.concatenate((breaks, [idx.size]))
