@@ -15,6 +15,7 @@ import sys
 import tempfile
 import time
 from types import FrameType
+from typing import TYPE_CHECKING
 
 from ..compress import method_names
 from ..errors import MigrationError
@@ -23,10 +24,12 @@ from .data import host_info, sample_data, zero_page_fraction, zstd1_ratio
 from .limits import measure_codec, measure_loopback
 from .model import BenchError, Run
 from .procs import Children, NetNamespace
-from .qemu_peer import QemuPeer
 from .render import bandwidth_label, render_bench
 from .results import Bench, DataSample
 from .runner import Experiment, run_livemig
+
+if TYPE_CHECKING:
+    from .qemu_peer import QemuPeer
 
 DESCRIPTION = """\
 Measure the table of QEMU's qatzip-compression.rst (total time, downtime, throughput,
@@ -164,6 +167,8 @@ def run_bench(config: BenchConfig, children: Children) -> Bench:
             _progress(f"bench: socket bytes not counted: {exc}")
     peer = None
     if c.peer == "qemu":
+        from .qemu_peer import QemuPeer  # qemu.qmp is loaded only for --peer qemu
+
         peer = QemuPeer(children, exp, workdir, netns)
         b.peer_info = peer.describe()
     try:
