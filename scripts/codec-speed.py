@@ -9,7 +9,7 @@ compress rate of two threads, each with its own compressor (it shows whether the
 GIL: ~2x the single-thread figure on a 2-core host). Ratio = page bytes / payload bytes.
 
     python3 scripts/codec-speed.py                      # built-in corpus fill, 32 MiB
-    python3 scripts/codec-speed.py --fill files:/work/shared/corpus/silesia --size 64M
+    python3 scripts/codec-speed.py --fill files:DIR --size 64M   # RAM-like data from the files of DIR
     python3 scripts/codec-speed.py --methods qatzip --levels 1-9
 """
 

@@ -68,7 +68,9 @@ class Prediction:
     pages_per_second: float
     wire_rate: float  # bytes/s on the wire
     limit: str  # "link", "sender" or "receiver"
+    #: the source's codec CPU time per second, x 100 (100 = one core busy; at most 100 x its cores)
     send_cpu_percent: float
+    #: the destination's, the same way
     recv_cpu_percent: float
 
 
@@ -251,8 +253,8 @@ def recommend(preds: list[Prediction], inv: Inventory | None, bandwidth: int) ->
     if pick is not best:
         why += (
             f"; within 5 % of {best.measurement.method} ({best.pages_per_second:,.0f}) at lower CPU "
-            f"({pick.send_cpu_percent + pick.recv_cpu_percent:.0f} % vs "
-            f"{best.send_cpu_percent + best.recv_cpu_percent:.0f} % both sides)"
+            f"({(pick.send_cpu_percent + pick.recv_cpu_percent) / 100:.2f} vs "
+            f"{(best.send_cpu_percent + best.recv_cpu_percent) / 100:.2f} cores busy, both sides together)"
         )
     if m.method != "none" and not m.accelerated:
         why += "; CPU path (no accelerator in use)"
@@ -323,26 +325,34 @@ def advise(
 
 
 def render(adv: Advice) -> str:
-    """The table ``livemig advise`` prints."""
+    """The table ``livemig advise`` prints.
+
+    The CPU columns are each side's codec CPU as a share of that side's ``adv.cores`` cores.
+    """
     from .units import format_rate_bits
 
     bw = format_rate_bits(adv.bandwidth) if adv.bandwidth else "unlimited"
+    cores = f"of {adv.cores} core" + ("s" if adv.cores > 1 else "")
     lines = [
-        f"link {bw}, {adv.channels} multifd channels, {adv.cores} cores; sample: {adv.sample}, "
+        f"link {bw}, {adv.channels} multifd channels, {adv.cores} cores on each side; sample: {adv.sample}, "
         f"{adv.sample_bytes >> 20} MiB in 512 KiB packets",
         f"{'method':10} {'comp MB/s':>9} {'dec MB/s':>9} {'ratio':>6} {'pages/s':>10} {'limit':>8} "
-        f"{'wire':>11} {'send CPU':>8} {'recv CPU':>8}  backend",
+        f"{'wire':>11} {'send CPU':>10} {'recv CPU':>10}  backend",
+        f"{'':10} {'(1 core)':>9} {'(1 core)':>9} {'':>6} {'':>10} {'':>8} {'':>11} {cores:>10} {cores:>10}",
     ]
-    lines.append("-" * len(lines[-1]))
+    lines.append("-" * len(lines[1]))
     for p in adv.predictions:
         m = p.measurement
         name = m.method if m.level is None or m.method == "none" else f"{m.method}-{m.level}"
         lines.append(
             f"{name:10} {m.compress_rate / 1e6:9.0f} {m.decompress_rate / 1e6:9.0f} {m.ratio:6.2f} "
             f"{p.pages_per_second:10,.0f} {p.limit:>8} {format_rate_bits(p.wire_rate):>11} "
-            f"{p.send_cpu_percent:7.0f}% {p.recv_cpu_percent:7.0f}%  {m.backend[:60]}"
+            f"{p.send_cpu_percent / adv.cores:9.0f}% {p.recv_cpu_percent / adv.cores:9.0f}%  {m.backend[:60]}"
         )
-    lines.append("(MB/s: one core; pages/s and CPU % use min(channels, cores) threads; CPU is codec time only)")
+    lines.append(
+        f"(MB/s: one core; pages/s with min(channels, cores) threads per side; send/recv CPU: the codec's CPU"
+        f" time on the source / destination as a share of that side's {adv.cores} cores, 100% = all busy)"
+    )
     for note in adv.rules:
         lines.append(f"hardware: {note}")
     level = "" if adv.recommended_level is None or adv.recommended == "none" else f" level {adv.recommended_level}"

@@ -90,3 +90,30 @@ def _cmdline(pid: int) -> str:
             return f.read().replace(b"\0", b" ").decode(errors="replace")
     except OSError:
         return ""
+
+
+@pytest.mark.slow
+def test_qemu_peer_migrates_over_qmp(tmp_path: Path) -> None:
+    """One real QEMU-to-QEMU multifd migration driven over QMP (qemu.qmp), as ``--peer qemu`` runs it."""
+    import shutil
+
+    if shutil.which("qemu-system-x86_64") is None:
+        pytest.skip("qemu-system-x86_64 is not installed (scripts/install-qemu installs it)")
+    from livemig.bench.procs import Children
+    from livemig.bench.qemu_peer import QemuPeer
+    from livemig.bench.runner import Experiment
+
+    exp = Experiment("portable", 32 << 20, "idle", "corpus", timeout=120)
+    with Children() as ch:
+        peer = QemuPeer(ch, exp, str(tmp_path), None)
+        try:
+            run = peer.run("zstd", 2, 0, 0)
+            ram_file = peer.ram_file
+        finally:
+            peer.close()
+    assert run.ok, run.error or run.na
+    assert run.result is not None and run.result["status"] == "completed"
+    assert run.result["ram"]["total"] >= 32 << 20 and run.result["total-time"] > 0  # RAM + firmware ROMs
+    assert run.extra["dst-status"] == "completed"
+    assert run.extra["dst-vm-status"]["status"] == "running"  # the destination took over
+    assert ram_file is not None and not os.path.exists(ram_file)  # close() removed the /dev/shm file

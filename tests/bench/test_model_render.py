@@ -1,4 +1,4 @@
-"""The bench's pure parts: aggregation (medians/min/max), the seed table, markdown, JSON, limits.
+"""The bench's pure parts: aggregation (medians/min/max), the document's table, markdown, JSON, limits.
 
 Every figure in a table must come from a run: the tests feed different fake results through the
 same functions and check that the printed numbers follow them.
@@ -12,10 +12,11 @@ from typing import Any
 
 import pytest
 
-from livemig.bench.cli import Bench, render_all
+from livemig.bench.config import BenchConfig
 from livemig.bench.limits import CodecSpeed, LoopbackSpeed, compute_limit
 from livemig.bench.model import Run, Stat, aggregate
-from livemig.bench.render import render_markdown, render_memory, render_text
+from livemig.bench.render import render_bench, render_markdown, render_memory, render_text
+from livemig.bench.results import Bench, DataSample
 
 GIB = 1 << 30
 
@@ -75,7 +76,7 @@ def test_table_figures_follow_the_results(a: dict[str, float], b: dict[str, floa
         assert cells[:6] == [f"{src[k]:.0f}" for k in ("total", "down", "mbps", "pps", "send", "recv")]
 
 
-def test_seed_layout() -> None:
+def test_document_layout() -> None:
     rows = aggregate([run("qatzip", result(16630)), run("zstd", result(20165)), run("none", result(46063))])
     text = render_text(rows, cores=2, channels_label="8 Channels")
     lines = text.splitlines()
@@ -190,13 +191,13 @@ def test_memory_table_follows_results() -> None:
     assert "qatzip at 2 channels: n/a: no device" in text
 
 
-def _bench(runs: list[Run]) -> Bench:
+def _bench(runs: list[Run], bandwidths: tuple[int, ...] = (1_250_000_000,)) -> Bench:
     host = {"cores": 2, "cpu-model": "Test CPU", "kernel": "6.1", "memory": 1 << 34, "kvm": True}
-    cfg = {"methods": ["qatzip", "zstd", "none"], "bandwidths": [1_250_000_000], "channels": 8, "memory": GIB,
-           "guest": "kvm", "smp": 1, "workload": "idle", "fill": "corpus", "fill-label": "the built-in corpus",
-           "level": 1, "repeat": 1, "peer": None, "downtime-limit": None,
-           "unavailable": {"qatzip": "no QAT", "zstd": None, "none": None}}  # fmt: skip
-    b = Bench(host, cfg, data={"sample-bytes": 32 << 20, "zero-fraction": 0.02, "zstd-1-ratio": 3.24})
+    cfg = BenchConfig(methods=("qatzip", "zstd", "none"), bandwidths=bandwidths, channels=8, memory=GIB,
+                      guest="kvm", smp=1, workload="idle", fill="corpus", fill_label="the built-in corpus",
+                      level=1, repeat=1,
+                      unavailable=(("qatzip", "no QAT"), ("zstd", None), ("none", None)))  # fmt: skip
+    b = Bench(host, cfg, data=DataSample(32 << 20, 0.02, 3.24))
     b.codecs["zstd"] = CodecSpeed("zstd", 1, 100, 30, 400e6, 1000e6)
     b.codecs["none"] = CodecSpeed("none", 1, 100, 100, float("inf"), float("inf"))
     b.loopback = LoopbackSpeed(1 << 28, 3e9, 0.4e-9)
@@ -210,13 +211,15 @@ def test_full_output_and_json_shape() -> None:
         run("zstd", result(2500, backend="cpu: zstd 1.5.4")),
         run("none", result(1700, backend="cpu")),
     ])  # fmt: skip
-    text = render_all(b, markdown=False)
+    text = render_bench(b, markdown=False)
     assert "Host: 2 cores, Test CPU" in text
     assert "zstd-1 ratio 3.24" in text
     assert "qatzip: n/a (no QAT); zstd: CPU (cpu: zstd 1.5.4); none: CPU (cpu)" in text
     assert data_cells(text, "zstd")[0] == "2500"
     doc = json.loads(json.dumps(b.to_json(), default=str))
     assert set(doc) >= {"host", "config", "data", "codecs", "loopback", "rows", "runs", "memory-rows"}
+    assert doc["config"]["methods"] == ["qatzip", "zstd", "none"] and doc["config"]["unavailable"]["qatzip"] == "no QAT"
+    assert doc["data"] == {"sample-bytes": 32 << 20, "zero-fraction": 0.02, "zstd-1-ratio": 3.24}
     assert [r["method"] for r in doc["runs"]] == ["qatzip", "zstd", "none"]
     assert doc["runs"][1]["result"]["total-time"] == 2500
     zrow = doc["rows"][1]
@@ -226,7 +229,7 @@ def test_full_output_and_json_shape() -> None:
 
 def test_accelerator_is_named_from_the_result() -> None:
     b = _bench([run("qatzip", result(900, backend="hardware: QAT 4xxx", accelerated=True))])
-    assert "qatzip: accelerator (hardware: QAT 4xxx)" in render_all(b, markdown=True)
+    assert "qatzip: accelerator (hardware: QAT 4xxx)" in render_bench(b, markdown=True)
 
 
 def test_plots_are_written(tmp_path: Any) -> None:
@@ -236,13 +239,26 @@ def test_plots_are_written(tmp_path: Any) -> None:
     for bw, f in ((125_000_000, 1), (1_250_000_000, 5), (0, 8)):
         runs += [run("zstd", result(1000 * f, pps=40000 * f), bw=bw), run("none", result(900, pps=30000 * f), bw=bw)]
     runs.append(run("qatzip", None, na="no QAT"))
-    b = _bench(runs)
-    b.config["bandwidths"] = [125_000_000, 1_250_000_000, 0]
+    b = _bench(runs, bandwidths=(125_000_000, 1_250_000_000, 0))
     paths = write_plots(b, str(tmp_path / "plots"))
     assert [p.rsplit("/", 1)[1] for p in paths] == ["time-cpu.png", "pps-vs-bandwidth.png", "wire-bytes.png"]
     for p in paths:
         with open(p, "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_one_bandwidth_draws_bars_not_a_sweep(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    from livemig.bench import plots
+
+    drawn: list[list[str]] = []
+    real = plots._pps_bars
+    monkeypatch.setattr(plots, "_pps_sweep", lambda *a: pytest.fail("a sweep plot for one bandwidth"))
+    monkeypatch.setattr(
+        plots, "_pps_bars", lambda b, rows, d: drawn.append([r.method for r in rows]) or real(b, rows, d)
+    )
+    b = _bench([run("zstd", result(1000)), run("none", result(900)), run("qatzip", None, na="no QAT")])
+    paths = plots.write_plots(b, str(tmp_path))
+    assert drawn == [["zstd", "none"]] and len(paths) == 3
 
 
 def test_pages_sent_per_ram_page_follows_results() -> None:

@@ -1,4 +1,4 @@
-"""QMP client against a scripted server, process-group cleanup, and the bench command's bad input."""
+"""The QMP connection (qemu.qmp) against a scripted server, process-group cleanup, bench options."""
 
 from __future__ import annotations
 
@@ -15,35 +15,47 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from qemu.qmp import ConnectError
 
 from livemig.bench import cli as bench_cli
-from livemig.bench.model import Run
+from livemig.bench.model import BenchError, Run
 from livemig.bench.procs import Children, descendants
-from livemig.bench.qmp_client import QMPClient, QMPError
-from livemig.errors import TransportError
+from livemig.bench.qemu_peer import QmpConnection
 
 
 def _serve(path: str, script: list[tuple[str, list[dict[str, Any]]]], seen: list[dict[str, Any]]) -> threading.Thread:
-    """A QMP server: greeting, then for each expected command, the listed replies (events first)."""
+    """A QMP server: greeting, then for each expected command, the listed replies (events first).
+
+    Commands arrive as a stream of JSON objects (qemu.qmp sends no separator), replies go out as lines.
+    """
     srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     srv.bind(path)
     srv.listen(1)
+    decoder = json.JSONDecoder()
 
     def run() -> None:
         conn, _ = srv.accept()
-        f = conn.makefile("rwb")
-        f.write(b'{"QMP": {"version": {"qemu": {"major": 7, "minor": 2, "micro": 0}}, "capabilities": []}}\r\n')
-        f.flush()
+        conn.sendall(b'{"QMP": {"version": {"qemu": {"major": 7, "minor": 2, "micro": 0}, "package": ""},'
+                     b' "capabilities": []}}\r\n')  # fmt: skip
+        buf = ""
         for name, replies in script:
-            msg = json.loads(f.readline())
+            while True:
+                try:
+                    msg, end = decoder.raw_decode(buf.lstrip())
+                    buf = buf.lstrip()[end:]
+                    break
+                except ValueError:
+                    buf += conn.recv(65536).decode()
             seen.append(msg)
             assert msg["execute"] == name
+            out = b""
             for r in replies:
                 r = dict(r)
-                if "event" not in r:
+                if "event" not in r and "id" in msg:
                     r["id"] = msg["id"]
-                f.write(json.dumps(r).encode() + b"\r\n")
-            f.flush()
+                out += json.dumps(r).encode() + b"\r\n"
+            conn.sendall(out)
+        conn.recv(1)  # until the client hangs up
         conn.close()
         srv.close()
 
@@ -52,7 +64,7 @@ def _serve(path: str, script: list[tuple[str, list[dict[str, Any]]]], seen: list
     return th
 
 
-def test_qmp_client_commands_events_errors(tmp_path: Path) -> None:
+def test_qmp_connection_commands_and_errors(tmp_path: Path) -> None:
     path = str(tmp_path / "qmp.sock")
     seen: list[dict[str, Any]] = []
     th = _serve(
@@ -60,45 +72,50 @@ def test_qmp_client_commands_events_errors(tmp_path: Path) -> None:
         [
             ("qmp_capabilities", [{"return": {}}]),
             ("migrate-set-parameters", [{"return": {}}]),
-            ("query-migrate", [{"event": "MIGRATION", "data": {"status": "active"}},
+            ("query-migrate", [{"event": "MIGRATION", "data": {"status": "active"},
+                                "timestamp": {"seconds": 1, "microseconds": 0}},
                                {"return": {"status": "active", "ram": {"transferred": 42}}}]),
             ("migrate", [{"error": {"class": "GenericError", "desc": "There's a migration process in progress"}}]),
         ],
         seen,
     )  # fmt: skip
-    c = QMPClient.connect(path, timeout=5)
-    assert c.greeting["version"]["qemu"]["major"] == 7
+    c = QmpConnection.connect(path, "the test QEMU", timeout=5)
     assert c.execute("migrate-set-parameters", {"multifd-channels": 8}) == {}
     assert c.execute("query-migrate")["ram"]["transferred"] == 42
-    assert c.events == [{"event": "MIGRATION", "data": {"status": "active"}}]
-    with pytest.raises(QMPError, match="migrate .*tcp:1.2.3.4:5.*GenericError: There's a migration process"):
+    with pytest.raises(BenchError, match="migrate .*tcp:1.2.3.4:5.* on the test QEMU failed: GenericError: There's a"):
         c.execute("migrate", {"uri": "tcp:1.2.3.4:5"})
     c.close()
     th.join(5)
-    assert seen[1] == {"execute": "migrate-set-parameters", "id": 2, "arguments": {"multifd-channels": 8}}
-    assert [m["id"] for m in seen] == [1, 2, 3, 4]
+    assert [m["execute"] for m in seen] == ["qmp_capabilities", "migrate-set-parameters", "query-migrate", "migrate"]
+    assert seen[1]["arguments"] == {"multifd-channels": 8}
+    assert len({m["id"] for m in seen[1:]}) == 3  # one id per command after the negotiation
 
 
-def test_qmp_client_rejects_a_non_qmp_server(tmp_path: Path) -> None:
+def test_qmp_connection_rejects_a_non_qmp_server(tmp_path: Path) -> None:
     path = str(tmp_path / "x.sock")
     srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     srv.bind(path)
-    srv.listen(1)
+    srv.listen(8)
 
     def run() -> None:
-        conn, _ = srv.accept()
-        conn.sendall(b"hello\r\n")
-        conn.close()
+        while True:
+            try:
+                conn, _ = srv.accept()
+            except OSError:
+                return
+            conn.sendall(b"hello\r\n")
+            conn.close()
 
     threading.Thread(target=run, daemon=True).start()
-    with pytest.raises(TransportError, match="invalid JSON"):
-        QMPClient.connect(path, timeout=5)
+    with pytest.raises(BenchError, match="cannot connect to the test QEMU's QMP socket .*x.sock within 1 s") as info:
+        QmpConnection.connect(path, "the test QEMU", timeout=1)
+    assert isinstance(info.value.__cause__, ConnectError)  # qemu.qmp's own error is kept
     srv.close()
 
 
 def test_qmp_connect_times_out_without_server(tmp_path: Path) -> None:
-    with pytest.raises(TransportError, match="cannot connect to QMP socket"):
-        QMPClient.connect(str(tmp_path / "none.sock"), timeout=0.2)
+    with pytest.raises(BenchError, match="cannot connect to the test QEMU's QMP socket"):
+        QmpConnection.connect(str(tmp_path / "none.sock"), "the test QEMU", timeout=0.2)
 
 
 def _alive(pid: int) -> bool:
@@ -139,39 +156,84 @@ def test_bench_defaults_match_the_document() -> None:
     assert a.workload == "idle" and a.fill == "corpus" and a.repeat == 1 and a.func is bench_cli.main
 
 
+ACCEPTED = "(accepted: none, zlib, zstd, qatzip, qpl, uadk)"
+
+
 @pytest.mark.parametrize(
     "kw,msg",
     [
-        ({"memory": "12345"}, "--memory: 12345 is not a positive multiple of 4 KiB"),
-        ({"multifd_channels": 0}, "--multifd-channels: 0 is not between 1 and 255"),
-        ({"repeat": 0}, "--repeat: 0 must be at least 1"),
-        ({"corpus": "/nonexistent/dir"}, "--corpus: '/nonexistent/dir' is not a directory"),
+        ({"methods": "lz4"}, f"--methods: unknown method(s) 'lz4' {ACCEPTED}"),
+        ({"methods": "zstd,lz4,xz"}, f"--methods: unknown method(s) 'lz4', 'xz' {ACCEPTED}"),
         ({"methods": ","}, "--methods: empty list"),
+        ({"bandwidth": "fast"}, "--bandwidth: 'fast' is not a rate such as 1Gbps, 10Gbps, 500MiB/s, or 0 for uncapped"),
+        ({"bandwidth": "1Gbps,,"}, None),  # empty items are skipped: valid
+        ({"memory": "12345"}, "--memory: 12345 must be at least 4096 bytes and a multiple of 4096 bytes"),
+        ({"memory": "2X"}, "--memory: '2X' is not a size (a number with an optional K, M, G or T suffix)"),
+        ({"sample": "lots"}, "--sample: 'lots' is not a size"),
+        ({"multifd_channels": 0}, "--multifd-channels: Parameter 'multifd_channels' expects a value between 1 and 255"),
+        ({"memory_table": True, "multifd_channels": 256}, "--multifd-channels: Parameter 'multifd_channels'"),
+        ({"repeat": 0}, "--repeat: 0 must be at least 1"),
+        ({"smp": 0}, "--smp: 0 must be at least 1"),
+        ({"level": 21, "methods": "zstd"}, "--level: Parameter 'multifd_zstd_level' expects a value between 0 and 20"),
+        ({"level": 0, "methods": "none,qatzip"}, "--level: Parameter 'multifd_qatzip_level' expects a value between 1"),
+        ({"downtime_limit": -5}, "--downtime-limit: Parameter 'downtime_limit' expects an integer in the range"),
+        ({"fill": "bogus"}, "--fill: unknown fill 'bogus' (expected one of: zero, random, corpus, files:DIR"),
+        ({"corpus": "/nonexistent/dir"}, "--corpus: '/nonexistent/dir' is not a directory"),
+        ({"json": "/nonexistent/dir/b.json"}, "--json: cannot write '/nonexistent/dir/b.json'"),
+        ({"plot": "/etc/hostname/plots"}, "--plot: cannot create or write the directory '/etc/hostname/plots'"),
     ],
 )
-def test_bad_options_are_named(kw: dict[str, Any], msg: str, capsys: pytest.CaptureFixture[str]) -> None:
-    assert bench_cli.main(_args(**kw)) == 2
-    assert msg in capsys.readouterr().err
+def test_bad_options_exit_2_before_anything_runs(
+    kw: dict[str, Any], msg: str | None, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ran: list[Any] = []
+
+    def run_bench(config: Any, children: Any) -> None:
+        ran.append(config)
+        raise KeyboardInterrupt  # stop here: main() returns 130
+
+    monkeypatch.setattr(bench_cli, "run_bench", run_bench)
+    code = bench_cli.main(_args(**kw))
+    if msg is None:
+        assert code == 130 and ran[0].bandwidths == (125_000_000,)
+        return
+    err = capsys.readouterr().err
+    assert code == 2 and not ran
+    assert err.startswith("livemig bench: ") and msg in err and err.count("\n") == 1
+
+
+def test_bench_help_is_plain_text(capsys: pytest.CaptureFixture[str]) -> None:
+    parser = argparse.ArgumentParser(prog="livemig")
+    bench_cli.add_commands(parser.add_subparsers())
+    with pytest.raises(SystemExit):
+        parser.parse_args(["bench", "--help"])
+    text = capsys.readouterr().out
+    assert "Exit status: 0 when every attempted run succeeded" in text and "2 on a bad" in text
+    for markup in ("``", ":mod:", ":class:", ":func:", "/work/", "/home/", "%%"):
+        assert markup not in text
+    assert "none, zlib, zstd, qatzip, qpl, uadk" in text  # the accepted methods
 
 
 def test_unavailable_method_and_peer_are_na_rows(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
+    from livemig.bench import config
+
     started: list[str] = []
     monkeypatch.setattr(bench_cli, "run_livemig", lambda *a, **k: started.append(a[2]) or Run("livemig", a[2], 8, 0))
+    monkeypatch.setattr(config, "available_methods", lambda: {"uadk": "no UADK device here"})
     monkeypatch.setattr("livemig.bench.qemu_peer.shutil.which", lambda name: None)
     out = tmp_path / "b.json"
     code = bench_cli.main(
-        _args(methods="bogus", memory="16M", sample="1M", peer="qemu", no_netns=True, json=str(out), guest="portable")
+        _args(methods="uadk", memory="16M", sample="1M", peer="qemu", no_netns=True, json=str(out), guest="portable")
     )
     text = capsys.readouterr().out
     assert code == 0 and started == []  # nothing ran
-    known = r"\(known: none, zlib, zstd, qatzip, qpl, uadk\)"
-    assert re.search(r"^\|bogus livemig *\|n/a: unknown method " + known, text, re.M)
-    assert re.search(r"^\|bogus QEMU *\|n/a: no qemu-system-x86_64; install qemu-system-x86", text, re.M)
+    assert re.search(r"^\|uadk livemig *\|n/a: no UADK device here", text, re.M)
+    assert re.search(r"^\|uadk QEMU *\|n/a: no qemu-system-x86_64; install qemu-system-x86", text, re.M)
     assert "Peer: QEMU n/a: no qemu-system-x86_64" in text
     doc = json.loads(out.read_text())
-    assert doc["runs"][0]["na"].startswith("unknown method") and doc["runs"][1]["peer"] == "qemu"
+    assert doc["runs"][0]["na"] == "no UADK device here" and doc["runs"][1]["peer"] == "qemu"
     assert not [f for f in os.listdir("/dev/shm") if f.startswith(f"livemig-bench-{os.getpid()}-")]
 
 

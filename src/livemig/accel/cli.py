@@ -31,7 +31,8 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:  # type: ignor
         "advise",
         help="measure each method on a sample and recommend one for a link",
         description="Measure every available compression method's speed and ratio on a sample of "
-        "guest pages, predict pages/s and CPU %% per side for the link, and recommend one.",
+        "guest pages, predict pages/s and each side's CPU use for the link, and recommend one. Source and "
+        "destination are taken to be separate hosts with --cores cores each.",
     )
     a.add_argument("--bandwidth", default="10Gbps", help="link speed, e.g. 10Gbps, 25Gbps, 1GB/s (0: unlimited)")
     a.add_argument("--multifd-channels", type=int, default=2, help="channels (QEMU default 2)")

@@ -1,10 +1,12 @@
-"""``livemig bench``: the seed's table (qatzip-compression.rst) measured on this host.
+"""``livemig bench``: the table of QEMU's qatzip-compression.rst, measured on this host.
 
+* :mod:`.config`: the options, checked before anything runs (:class:`.config.BenchConfig`).
 * :mod:`.model`: runs and rows (median/min/max), pure.
-* :mod:`.render`: the seed's table, markdown and the memory table, pure.
+* :mod:`.results`: everything one bench measured (:class:`.results.Bench`) and its JSON.
+* :mod:`.render`: the tables, header and footer, markdown and the memory table, pure.
 * :mod:`.limits`: codec and loopback speeds, and the compute limit.
 * :mod:`.runner`: one ``livemig migrate --local`` run in child processes.
-* :mod:`.qemu_peer` / :mod:`.qmp_client`: the same experiment with QEMU's migration.
+* :mod:`.qemu_peer`: the same experiment with QEMU's migration, over QMP (``qemu.qmp``).
 * :mod:`.plots`: PNG plots. :mod:`.cli`: the ``bench`` subcommand.
 """
 

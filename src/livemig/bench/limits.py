@@ -31,7 +31,7 @@ from typing import Any
 
 from ..advise import measure
 
-PACKET = 128 * 4096  # pages per multifd packet x page size (qemu-multifd.md §2.3)
+PACKET = 128 * 4096  # pages per multifd packet x page size (docs/wire.md, "Multifd packet")
 
 
 @dataclass(frozen=True)

@@ -10,30 +10,37 @@ sides get the multifd and events capabilities and the same channels, method and 
 also the cap and the downtime limit. Then ``migrate-incoming`` / ``migrate``, and ``query-migrate``
 polled until the end. Send/recv CPU % come from /proc/<pid>/stat over the total time; the bytes
 really written to the sockets from the bench's private network namespace (QEMU 7.2's own counters
-count multifd pages uncompressed)."""
+count multifd pages uncompressed). The QEMU facts this relies on are in docs/bench.md; QMP is
+spoken through the ``qemu.qmp`` package (:class:`QmpConnection`)."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import json
 import os
 import re
 import shutil
 import subprocess
 import time
 import uuid
-from typing import Any
+from collections.abc import Awaitable
+from typing import Any, TypeVar
+
+from qemu.qmp import ConnectError, ExecuteError, QMPClient, QMPError
 
 from ..errors import MigrationError
 from .data import write_ram_file
 from .model import BenchError, Run
 from .procs import Children, NetNamespace, stop
-from .qmp_client import QMPClient
 from .runner import Experiment
 
+T = TypeVar("T")
+
 QEMU = "qemu-system-x86_64"
-#: multifd-compression values and the QEMU version that added each (qemu-multifd.md §5.1)
+#: multifd-compression values and the QEMU version that added each (docs/bench.md, "QEMU versions")
 METHOD_SINCE = {
-    "none": (4, 0),
+    "none": (5, 0),
     "zlib": (5, 0),
     "zstd": (5, 0),
     "qpl": (9, 1),
@@ -59,6 +66,56 @@ def idle_firmware() -> bytes:
     image = bytearray(b"\xf4" * 65536)  # hlt everywhere
     image[0xFFF0:0xFFF3] = b"\xf4\xeb\xfd"  # reset vector: hlt; jmp hlt
     return bytes(image)
+
+
+class QmpConnection:
+    """A synchronous QMP connection to one QEMU: ``qemu.qmp``'s QMPClient on a private event loop.
+
+    Errors are BenchError naming the QMP socket or command (the ``qemu.qmp`` exception is kept as
+    the cause).
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._loop = asyncio.new_event_loop()
+        self._client = QMPClient(name)
+
+    def _run(self, aw: Awaitable[T], timeout: float | None) -> T:
+        return self._loop.run_until_complete(asyncio.wait_for(aw, timeout))
+
+    @classmethod
+    def connect(cls, path: str, name: str, timeout: float = 30.0) -> QmpConnection:
+        """Connect to the UNIX socket ``path`` (retried until QEMU listens or ``timeout`` s), greet,
+        negotiate capabilities. Raises BenchError."""
+        conn = cls(name)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                conn._run(conn._client.connect(path), max(0.1, deadline - time.monotonic()))
+                return conn
+            except (TimeoutError, ConnectError) as exc:
+                if time.monotonic() > deadline:
+                    conn.close()
+                    raise BenchError(f"cannot connect to {name}'s QMP socket {path} within {timeout:.0f} s") from exc
+                time.sleep(0.05)
+
+    def execute(self, command: str, arguments: dict[str, Any] | None = None, timeout: float = 60.0) -> Any:
+        """Run ``command`` and return its ``return`` value. Raises BenchError naming the command."""
+        what = f"QMP {command} {json.dumps(arguments or {})} on {self.name}"
+        try:
+            return self._run(self._client.execute(command, arguments), timeout)
+        except ExecuteError as exc:
+            raise BenchError(f"{what} failed: {exc.error_class}: {exc}") from exc
+        except (TimeoutError, QMPError, OSError, EOFError) as exc:
+            raise BenchError(f"{what} failed: {type(exc).__name__}: {exc or 'no reply'}") from exc
+
+    def close(self) -> None:
+        """Disconnect (QEMU may already be gone) and close the event loop."""
+        if self._loop.is_closed():
+            return
+        with contextlib.suppress(TimeoutError, QMPError, OSError, EOFError):
+            self._run(self._client.disconnect(), 5.0)
+        self._loop.close()
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -169,7 +226,7 @@ class QemuPeer:
             run.na = f"QEMU peer runs an idle firmware guest only, not workload '{self.exp.workload}'"
             return run
         procs: list[subprocess.Popen[Any]] = []
-        clients: list[QMPClient] = []
+        clients: list[QmpConnection] = []
         tag = uuid.uuid4().hex[:6]
         logs: list[Any] = []
         try:
@@ -193,16 +250,16 @@ class QemuPeer:
             dst_proc, src_proc = procs
             run.extra["argv"] = [p.args for p in procs]
             try:
-                dst = QMPClient.connect(dst_qmp, timeout=120)  # prealloc of the destination takes a while
+                # preallocating the destination's RAM takes a while
+                dst = QmpConnection.connect(dst_qmp, "the destination QEMU", timeout=120)
                 clients.append(dst)
-                src = QMPClient.connect(src_qmp, timeout=60)
+                src = QmpConnection.connect(src_qmp, "the source QEMU", timeout=60)
                 clients.append(src)
-            except MigrationError as exc:
+            except BenchError as exc:
                 for log in logs:
                     log.seek(0)
-                raise BenchError(
-                    f"{exc}; QEMU said: {' / '.join(log.read().strip() for log in logs)}"
-                ) from exc
+                said = " / ".join(log.read().strip() for log in logs)
+                raise BenchError(f"{exc}; QEMU said: {said or 'nothing'}") from exc
             caps = {
                 "capabilities": [
                     {"capability": "multifd", "state": True},

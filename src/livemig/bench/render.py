@@ -1,7 +1,8 @@
-"""The seed's table (qatzip-compression.rst), as text and markdown, from aggregated rows. Pure.
+"""The bench's tables, as text and markdown, from aggregated rows. Pure.
 
-The text layout is the document's: ``|8 Channels |Total time(ms)|down time(ms)|throughput(mbps)|
-pages per second|send cpu %|recv cpu %|``, two header lines, a rule after every row. Four columns
+The text layout is that of the table in QEMU's docs/devel/migration/qatzip-compression.rst
+(``|8 Channels |Total time(ms)|down time(ms)|throughput(mbps)|pages per second|send cpu %|recv cpu %|``),
+two header lines, a rule after every row. Four columns
 are added on the right: the compute limit (see :mod:`livemig.bench.limits`), the percent of it the
 run reached, the bytes really sent, and the pages sent per RAM page (1.00x when none went twice).
 """
@@ -10,9 +11,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from ..units import format_rate_bits
-from .model import Row, ratio_row
+from ..units import format_rate_bits, format_size
+from .model import Row, aggregate, ratio_row
+
+if TYPE_CHECKING:
+    from .results import Bench
 
 
 @dataclass(frozen=True)
@@ -40,7 +45,7 @@ def _pct(v: float) -> str:
 
 
 def columns(cores: int) -> list[Column]:
-    """The table's value columns, in order (the seed's six, then limit, % of limit, wire)."""
+    """The table's value columns, in order (the document's six, then limit, % of limit, wire)."""
     return [
         Column("total-time", "Total", "time(ms)", _int),
         Column("downtime", "down", "time(ms)", _int),
@@ -123,7 +128,7 @@ def table_lines(rows: Sequence[Row], cores: int, spread: bool = False) -> list[l
 
 
 def render_text(rows: Sequence[Row], cores: int, channels_label: str, spread: bool = False) -> str:
-    """The seed's ASCII table (one per bandwidth/channel group; the caller splits groups)."""
+    """The document's ASCII table (one per bandwidth/channel group; the caller splits groups)."""
     cols = columns(cores)
     body = table_lines(rows, cores, spread)
     first = max([len(channels_label) + 1, *(len(b[0]) for b in body)])
@@ -235,3 +240,98 @@ def render_memory(rows: Sequence[Row], markdown: bool = False) -> str:
         out.append(rule)
     notes = [f"{r.method} at {r.channels} channels: {r.note}" for r in rows if r.note]
     return "\n".join(out + notes)
+
+
+def header(b: Bench) -> str:
+    """The lines above the tables: host, guest, data, link, and where each method runs."""
+    h, c, d = b.host, b.config, b.data
+    load = (
+        f"; load average {h['loadavg-before']:.1f} before, {h['loadavg-after']:.1f} after"
+        if "loadavg-after" in h
+        else ""
+    )
+    data = ""
+    if d is not None:
+        data = (
+            f", zstd-1 ratio {d.zstd1_ratio:.2f} ({format_size(d.size)} sample,"
+            f" {100 * d.zero_fraction:.1f}% zero pages)"
+        )
+    lines = [
+        f"Host: {h['cores']} cores, {h['cpu-model']}, Linux {h['kernel']}{load}",
+        f"VM Configuration: {c.guest} guest, {c.smp} vCPU, {format_size(c.memory)} memory",
+        f"VM Workload: vCPUs {c.workload}; memory filled with {c.fill_label}{data}",
+        f"Link: {c.channels} multifd channels over loopback, max-bandwidth "
+        + ", ".join(bandwidth_label(x) for x in c.bandwidths),
+    ]
+    where = []
+    done = [r for r in aggregate(b.runs) if r.peer == "livemig" and not r.note]
+    for m in c.methods:
+        row = next((r for r in done if r.method == m), None)
+        if row is not None:
+            kind = "accelerator" if row.accelerated else "CPU"
+            where.append(f"{m}: {kind} ({row.backend})" if row.backend else f"{m}: {kind}")
+        else:
+            reason = c.method_na(m)
+            where.append(f"{m}: n/a ({reason})" if reason else f"{m}: no successful run")
+    lines.append("Methods: " + "; ".join(where))
+    if b.peer_info:
+        p = b.peer_info
+        if p.get("unavailable"):
+            lines.append(f"Peer: QEMU n/a: {p['unavailable']}")
+        else:
+            lines.append(f"Peer: {p['version']}, accel={p['accel']}; guest: {p['guest']}")
+    return "\n".join(lines)
+
+
+def footer(b: Bench) -> str:
+    """The lines below the tables: what the limit and sent columns mean, the measured speeds."""
+    cores = b.cores
+    lines = [
+        f"{cores}-core limit = max((RAM/compress + RAM/decompress + wire*loopback) / {cores} cores,"
+        " wire/cap), from single-core codec speeds measured on the data sample (livemig.bench.limits);"
+        " sent = TCP payload bytes on the namespace's loopback (else the engine's wire-bytes)."
+    ]
+    if b.loopback:
+        lines.append(
+            f"loopback TCP: {b.loopback.wall_bps / 1e6:.0f} MB/s,"
+            f" {b.loopback.core_seconds_per_byte * 1e9:.3f} core-ns/byte (send+recv)"
+        )
+    for m, cs in b.codecs.items():
+        if m == "none":
+            continue
+        lines.append(
+            f"{m}-{cs.level}: compress {cs.compress_bps / 1e6:.0f} MB/s,"
+            f" decompress {cs.decompress_bps / 1e6:.0f} MB/s per core, ratio {cs.ratio:.2f}"
+        )
+    for m, e in b.codec_errors.items():
+        lines.append(f"{m}: codec not measured: {e}")
+    if b.peer_info and not b.peer_info.get("unavailable"):
+        lines.append(
+            "QEMU rows: CPU % from /proc/<pid>/stat over QEMU's total time; QEMU 7.2's throughput and"
+            " max-bandwidth count multifd pages uncompressed, so compare the sent column for bytes."
+        )
+    return "\n".join(lines)
+
+
+def render_bench(b: Bench, markdown: bool) -> str:
+    """Header, one table per bandwidth (and a min..max table when repeated), memory table, footer."""
+    rows = b.rows()
+    c = b.config
+    render = render_markdown if markdown else render_text
+    out = [header(b), ""]
+    for bw in c.bandwidths:
+        group = [r for r in rows if r.bandwidth == bw]
+        label = f"{c.channels} Channels"
+        out.append(f"{bandwidth_label(bw)}, medians of {c.repeat} runs:" if c.repeat > 1 else f"{bandwidth_label(bw)}:")
+        out.append(render(group, b.cores, label))
+        if c.repeat > 1:
+            out.append(f"{bandwidth_label(bw)}, min..max of {c.repeat} runs:")
+            out.append(render(group, b.cores, label, spread=True))
+        out += [f"  {r.method} ({r.peer}) {e}" for r in group for e in r.errors]
+        out.append("")
+    if b.memory_runs:
+        out.append("Memory used by migration beyond guest RAM (sender / receiver, medians):")
+        out.append(render_memory(aggregate(b.memory_runs), markdown))
+        out.append("")
+    out.append(footer(b))
+    return "\n".join(out)

@@ -1,0 +1,219 @@
+"""What one ``livemig bench`` invocation measures (:class:`BenchConfig`), checked before anything runs.
+
+:func:`parse_options` turns the command line into a :class:`BenchConfig` or raises
+:class:`~livemig.bench.model.BenchError` naming the option, the bad value and what is accepted.
+Migration parameters (channels, method, level, max-bandwidth, downtime-limit) are checked by
+:meth:`livemig.params.MigrationParameters.check`, one MigrationParameters per table row, so the bench
+accepts exactly what ``livemig migrate`` accepts. Nothing here starts a process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from ..compress import available_methods, method_names
+from ..errors import MigrationError, ParameterError
+from ..params import MigrationParameters
+from ..units import parse_rate, parse_size
+from .model import BenchError
+
+DEFAULT_METHODS = "qatzip,zstd,none"
+DEFAULT_MEMORY = "2G"
+#: channel counts of ``--memory-table``
+MEMORY_TABLE_CHANNELS = (2, 4, 8)
+#: the multifd-compression methods that take a level (``--level``)
+LEVELLED = ("zlib", "zstd", "qatzip")
+#: QEMU parameter name (as MigrationParameters.check() writes it) -> the bench option that sets it
+OPTION_OF = {
+    "multifd_channels": "--multifd-channels",
+    "multifd_compression": "--methods",
+    "multifd_zlib_level": "--level",
+    "multifd_zstd_level": "--level",
+    "multifd_qatzip_level": "--level",
+    "max_bandwidth": "--bandwidth",
+    "downtime_limit": "--downtime-limit",
+}
+UNCAPPED_WORDS = ("0", "unlimited", "uncapped", "none")
+RATE_EXAMPLES = "a rate such as 1Gbps, 10Gbps, 500MiB/s, or 0 for uncapped"
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """One bench invocation, every value checked (see :func:`parse_options`)."""
+
+    methods: tuple[str, ...]
+    #: max-bandwidth of each table, bytes/s (0 = uncapped)
+    bandwidths: tuple[int, ...]
+    channels: int
+    #: guest RAM, bytes
+    memory: int
+    #: "kvm" or "portable"
+    guest: str
+    smp: int
+    workload: str
+    #: the ``--fill`` spec every guest and the data sample use
+    fill: str
+    fill_label: str
+    level: int
+    repeat: int
+    peer: str | None = None
+    #: ms; None = the engine's default
+    downtime_limit: int | None = None
+    #: bytes of the data sample for codec speeds (a multiple of one multifd packet)
+    sample: int = 32 << 20
+    #: seconds per run before it is killed
+    timeout: float = 900.0
+    memory_table: bool = False
+    #: count socket bytes in a private network namespace
+    netns: bool = True
+    #: method -> why it cannot run here (None: it runs)
+    unavailable: tuple[tuple[str, str | None], ...] = ()
+    #: why the chosen guest cannot run here (None: it runs)
+    guest_na: str | None = None
+
+    def method_na(self, method: str) -> str | None:
+        """Why ``method``'s livemig runs are n/a here (method or guest missing), else None."""
+        reason = dict(self.unavailable).get(method)
+        if reason is None and self.guest_na:
+            reason = f"{self.guest} guest: {self.guest_na}"
+        return reason
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["unavailable"] = dict(self.unavailable)
+        return {k.replace("_", "-"): v for k, v in d.items()}
+
+
+def _list(text: str, option: str) -> list[str]:
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    if not items:
+        raise BenchError(f"{option}: empty list")
+    return items
+
+
+def parse_bandwidths(text: str) -> list[int]:
+    """``1Gbps,10Gbps,0`` -> bytes/s per item (0 = uncapped). BenchError names ``--bandwidth``."""
+    out = []
+    for t in _list(text, "--bandwidth"):
+        if t.lower() in UNCAPPED_WORDS:
+            out.append(0)
+            continue
+        try:
+            out.append(parse_rate(t))
+        except ParameterError as exc:
+            raise BenchError(f"--bandwidth: '{t}' is not {RATE_EXAMPLES}") from exc
+    return out
+
+
+def _size(text: str, option: str, minimum: int, multiple: int = 1) -> int:
+    try:
+        value = parse_size(text)
+    except ParameterError as exc:
+        raise BenchError(f"{option}: '{text}' is not a size (a number with an optional K, M, G or T suffix)") from exc
+    if value < minimum or value % multiple:
+        what = f"at least {minimum} bytes" + (f" and a multiple of {multiple} bytes" if multiple > 1 else "")
+        raise BenchError(f"{option}: {text} must be {what}")
+    return value
+
+
+def _at_least(value: float, option: str, minimum: float) -> None:
+    if value < minimum:
+        raise BenchError(f"{option}: {value} must be at least {minimum}")
+
+
+def check_row(method: str, channels: int, bandwidth: int, level: int, downtime_limit: int | None) -> None:
+    """The migration parameters of one table row, checked as ``livemig migrate`` checks them.
+
+    Raises BenchError "<option>: <QEMU's message>" (the option that set the bad parameter).
+    """
+    fields: dict[str, Any] = {
+        "multifd_channels": channels,
+        "multifd_compression": method,
+        "max_bandwidth": bandwidth,
+    }
+    if method in LEVELLED:
+        fields[f"multifd_{method}_level"] = level
+    if downtime_limit is not None:
+        fields["downtime_limit"] = downtime_limit
+    try:
+        MigrationParameters(**fields).check()
+    except ParameterError as exc:
+        m = re.search(r"Parameter '([^']+)'", str(exc))
+        option = OPTION_OF.get(m.group(1).replace("-", "_"), "option") if m else "option"
+        raise BenchError(f"{option}: {exc}") from exc
+
+
+def parse_options(args: argparse.Namespace) -> BenchConfig:
+    """Check every option of ``livemig bench`` and resolve the guest; BenchError on the first bad one."""
+    methods = _list(args.methods, "--methods")
+    unknown = [m for m in methods if m not in method_names()]
+    if unknown:
+        raise BenchError(
+            f"--methods: unknown method(s) {', '.join(repr(m) for m in unknown)}"
+            f" (accepted: {', '.join(method_names())})"
+        )
+    bandwidths = parse_bandwidths(args.bandwidth)
+    memory = _size(args.memory, "--memory", 4096, 4096)
+    sample = _size(args.sample, "--sample", 1)
+    sample = max(sample - sample % (128 * 4096), 128 * 4096)  # whole multifd packets
+    _at_least(args.repeat, "--repeat", 1)
+    _at_least(args.smp, "--smp", 1)
+    _at_least(args.timeout, "--timeout", 1)
+    channels = [args.multifd_channels, *(MEMORY_TABLE_CHANNELS if args.memory_table else ())]
+    for m in methods:
+        for bw in bandwidths:
+            for ch in channels:
+                check_row(m, ch, bw, args.level, args.downtime_limit)
+    if args.corpus:
+        if not os.path.isdir(args.corpus):
+            raise BenchError(f"--corpus: '{args.corpus}' is not a directory")
+        fill = f"files:{os.path.abspath(args.corpus)}"
+        fill_label = f"the files of {args.corpus}"
+    else:
+        fill = args.fill
+        fill_label = "the built-in corpus" if fill == "corpus" else f"'{fill}' data"
+    from ..guest.fill import describe_fill
+
+    try:
+        describe_fill(fill)
+    except MigrationError as exc:
+        raise BenchError(f"--fill: {exc}") from exc
+    guest, guest_na = _guest(args.guest)
+    unavailable = available_methods()
+    return BenchConfig(
+        methods=tuple(methods),
+        bandwidths=tuple(bandwidths),
+        channels=args.multifd_channels,
+        memory=memory,
+        guest=guest,
+        smp=args.smp,
+        workload=args.workload,
+        fill=fill,
+        fill_label=fill_label,
+        level=args.level,
+        repeat=args.repeat,
+        peer=args.peer,
+        downtime_limit=args.downtime_limit,
+        sample=sample,
+        timeout=args.timeout,
+        memory_table=args.memory_table,
+        netns=not args.no_netns,
+        unavailable=tuple((m, unavailable[m]) for m in methods),
+        guest_na=guest_na,
+    )
+
+
+def _guest(choice: str | None) -> tuple[str, str | None]:
+    """(guest kind, why it cannot run here or None): ``--guest`` or kvm where it works."""
+    from ..guest import kvm_unavailable
+
+    try:
+        kvm_na = kvm_unavailable()
+    except Exception as exc:  # an incomplete KVM module must not take the bench down
+        kvm_na = f"KVM guest support is broken here: {exc!r}"
+    guest = choice or ("kvm" if kvm_na is None else "portable")
+    return guest, (kvm_na if guest == "kvm" else None)
