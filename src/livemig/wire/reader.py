@@ -427,7 +427,8 @@ class StreamReader:
     # -- RAM section --------------------------------------------------------------------------
 
     def _read_ram(self) -> Event | None:
-        if len(self._rx) < BE64.size:
+        avail = len(self._rx)
+        if avail < BE64.size:
             return None
         (word,) = self._rx.unpack(BE64)
         flags = word & (self.page_size - 1)
@@ -457,7 +458,7 @@ class StreamReader:
             self._mem_list = []
             self._state = _State.MEM_SIZE
             return self._read_mem_size_block()
-        return self._read_page_record(kind, addr, cont)
+        return self._read_page_record(kind, addr, cont, avail)
 
     def _read_mem_size_block(self) -> Event | None:
         if not self._mem_left:
@@ -486,17 +487,17 @@ class StreamReader:
         self._mem_left -= length
         return self._read_mem_size_block()
 
-    def _read_page_record(self, kind: int, addr: int, cont: bool) -> Event | None:
+    def _read_page_record(self, kind: int, addr: int, cont: bool, avail: int) -> Event | None:
         at = BE64.size
         if cont:
             if self._last_block is None:
                 raise WireError(f"RAM: a record with CONTINUE (0x20) at offset {addr:#x}, expected a block id first")
             block = self._last_block
         else:
-            if len(self._rx) < at + 1:
+            if avail < at + 1:
                 return None
             idlen = self._rx.byte(at)
-            if len(self._rx) < at + 1 + idlen:
+            if avail < at + 1 + idlen:
                 return None
             block = _ascii("RAM: block id", self._rx.peek(at + 1, idlen))
             at += 1 + idlen
@@ -510,7 +511,7 @@ class StreamReader:
             limit = f"<= {max(length - self.page_size, 0):#x}"
             raise WireError(f"RAM: offset in block {block!r} of {length:#x} bytes", addr, limit, hex=True)
         tail = 1 if kind == RAM_SAVE_FLAG_ZERO else self.page_size
-        if len(self._rx) < at + tail:
+        if avail < at + tail:
             return None
         self._last_block = block
         if kind == RAM_SAVE_FLAG_ZERO:
