@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import importlib
 
+from .._types import Buffer
 from ..errors import MethodUnavailable, ParameterError
-from .base import MAX_PAYLOAD, Buffer, Compressor, Decompressor, Method
+from ..wire.constants import PAGE_SIZE
+from .base import MAX_PAYLOAD, Compressor, Decompressor, Method
 
 __all__ = [
     "MAX_PAYLOAD",
@@ -60,7 +62,7 @@ def get_method(name: str) -> type[Method]:
     return cls
 
 
-def create_method(name: str, level: int = 1, page_size: int = 4096) -> Method:
+def create_method(name: str, level: int = 1, page_size: int = PAGE_SIZE) -> Method:
     """An instance of method ``name`` at ``level`` (ignored for methods without levels)."""
     return get_method(name)(level=level, page_size=page_size)
 

@@ -1,7 +1,8 @@
 """What a compression method is: a per-channel compressor and decompressor with QEMU's payload format.
 
-A method is one module under ``livemig.compress`` defining a :class:`Method` subclass and adding it
-to the registry (``livemig.compress.register``). A method object is created once per migration side
+A method is one module under ``livemig.compress`` defining a :class:`Method` subclass, exported as
+the module's ``METHOD``, and named in the registry's table of modules (``_MODULES`` in
+``livemig.compress``). A method object is created once per migration side
 with the level the user chose; it hands out one :class:`Compressor` (sender) or
 :class:`Decompressor` (receiver) per multifd channel, because QEMU's streaming methods (zlib, zstd)
 keep one stream per channel for the whole migration.
@@ -11,8 +12,8 @@ Contracts, shared by every method:
 * ``Compressor.compress(runs)`` takes the packet's normal pages as a list of *contiguous runs* (each
   a buffer whose length is a multiple of the page size, in the order of the packet's offset list)
   and returns the payload as a list of buffers whose concatenation is exactly what QEMU's sender of
-  that method writes after the packet header. Returning buffers (not one joined ``bytes``) lets
-  ``none`` send guest RAM without copying it.
+  that method writes after the packet header (docs/wire.md, "Payloads"). Returning buffers (not one
+  joined ``bytes``) lets ``none`` send guest RAM without copying it.
 * ``Decompressor.decompress(payload, normal_pages)`` returns exactly ``normal_pages * page_size``
   bytes, the pages in offset order, or raises :class:`~livemig.errors.PayloadError` naming the
   method and what was wrong. It never returns more, never writes anywhere: the caller scatters.
@@ -25,7 +26,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from typing import ClassVar
 
-Buffer = bytes | bytearray | memoryview
+from .._types import Buffer
 
 #: QEMU receivers size their input buffer at 2 x MULTIFD_PACKET_SIZE and we refuse anything larger.
 MAX_PAYLOAD = 2 * 512 * 1024

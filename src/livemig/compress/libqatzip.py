@@ -4,7 +4,7 @@ Only what livemig needs: :func:`load` finds and loads the library, :func:`probe`
 device answers, and :class:`QzSession` is one deflate session (one per channel thread: QATzip
 sessions must not be shared between threads) with strict length checks.
 
-Facts (shared/reference/qatzip.md §1): structure layouts for x86_64, ``qzInit(sess, 1)`` returns
+Facts (docs/qatzip.md, "API"): structure layouts for x86_64, ``qzInit(sess, 1)`` returns
 QZ_OK without hardware and the session's ``hw_session_stat`` then reads QZ_NO_HW (11), after which
 QATzip compresses with zlib in software. QATzip returns QZ_OK for truncated or too-large output, and
 a session that saw bad input stays poisoned: so every call is checked for ``rc == QZ_OK``, all input
@@ -320,7 +320,8 @@ class QzSession:
     def compress(self, data: bytes) -> bytes:
         """One ``qzCompress(last=1)`` over ``data``; all input must be consumed."""
         n = len(data)
-        # qzMaxCompressedLength under-counts members (qatzip.md §4): add a header+footer per 64 KiB
+        # qzMaxCompressedLength under-counts members (docs/qatzip.md, "Known defects"): add a gzip
+        # header+footer per 64 KiB
         bound = self.lib.qzMaxCompressedLength(n, ctypes.byref(self._sess)) + (n // 65536 + 2) * 64
         out = self._buffer(bound)
         src_len = ctypes.c_uint(n)

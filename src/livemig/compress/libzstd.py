@@ -1,6 +1,6 @@
 """libzstd through ctypes: streaming compress and decompress without intermediate Python buffers.
 
-QEMU's zstd method keeps one never-ended frame per channel (qemu-multifd.md §3.3). pyzstd does that
+QEMU's zstd method keeps one never-ended frame per channel (docs/wire.md, "Payloads"). pyzstd does that
 too, but hands every packet back as a fresh Python object and cannot decode into a caller's buffer;
 with libzstd's own streaming API the receiver decodes straight into guest RAM (no copy, no 512 KiB
 allocation per packet) and the sender writes into a buffer it keeps. ctypes releases the GIL for the
@@ -16,8 +16,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from .._types import Buffer
 from ..errors import PayloadError
-from .base import Buffer
 
 ZSTD_c_compressionLevel = 100
 ZSTD_d_windowLogMax = 100
@@ -25,6 +25,9 @@ ZSTD_e_continue = 0
 ZSTD_e_flush = 1
 #: ZSTD_WINDOWLOG_LIMIT_DEFAULT: what default decoders accept
 WINDOW_LOG_MAX = 27
+#: output headroom beyond ZSTD_compressBound, which bounds one whole frame: a never-ended streaming
+#: frame also writes its frame header once and a block header at every flush
+_FLUSH_HEADROOM = 4096
 
 
 class InBuffer(ctypes.Structure):
@@ -97,7 +100,7 @@ class StreamCompressor:
         if not self._cctx:
             raise MemoryError("ZSTD_createCCtx failed")
         _check(LIB.ZSTD_CCtx_setParameter(self._cctx, ZSTD_c_compressionLevel, level), "setParameter(level)")
-        self._out = bytearray(LIB.ZSTD_compressBound(max_input) + 4096)
+        self._out = bytearray(LIB.ZSTD_compressBound(max_input) + _FLUSH_HEADROOM)
         self._out_addr, self._out_arr = _addr(self._out)
 
     def compress(self, runs: Sequence[Buffer]) -> bytes:

@@ -1,12 +1,13 @@
-"""``none``: the normal pages' raw bytes, concatenated (qemu-multifd.md §3.1)."""
+"""``none``: the normal pages' raw bytes, concatenated (docs/wire.md, "Payloads")."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+from .._types import Buffer
 from ..errors import PayloadError
 from ..wire.constants import FLAG_NOCOMP
-from .base import Buffer, Compressor, Decompressor, Method
+from .base import Compressor, Decompressor, Method
 
 
 class _Send(Compressor):

@@ -1,4 +1,4 @@
-"""The per-page payload layout shared by ``qpl`` and ``uadk`` (qemu-multifd.md §3.5, §3.6).
+"""The per-page payload layout shared by ``qpl`` and ``uadk`` (docs/wire.md, "Payloads").
 
 ::
 
@@ -25,8 +25,9 @@ try:
 except ImportError as exc:  # a dependency in pyproject.toml; say what to install if it is missing
     raise ImportError(f"{exc}: install the isal package (pip install isal, or apt-get install python3-isal)") from exc
 
+from .._types import Buffer
 from ..errors import PayloadError
-from .base import MAX_PAYLOAD, Buffer
+from .base import MAX_PAYLOAD
 
 ENTRY = struct.Struct(">I")
 #: what ISA-L and zlib raise on a bad stream

@@ -1,4 +1,4 @@
-"""``qatzip``: gzip members with QATzip's "QZ" extra header, one buffer per packet (qemu-multifd.md §3.4).
+"""``qatzip``: gzip members with QATzip's "QZ" extra header, one buffer per packet (docs/wire.md, "Payloads").
 
 Wire format (what QEMU's ``multifd-qatzip.c`` sends through QATzip's default QZ_DEFLATE_GZIP_EXT
 format, as QAT hardware writes it): the packet's normal pages, concatenated, cut into slices of at
@@ -29,9 +29,9 @@ Backends, chosen once per process (``livemig accel`` shows which):
 
 Level map (``multifd-qatzip-level`` 1..9). Ratio A: 4 MiB of each Silesia file (dickens, mr, nci,
 ooffice, samba) in 64 KiB members, input / deflate bytes. Ratio B and MB/s (one core, compress, page
-bytes per second through this module): ``scripts/codec-speed.py --fill
-files:/work/shared/corpus/silesia --size 32M`` on the 2-vCPU development VM, where zstd-1 ran at
-421 MB/s and ratio 3.623:
+bytes per second through this module): ``scripts/codec-speed.py --fill files:DIR --size 32M``,
+DIR holding the Silesia corpus, on the 2-vCPU development VM, where zstd-1 ran at 421 MB/s and ratio
+3.623:
 
 =====  =============  =======  =======  ====  ==============================================
 level  engine         ratio A  ratio B  MB/s  why
@@ -65,10 +65,11 @@ try:
 except ImportError as exc:  # a dependency in pyproject.toml; say what to install if it is missing
     raise ImportError(f"{exc}: install the isal package (pip install isal, or apt-get install python3-isal)") from exc
 
+from .._types import Buffer
 from ..errors import MethodUnavailable, ParameterError, PayloadError
-from ..wire.constants import FLAG_QATZIP
+from ..wire.constants import FLAG_QATZIP, PAGE_SIZE
 from . import libqatzip
-from .base import MAX_PAYLOAD, Buffer, Compressor, Decompressor, Method
+from .base import MAX_PAYLOAD, Compressor, Decompressor, Method
 from .pagetable import INFLATE_ERRORS
 
 #: QZ_HW_BUFF_SZ: input bytes per gzip member as QAT hardware cuts them
@@ -390,7 +391,7 @@ class Qatzip(Method):
     flag = FLAG_QATZIP
     levels = (1, 9)
 
-    def __init__(self, level: int = 1, page_size: int = 4096) -> None:
+    def __init__(self, level: int = 1, page_size: int = PAGE_SIZE) -> None:
         if level not in LEVEL_MAP:
             raise ParameterError("Parameter 'multifd_qatzip_level' expects a value between 1 and 9")
         super().__init__(level, page_size)

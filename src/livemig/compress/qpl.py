@@ -1,4 +1,4 @@
-"""``qpl``: per-page raw deflate with a 4 KiB window behind a BE u32 length table (qemu-multifd.md §3.5).
+"""``qpl``: per-page raw deflate with a 4 KiB window behind a BE u32 length table (docs/wire.md, "Payloads").
 
 Wire format (see :mod:`.pagetable`): ``len[i]`` u32 big-endian for each normal page, then the pages'
 data; a page whose raw deflate (RFC 1951, history window 4 KiB, one final block) is not shorter than
@@ -28,9 +28,10 @@ try:
 except ImportError as exc:  # a dependency in pyproject.toml; say what to install if it is missing
     raise ImportError(f"{exc}: install the isal package (pip install isal, or apt-get install python3-isal)") from exc
 
-from ..wire.constants import FLAG_QPL
+from .._types import Buffer
+from ..wire.constants import FLAG_QPL, PAGE_SIZE
 from . import pagetable
-from .base import Buffer, Compressor, Decompressor, Method
+from .base import Compressor, Decompressor, Method
 
 #: QPL always compresses with a 4 KiB history window
 HIST_BITS = 12
@@ -85,7 +86,7 @@ class Qpl(Method):
     flag = FLAG_QPL
     levels = None
 
-    def __init__(self, level: int = 1, page_size: int = 4096) -> None:
+    def __init__(self, level: int = 1, page_size: int = PAGE_SIZE) -> None:
         super().__init__(level, page_size)
         self._note = hardware_note()
 

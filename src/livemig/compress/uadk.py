@@ -1,4 +1,4 @@
-"""``uadk``: per-page zlib streams behind a BE u32 length table (qemu-multifd.md §3.6).
+"""``uadk``: per-page zlib streams behind a BE u32 length table (docs/wire.md, "Payloads").
 
 Wire format (see :mod:`.pagetable`): ``len[i]`` u32 big-endian for each normal page, then the pages'
 data; a compressed page is one zlib stream (RFC 1950) of the page, ``len == page_size`` means raw.
@@ -41,10 +41,11 @@ try:
 except ImportError as exc:  # a dependency in pyproject.toml; say what to install if it is missing
     raise ImportError(f"{exc}: install the isal package (pip install isal, or apt-get install python3-isal)") from exc
 
+from .._types import Buffer
 from ..errors import PayloadError
-from ..wire.constants import FLAG_UADK
+from ..wire.constants import FLAG_UADK, PAGE_SIZE
 from . import pagetable
-from .base import Buffer, Compressor, Decompressor, Method
+from .base import Compressor, Decompressor, Method
 
 #: the zlib header HiSilicon's ZIP engine writes (deflate, 32 KiB window claimed, default level)
 ZLIB_HEADER = b"\x78\x9c"
@@ -130,7 +131,7 @@ class Uadk(Method):
     flag = FLAG_UADK
     levels = None
 
-    def __init__(self, level: int = 1, page_size: int = 4096) -> None:
+    def __init__(self, level: int = 1, page_size: int = PAGE_SIZE) -> None:
         super().__init__(level, page_size)
         self._note = hardware_note()
         self._raw = send_raw()

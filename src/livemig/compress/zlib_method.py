@@ -1,5 +1,5 @@
 """``zlib``: one zlib stream per channel, Z_SYNC_FLUSH at the end of each packet, never finished
-(qemu-multifd.md §3.2). The stream header (78 01 at level 1) opens the channel's first packet and no
+(docs/wire.md, "Payloads"). The stream header (78 01 at level 1) opens the channel's first packet and no
 adler32 trailer is ever sent."""
 
 from __future__ import annotations
@@ -7,9 +7,10 @@ from __future__ import annotations
 import zlib
 from collections.abc import Sequence
 
+from .._types import Buffer
 from ..errors import PayloadError
 from ..wire.constants import FLAG_ZLIB
-from .base import Buffer, Compressor, Decompressor, Method
+from .base import Compressor, Decompressor, Method
 
 
 class _Send(Compressor):

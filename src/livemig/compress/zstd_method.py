@@ -1,5 +1,5 @@
 """``zstd``: one zstd frame per channel, ZSTD_e_flush at the end of each packet, never ended
-(qemu-multifd.md §3.3). Level 0 means zstd's default level (3), as in QEMU.
+(docs/wire.md, "Payloads"). Level 0 means zstd's default level (3), as in QEMU.
 
 The sender uses pyzstd (its bundled zstd 1.5.7 compresses Silesia-like data about 3 % smaller than
 Debian 12's libzstd 1.5.4 at level 1, at the same speed). The receiver uses the system's libzstd
@@ -16,10 +16,11 @@ from collections.abc import Sequence
 
 import pyzstd
 
+from .._types import Buffer
 from ..errors import PayloadError
-from ..wire.constants import FLAG_ZSTD
+from ..wire.constants import FLAG_ZSTD, PAGE_SIZE
 from . import libzstd
-from .base import Buffer, Compressor, Decompressor, Method
+from .base import Compressor, Decompressor, Method
 
 
 def _use_lib(side: str) -> bool:
@@ -89,7 +90,7 @@ class _LibRecv(Decompressor):
         self._z.decompress_into(payload, [memoryview(out)])
         return out
 
-    def decompress_into(self, payload: Buffer, outs: Sequence[memoryview], page_size: int = 4096) -> None:
+    def decompress_into(self, payload: Buffer, outs: Sequence[memoryview], page_size: int = PAGE_SIZE) -> None:
         self._z.decompress_into(payload, outs)
 
 

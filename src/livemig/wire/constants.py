@@ -1,14 +1,21 @@
-"""Constants of QEMU's migration wire format (facts from QEMU 7.2/10.2 ``migration/``; see
-shared/reference/qemu-multifd.md for the section numbers cited)."""
+"""Constants of QEMU's migration wire format, as found in QEMU 7.2 and 10.2 ``migration/``.
+
+Each group names the QEMU file it comes from and the section of ``docs/wire.md`` that explains it.
+"""
 
 from __future__ import annotations
 
-# §1.2 MultiFDInit_t / §2.1 MultiFDPacket_t (migration/multifd.h)
+#: the target page size: QEMU's TARGET_PAGE_SIZE on x86 (``target/i386/cpu-param.h``: 1 << 12).
+#: Source and destination must agree on it; it is the default of every ``page_size`` argument.
+PAGE_SIZE = 4096
+
+# MultiFDInit_t and MultiFDPacket_t (migration/multifd.h); docs/wire.md, "Multifd handshake" and
+# "Multifd packet"
 MULTIFD_MAGIC = 0x11223344
 MULTIFD_VERSION = 1
 MULTIFD_PACKET_SIZE = 512 * 1024
 
-# §2.2 packet flags
+# packet flags (migration/multifd.h); docs/wire.md, "Multifd packet"
 FLAG_SYNC = 0x01
 FLAG_NOCOMP = 0x00
 FLAG_ZLIB = 0x02
@@ -20,13 +27,13 @@ FLAG_DEVICE_STATE = 0x40
 #: 9.2+ mask: every compression bit
 COMPRESSION_MASK = 0x1F << 1
 
-# §4.1 main stream header (migration/savevm.h)
+# main stream header (migration/savevm.h); docs/wire.md, "Main stream"
 QEMU_VM_FILE_MAGIC = 0x5145564D  # "QEVM"
 QEMU_VM_FILE_VERSION = 0x00000003
 #: the obsolete v2 format: "SaveVM v2 format is obsolete and no longer supported" (10.2)
 QEMU_VM_FILE_VERSION_COMPAT = 0x00000002
 
-# §4.2 section types
+# record types (migration/savevm.h)
 QEMU_VM_EOF = 0x00
 QEMU_VM_SECTION_START = 0x01
 QEMU_VM_SECTION_PART = 0x02
@@ -38,13 +45,27 @@ QEMU_VM_CONFIGURATION = 0x07
 QEMU_VM_COMMAND = 0x08
 QEMU_VM_SECTION_FOOTER = 0x7E
 
-# §4.2 QEMU_VM_COMMAND sub-commands (migration/savevm.c, same numbering in 7.2 and 10.2)
+# QEMU_VM_COMMAND sub-commands (migration/savevm.c, same numbering in 7.2 and 10.2)
 MIG_CMD_OPEN_RETURN_PATH = 1
 MIG_CMD_PING = 2
 #: 10.0+ only, sent just before the final SECTION_END sections
 MIG_CMD_SWITCHOVER_START = 11
+#: every sub-command's name, for error messages (livemig accepts only 1, 2 and 11)
+MIG_CMD_NAMES = {
+    1: "OPEN_RETURN_PATH",
+    2: "PING",
+    3: "POSTCOPY_ADVISE",
+    4: "POSTCOPY_LISTEN",
+    5: "POSTCOPY_RUN",
+    6: "POSTCOPY_RAM_DISCARD",
+    7: "PACKAGED",
+    8: "ENABLE_COLO",
+    9: "POSTCOPY_RESUME",
+    10: "RECV_BITMAP",
+    11: "SWITCHOVER_START",
+}
 
-# §4.5 RAM record flags (migration/ram.c)
+# RAM record flags (migration/ram.c, ram.h in 10.2)
 #: obsolete since 2009, never sent
 RAM_SAVE_FLAG_FULL = 0x01
 RAM_SAVE_FLAG_ZERO = 0x02

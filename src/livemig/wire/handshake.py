@@ -1,4 +1,4 @@
-"""MultiFDInit_t: the 64-byte record that opens every multifd channel (reference §1.2).
+"""MultiFDInit_t: the 64-byte record that opens every multifd channel (docs/wire.md, "Multifd handshake").
 
 Layout (QEMU 7.2 and 10.2 ``migration/multifd.c``, packed, all integers big-endian)::
 
@@ -23,7 +23,8 @@ import struct
 import uuid as _uuid
 from dataclasses import dataclass
 
-from livemig.errors import WireError
+from livemig._types import Buffer
+from livemig.errors import LocalWireError, WireError
 from livemig.wire.constants import MULTIFD_MAGIC, MULTIFD_VERSION
 from livemig.wire.packet import check_magic_version
 
@@ -51,49 +52,36 @@ def _uuid_text(raw: bytes) -> str:
 def encode_init(uuid: bytes, channel_id: int) -> bytes:
     """The 64 bytes a multifd sender writes first on channel ``channel_id``.
 
-    Raises ValueError for a uuid that is not 16 bytes or a channel id outside 0..255 (a u8).
+    Raises LocalWireError for a uuid that is not 16 bytes or a channel id outside 0..255 (a u8).
     """
     if len(uuid) != _UUID_LEN:
-        raise ValueError(f"multifd init: uuid must be {_UUID_LEN} bytes, got {len(uuid)}")
+        raise LocalWireError(f"multifd init: uuid must be {_UUID_LEN} bytes, got {len(uuid)}")
     if not 0 <= channel_id <= 0xFF:
-        raise ValueError(f"multifd init: channel id {channel_id} out of range 0..255")
+        raise LocalWireError(f"multifd init: channel id {channel_id} out of range 0..255")
     return _INIT.pack(MULTIFD_MAGIC, MULTIFD_VERSION, bytes(uuid), channel_id)
 
 
-def decode_init(buf: bytes | bytearray | memoryview, *, expected_uuid: bytes, channels: int) -> MultiFDInit:
+def decode_init(buf: Buffer, *, expected_uuid: bytes, channels: int) -> MultiFDInit:
     """Validate a received MultiFDInit_t and return its uuid and channel id.
 
     ``buf`` must be exactly :data:`INIT_SIZE` bytes. Checks, in QEMU's order: magic, version, uuid
     (byte-for-byte against ``expected_uuid``), then ``0 <= id < channels``. Each failure raises
     :class:`~livemig.errors.WireError` whose text names the field, the value received and the value
     expected; ``err.value`` / ``err.expected`` carry them too. The reserved bytes are not checked
-    (QEMU does not read them). Raises ValueError for a bad ``expected_uuid`` or ``channels``
+    (QEMU does not read them). Raises LocalWireError for a bad ``expected_uuid`` or ``channels``
     (caller bugs, not wire errors).
     """
     if len(expected_uuid) != _UUID_LEN:
-        raise ValueError(f"multifd init: expected_uuid must be {_UUID_LEN} bytes, got {len(expected_uuid)}")
+        raise LocalWireError(f"multifd init: expected_uuid must be {_UUID_LEN} bytes, got {len(expected_uuid)}")
     if not 1 <= channels <= 0xFF + 1:
-        raise ValueError(f"multifd init: channels must be 1..256, got {channels}")
+        raise LocalWireError(f"multifd init: channels must be 1..256, got {channels}")
     view = memoryview(buf).cast("B")
     if view.nbytes != INIT_SIZE:
-        raise WireError.with_values(
-            f"multifd: received initial packet of {view.nbytes} bytes, expected {INIT_SIZE}",
-            view.nbytes,
-            INIT_SIZE,
-        )
+        raise WireError("multifd: initial packet length", view.nbytes, INIT_SIZE)
     magic, version, uuid, channel_id = _INIT.unpack(view)
     check_magic_version(magic, version)
     if uuid != bytes(expected_uuid):
-        raise WireError.with_values(
-            f"multifd: received uuid '{_uuid_text(uuid)}' and expected uuid "
-            f"'{_uuid_text(expected_uuid)}' for channel {channel_id}",
-            uuid,
-            bytes(expected_uuid),
-        )
+        raise WireError(f"multifd: uuid on channel {channel_id}", _uuid_text(uuid), _uuid_text(expected_uuid))
     if channel_id >= channels:
-        raise WireError.with_values(
-            f"multifd: received channel id {channel_id}, expected < {channels} (the number of channels)",
-            channel_id,
-            f"< {channels}",
-        )
+        raise WireError("multifd: channel id", channel_id, f"< {channels}", note="the number of channels")
     return MultiFDInit(uuid=uuid, channel_id=channel_id)

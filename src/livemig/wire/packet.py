@@ -1,4 +1,6 @@
-"""MultiFDPacket_t: the fixed-size RAM packet header of a multifd channel (reference §2, 10.x layout).
+"""MultiFDPacket_t: the fixed-size RAM packet header of a multifd channel (10.x layout).
+
+docs/wire.md, "Multifd packet" explains the fields, the flags and the receiver's checks.
 
 Layout (QEMU 10.2 ``migration/multifd.h``, packed, all integers big-endian)::
 
@@ -19,7 +21,7 @@ The header is always :func:`packet_len` bytes (1344 for 4 KiB pages) whatever th
 
 Sans-IO: :func:`encode_packet` / :func:`encode_sync` return the header bytes to write (the payload
 is the compression method's business), :func:`decode_packet` validates the fields QEMU validates
-when unfilling a packet (§2.4), and :func:`check_packet` does the checks that need the receiver's
+when unfilling a packet, and :func:`check_packet` does the checks that need the receiver's
 state (the method's flag, the block's length). Offsets are converted with numpy in one call each
 way, never with a Python loop per page.
 """
@@ -32,7 +34,8 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from livemig.errors import WireError
+from livemig._types import Buffer
+from livemig.errors import LocalWireError, WireError
 from livemig.wire.constants import (
     COMPRESSION_MASK,
     FLAG_DEVICE_STATE,
@@ -40,9 +43,9 @@ from livemig.wire.constants import (
     MULTIFD_MAGIC,
     MULTIFD_PACKET_SIZE,
     MULTIFD_VERSION,
+    PAGE_SIZE,
 )
 
-Buffer = bytes | bytearray | memoryview
 Offsets = npt.NDArray[np.uint64]
 
 #: magic, version, flags, pages_alloc, normal_pages, next_packet_size, packet_num, zero_pages,
@@ -57,37 +60,28 @@ _RAMBLOCK_OFFSET = 64
 _KNOWN_FLAGS = FLAG_SYNC | COMPRESSION_MASK
 _U32_MAX = 0xFFFFFFFF
 _U64_MAX = 0xFFFFFFFFFFFFFFFF
+_FLAGS_EXPECTED = f"only SYNC and compression bits ({_KNOWN_FLAGS:#x})"
 
 
 def check_magic_version(magic: int, version: int) -> None:
     """The first two fields of MultiFDInit_t and of every packet: WireError naming what came."""
     if magic != MULTIFD_MAGIC:
-        raise WireError.with_values(
-            f"multifd: received packet magic {magic:#010x}, expected {MULTIFD_MAGIC:#010x}",
-            magic,
-            MULTIFD_MAGIC,
-        )
+        raise WireError("multifd: packet magic", magic, MULTIFD_MAGIC, hex=True)
     if version != MULTIFD_VERSION:
-        raise WireError.with_values(
-            f"multifd: received packet version {version}, expected {MULTIFD_VERSION}",
-            version,
-            MULTIFD_VERSION,
-        )
+        raise WireError("multifd: packet version", version, MULTIFD_VERSION)
 
 
-def page_count(page_size: int = 4096) -> int:
+def page_count(page_size: int = PAGE_SIZE) -> int:
     """Offset slots per packet: MULTIFD_PACKET_SIZE / page_size (128 for 4 KiB pages).
 
-    Raises ValueError when ``page_size`` does not divide MULTIFD_PACKET_SIZE (QEMU requires it).
+    Raises LocalWireError when ``page_size`` does not divide MULTIFD_PACKET_SIZE (QEMU requires it).
     """
     if page_size <= 0 or MULTIFD_PACKET_SIZE % page_size:
-        raise ValueError(
-            f"page size {page_size} does not divide the multifd packet size {MULTIFD_PACKET_SIZE}"
-        )
+        raise LocalWireError(f"page size {page_size} does not divide the multifd packet size {MULTIFD_PACKET_SIZE}")
     return MULTIFD_PACKET_SIZE // page_size
 
 
-def packet_len(page_size: int = 4096) -> int:
+def packet_len(page_size: int = PAGE_SIZE) -> int:
     """Bytes of one packet header on the wire: 320 + 8 * page_count (1344 for 4 KiB pages)."""
     return HEADER_FIXED_SIZE + 8 * page_count(page_size)
 
@@ -140,26 +134,24 @@ def _ramblock_field(ramblock: str) -> bytes:
     try:
         raw = ramblock.encode("ascii")
     except UnicodeEncodeError as exc:
-        raise ValueError(f"multifd packet: ramblock {ramblock!r} is not ASCII") from exc
+        raise LocalWireError(f"multifd packet: ramblock {ramblock!r} is not ASCII") from exc
     if len(raw) >= _RAMBLOCK_SIZE:
-        raise ValueError(
-            f"multifd packet: ramblock {ramblock!r} is {len(raw)} bytes, max {_RAMBLOCK_SIZE - 1}"
-        )
+        raise LocalWireError(f"multifd packet: ramblock {ramblock!r} is {len(raw)} bytes, max {_RAMBLOCK_SIZE - 1}")
     if b"\0" in raw:
-        raise ValueError(f"multifd packet: ramblock {ramblock!r} contains a NUL byte")
+        raise LocalWireError(f"multifd packet: ramblock {ramblock!r} contains a NUL byte")
     return raw
 
 
 def _as_offsets(name: str, values: npt.ArrayLike) -> npt.NDArray[np.integer]:
     arr = np.asarray(values)
     if arr.ndim != 1:
-        raise ValueError(f"multifd packet: {name} offsets must be one-dimensional, got shape {arr.shape}")
+        raise LocalWireError(f"multifd packet: {name} offsets must be one-dimensional, got shape {arr.shape}")
     if arr.size == 0:
         return np.empty(0, dtype=np.uint64)
     if arr.dtype.kind not in "iu":
-        raise ValueError(f"multifd packet: {name} offsets must be integers, got dtype {arr.dtype}")
+        raise LocalWireError(f"multifd packet: {name} offsets must be integers, got dtype {arr.dtype}")
     if arr.dtype.kind == "i" and int(arr.min()) < 0:
-        raise ValueError(f"multifd packet: {name} offsets contain a negative value {int(arr.min())}")
+        raise LocalWireError(f"multifd packet: {name} offsets contain a negative value {int(arr.min())}")
     return arr
 
 
@@ -171,32 +163,30 @@ def encode_packet(
     normal: npt.ArrayLike,
     zero: npt.ArrayLike,
     next_packet_size: int,
-    page_size: int = 4096,
+    page_size: int = PAGE_SIZE,
 ) -> bytes:
     """The header of a RAM packet, :func:`packet_len` bytes, as QEMU 10.2 fills it.
 
     ``normal`` and ``zero`` are byte offsets within ``ramblock`` (non-negative integers, one
     dimension); ``len(normal) + len(zero)`` must not exceed :func:`page_count`. pages_alloc is
     page_count, unused offset slots and reserved fields are zero. ``flags`` may only carry SYNC and
-    compression bits. Raises ValueError for anything that QEMU's receiver would refuse or that does
+    compression bits. Raises LocalWireError for anything that QEMU's receiver would refuse or that does
     not fit its field (a ramblock name of 256 bytes or more, or not ASCII). Offsets are not checked
     against a block here: the sender owns its blocks.
     """
     slots = page_count(page_size)
     if flags & ~_KNOWN_FLAGS or not 0 <= flags <= _U32_MAX:
-        raise ValueError(f"multifd packet: flags {flags:#x} outside SYNC|compression ({_KNOWN_FLAGS:#x})")
+        raise LocalWireError(f"multifd packet: flags {flags:#x} outside SYNC|compression ({_KNOWN_FLAGS:#x})")
     if not 0 <= packet_num <= _U64_MAX:
-        raise ValueError(f"multifd packet: packet_num {packet_num} does not fit a u64")
+        raise LocalWireError(f"multifd packet: packet_num {packet_num} does not fit a u64")
     if not 0 <= next_packet_size <= _U32_MAX:
-        raise ValueError(f"multifd packet: next_packet_size {next_packet_size} does not fit a u32")
+        raise LocalWireError(f"multifd packet: next_packet_size {next_packet_size} does not fit a u32")
     name = _ramblock_field(ramblock)
     normal_arr = _as_offsets("normal", normal)
     zero_arr = _as_offsets("zero", zero)
     used = normal_arr.size + zero_arr.size
     if used > slots:
-        raise ValueError(
-            f"multifd packet: {normal_arr.size} normal + {zero_arr.size} zero pages exceed {slots} slots"
-        )
+        raise LocalWireError(f"multifd packet: {normal_arr.size} normal + {zero_arr.size} zero pages exceed {slots}")
     buf = bytearray(HEADER_FIXED_SIZE + 8 * slots)
     _HEADER.pack_into(
         buf,
@@ -219,16 +209,16 @@ def encode_packet(
     return bytes(buf)
 
 
-def encode_sync(packet_num: int, page_size: int = 4096) -> bytes:
+def encode_sync(packet_num: int, page_size: int = PAGE_SIZE) -> bytes:
     """A 10.2 SYNC-only packet: flags = SYNC, packet_num, everything else zero (pages_alloc too)."""
     if not 0 <= packet_num <= _U64_MAX:
-        raise ValueError(f"multifd packet: packet_num {packet_num} does not fit a u64")
+        raise LocalWireError(f"multifd packet: packet_num {packet_num} does not fit a u64")
     buf = bytearray(packet_len(page_size))
     _HEADER.pack_into(buf, 0, MULTIFD_MAGIC, MULTIFD_VERSION, FLAG_SYNC, 0, 0, 0, packet_num, 0, b"")
     return bytes(buf)
 
 
-def decode_packet(buf: Buffer, page_size: int = 4096) -> PacketHeader:
+def decode_packet(buf: Buffer, page_size: int = PAGE_SIZE) -> PacketHeader:
     """Decode and format-check one packet header of exactly :func:`packet_len` bytes.
 
     Checks, each raising :class:`~livemig.errors.WireError` with the value received and expected:
@@ -243,47 +233,22 @@ def decode_packet(buf: Buffer, page_size: int = 4096) -> PacketHeader:
     view = memoryview(buf).cast("B")
     expected_len = HEADER_FIXED_SIZE + 8 * slots
     if view.nbytes != expected_len:
-        raise WireError.with_values(
-            f"multifd: received packet of {view.nbytes} bytes, expected {expected_len}",
-            view.nbytes,
-            expected_len,
-        )
+        raise WireError("multifd: packet length", view.nbytes, expected_len)
     (magic, version, flags, pages_alloc, normal_pages, next_packet_size, packet_num, zero_pages, raw_name) = (
         _HEADER.unpack_from(view)
     )
     check_magic_version(magic, version)
     if flags & FLAG_DEVICE_STATE:
-        raise WireError.with_values(
-            f"multifd: received packet flags {flags:#x} with DEVICE_STATE ({FLAG_DEVICE_STATE:#x}): "
-            "device state packets are not supported, expected a RAM packet",
-            flags,
-            f"flags within {_KNOWN_FLAGS:#x}",
-        )
+        raise WireError("multifd: packet flags", flags, _FLAGS_EXPECTED, hex=True, note="DEVICE_STATE is not supported")
     if flags & ~_KNOWN_FLAGS:
-        raise WireError.with_values(
-            f"multifd: received packet flags {flags:#x} with unknown bits {flags & ~_KNOWN_FLAGS:#x}, "
-            f"expected only bits of {_KNOWN_FLAGS:#x}",
-            flags,
-            f"flags within {_KNOWN_FLAGS:#x}",
-        )
+        raise WireError("multifd: packet flags", flags, _FLAGS_EXPECTED, hex=True, note="unknown bits")
     if pages_alloc > slots:
-        raise WireError.with_values(
-            f"multifd: received packet with {pages_alloc} pages, expected {slots}", pages_alloc, slots
-        )
+        raise WireError("multifd: packet pages_alloc", pages_alloc, f"<= {slots}")
     if normal_pages > pages_alloc:
-        raise WireError.with_values(
-            f"multifd: received packet with {normal_pages} non-zero pages, "
-            f"which exceeds maximum expected pages {pages_alloc}",
-            normal_pages,
-            f"<= {pages_alloc}",
-        )
+        raise WireError("multifd: packet normal_pages", normal_pages, f"<= pages_alloc {pages_alloc}")
     if zero_pages > pages_alloc - normal_pages:
-        raise WireError.with_values(
-            f"multifd: received packet with {zero_pages} zero pages, "
-            f"expected maximum {pages_alloc - normal_pages}",
-            zero_pages,
-            f"<= {pages_alloc - normal_pages}",
-        )
+        free = pages_alloc - normal_pages
+        raise WireError("multifd: packet zero_pages", zero_pages, f"<= pages_alloc - normal_pages {free}")
     used = normal_pages + zero_pages
     ramblock = ""
     if used:
@@ -291,9 +256,7 @@ def decode_packet(buf: Buffer, page_size: int = 4096) -> PacketHeader:
         try:
             ramblock = name.decode("ascii")
         except UnicodeDecodeError as exc:
-            raise WireError.with_values(
-                f"multifd: received ramblock name {name!r} that is not ASCII", name, "ASCII"
-            ) from exc
+            raise WireError("multifd: packet ramblock", name, "ASCII") from exc
         offsets: Offsets = np.frombuffer(view, dtype=">u8", count=used, offset=HEADER_FIXED_SIZE).astype(
             np.uint64
         )
@@ -311,7 +274,7 @@ def decode_packet(buf: Buffer, page_size: int = 4096) -> PacketHeader:
     )
 
 
-def check_packet(hdr: PacketHeader, *, method_flag: int, block_size: int, page_size: int = 4096) -> None:
+def check_packet(hdr: PacketHeader, *, method_flag: int, block_size: int, page_size: int = PAGE_SIZE) -> None:
     """Checks that need the receiver's state; the guard that keeps writes inside guest RAM.
 
     For a packet with pages (``hdr.has_data``): ``flags & COMPRESSION_MASK`` must equal
@@ -324,37 +287,19 @@ def check_packet(hdr: PacketHeader, *, method_flag: int, block_size: int, page_s
         return
     received = hdr.flags & COMPRESSION_MASK
     if received != method_flag:
-        raise WireError.with_values(
-            f"multifd: flags received {received:#x} flags expected {method_flag:#x}", received, method_flag
-        )
+        raise WireError("multifd: packet compression flags", received, method_flag, hex=True)
     offsets = hdr.offsets
     limit = block_size - page_size
-    if limit < 0:
-        raise WireError.with_values(
-            f"multifd: offset too long {int(offsets[0])} (block {hdr.ramblock!r} of {block_size} bytes "
-            f"holds no {page_size}-byte page)",
-            int(offsets[0]),
-            f"<= {limit}",
-        )
-    too_long = np.flatnonzero(offsets > np.uint64(limit))
+    where = f"multifd: offset in block {hdr.ramblock!r} of {block_size} bytes"
+    too_long = np.flatnonzero(offsets > np.uint64(limit)) if limit >= 0 else np.arange(offsets.size)
     if too_long.size:
-        bad = int(offsets[too_long[0]])
-        raise WireError.with_values(f"multifd: offset too long {bad} (max {limit})", bad, f"<= {limit}")
+        raise WireError(where, int(offsets[too_long[0]]), f"<= {limit}", note="offset too long")
     unaligned = np.flatnonzero(offsets % np.uint64(page_size))
     if unaligned.size:
-        bad = int(offsets[unaligned[0]])
-        raise WireError.with_values(
-            f"multifd: offset {bad} not page aligned (page size {page_size})",
-            bad,
-            f"a multiple of {page_size}",
-        )
+        raise WireError(where, int(offsets[unaligned[0]]), f"a multiple of {page_size}", note="not page aligned")
     if offsets.size > 1:
         ordered = np.sort(offsets)
         dups = np.flatnonzero(ordered[1:] == ordered[:-1])
         if dups.size:
-            bad = int(ordered[dups[0]])
-            raise WireError.with_values(
-                f"multifd: offset {bad} listed more than once in packet {hdr.packet_num}",
-                bad,
-                "unique offsets",
-            )
+            what = f"multifd: offsets of packet {hdr.packet_num}"
+            raise WireError(what, int(ordered[dups[0]]), "each offset once", note="listed more than once")

@@ -1,0 +1,163 @@
+"""Events of the main stream, as :class:`~livemig.wire.reader.StreamReader` returns them.
+
+Frozen dataclasses, one per record kind the reader accepts (docs/wire.md, "Main stream"), plus
+:class:`Closed` for the end of the connection and the :data:`NEED_DATA` sentinel.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Final, TypeAlias
+
+
+@dataclass(frozen=True)
+class Header:
+    """The file header was valid; ``version`` is 3."""
+
+    version: int
+
+
+@dataclass(frozen=True)
+class Configuration:
+    """The CONFIGURATION record: the source's machine type (comparing it is the caller's policy)."""
+
+    machine_type: str
+
+
+@dataclass(frozen=True)
+class SectionStart:
+    """SECTION_START: a live section opens; its payload events and then a checked footer follow."""
+
+    section_id: int
+    idstr: str
+    instance_id: int
+    version_id: int
+
+
+@dataclass(frozen=True)
+class SectionFull:
+    """SECTION_FULL: a whole section in one record (same fields as :class:`SectionStart`)."""
+
+    section_id: int
+    idstr: str
+    instance_id: int
+    version_id: int
+
+
+@dataclass(frozen=True)
+class SectionPart:
+    """SECTION_PART of a section opened by :class:`SectionStart`."""
+
+    section_id: int
+
+
+@dataclass(frozen=True)
+class SectionEnd:
+    """SECTION_END of a section opened by :class:`SectionStart`; the section is closed after it."""
+
+    section_id: int
+
+
+@dataclass(frozen=True)
+class MemSize:
+    """RAM_SAVE_FLAG_MEM_SIZE: the source's RAM blocks as (id, used_length), in wire order."""
+
+    blocks: list[tuple[str, int]]
+
+
+@dataclass(frozen=True)
+class ZeroPage:
+    """RAM_SAVE_FLAG_ZERO: the page at ``offset`` in ``block`` is all zero (block resolved, never None)."""
+
+    block: str
+    offset: int
+
+
+@dataclass(frozen=True)
+class Page:
+    """RAM_SAVE_FLAG_PAGE: ``data`` (one page) belongs at ``offset`` in ``block``."""
+
+    block: str
+    offset: int
+    data: bytes
+
+
+@dataclass(frozen=True)
+class MultifdFlush:
+    """RAM_SAVE_FLAG_MULTIFD_FLUSH: wait for one SYNC packet on every multifd channel, then release them."""
+
+
+@dataclass(frozen=True)
+class Eos:
+    """RAM_SAVE_FLAG_EOS: the end of this section's RAM records (no sync in per-round mode)."""
+
+
+@dataclass(frozen=True)
+class Blob:
+    """The payload of a livemig section (idstr starting with "livemig/")."""
+
+    section_id: int
+    idstr: str
+    data: bytes
+
+
+@dataclass(frozen=True)
+class SwitchoverStart:
+    """COMMAND SWITCHOVER_START: the source stopped the guest; the final sections follow."""
+
+
+@dataclass(frozen=True)
+class Command:
+    """A COMMAND the reader accepts but gives no meaning to: OPEN_RETURN_PATH (1) or PING (2, be32 data)."""
+
+    cmd: int
+    data: bytes
+
+
+@dataclass(frozen=True)
+class Eof:
+    """QEMU_VM_EOF: the device stream is complete. A VmDescription or the end of the connection follows."""
+
+
+@dataclass(frozen=True)
+class VmDescription:
+    """The VMDESCRIPTION JSON after EOF (surfaced, not interpreted)."""
+
+    json_text: str
+
+
+@dataclass(frozen=True)
+class Closed:
+    """The peer closed the stream (``feed(b"")``) at a point where that is allowed: after Eof."""
+
+
+Event: TypeAlias = (
+    Header
+    | Configuration
+    | SectionStart
+    | SectionFull
+    | SectionPart
+    | SectionEnd
+    | MemSize
+    | ZeroPage
+    | Page
+    | MultifdFlush
+    | Eos
+    | Blob
+    | SwitchoverStart
+    | Command
+    | Eof
+    | VmDescription
+    | Closed
+)
+
+
+class NeedData(enum.Enum):
+    """Type of the :data:`NEED_DATA` sentinel."""
+
+    NEED_DATA = "NEED_DATA"
+
+
+#: returned by :meth:`StreamReader.next_event` when the buffered bytes hold no complete event
+NEED_DATA: Final = NeedData.NEED_DATA

@@ -1,0 +1,524 @@
+"""The sans-IO main-stream reader: a state machine over a :class:`~livemig.wire.buffer.ReceiveBuffer`.
+
+One handler per state; each returns the next event, or None when the buffered bytes do not hold a
+complete record yet. A record is consumed only once it is complete and valid, so any chunking of
+the input yields the same events and the same errors. The grammar it accepts is drawn in
+:mod:`livemig.wire.stream`; the record layouts are in docs/wire.md, "Main stream".
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Final, Literal
+
+from livemig._types import Buffer
+from livemig.errors import LocalWireError, WireError
+from livemig.wire.buffer import ReceiveBuffer
+from livemig.wire.constants import (
+    LIVEMIG_SECTION_PREFIX,
+    MIG_CMD_NAMES,
+    MIG_CMD_OPEN_RETURN_PATH,
+    MIG_CMD_PING,
+    MIG_CMD_SWITCHOVER_START,
+    PAGE_SIZE,
+    QEMU_VM_COMMAND,
+    QEMU_VM_CONFIGURATION,
+    QEMU_VM_EOF,
+    QEMU_VM_FILE_MAGIC,
+    QEMU_VM_FILE_VERSION,
+    QEMU_VM_FILE_VERSION_COMPAT,
+    QEMU_VM_SECTION_END,
+    QEMU_VM_SECTION_FOOTER,
+    QEMU_VM_SECTION_FULL,
+    QEMU_VM_SECTION_PART,
+    QEMU_VM_SECTION_START,
+    QEMU_VM_SUBSECTION,
+    QEMU_VM_VMDESCRIPTION,
+    RAM_SAVE_FLAG_COMPRESS_PAGE,
+    RAM_SAVE_FLAG_CONTINUE,
+    RAM_SAVE_FLAG_EOS,
+    RAM_SAVE_FLAG_FULL,
+    RAM_SAVE_FLAG_HOOK,
+    RAM_SAVE_FLAG_MEM_SIZE,
+    RAM_SAVE_FLAG_MULTIFD_FLUSH,
+    RAM_SAVE_FLAG_PAGE,
+    RAM_SAVE_FLAG_XBZRLE,
+    RAM_SAVE_FLAG_ZERO,
+    RAM_SECTION_IDSTR,
+    RAM_SECTION_VERSION,
+)
+from livemig.wire.events import (
+    NEED_DATA,
+    Blob,
+    Closed,
+    Command,
+    Configuration,
+    Eof,
+    Eos,
+    Event,
+    Header,
+    MemSize,
+    MultifdFlush,
+    NeedData,
+    Page,
+    SectionEnd,
+    SectionFull,
+    SectionPart,
+    SectionStart,
+    SwitchoverStart,
+    VmDescription,
+    ZeroPage,
+)
+from livemig.wire.layout import (
+    BE32,
+    BE64,
+    COMMAND,
+    FILE_HEADER,
+    MAX_BLOB,
+    MAX_MACHINE_TYPE,
+    MAX_RAM_BLOCKS,
+    MAX_VMDESC,
+    SECTION_LONG,
+    SECTION_SHORT,
+    SECTION_TAIL,
+    TYPE_LEN,
+    check_page_size,
+)
+
+#: exact payload length of each command the reader accepts (savevm.c's command table)
+_COMMAND_LENGTHS: Final = {MIG_CMD_OPEN_RETURN_PATH: 0, MIG_CMD_PING: 4, MIG_CMD_SWITCHOVER_START: 0}
+_COMMANDS_ACCEPTED: Final = "OPEN_RETURN_PATH (1), PING (2) or SWITCHOVER_START (11)"
+_TOP_LEVEL: Final = "a section, command or EOF (0x00-0x04, 0x07, 0x08)"
+_SECTIONS_KNOWN: Final = f"'ram' or '{LIVEMIG_SECTION_PREFIX}<name>'"
+
+#: RAM record types (flags minus CONTINUE must be exactly one of these)
+_RAM_TYPES: Final = (
+    RAM_SAVE_FLAG_ZERO,
+    RAM_SAVE_FLAG_MEM_SIZE,
+    RAM_SAVE_FLAG_PAGE,
+    RAM_SAVE_FLAG_EOS,
+    RAM_SAVE_FLAG_MULTIFD_FLUSH,
+)
+_RAM_EXPECTED: Final = "ZERO 0x02, MEM_SIZE 0x04, PAGE 0x08, EOS 0x10, MULTIFD_FLUSH 0x200 (ZERO, PAGE +CONTINUE 0x20)"
+_RAM_REFUSED: Final = {
+    RAM_SAVE_FLAG_FULL: "FULL (0x01, obsolete since 2009)",
+    RAM_SAVE_FLAG_XBZRLE: "XBZRLE (0x40)",
+    RAM_SAVE_FLAG_HOOK: "HOOK (0x80, RDMA only)",
+    RAM_SAVE_FLAG_COMPRESS_PAGE: "COMPRESS_PAGE (0x100, legacy compress)",
+}
+#: QEMU's words for a flag word it cannot parse (ram.c, ram_load_precopy)
+_QEMU_UNKNOWN_FLAGS: Final = "Unknown combination of migration flags"
+
+
+class _State(enum.Enum):
+    HEADER = "header"  # expecting the 8-byte file header
+    TOP = "top"  # expecting a top-level record
+    RAM = "ram"  # inside the "ram" section, expecting a RAM record
+    MEM_SIZE = "mem_size"  # inside a MEM_SIZE record, expecting a block entry
+    BLOB = "blob"  # inside a livemig section, expecting its blob
+    FOOTER = "footer"  # expecting the footer of the current section
+    AFTER_EOF = "after_eof"  # after QEMU_VM_EOF: a VMDESCRIPTION or the end
+    DONE = "done"  # after the VMDESCRIPTION: only the end may follow
+
+
+@dataclass
+class _Section:
+    idstr: str
+    instance_id: int
+    version_id: int
+    is_open: bool
+
+
+def _ascii(what: str, raw: bytes) -> str:
+    try:
+        return raw.decode("ascii")
+    except UnicodeDecodeError as exc:
+        raise WireError(what, raw, "ASCII") from exc
+
+
+class StreamReader:
+    """Sans-IO parser of the main migration stream (:mod:`livemig.wire.stream` for the grammar).
+
+    ``feed(data)`` appends bytes; ``feed(b"")`` says the peer closed. ``next_event()`` returns the
+    next complete :data:`~livemig.wire.events.Event` or :data:`~livemig.wire.events.NEED_DATA`.
+    Each call returns at most one event (section footers are checked and consumed silently); a
+    record is consumed only once it is complete, so any chunking yields the same events and errors.
+    Cost: amortized O(bytes) (see :class:`~livemig.wire.buffer.ReceiveBuffer`); a Page or Blob is
+    copied once out of the buffer.
+
+    Raises :class:`~livemig.errors.WireError` for anything outside the grammar, or a close in the
+    middle of a record; from then on every call raises again. ``page_size`` is the target page
+    size (RAM flags live below it; LocalWireError unless a power of two >= 1024); ``max_blob``
+    bounds livemig blobs.
+    """
+
+    def __init__(self, *, page_size: int = PAGE_SIZE, max_blob: int = MAX_BLOB) -> None:
+        check_page_size(page_size)
+        self.page_size = page_size
+        self.max_blob = max_blob
+        self._rx = ReceiveBuffer()
+        self._error: WireError | None = None
+        self._state = _State.HEADER
+        self._records = 0  # top-level records seen, for "CONFIGURATION must come first"
+        self._sections: dict[int, _Section] = {}
+        self._current: int | None = None  # section id whose payload/footer is being parsed
+        self._blocks: dict[str, int] | None = None  # MEM_SIZE table
+        self._last_block: str | None = None  # for RAM_SAVE_FLAG_CONTINUE
+        self._mem_total = 0
+        self._mem_left = 0
+        self._mem_list: list[tuple[str, int]] = []
+        self._handlers: dict[_State, Callable[[], Event | None]] = {
+            _State.HEADER: self._read_header,
+            _State.TOP: self._read_top,
+            _State.RAM: self._read_ram,
+            _State.MEM_SIZE: self._read_mem_size_block,
+            _State.BLOB: self._read_blob,
+            _State.FOOTER: self._read_footer,
+            _State.AFTER_EOF: self._read_after_eof,
+            _State.DONE: self._read_done,
+        }
+
+    # -- public -------------------------------------------------------------------------------
+
+    @property
+    def buffered(self) -> int:
+        """Bytes fed but not yet consumed by an event."""
+        return len(self._rx)
+
+    @property
+    def blocks(self) -> dict[str, int]:
+        """The RAM blocks declared by MEM_SIZE so far (id -> used_length); empty before it."""
+        return dict(self._blocks or {})
+
+    def feed(self, data: Buffer) -> None:
+        """Append received bytes; ``b""`` marks the end of the stream (feeding after it: LocalWireError)."""
+        self._check_usable()
+        if self._rx.closed:
+            raise LocalWireError("StreamReader.feed() after the end of the stream was fed")
+        if not len(data):
+            self._rx.closed = True
+            return
+        self._rx.feed(data)
+
+    def next_event(self) -> Event | Literal[NeedData.NEED_DATA]:
+        """The next event, or NEED_DATA; raises WireError on a malformed stream (and ever after)."""
+        self._check_usable()
+        try:
+            event = self._handlers[self._state]()
+        except WireError as exc:
+            self._error = exc
+            raise
+        if event is not None:
+            return event
+        if self._rx.closed:
+            self._error = self._truncated()
+            raise self._error
+        return NEED_DATA
+
+    # -- helpers ------------------------------------------------------------------------------
+
+    def _check_usable(self) -> None:
+        if self._error is not None:
+            raise WireError(f"main stream: reader unusable after an earlier error: {self._error}") from self._error
+
+    def _truncated(self) -> WireError:
+        where = f"state {self._state.value}"
+        if self._current is not None:
+            where += f", section {self._current} ({self._sections[self._current].idstr!r})"
+        if not self._rx:
+            return WireError(f"main stream: connection closed before QEMU_VM_EOF ({where})")
+        return WireError(f"main stream: connection closed in the middle of a record ({where}; {len(self._rx)} bytes)")
+
+    # -- top level ----------------------------------------------------------------------------
+
+    def _read_header(self) -> Event | None:
+        if len(self._rx) < FILE_HEADER.size:
+            return None
+        magic, version = self._rx.unpack(FILE_HEADER)
+        if magic != QEMU_VM_FILE_MAGIC:
+            raise WireError("main stream: file magic", magic, QEMU_VM_FILE_MAGIC, hex=True, note='"QEVM"')
+        if version == QEMU_VM_FILE_VERSION_COMPAT:
+            obsolete = "SaveVM v2 format is obsolete and no longer supported"
+            raise WireError("main stream: file version", version, QEMU_VM_FILE_VERSION, note=obsolete)
+        if version != QEMU_VM_FILE_VERSION:
+            raise WireError("main stream: file version", version, QEMU_VM_FILE_VERSION)
+        self._rx.skip(FILE_HEADER.size)
+        self._state = _State.TOP
+        return Header(version)
+
+    def _read_top(self) -> Event | None:
+        if not self._rx:
+            return None
+        kind = self._rx.byte()
+        if kind == QEMU_VM_CONFIGURATION:
+            event: Event | None = self._read_configuration()
+        elif kind in (QEMU_VM_SECTION_START, QEMU_VM_SECTION_FULL):
+            event = self._read_section_long(kind)
+        elif kind in (QEMU_VM_SECTION_PART, QEMU_VM_SECTION_END):
+            event = self._read_section_short(kind)
+        elif kind == QEMU_VM_COMMAND:
+            event = self._read_command()
+        elif kind == QEMU_VM_EOF:
+            self._rx.skip(1)
+            self._state = _State.AFTER_EOF
+            event = Eof()
+        elif kind == QEMU_VM_SUBSECTION:
+            why = "SUBSECTION outside a vmstate: configuration subsections are not supported"
+            raise WireError("main stream: record type", kind, _TOP_LEVEL, hex=True, note=why)
+        elif kind == QEMU_VM_SECTION_FOOTER:
+            raise WireError("main stream: record type", kind, _TOP_LEVEL, hex=True, note="footer outside a section")
+        else:
+            raise WireError("main stream: record type", kind, _TOP_LEVEL, hex=True, note="unknown record type")
+        if event is not None:
+            self._records += 1
+        return event
+
+    def _read_configuration(self) -> Event | None:
+        if self._records:
+            raise WireError(f"main stream: CONFIGURATION (0x07) after {self._records} records, expected it first")
+        if len(self._rx) < TYPE_LEN.size:
+            return None
+        _, length = self._rx.unpack(TYPE_LEN)
+        if length > MAX_MACHINE_TYPE:
+            raise WireError("main stream: machine type length", length, f"<= {MAX_MACHINE_TYPE}")
+        if len(self._rx) < TYPE_LEN.size + length:
+            return None
+        name = _ascii("main stream: machine type", self._rx.peek(TYPE_LEN.size, length))
+        self._rx.skip(TYPE_LEN.size + length)
+        return Configuration(name)
+
+    def _read_section_long(self, kind: int) -> Event | None:
+        fixed = SECTION_LONG.size
+        if len(self._rx) < fixed:
+            return None
+        _, section_id, idlen = self._rx.unpack(SECTION_LONG)
+        if len(self._rx) < fixed + idlen + SECTION_TAIL.size:
+            return None
+        idstr = _ascii("main stream: section idstr", self._rx.peek(fixed, idlen))
+        instance_id, version_id = self._rx.unpack(SECTION_TAIL, fixed + idlen)
+        kind_name = "SECTION_START" if kind == QEMU_VM_SECTION_START else "SECTION_FULL"
+        if idstr == RAM_SECTION_IDSTR:
+            if version_id != RAM_SECTION_VERSION:
+                raise WireError("main stream: section 'ram' version", version_id, RAM_SECTION_VERSION)
+            if instance_id != 0:
+                raise WireError("main stream: section 'ram' instance", instance_id, 0)
+            payload = _State.RAM
+        elif idstr.startswith(LIVEMIG_SECTION_PREFIX) and len(idstr) > len(LIVEMIG_SECTION_PREFIX):
+            payload = _State.BLOB
+        else:
+            what = f"main stream: {kind_name} idstr (section id {section_id}, instance {instance_id})"
+            raise WireError(what, idstr, _SECTIONS_KNOWN, note="unknown section: it cannot even be skipped")
+        known = self._sections.get(section_id)
+        if known is not None and (known.idstr, known.instance_id) != (idstr, instance_id):
+            what = f"main stream: {kind_name} for section id {section_id} (idstr, instance)"
+            raise WireError(what, (idstr, instance_id), (known.idstr, known.instance_id), note="the id is taken")
+        if known is not None and known.is_open:
+            what = f"main stream: record for section id {section_id} ({idstr!r}), which is already open"
+            raise WireError(what, kind_name, "SECTION_PART or SECTION_END")
+        self._rx.skip(fixed + idlen + SECTION_TAIL.size)
+        self._sections[section_id] = _Section(idstr, instance_id, version_id, kind == QEMU_VM_SECTION_START)
+        self._current = section_id
+        self._state = payload
+        if kind == QEMU_VM_SECTION_START:
+            return SectionStart(section_id, idstr, instance_id, version_id)
+        return SectionFull(section_id, idstr, instance_id, version_id)
+
+    def _read_section_short(self, kind: int) -> Event | None:
+        if len(self._rx) < SECTION_SHORT.size:
+            return None
+        _, section_id = self._rx.unpack(SECTION_SHORT)
+        kind_name = "SECTION_PART" if kind == QEMU_VM_SECTION_PART else "SECTION_END"
+        section = self._sections.get(section_id)
+        if section is None or not section.is_open:
+            open_ids = sorted(i for i, s in self._sections.items() if s.is_open)
+            why = "an unknown id" if section is None else f"section {section.idstr!r} is not open"
+            raise WireError(f"main stream: {kind_name} section id", section_id, f"one of {open_ids}", note=why)
+        self._rx.skip(SECTION_SHORT.size)
+        self._current = section_id
+        self._state = _State.RAM if section.idstr == RAM_SECTION_IDSTR else _State.BLOB
+        if kind == QEMU_VM_SECTION_END:
+            section.is_open = False
+            return SectionEnd(section_id)
+        return SectionPart(section_id)
+
+    def _read_command(self) -> Event | None:
+        if len(self._rx) < COMMAND.size:
+            return None
+        _, cmd, length = self._rx.unpack(COMMAND)
+        expected = _COMMAND_LENGTHS.get(cmd)
+        if expected is None:
+            why = f"{MIG_CMD_NAMES.get(cmd, 'unknown')}: postcopy, COLO and packaged streams are not supported"
+            raise WireError("main stream: COMMAND", cmd, _COMMANDS_ACCEPTED, note=why)
+        if length != expected:
+            raise WireError(f"main stream: COMMAND {cmd} ({MIG_CMD_NAMES[cmd]}) length", length, expected)
+        if len(self._rx) < COMMAND.size + length:
+            return None
+        self._rx.skip(COMMAND.size)
+        data = self._rx.take(length)
+        if cmd == MIG_CMD_SWITCHOVER_START:
+            return SwitchoverStart()
+        return Command(cmd, data)
+
+    def _read_footer(self) -> Event | None:
+        if self._rx and self._rx.byte() != QEMU_VM_SECTION_FOOTER:
+            what = f"main stream: record type after the payload of section {self._current}"
+            raise WireError(what, self._rx.byte(), QEMU_VM_SECTION_FOOTER, hex=True, note="the section footer")
+        if len(self._rx) < SECTION_SHORT.size:
+            return None
+        _, section_id = self._rx.unpack(SECTION_SHORT)
+        if section_id != self._current:
+            raise WireError("main stream: section footer id", section_id, self._current)
+        self._rx.skip(SECTION_SHORT.size)
+        self._current = None
+        self._state = _State.TOP
+        return self._read_top()
+
+    def _read_blob(self) -> Event | None:
+        if len(self._rx) < BE32.size:
+            return None
+        (length,) = self._rx.unpack(BE32)
+        assert self._current is not None
+        idstr = self._sections[self._current].idstr
+        if length > self.max_blob:
+            raise WireError(f"main stream: blob length in section {idstr!r}", length, f"<= {self.max_blob}")
+        if len(self._rx) < BE32.size + length:
+            return None
+        self._rx.skip(BE32.size)
+        data = self._rx.take(length)
+        self._state = _State.FOOTER
+        return Blob(self._current, idstr, data)
+
+    def _read_after_eof(self) -> Event | None:
+        if not self._rx:
+            if self._rx.closed:
+                self._state = _State.DONE
+                return Closed()
+            return None
+        kind = self._rx.byte()
+        if kind != QEMU_VM_VMDESCRIPTION:
+            why = "VMDESCRIPTION or the end of the stream"
+            raise WireError("main stream: record type after EOF", kind, QEMU_VM_VMDESCRIPTION, hex=True, note=why)
+        if len(self._rx) < TYPE_LEN.size:
+            return None
+        _, length = self._rx.unpack(TYPE_LEN)
+        if length > MAX_VMDESC:
+            raise WireError("main stream: VMDESCRIPTION length", length, f"<= {MAX_VMDESC}")
+        if len(self._rx) < TYPE_LEN.size + length:
+            return None
+        self._rx.skip(TYPE_LEN.size)
+        raw = self._rx.take(length)
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise WireError("main stream: VMDESCRIPTION", raw[:32], "UTF-8 JSON", note=str(exc)) from exc
+        self._state = _State.DONE
+        return VmDescription(text)
+
+    def _read_done(self) -> Event | None:
+        if self._rx:
+            why = f"first byte {self._rx.byte():#04x}"
+            raise WireError("main stream: bytes after the VMDESCRIPTION", len(self._rx), 0, note=why)
+        if self._rx.closed:
+            return Closed()
+        return None
+
+    # -- RAM section --------------------------------------------------------------------------
+
+    def _read_ram(self) -> Event | None:
+        avail = len(self._rx)
+        if avail < BE64.size:
+            return None
+        (word,) = self._rx.unpack(BE64)
+        flags = word & (self.page_size - 1)
+        addr = word & ~(self.page_size - 1)
+        kind = flags & ~RAM_SAVE_FLAG_CONTINUE
+        if kind not in _RAM_TYPES:
+            why = next((f"{n}, not supported" for bit, n in _RAM_REFUSED.items() if flags & bit), _QEMU_UNKNOWN_FLAGS)
+            raise WireError("RAM: record flags", flags, _RAM_EXPECTED, hex=True, note=why)
+        cont = bool(flags & RAM_SAVE_FLAG_CONTINUE)
+        if cont and kind not in (RAM_SAVE_FLAG_ZERO, RAM_SAVE_FLAG_PAGE):
+            raise WireError("RAM: record flags", flags, _RAM_EXPECTED, hex=True, note=_QEMU_UNKNOWN_FLAGS)
+        if kind in (RAM_SAVE_FLAG_EOS, RAM_SAVE_FLAG_MULTIFD_FLUSH):
+            name = "EOS" if kind == RAM_SAVE_FLAG_EOS else "MULTIFD_FLUSH"
+            if addr:
+                raise WireError(f"RAM: {name} record address", addr, 0, hex=True)
+            self._rx.skip(BE64.size)
+            if kind == RAM_SAVE_FLAG_EOS:
+                self._state = _State.FOOTER
+                return Eos()
+            return MultifdFlush()
+        if kind == RAM_SAVE_FLAG_MEM_SIZE:
+            if self._blocks is not None:
+                raise WireError("RAM: a second MEM_SIZE record, expected one only, in the setup section")
+            self._rx.skip(BE64.size)
+            self._mem_total = addr
+            self._mem_left = addr
+            self._mem_list = []
+            self._state = _State.MEM_SIZE
+            return self._read_mem_size_block()
+        return self._read_page_record(kind, addr, cont, avail)
+
+    def _read_mem_size_block(self) -> Event | None:
+        if not self._mem_left:
+            self._blocks = dict(self._mem_list)
+            self._state = _State.RAM
+            return MemSize(list(self._mem_list))
+        if not self._rx:
+            return None
+        idlen = self._rx.byte()
+        if idlen == 0:
+            why = f"{self._mem_left} of {self._mem_total} bytes not declared yet"
+            raise WireError("RAM: MEM_SIZE block id length", 0, "1..255", note=why)
+        if len(self._rx) < 1 + idlen + BE64.size:
+            return None
+        name = _ascii("RAM: MEM_SIZE block id", self._rx.peek(1, idlen))
+        (length,) = self._rx.unpack(BE64, 1 + idlen)
+        if any(name == known for known, _ in self._mem_list):
+            raise WireError("RAM: MEM_SIZE block id", name, "each block once", note="listed twice")
+        if length > self._mem_left:
+            why = f"what is left of the declared total {self._mem_total}"
+            raise WireError(f"RAM: MEM_SIZE length of block {name!r}", length, f"<= {self._mem_left}", note=why)
+        if len(self._mem_list) >= MAX_RAM_BLOCKS:
+            raise WireError("RAM: MEM_SIZE block count", len(self._mem_list) + 1, f"<= {MAX_RAM_BLOCKS}")
+        self._rx.skip(1 + idlen + BE64.size)
+        self._mem_list.append((name, length))
+        self._mem_left -= length
+        return self._read_mem_size_block()
+
+    def _read_page_record(self, kind: int, addr: int, cont: bool, avail: int) -> Event | None:
+        at = BE64.size
+        if cont:
+            if self._last_block is None:
+                raise WireError(f"RAM: a record with CONTINUE (0x20) at offset {addr:#x}, expected a block id first")
+            block = self._last_block
+        else:
+            if avail < at + 1:
+                return None
+            idlen = self._rx.byte(at)
+            if avail < at + 1 + idlen:
+                return None
+            block = _ascii("RAM: block id", self._rx.peek(at + 1, idlen))
+            at += 1 + idlen
+        # Validate as soon as the block and offset are known, before waiting for the page data.
+        blocks = self._blocks or {}
+        length = blocks.get(block)
+        if length is None:
+            why = "Unknown ramblock, cannot accept migration"
+            raise WireError("RAM: block id", block, f"one declared by MEM_SIZE: {sorted(blocks)}", note=why)
+        if addr > length - self.page_size:
+            limit = f"<= {max(length - self.page_size, 0):#x}"
+            raise WireError(f"RAM: offset in block {block!r} of {length:#x} bytes", addr, limit, hex=True)
+        tail = 1 if kind == RAM_SAVE_FLAG_ZERO else self.page_size
+        if avail < at + tail:
+            return None
+        self._last_block = block
+        if kind == RAM_SAVE_FLAG_ZERO:
+            fill = self._rx.byte(at)
+            if fill != 0:
+                raise WireError(f"RAM: zero page fill byte at offset {addr:#x} of block {block!r}", fill, 0)
+            self._rx.skip(at + 1)
+            return ZeroPage(block, addr)
+        self._rx.skip(at)
+        return Page(block, addr, self._rx.take(self.page_size))
