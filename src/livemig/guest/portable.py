@@ -238,13 +238,26 @@ class PortableGuest(Guest):
         return sum(wl.read_header(self._ram.pages).n)
 
     def check_workload(self) -> None:
+        """Check the workload's state in RAM against its reference; GuestError naming the first mismatch.
+
+        A running guest is paused for the check and resumed after it: the check reads the header
+        (steps done) and then the pages of the last steps, and a batch written in between would
+        put values of steps the header does not count yet into those pages.
+        """
         if self._errors:
             raise GuestError(f"vCPU failed: {self._errors[0]}")
         if self.config.workload == "idle":
             return
-        self._check_header()
-        if self.config.workload == "counter":
-            wl.check_counter(self._ram.pages)
+        was_running = self.running
+        if was_running:
+            self.pause()
+        try:
+            self._check_header()
+            if self.config.workload == "counter":
+                wl.check_counter(self._ram.pages)
+        finally:
+            if was_running:
+                self.resume()
 
     def describe(self) -> dict[str, Any]:
         out = super().describe()
