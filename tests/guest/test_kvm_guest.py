@@ -54,19 +54,6 @@ def test_committed_program_bytes_match_sources(name: str, tmp_path: Path) -> Non
     assert out.read_bytes() == kg.load_program(name)
 
 
-def test_bitmap_to_pages_matches_reference() -> None:
-    rng = np.random.default_rng(1)
-    for density in (0.0, 0.001, 0.3, 1.0):
-        npages = 10_000
-        bits = rng.random(npages) < density
-        padded = np.zeros(-(-npages // 64) * 64, dtype=bool)
-        padded[:npages] = bits
-        bm = np.packbits(padded, bitorder="little").view(np.uint64).copy()
-        got = kg.bitmap_to_pages(bm, npages)
-        assert got.dtype == np.int64
-        assert np.array_equal(got, np.flatnonzero(bits))
-
-
 def test_splitmix_reference_matches_plain_python() -> None:
     mask = 2**64 - 1
 
