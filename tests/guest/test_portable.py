@@ -11,7 +11,7 @@ import pytest
 
 from livemig.errors import GuestError
 from livemig.guest import GuestConfig, create_guest
-from livemig.guest import workloads as wl
+from livemig.guest import portable_workloads as wl
 from livemig.guest.portable import PortableGuest
 
 MEM = 8 << 20  # 2048 pages

@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import GuestError
+from .splitmix import GAMMA, mix64
 
 PAGE_SIZE = 4096
 
@@ -321,11 +322,7 @@ def _segment_keys(seed: int, nseg: int) -> np.ndarray:
     b = s % np.uint64(BASE_SEGMENTS)
     t = s // np.uint64(BASE_SEGMENTS)
     with np.errstate(over="ignore"):
-        z = b + np.uint64((seed * 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF)
-        z = z * np.uint64(0x9E3779B97F4A7C15)
-        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        z = z ^ (z >> np.uint64(31))
+        z = mix64((b + np.uint64((seed * GAMMA) & 0xFFFFFFFFFFFFFFFF)) * np.uint64(GAMMA))
         key = (z + t * np.uint64(157)) & np.uint64(0xFF)
         keys: np.ndarray = key * np.uint64(0x0101010101010101)
     return keys

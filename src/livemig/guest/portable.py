@@ -5,7 +5,7 @@ the vCPUs; they run the workload in short batches (a few hundred pages at most, 
 then a sleep), checking a pause flag between batches, so :meth:`PortableGuest.pause` returns within
 one batch and the engine's threads get the GIL most of the time.
 
-Workloads (their state lives in RAM, see :mod:`livemig.guest.workloads` for the layout):
+Workloads (their state lives in RAM, see :mod:`livemig.guest.portable_workloads` for the layout):
 
 ``idle``
     The vCPU threads wait; RAM is never touched.
@@ -46,7 +46,7 @@ import numpy as np
 
 from ..errors import GuestError
 from ..ram.pages import bitmap_to_pages
-from . import workloads as wl
+from . import portable_workloads as wl
 from .base import Guest, GuestConfig, RamBlock
 from .bitmap import new_bitmap, set_page_bits
 from .fill import fill_pages

@@ -76,6 +76,7 @@ from ...errors import GuestError
 from ...ram.pages import bitmap_to_pages
 from ..base import PAGE_SIZE, Guest, GuestConfig, RamBlock
 from ..bitmap import new_bitmap, set_page_bits
+from ..splitmix import GAMMA, mix64
 from . import binding as b
 from . import ioctls as io
 from . import structs as st
@@ -107,10 +108,6 @@ _MAX_LAG = 0.05
 #: reports per second the counter aims for (chooses ``shift``)
 _REPORTS_PER_SECOND = 200
 
-#: splitmix64 constants (counter.asm)
-_GAMMA = 0x9E3779B97F4A7C15
-_MIX1 = 0xBF58476D1CE4E5B9
-_MIX2 = 0x94D049BB133111EB
 
 _TSS_ADDR = 0xFFFBD000
 _PAUSE_TIMEOUT = 10.0
@@ -221,16 +218,12 @@ def install_kick_handler() -> None:
 def splitmix_values(seed: int, steps: np.ndarray) -> np.ndarray:
     """The value counter.asm writes at step ``m``, for every ``m`` in ``steps`` (uint64 array)."""
     with np.errstate(over="ignore"):
-        z = np.uint64(seed) + steps.astype(np.uint64) * np.uint64(_GAMMA)
-        z = (z ^ (z >> np.uint64(30))) * np.uint64(_MIX1)
-        z = (z ^ (z >> np.uint64(27))) * np.uint64(_MIX2)
-        result: np.ndarray = z ^ (z >> np.uint64(31))
-    return result
+        return mix64(np.uint64(seed) + steps.astype(np.uint64) * np.uint64(GAMMA))
 
 
 def vcpu_seed(seed: int, vcpu: int) -> int:
     """The counter seed of vCPU ``vcpu`` (distinct sequences per vCPU, all from ``config.seed``)."""
-    return (seed * 0x2545F4914F6CDD1D + (vcpu + 1) * _GAMMA) & (2**64 - 1)
+    return (seed * 0x2545F4914F6CDD1D + (vcpu + 1) * GAMMA) & (2**64 - 1)
 
 
 def report_shift(rate: int) -> int:
