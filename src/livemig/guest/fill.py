@@ -13,7 +13,7 @@ Specs (``fill_pages(pages, spec, seed)``, ``pages`` a writable ``(n, 4096)`` uin
     :func:`generate_base`). Needs no file: a fresh machine has no corpus on disk.
 ``files:DIR``
     The regular files of DIR in sorted name order, concatenated and repeated until RAM is full
-    (for example the Silesia corpus in ``/work/shared/corpus/silesia``).
+    (for example a directory holding the Silesia corpus).
 ``image:PATH``
     A raw image copied to the start of RAM; the rest stays zero (untouched). Larger than RAM is
     an error.
@@ -21,7 +21,7 @@ Specs (``fill_pages(pages, spec, seed)``, ``pages`` a writable ``(n, 4096)`` uin
 Measured figures of ``corpus`` (seed 0, 32 MiB, each 512 KiB chunk compressed on its own, pyzstd
 0.20 / zlib of Python 3.11): zstd level 1 **3.24x**, zlib level 1 **3.03x** (seeds 1-3, 7:
 3.23-3.28x / 3.02-3.04x); zero pages 2.0 %.
-For comparison, the five Silesia files in /work/shared/corpus/silesia measured the same way give
+For comparison, five files of the Silesia corpus (dickens, mr, nci, ooffice, samba) measured the same way give
 zstd-1 4.03x / zlib-1 3.59x (nci, a chemical database, alone is 11.6x); the whole Silesia corpus
 is usually quoted at ~2.9x zstd-1. Generation: see :func:`fill_corpus`.
 """
