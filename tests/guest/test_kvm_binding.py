@@ -15,9 +15,9 @@ from livemig.guest.base import RamBlock
 from livemig.guest.kvm import binding as b
 from livemig.guest.kvm import ioctls as io
 from livemig.guest.kvm import structs as st
-from livemig.guest.kvm.guest import set_long_mode, write_page_tables
+from livemig.guest.kvm.longmode import set_long_mode, write_page_tables
 
-# numbers printed by a C program including linux/kvm.h on x86-64 (also in shared/reference/kvm.md)
+# numbers printed by a C program including linux/kvm.h on x86-64 (docs/kvm.md, "Ioctls", lists them)
 KERNEL_NUMBERS = {
     "KVM_GET_API_VERSION": 0xAE00, "KVM_CREATE_VM": 0xAE01, "KVM_CHECK_EXTENSION": 0xAE03,
     "KVM_GET_VCPU_MMAP_SIZE": 0xAE04, "KVM_CREATE_VCPU": 0xAE41, "KVM_GET_DIRTY_LOG": 0x4010AE42,

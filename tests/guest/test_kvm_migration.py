@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from livemig.guest import GuestConfig
-from livemig.guest.kvm.guest import _P_N, Layout
+from livemig.guest.kvm.longmode import Layout
+from livemig.guest.kvm.protocol import P_N
 from support.migrate import killed_destination_leaves_source_running, migrate_local
 
 pytestmark = [pytest.mark.kvm, pytest.mark.slow]
@@ -33,7 +34,7 @@ def test_kvm_counter_guest_migrates_between_processes(tmp_path: Path, method: st
     # the destination resumed from exactly the counter state the source stopped at
     lay = Layout.of(GuestConfig(kind="kvm", memory=MEM, workload="counter", smp=smp))
     ram64 = src.view(np.uint64).reshape(-1, 512)
-    n_at_switchover = int(ram64[lay.params: lay.params + smp, _P_N // 8].sum())
+    n_at_switchover = int(ram64[lay.params: lay.params + smp, P_N // 8].sum())
     assert res["destination"]["progress_at_resume"] == n_at_switchover
 
 

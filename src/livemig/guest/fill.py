@@ -13,7 +13,7 @@ Specs (``fill_pages(pages, spec, seed)``, ``pages`` a writable ``(n, 4096)`` uin
     :func:`generate_base`). Needs no file: a fresh machine has no corpus on disk.
 ``files:DIR``
     The regular files of DIR in sorted name order, concatenated and repeated until RAM is full
-    (for example the Silesia corpus in ``/work/shared/corpus/silesia``).
+    (for example a directory holding the Silesia corpus).
 ``image:PATH``
     A raw image copied to the start of RAM; the rest stays zero (untouched). Larger than RAM is
     an error.
@@ -21,7 +21,7 @@ Specs (``fill_pages(pages, spec, seed)``, ``pages`` a writable ``(n, 4096)`` uin
 Measured figures of ``corpus`` (seed 0, 32 MiB, each 512 KiB chunk compressed on its own, pyzstd
 0.20 / zlib of Python 3.11): zstd level 1 **3.24x**, zlib level 1 **3.03x** (seeds 1-3, 7:
 3.23-3.28x / 3.02-3.04x); zero pages 2.0 %.
-For comparison, the five Silesia files in /work/shared/corpus/silesia measured the same way give
+For comparison, five files of the Silesia corpus (dickens, mr, nci, ooffice, samba) measured the same way give
 zstd-1 4.03x / zlib-1 3.59x (nci, a chemical database, alone is 11.6x); the whole Silesia corpus
 is usually quoted at ~2.9x zstd-1. Generation: see :func:`fill_corpus`.
 """
@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import GuestError
+from .splitmix import GAMMA, mix64
 
 PAGE_SIZE = 4096
 
@@ -321,11 +322,7 @@ def _segment_keys(seed: int, nseg: int) -> np.ndarray:
     b = s % np.uint64(BASE_SEGMENTS)
     t = s // np.uint64(BASE_SEGMENTS)
     with np.errstate(over="ignore"):
-        z = b + np.uint64((seed * 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF)
-        z = z * np.uint64(0x9E3779B97F4A7C15)
-        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        z = z ^ (z >> np.uint64(31))
+        z = mix64((b + np.uint64((seed * GAMMA) & 0xFFFFFFFFFFFFFFFF)) * np.uint64(GAMMA))
         key = (z + t * np.uint64(157)) & np.uint64(0xFF)
         keys: np.ndarray = key * np.uint64(0x0101010101010101)
     return keys

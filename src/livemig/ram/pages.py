@@ -7,6 +7,32 @@ from collections.abc import Iterator
 import numpy as np
 
 
+def bitmap_to_pages(words: np.ndarray, npages: int) -> np.ndarray:
+    """Page indices of the set bits of a dirty bitmap, sorted ascending.
+
+    ``words``: shape (ceil(npages / 64),) or longer, uint64, in KVM's dirty-log bit order (bit ``i``
+    of word ``w`` is page ``64 * w + i``; docs/kvm.md, "Dirty log"). Returns an int64 array of shape
+    (number of set bits below ``npages``,); bits at ``npages`` and above are ignored. A dense
+    bitmap is unpacked whole (~0.5 ms for 1 GiB of 4 KiB pages), a sparse one only in its non-zero
+    words; no Python loop over pages. ValueError if ``words`` is not a 1-D uint64 array.
+    """
+    if words.dtype != np.uint64 or words.ndim != 1:
+        raise ValueError(f"dirty bitmap: expected a 1-D uint64 array, got {words.ndim}-D {words.dtype}")
+    words = np.ascontiguousarray(words, dtype="<u8")  # a no-op on little-endian hosts
+    nonzero = np.flatnonzero(words)
+    if nonzero.size == 0:
+        return np.empty(0, dtype=np.int64)
+    if nonzero.size * 8 > words.size:
+        pages: np.ndarray = np.flatnonzero(np.unpackbits(words.view(np.uint8), bitorder="little"))
+    else:
+        bits = np.flatnonzero(np.unpackbits(words[nonzero].view(np.uint8), bitorder="little"))
+        pages = nonzero[bits >> 6] * 64 + (bits & 63)
+    pages = pages.astype(np.int64, copy=False)
+    if pages[-1] >= npages:
+        pages = pages[pages < npages]
+    return pages
+
+
 def runs(idx: np.ndarray) -> list[tuple[int, int]]:
     """Runs of consecutive ascending page indices, in the array's order, as (first, count) pairs."""
     if idx.size == 0:

@@ -1,8 +1,12 @@
-"""A real KVM guest driven from Python through ``/dev/kvm`` ioctls (see :mod:`.guest`).
+"""A real KVM guest driven from Python through ``/dev/kvm`` ioctls (see :mod:`.guest`; the KVM facts
+it relies on: docs/kvm.md).
 
 Layers: :mod:`.ioctls` (numbers), :mod:`.structs` (ctypes layouts), :mod:`.binding`
-(``Kvm`` -> ``VmFd`` -> ``VcpuFd``, ``KvmError``, typed exits), :mod:`.guest` (``KvmGuest``),
-``programs/`` (nasm sources of the guest workloads and their committed assembled bytes).
+(``Kvm`` -> ``VmFd`` -> ``VcpuFd``, ``KvmError``, typed exits); on top of them :mod:`.longmode`
+(layout, page tables, registers), :mod:`.runner` (vCPU threads, exits, pause), :mod:`.dirtylog`,
+:mod:`.state` (the vCPU state blob), :mod:`.protocol` (talking to the guest programs) and
+:mod:`.guest` (``KvmGuest``, which ties them together); ``programs/`` holds the nasm sources of the
+guest workloads and their committed assembled bytes.
 """
 
 from __future__ import annotations
@@ -10,7 +14,8 @@ from __future__ import annotations
 from ...errors import GuestError
 from ..base import GuestConfig
 from .binding import KvmError
-from .guest import KvmGuest, install_kick_handler, open_kvm
+from .guest import KvmGuest, open_kvm
+from .runner import install_kick_handler
 
 __all__ = ["KvmError", "KvmGuest", "create", "unavailable"]
 

@@ -3,7 +3,8 @@
 Numbers follow ``linux/kvm.h`` (x86-64): ``_IOC(dir, nr, size) = dir << 30 | size << 16 | 0xAE << 8 | nr``
 with dir 0 = none, 1 = write (userspace -> kernel), 2 = read, 3 = both. The sizes are those of the
 structs in :mod:`livemig.guest.kvm.structs`; ``tests/guest/test_kvm_binding.py`` checks every number
-against the values ``linux/kvm.h`` gives on x86-64 (also listed in ``shared/reference/kvm.md``).
+against the values ``linux/kvm.h`` gives on x86-64 (the ioctls and what each is for: docs/kvm.md,
+"Ioctls").
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 ; counter: a deterministic sequence whose state (the step count n) lives in guest RAM.
-; Runs at CPL3 with IOPL=3. RBP points at this vCPU's parameter page (layout in guest.py, _P_*):
+; Runs at CPL3 with IOPL=3. RBP points at this vCPU's parameter page (layout in protocol.py, P_*):
 ;   +0x08 n        steps done so far (committed after each step)
 ;   +0x10 budget   steps the host still allows; at 0 the guest asks for more with OUT 0x11
 ;   +0x18 first    first page of this vCPU's working set
@@ -10,7 +10,7 @@
 ; Step m computes v = splitmix64_mix(seed + m * 0x9e3779b97f4a7c15) and writes it at page
 ; first + (m mod npages), qword (m / npages) mod 512, then commits n = m + 1; when n is a multiple
 ; of 2^shift it reports n >> shift (low 32 bits) with OUT 0x10. The host checks that reports are
-; consecutive and recomputes v for the last steps independently (guest.py, check_workload).
+; consecutive and recomputes v for the last steps independently (protocol.py, check_vcpu).
 ; Position-independent; entered at offset 0.
 bits 64
 P_N      equ 0x08

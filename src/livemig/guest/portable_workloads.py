@@ -1,4 +1,4 @@
-"""The workloads' state in guest RAM, and the counter's reference: pure functions over page arrays.
+"""The portable guest's workloads: their state in guest RAM and the counter's reference (pure functions).
 
 Page 0 of the workload's RAM block is the guest's own page (the *header*), as little-endian 64-bit
 words::
@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import GuestError
+from .splitmix import splitmix64
 
 MAGIC = int.from_bytes(b"LMWKLOAD", "little")
 LAYOUT_VERSION = 1
@@ -101,13 +102,6 @@ def read_header(pages: np.ndarray) -> Header:
 # --------------------------------------------------------------------------------------------------
 # counter math
 # --------------------------------------------------------------------------------------------------
-def splitmix64(z: int) -> int:
-    z = (z + 0x9E3779B97F4A7C15) & _M64
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _M64
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _M64
-    return z ^ (z >> 31)
-
-
 def counter_x0(seed: int, cpu: int) -> int:
     """The chain's start value for vCPU ``cpu``."""
     return splitmix64(((seed << 16) + cpu + 1) & _M64)
