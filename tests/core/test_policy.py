@@ -110,3 +110,18 @@ def test_assume_zero_matches_hashing_zero_memory() -> None:
     a.assume_zero()
     assert a.refresh() == 0  # nothing left to hash
     assert a.digest() == b.digest()
+
+
+def test_first_failure_keeps_the_original_and_names_where() -> None:
+    from livemig.errors import WireError
+
+    f = state.FirstFailure()
+    f.check()  # nothing yet
+    first = WireError("multifd: unknown ram block", "nope", "one of ['pc.ram']")
+    assert f.record(first, "multifd channel 3, packet 9")
+    assert not f.record(OSError("later"), "elsewhere")  # a consequence: dropped
+    with pytest.raises(MigrationError) as info:
+        f.check()
+    assert str(info.value) == "multifd channel 3, packet 9: " + str(first)
+    assert info.value.__cause__ is first and first.value == "nope"
+    assert str(state.in_context("main", OSError("boom"))) == "main: OSError: boom"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import threading
 from typing import Any
 
@@ -9,6 +10,7 @@ import numpy as np
 import pytest
 
 from livemig.guest.base import GuestConfig
+from livemig.guest.kvm.binding import KvmError
 from livemig.migration.destination import Destination
 from livemig.migration.source import Source
 from livemig.params import MigrationParameters
@@ -17,10 +19,11 @@ from support.fakeguest import FakeGuest
 
 
 def _migrate(params: MigrationParameters, memory: int = 8 << 20, writer: Any = None,
-             dst_params: MigrationParameters | None = None) -> tuple[Any, dict[str, Any], FakeGuest, FakeGuest]:
+             dst_params: MigrationParameters | None = None,
+             dst_kind: type[FakeGuest] = FakeGuest) -> tuple[Any, dict[str, Any], FakeGuest, FakeGuest]:
     cfg = GuestConfig(memory=memory, seed=3)
     src_guest = FakeGuest(cfg)
-    dst_guest = FakeGuest(cfg, incoming=True)
+    dst_guest = dst_kind(cfg, incoming=True)
     dst = Destination(parse_address("tcp:127.0.0.1:0"), dst_params or params, guest=dst_guest, timeout=10)
     out: dict[str, Any] = {}
     t = threading.Thread(target=lambda: out.update(dst.run()))
@@ -112,3 +115,20 @@ def test_digest_mismatch_names_the_block_and_the_guest_never_runs() -> None:
     assert "RAM block 'pc.ram' digest mismatch" in stats.error
     assert out["status"] == "failed" and dst_guest.resumed == 0
     assert src_guest.running
+
+
+class _StateRefused(FakeGuest):
+    """A destination guest whose state load fails as a KVM ioctl does (an error class with required args)."""
+
+    def load_state(self, blob: bytes) -> None:
+        raise KvmError("KVM_SET_SREGS", errno.EINVAL, "vcpu 0")
+
+
+def test_destination_guest_failure_reaches_the_source_with_its_reason() -> None:
+    params = MigrationParameters(multifd_channels=2, multifd_compression="none", max_bandwidth=0)
+    stats, dres, sg, dg = _migrate(params, dst_kind=_StateRefused)
+    assert stats.status == "failed"
+    assert "destination failed" in stats.error
+    assert "KVM_SET_SREGS failed: Invalid argument (EINVAL) [vcpu 0]" in stats.error, stats.error
+    assert dres["status"] == "failed" and "KVM_SET_SREGS" in dres["error-desc"]
+    assert dg.resumed == 0 and sg.running

@@ -33,6 +33,7 @@ from ..transport.address import Address
 from ..transport.sockets import LineChannel, listen, recv_exact_into, recv_into_buffers
 from ..wire import handshake, packet, stream
 from ..wire.constants import MULTIFD_MAGIC, QEMU_VM_FILE_MAGIC
+from . import state
 from .source import MACHINE_TYPE
 from .stats import ChannelCounters, ResourceMeter
 
@@ -168,8 +169,7 @@ class Destination:
         self.channels: dict[int, _RecvChannel] = {}
         self.main: socket.socket | None = None
         self.meter = ResourceMeter()
-        self._error: BaseException | None = None
-        self._error_lock = threading.Lock()
+        self._failure = state.FirstFailure()
         self._barrier = threading.Barrier(params.multifd_channels + 1)
         self._guest_ready = threading.Event()
         self._all_channels = threading.Event()
@@ -179,10 +179,9 @@ class Destination:
 
     # --- errors ----------------------------------------------------------------------------------
     def fail(self, exc: BaseException, where: str) -> None:
-        with self._error_lock:
-            if self._error is None:
-                msg = f"{where}: {exc}" if isinstance(exc, MigrationError) else f"{where}: {type(exc).__name__}: {exc}"
-                self._error = type(exc)(msg) if isinstance(exc, MigrationError) else MigrationError(msg)
+        """Fail the migration: keep the first failure (``where: reason``, the original as its cause),
+        wake every thread that waits on a channel."""
+        self._failure.record(exc, where)
         self._barrier.abort()
         for ch in list(self.channels.values()):
             try:
@@ -196,19 +195,18 @@ class Destination:
                 pass
 
     def _check(self) -> None:
-        if self._error is not None:
-            raise self._error
+        self._failure.check()
 
     def _watchdog(self) -> None:
         """Fail the migration when no channel has moved for ``timeout`` seconds (a stalled peer)."""
         while not self._done.wait(0.25) and not self._stream_done:
-            if self._error is None and time.monotonic() - self.last_progress > self.timeout:
+            if self._failure.error is None and time.monotonic() - self.last_progress > self.timeout:
                 self.fail(TransportError(f"no data from the source for {self.timeout:.0f} s"), "destination")
                 return
 
     def alive(self) -> bool:
         """True while some channel delivered a packet within the timeout."""
-        return self._error is None and time.monotonic() - self.last_progress < self.timeout
+        return self._failure.error is None and time.monotonic() - self.last_progress < self.timeout
 
     def channel_sync(self, cid: int) -> None:
         try:
@@ -243,7 +241,7 @@ class Destination:
             result = self._finish(rp, t_first)
         except BaseException as exc:  # noqa: BLE001 - every failure ends in a result
             self.fail(exc, "destination")
-            err = str(self._error)
+            err = str(self._failure.error)
             result = {"status": "failed", "error-desc": err, "resumed": False}
             self.log(f"migration failed: {err}")
             if rp is not None:

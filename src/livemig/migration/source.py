@@ -251,8 +251,7 @@ class Source:
         self.main: socket.socket | None = None
         self.rp: LineChannel | None = None
         self.meter = ResourceMeter()
-        self._error: BaseException | None = None
-        self._error_lock = threading.Lock()
+        self._failure = state.FirstFailure()
         self._cancel = threading.Event()
         self._done = threading.Event()
         self._packet_num = 0
@@ -270,12 +269,8 @@ class Source:
             self._shutdown_sockets()
 
     def channel_failed(self, cid: int, exc: BaseException) -> None:
-        with self._error_lock:
-            if self._error is None:
-                if isinstance(exc, MigrationError):
-                    self._error = type(exc)(f"multifd channel {cid}: {exc}")
-                else:
-                    self._error = MigrationError(f"multifd channel {cid}: {type(exc).__name__}: {exc}")
+        """A channel thread failed: keep the first failure (naming the channel), stop the others."""
+        self._failure.record(exc, f"multifd channel {cid}")
         self._shutdown_sockets(main=False)
 
     def run(self) -> MigrationStats:
@@ -510,8 +505,7 @@ class Source:
                 self.stats.downtime_bytes += n
 
     def _check(self) -> None:
-        if self._error is not None:
-            raise self._error
+        self._failure.check()
         if self._cancel.is_set():
             raise Cancelled("migration cancelled")
 
@@ -534,8 +528,7 @@ class Source:
                 self.guest.resume()
             except MigrationError as resume_exc:
                 self.stats.guest["resume-error"] = str(resume_exc)
-        with self._error_lock:
-            err = self._error or exc
+        err = self._failure.error or exc
         cancelled = self._cancel.is_set() or isinstance(err, Cancelled | KeyboardInterrupt)
         if cancelled:
             self.stats.error = "migration cancelled"
