@@ -1,4 +1,4 @@
-"""``none``: the normal pages' raw bytes, concatenated (qemu-multifd.md §3.1)."""
+"""``none``: the normal pages' raw bytes, concatenated (docs/wire.md, "Payloads")."""
 
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ class _Recv(Decompressor):
 class NoComp(Method):
     name = "none"
     flag = FLAG_NOCOMP
+    raw_payload = True
 
     def backend(self) -> str:
         return "cpu: no compression (pages sent from guest RAM without a copy)"
