@@ -11,7 +11,7 @@ from livemig.errors import MigrationError
 from livemig.migration import state
 from livemig.migration.convergence import Convergence
 from livemig.ram.digest import ChunkDigest
-from livemig.ram.pages import chunks, runs
+from livemig.ram.pages import chunks, merge_pages, nonzero_pages, runs
 from livemig.transport.ratelimit import RateLimiter
 
 
@@ -33,8 +33,45 @@ def test_rate_limiter_holds_the_rate() -> None:
     lim = RateLimiter(1_000_000, clock=c.clock, sleep=c.sleep)
     for _ in range(100):
         lim.acquire(100_000)  # 10 MB at 1 MB/s
-    # burst credit is 256 KiB: 10 MB takes 10 s minus at most the credit
-    assert 9.7 <= c.now <= 10.0
+    # the only credit is 10 ms of rate: 10 MB takes 10 s minus at most that
+    assert 9.99 <= c.now <= 10.0
+
+
+def test_rate_limiter_starts_with_little_credit() -> None:
+    """A small transfer is capped from its first bytes: only 10 ms of rate goes out unpaced."""
+    c = FakeClock()
+    rate = 64 * 1024
+    lim = RateLimiter(rate, clock=c.clock, sleep=c.sleep)
+    assert lim.acquire(rate // 100) == 0.0  # within the credit
+    assert lim.acquire(rate) == pytest.approx(1.0, abs=1e-3)  # a second's worth of bytes: a second
+    assert c.now == pytest.approx(1.0, abs=1e-3)
+
+
+def test_rate_limiter_idle_time_does_not_bank_a_burst() -> None:
+    c = FakeClock()
+    rate = 100_000
+    lim = RateLimiter(rate, clock=c.clock, sleep=c.sleep)
+    c.now += 100.0  # idle (e.g. the main stream waiting for a flush)
+    assert lim.acquire(rate) == pytest.approx(0.99)  # only 10 ms were banked, not 100 s
+
+
+def test_rate_limiter_queues_writers_behind_each_other() -> None:
+    """Writers that charge at the same moment wait out each other's debt: together they hold the rate."""
+    c = FakeClock()
+    waits: list[float] = []
+    lim = RateLimiter(1000, clock=c.clock, sleep=waits.append)  # sleeps recorded, clock stands still
+    for _ in range(3):
+        lim.acquire(1000)
+    assert waits == pytest.approx([0.99, 1.99, 2.99])
+
+
+def test_rate_limiter_set_rate_lifts_and_restores_the_cap() -> None:
+    c = FakeClock()
+    lim = RateLimiter(1000, clock=c.clock, sleep=c.sleep)
+    lim.set_rate(0)  # switchover: QEMU lifts the cap
+    assert lim.acquire(10**9) == 0.0 and c.slept == 0.0
+    lim.set_rate(1000)
+    assert lim.acquire(1010) == pytest.approx(1.0)
 
 
 def test_rate_limiter_unlimited_never_sleeps() -> None:
@@ -94,9 +131,13 @@ def test_chunk_digest_tracks_writes() -> None:
     del mv
 
 
-def test_nonzero_pages_finds_a_single_late_byte() -> None:
-    from livemig.migration.source import nonzero_pages
+def test_merge_pages_is_a_sorted_union() -> None:
+    a = np.array([1, 4, 9], dtype=np.int64)
+    assert merge_pages(a, np.array([2, 4, 10], dtype=np.int64)).tolist() == [1, 2, 4, 9, 10]
+    assert merge_pages(a, a[:0]) is a and merge_pages(a[:0], a) is a
 
+
+def test_nonzero_pages_finds_a_single_late_byte() -> None:
     pages = np.zeros((6, 4096), dtype=np.uint8)
     pages[1, 0] = 1
     pages[3, 4095] = 7  # only the last byte: the prefix check alone would miss it
@@ -110,3 +151,18 @@ def test_assume_zero_matches_hashing_zero_memory() -> None:
     a.assume_zero()
     assert a.refresh() == 0  # nothing left to hash
     assert a.digest() == b.digest()
+
+
+def test_first_failure_keeps_the_original_and_names_where() -> None:
+    from livemig.errors import WireError
+
+    f = state.FirstFailure()
+    f.check()  # nothing yet
+    first = WireError("multifd: unknown ram block", "nope", "one of ['pc.ram']")
+    assert f.record(first, "multifd channel 3, packet 9")
+    assert not f.record(OSError("later"), "elsewhere")  # a consequence: dropped
+    with pytest.raises(MigrationError) as info:
+        f.check()
+    assert str(info.value) == "multifd channel 3, packet 9: " + str(first)
+    assert info.value.__cause__ is first and first.value == "nope"
+    assert str(state.in_context("main", OSError("boom"))) == "main: OSError: boom"

@@ -1,36 +1,68 @@
-"""The engine end to end in one process: Source and Destination threads over loopback TCP."""
+"""The engine end to end in one process: Source and Destination threads over an in-memory link
+(``socket.socketpair`` connections: the same bytes and socket calls as TCP, no ports)."""
 
 from __future__ import annotations
 
+import errno
 import threading
+import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import pytest
 
 from livemig.guest.base import GuestConfig
+from livemig.guest.kvm.binding import KvmError
+from livemig.migration import state
 from livemig.migration.destination import Destination
 from livemig.migration.source import Source
+from livemig.migration.stats import MigrationStats
 from livemig.params import MigrationParameters
-from livemig.transport.address import parse_address
+from livemig.transport.sockets import SocketPairLink
 from support.fakeguest import FakeGuest
 
 
-def _migrate(params: MigrationParameters, memory: int = 8 << 20, writer: Any = None,
-             dst_params: MigrationParameters | None = None) -> tuple[Any, dict[str, Any], FakeGuest, FakeGuest]:
+class _Writing(FakeGuest):
+    """A source guest whose 'vCPU' is the test: ``before_sync(guest, n)`` runs before the n-th dirty-log
+    sync (n from 1), as a guest writing between passes would."""
+
+    before_sync: Callable[[FakeGuest, int], None] | None = None
+    syncs = 0
+
+    def sync_dirty_log(self) -> dict[str, np.ndarray]:
+        self.syncs += 1
+        if self.before_sync:
+            self.before_sync(self, self.syncs)
+        return super().sync_dirty_log()
+
+
+class _StateRefused(FakeGuest):
+    """A destination guest whose state load fails as a KVM ioctl does (an error class with required args)."""
+
+    def load_state(self, blob: bytes) -> None:
+        raise KvmError("KVM_SET_SREGS", errno.EINVAL, "vcpu 0")
+
+
+def _migrate(params: MigrationParameters, memory: int = 8 << 20,
+             before_sync: Callable[[FakeGuest, int], None] | None = None,
+             dst_params: MigrationParameters | None = None, dst_kind: type[FakeGuest] = FakeGuest,
+             src_guest: FakeGuest | None = None, **source_kw: Any) -> tuple[MigrationStats, dict[str, Any],
+                                                                             FakeGuest, FakeGuest]:
     cfg = GuestConfig(memory=memory, seed=3)
-    src_guest = FakeGuest(cfg)
-    dst_guest = FakeGuest(cfg, incoming=True)
-    dst = Destination(parse_address("tcp:127.0.0.1:0"), dst_params or params, guest=dst_guest, timeout=10)
+    if src_guest is None:
+        src_guest = _Writing(cfg)
+        src_guest.before_sync = before_sync
+    dst_guest = dst_kind(cfg, incoming=True)
+    link = SocketPairLink()
+    dst = Destination(link, dst_params or params, guest=dst_guest, timeout=10)
     out: dict[str, Any] = {}
     t = threading.Thread(target=lambda: out.update(dst.run()))
     t.start()
     src_guest.start()
-    src = Source(src_guest, parse_address(f"tcp:127.0.0.1:{dst.port}"), params, timeout=10)
-    if writer:
-        writer(src, src_guest)
-    stats = src.run()
+    stats = Source(src_guest, link, params, timeout=10, **source_kw).run()
     t.join(timeout=30)
+    assert not t.is_alive()
     return stats, out, src_guest, dst_guest
 
 
@@ -55,18 +87,10 @@ def test_pages_written_during_migration_arrive() -> None:
     params = MigrationParameters(multifd_channels=4, multifd_compression="zstd", max_bandwidth=0, downtime_limit=0,
                                  max_passes=3)
 
-    def writer(src: Source, g: FakeGuest) -> None:
-        orig = src._sync_dirty
-        calls = {"n": 0}
+    def write(g: FakeGuest, n: int) -> None:
+        g.write(np.arange(n, 2048, 7), 100 + n)
 
-        def sync() -> dict[str, np.ndarray]:
-            calls["n"] += 1
-            g.write(np.arange(calls["n"], 2048, 7), 100 + calls["n"])
-            return orig()
-
-        src._sync_dirty = sync  # type: ignore[method-assign]
-
-    stats, dres, sg, dg = _migrate(params, writer=writer)
+    stats, dres, sg, dg = _migrate(params, before_sync=write)
     assert stats.status == "completed", stats.error
     assert stats.passes == 3
     assert np.array_equal(sg.blocks[0].pages, dg.blocks[0].pages)
@@ -87,28 +111,49 @@ def test_method_mismatch_refused_before_ram_moves() -> None:
 def test_digest_mismatch_names_the_block_and_the_guest_never_runs() -> None:
     """A write the dirty log missed: --full-verify on the source catches it at switchover."""
     params = MigrationParameters(multifd_channels=2, multifd_compression="none", max_bandwidth=0, max_passes=2)
-    cfg = GuestConfig(memory=8 << 20, seed=3)
-    src_guest = FakeGuest(cfg)
-    dst_guest = FakeGuest(cfg, incoming=True)
-    dst = Destination(parse_address("tcp:127.0.0.1:0"), params, guest=dst_guest, timeout=10)
-    out: dict[str, Any] = {}
-    t = threading.Thread(target=lambda: out.update(dst.run()))
-    t.start()
-    src_guest.start()
-    src = Source(src_guest, parse_address(f"tcp:127.0.0.1:{dst.port}"), params, timeout=10, full_verify=True)
-    orig = src._sync_dirty
-    calls = []
 
-    def sync() -> dict[str, np.ndarray]:
-        if not calls:
-            src_guest.blocks[0].pages[10, 100] ^= 0xFF  # written behind the dirty log's back
-        calls.append(1)
-        return orig()
+    def write_behind_the_log(g: FakeGuest, n: int) -> None:
+        if n == 1:
+            g.blocks[0].pages[10, 100] ^= 0xFF
 
-    src._sync_dirty = sync  # type: ignore[method-assign]
-    stats = src.run()
-    t.join(timeout=30)
+    stats, out, sg, dg = _migrate(params, before_sync=write_behind_the_log, full_verify=True)
     assert stats.status == "failed"
     assert "RAM block 'pc.ram' digest mismatch" in stats.error
-    assert out["status"] == "failed" and dst_guest.resumed == 0
-    assert src_guest.running
+    assert out["status"] == "failed" and dg.resumed == 0
+    assert sg.running
+
+
+def test_destination_guest_failure_reaches_the_source_with_its_reason() -> None:
+    params = MigrationParameters(multifd_channels=2, multifd_compression="none", max_bandwidth=0)
+    stats, dres, sg, dg = _migrate(params, dst_kind=_StateRefused)
+    assert stats.status == "failed"
+    assert "destination failed" in stats.error
+    assert "KVM_SET_SREGS failed: Invalid argument (EINVAL) [vcpu 0]" in stats.error, stats.error
+    assert dres["status"] == "failed" and "KVM_SET_SREGS" in dres["error-desc"]
+    assert dg.resumed == 0 and sg.running
+
+
+@pytest.mark.parametrize(
+    ("memory", "zero", "channels", "cap"),
+    [
+        (1 << 20, False, 4, 512 << 10),  # pages: payload dominates
+        (4 << 20, True, 8, 32 << 10),  # all zero: only headers, handshakes, SYNCs and the main stream
+    ],
+)
+def test_bandwidth_cap_holds_for_every_byte(memory: int, zero: bool, channels: int, cap: int) -> None:
+    """Everything written before the guest is paused is paced by max-bandwidth (switchover is uncapped,
+    as in QEMU). Bounded from above only: the rate may not exceed the cap by more than 25 %."""
+    params = MigrationParameters(multifd_channels=channels, max_bandwidth=cap, downtime_limit=0, max_passes=1)
+    seen: dict[str, float] = {}
+
+    def progress(s: MigrationStats) -> None:
+        if s.status == state.DEVICE:  # about to pause: every pre-switchover byte is written
+            seen["bytes"], seen["t"] = s.transferred, time.monotonic()
+
+    guest = FakeGuest(GuestConfig(memory=memory, seed=3), incoming=zero)  # incoming: all-zero RAM
+    stats, dres, sg, dg = _migrate(params, memory=memory, src_guest=guest, on_progress=progress)
+    assert stats.status == "completed", stats.error
+    assert np.array_equal(sg.blocks[0].pages, dg.blocks[0].pages)
+    assert seen["bytes"] > 50 * cap // 100  # far more than the limiter's credit (10 ms of rate)
+    rate = seen["bytes"] / (seen["t"] - stats.start)
+    assert rate <= 1.25 * cap, f"{rate / 1024:.1f} KiB/s against a cap of {cap / 1024:.0f} KiB/s"

@@ -71,6 +71,9 @@ class Method(ABC):
     flag: ClassVar[int]
     #: (min, max) of ``multifd-<name>-level``, or None when the method has no level
     levels: ClassVar[tuple[int, int] | None] = None
+    #: True when the payload is the packet's normal pages byte for byte, in offset order (``none``):
+    #: the receiver then reads it straight into guest RAM and its size must be pages x page size
+    raw_payload: ClassVar[bool] = False
 
     def __init__(self, level: int = 1, page_size: int = 4096) -> None:
         self.level = level

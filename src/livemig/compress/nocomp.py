@@ -29,6 +29,7 @@ class _Recv(Decompressor):
 class NoComp(Method):
     name = "none"
     flag = FLAG_NOCOMP
+    raw_payload = True
 
     def backend(self) -> str:
         return "cpu: no compression (pages sent from guest RAM without a copy)"

@@ -1,11 +1,10 @@
 """The destination side: accept the channels, apply RAM, check it, resume the guest.
 
 The main channel is read by a sans-IO :class:`~livemig.wire.stream.StreamReader`; each multifd
-channel has a receive thread that validates every packet header (magic, version, counts, flags,
-block, offsets inside the block) before a single byte lands in guest RAM. For ``none`` pages are read
-straight into guest RAM; for the other methods the payload is bounded (1 MiB), decoded to exactly
-the packet's pages and scattered. SYNC packets meet the main stream's MULTIFD_FLUSH at a barrier,
-so a re-sent page never lands before an older copy.
+channel has a receive thread (:class:`~livemig.migration.multifd.RecvChannel`) that validates every
+packet header before a single byte lands in guest RAM. SYNC packets meet the main stream's
+MULTIFD_FLUSH at a barrier, so a re-sent page never lands before an older copy (docs/wire.md,
+"Main stream").
 
 The guest is only resumed when every RAM block's digest matches the source's and its state blob
 loaded; otherwise the destination reports failed and the guest never runs.
@@ -23,111 +22,25 @@ from typing import Any
 
 import numpy as np
 
-from ..compress import MAX_PAYLOAD, Decompressor, Method, create_method
+from ..compress import Method, create_method
 from ..errors import IntegrityError, MigrationError, TransportError, WireError
 from ..guest import Guest, GuestConfig, create_guest
+from ..guest.base import RamBlock
 from ..params import MigrationParameters
 from ..ram.digest import ChunkDigest
-from ..ram.pages import runs
 from ..transport.address import Address
-from ..transport.sockets import LineChannel, listen, recv_exact_into, recv_into_buffers
-from ..wire import handshake, packet, stream
+from ..transport.sockets import AddressListener, LineChannel, Listener, recv_exact_into
+from ..wire import handshake, stream
 from ..wire.constants import MULTIFD_MAGIC, QEMU_VM_FILE_MAGIC
+from . import state
+from .multifd import RecvChannel, RecvContext
 from .source import MACHINE_TYPE
-from .stats import ChannelCounters, ResourceMeter
-
-
-class _RecvChannel(threading.Thread):
-    def __init__(self, dst: Destination, cid: int, sock: socket.socket, decomp: Decompressor) -> None:
-        super().__init__(name=f"multifd-recv-{cid}", daemon=True)
-        self.dst = dst
-        self.cid = cid
-        self.sock = sock
-        self.decomp = decomp
-        self.counters = ChannelCounters()
-        self.current: int | None = None
-
-    def run(self) -> None:
-        try:
-            self._loop()
-        except BaseException as exc:  # noqa: BLE001 - reported to the main thread
-            where = f"multifd channel {self.cid}"
-            if self.current is not None:
-                where += f", packet {self.current}"
-            self.dst.fail(exc, where)
-
-    def _loop(self) -> None:
-        dst = self.dst
-        ps = dst.page_size
-        plen = packet.packet_len(ps)
-        hbuf = memoryview(bytearray(plen))
-        pbuf = memoryview(bytearray(MAX_PAYLOAD))
-        flag = dst.method.flag
-        while True:
-            self.current = None
-            if not recv_exact_into(self.sock, hbuf, "packet header", eof_ok=True, alive=dst.alive):
-                return
-            hdr = packet.decode_packet(hbuf, ps)
-            self.current = hdr.packet_num
-            if hdr.has_data:
-                block = dst.blocks.get(hdr.ramblock)
-                if block is None:
-                    raise WireError("multifd: unknown ram block", hdr.ramblock, f"one of {sorted(dst.blocks)}")
-                packet.check_packet(hdr, method_flag=flag, block_size=block.size, page_size=ps)
-                normal = (hdr.normal_offsets // ps).astype(np.int64)
-                zero = (hdr.zero_offsets // ps).astype(np.int64)
-                received = dst.received[block.name]
-                if normal.size:
-                    self._normal(hdr, block, normal, pbuf)
-                elif hdr.next_packet_size:
-                    raise WireError("multifd: next_packet_size of a packet without normal pages",
-                                    hdr.next_packet_size, 0)
-                if zero.size:
-                    again = zero[received[zero]]
-                    if again.size:
-                        block.pages[again] = 0
-                    received[zero] = True
-                touched = np.concatenate((normal, zero)) if zero.size else normal
-                dst.digests[block.name].mark_pages(touched)
-                c = self.counters
-                dst.last_progress = time.monotonic()
-                c.packets += 1
-                c.normal += int(normal.size)
-                c.zero += int(zero.size)
-                c.wire_bytes += plen + hdr.next_packet_size
-                c.payload_bytes += hdr.next_packet_size
-            elif hdr.next_packet_size:
-                raise WireError("multifd: next_packet_size of an empty packet", hdr.next_packet_size, 0)
-            if hdr.is_sync:
-                dst.channel_sync(self.cid)
-
-    def _normal(self, hdr: packet.PacketHeader, block: Any, normal: np.ndarray, pbuf: memoryview) -> None:
-        dst = self.dst
-        ps = dst.page_size
-        n = int(normal.size)
-        page_runs = runs(normal)
-        mv = dst.views[block.name]
-        if dst.method.name == "none":
-            want = n * ps
-            if hdr.next_packet_size != want:
-                raise WireError("multifd: none packet size", hdr.next_packet_size, want)
-            recv_into_buffers(self.sock, [mv[f * ps : (f + c) * ps] for f, c in page_runs],
-                              f"{n} pages of packet {hdr.packet_num}", alive=dst.alive)
-        else:
-            size = hdr.next_packet_size
-            if size > MAX_PAYLOAD:
-                raise WireError(f"multifd: {dst.method.name}: received unexpectedly large packet", size,
-                                f"at most {MAX_PAYLOAD}")
-            recv_exact_into(self.sock, pbuf[:size], f"payload of packet {hdr.packet_num}", alive=dst.alive)
-            t0 = time.thread_time()
-            # offsets were checked against the block: the decoder writes only this packet's pages
-            self.decomp.decompress_into(pbuf[:size], [mv[f * ps : (f + c) * ps] for f, c in page_runs], ps)
-            self.counters.codec_seconds += time.thread_time() - t0
-        dst.received[block.name][normal] = True
+from .stats import ResourceMeter
 
 
 class Destination:
-    """Listens at ``address`` and receives one migration.
+    """Listens at ``address`` (an Address, or any Listener, e.g. an in-memory
+    :class:`~livemig.transport.sockets.SocketPairLink`) and receives one migration.
 
     ``guest`` may be created ahead (as QEMU's destination is, from its own command line; RAM then
     prefaulted before the migration starts) or left None to create it from the source's config.
@@ -136,7 +49,7 @@ class Destination:
 
     def __init__(
         self,
-        address: Address,
+        address: Address | Listener,
         params: MigrationParameters,
         *,
         guest: Guest | None = None,
@@ -148,7 +61,6 @@ class Destination:
         log: Callable[[str], None] | None = None,
     ) -> None:
         params.check()
-        self.address = address
         self.params = params
         self.guest = guest
         self.uuid = uuid
@@ -159,17 +71,31 @@ class Destination:
         self.log = log or (lambda _m: None)
         self.page_size = 4096
         self.method: Method = create_method(params.multifd_compression, params.level(), self.page_size)
-        self.listener = listen(address, max(8, params.multifd_channels + 1))
-        self.port: int = self.listener.getsockname()[1] if address.scheme == "tcp" else 0
-        self.blocks: dict[str, Any] = {}
+        self.listener: Listener = (
+            AddressListener(address, max(8, params.multifd_channels + 1)) if isinstance(address, Address) else address
+        )
+        #: the TCP port listened on (0 when not TCP)
+        self.port = self.listener.port
+        self.blocks: dict[str, RamBlock] = {}
         self.views: dict[str, memoryview] = {}
         self.received: dict[str, np.ndarray] = {}
         self.digests: dict[str, ChunkDigest] = {}
-        self.channels: dict[int, _RecvChannel] = {}
+        self.channels: dict[int, RecvChannel] = {}
+        self._recv = RecvContext(
+            page_size=self.page_size,
+            method=self.method,
+            blocks=self.blocks,
+            views=self.views,
+            received=self.received,
+            digests=self.digests,
+            alive=self.alive,
+            progress=self._touch,
+            sync=self.channel_sync,
+            failed=self.fail,
+        )
         self.main: socket.socket | None = None
         self.meter = ResourceMeter()
-        self._error: BaseException | None = None
-        self._error_lock = threading.Lock()
+        self._failure = state.FirstFailure()
         self._barrier = threading.Barrier(params.multifd_channels + 1)
         self._guest_ready = threading.Event()
         self._all_channels = threading.Event()
@@ -179,10 +105,9 @@ class Destination:
 
     # --- errors ----------------------------------------------------------------------------------
     def fail(self, exc: BaseException, where: str) -> None:
-        with self._error_lock:
-            if self._error is None:
-                msg = f"{where}: {exc}" if isinstance(exc, MigrationError) else f"{where}: {type(exc).__name__}: {exc}"
-                self._error = type(exc)(msg) if isinstance(exc, MigrationError) else MigrationError(msg)
+        """Fail the migration: keep the first failure (``where: reason``, the original as its cause),
+        wake every thread that waits on a channel."""
+        self._failure.record(exc, where)
         self._barrier.abort()
         for ch in list(self.channels.values()):
             try:
@@ -196,19 +121,21 @@ class Destination:
                 pass
 
     def _check(self) -> None:
-        if self._error is not None:
-            raise self._error
+        self._failure.check()
 
     def _watchdog(self) -> None:
         """Fail the migration when no channel has moved for ``timeout`` seconds (a stalled peer)."""
         while not self._done.wait(0.25) and not self._stream_done:
-            if self._error is None and time.monotonic() - self.last_progress > self.timeout:
+            if self._failure.error is None and time.monotonic() - self.last_progress > self.timeout:
                 self.fail(TransportError(f"no data from the source for {self.timeout:.0f} s"), "destination")
                 return
 
+    def _touch(self) -> None:
+        self.last_progress = time.monotonic()
+
     def alive(self) -> bool:
         """True while some channel delivered a packet within the timeout."""
-        return self._error is None and time.monotonic() - self.last_progress < self.timeout
+        return self._failure.error is None and time.monotonic() - self.last_progress < self.timeout
 
     def channel_sync(self, cid: int) -> None:
         try:
@@ -243,7 +170,7 @@ class Destination:
             result = self._finish(rp, t_first)
         except BaseException as exc:  # noqa: BLE001 - every failure ends in a result
             self.fail(exc, "destination")
-            err = str(self._error)
+            err = str(self._failure.error)
             result = {"status": "failed", "error-desc": err, "resumed": False}
             self.log(f"migration failed: {err}")
             if rp is not None:
@@ -258,14 +185,13 @@ class Destination:
 
     def _accept_loop(self) -> None:
         """Classify connections by their first 4 bytes (QEMU >= 8.0 rule): QEVM = main, multifd magic."""
-        self.listener.settimeout(0.1)
         while not self._done.is_set() and not self._all_channels.is_set():
             try:
-                sock, _ = self.listener.accept()
-            except TimeoutError:
-                continue
-            except OSError:
+                sock = self.listener.accept(0.1)
+            except TransportError:
                 return
+            if sock is None:
+                continue
             try:
                 sock.settimeout(self.timeout)
                 head = b""
@@ -307,8 +233,7 @@ class Destination:
         if not self._guest_ready.wait(timeout=self.timeout * 4):
             raise TransportError("multifd channel connected but the guest was never set up")
         self._check()
-        ch = _RecvChannel(self, init.channel_id, sock, self.method.decompressor(init.channel_id))
-        ch.counters.wire_bytes += handshake.INIT_SIZE
+        ch = RecvChannel(self._recv, init.channel_id, sock)
         self.channels[init.channel_id] = ch
         ch.start()
         if len(self.channels) == self.params.multifd_channels:

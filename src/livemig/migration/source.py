@@ -1,7 +1,8 @@
 """The source side of a precopy migration over multifd channels.
 
 Linear code in :meth:`Source.run`, one thread per multifd channel, policy factored out
-(:mod:`.convergence`). Sequence on the wire (qemu-multifd.md §4.4, per-round flush mode)::
+(:mod:`.convergence`), channel workers in :mod:`.multifd`. Sequence on the wire (docs/wire.md,
+"Main stream", per-round flush mode)::
 
     main:   QEVM header, configuration
             FULL livemig/config (guest config + parameters)   <- destination answers ready/error
@@ -15,36 +16,37 @@ Linear code in :meth:`Source.run`, one thread per multifd channel, policy factor
 
 Any failure or a cancel leaves the source guest running (resumed if it was paused) and the status
 failed/cancelled with the reason.
+
+``max-bandwidth`` caps every byte the source writes (main stream, handshakes, packets, SYNCs) until
+the guest is paused; during switchover the cap is lifted, as QEMU does.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import queue
 import socket
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from ..compress import Buffer, Compressor, Method, create_method
+from ..compress import Method, create_method
 from ..errors import Cancelled, MigrationError, TransportError
 from ..guest import Guest
-from ..guest.base import RamBlock
 from ..params import MigrationParameters
 from ..ram.digest import ChunkDigest
-from ..ram.pages import chunks, runs
+from ..ram.pages import merge_pages
 from ..transport.address import Address
 from ..transport.ratelimit import RateLimiter
-from ..transport.sockets import LineChannel, connect, send_buffers
-from ..wire import handshake, packet, stream
+from ..transport.sockets import AddressConnector, Connector, LineChannel, send_buffers
+from ..wire import packet, stream
 from . import state
 from .convergence import Convergence
-from .stats import ChannelCounters, MigrationStats, ResourceMeter
+from .multifd import SendChannels, SendContext
+from .stats import MigrationStats, ResourceMeter
 
 MACHINE_TYPE = "livemig-1"
 SECTION_CONFIG = 1
@@ -53,135 +55,10 @@ SECTION_VCPU = 3
 SECTION_DIGEST = 4
 
 
-@dataclass
-class _Pages:
-    """Up to BATCH consecutive packets of one block, sent with one vectored write."""
-
-    block: RamBlock
-    packets: list[tuple[np.ndarray, int]]
-
-
-#: packets per channel job: fewer queue hand-offs and syscalls, same packets on the wire
-BATCH = 4
-
-
-@dataclass
-class _Sync:
-    num: int
-
-
-_STOP = object()
-
-
-def merge_pages(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Sorted union of two sorted page index arrays."""
-    if not a.size:
-        return b
-    if not b.size:
-        return a
-    return np.unique(np.concatenate((a, b)))
-
-
 def _warm_numpy() -> None:
     """numpy loads some functions (np.unique among them) lazily: ~20 ms on first call. Pay that before
     the guest is paused, not during downtime."""
     merge_pages(np.arange(2), np.arange(1, 3))
-
-
-def nonzero_pages(pages64: np.ndarray) -> np.ndarray:
-    """Bool per page (rows of uint64 words): True where any byte is non-zero.
-
-    Like QEMU's buffer_is_zero, it looks at the cheap part first: a page whose first 64 bytes are not
-    all zero is non-zero without reading the rest; only the others are scanned whole.
-    """
-    nonzero: np.ndarray = np.asarray(pages64[:, :8].any(axis=1))
-    rest = np.flatnonzero(~nonzero)
-    if rest.size:
-        nonzero[rest] = pages64[rest].any(axis=1)
-    return nonzero
-
-
-class _SendChannel(threading.Thread):
-    """One multifd channel: zero detection, compression and sending, in packet order."""
-
-    def __init__(self, src: Source, cid: int, sock: socket.socket, comp: Compressor) -> None:
-        super().__init__(name=f"multifd-send-{cid}", daemon=True)
-        self.src = src
-        self.cid = cid
-        self.sock = sock
-        self.comp = comp
-        self.q: queue.Queue[object] = queue.Queue(maxsize=4)
-        self.synced = threading.Semaphore(0)
-        self.counters = ChannelCounters()
-
-    def run(self) -> None:
-        try:
-            init = handshake.encode_init(self.src.uuid, self.cid)
-            self.counters.wire_bytes += send_buffers(self.sock, [init], f"multifd channel {self.cid} handshake")
-            while True:
-                job = self.q.get()
-                if job is _STOP:
-                    return
-                if isinstance(job, _Sync):
-                    data = packet.encode_sync(job.num, self.src.page_size)
-                    self.counters.wire_bytes += send_buffers(self.sock, [data], f"multifd channel {self.cid} sync")
-                    self.synced.release()
-                elif isinstance(job, _Pages):
-                    self._send_pages(job)
-        except BaseException as exc:  # noqa: BLE001 - reported to the migration thread
-            self.src.channel_failed(self.cid, exc)
-
-    def _send_pages(self, job: _Pages) -> None:
-        what = f"multifd channel {self.cid} packets"
-        if self.src.limiter.rate:
-            # capped: one packet at a time, so progress (and the cap) moves in packet steps
-            for idx, num in job.packets:
-                bufs = self._packet(job.block, idx, num)
-                self.src.limiter.acquire(sum(len(b) for b in bufs))
-                self.counters.wire_bytes += send_buffers(self.sock, bufs, what)
-            return
-        bufs = []
-        for idx, num in job.packets:
-            bufs += self._packet(job.block, idx, num)
-        self.counters.wire_bytes += send_buffers(self.sock, bufs, what)
-
-    def _packet(self, block: RamBlock, idx: np.ndarray, num: int) -> list[Buffer]:
-        """Header and payload buffers of one packet; counts its pages."""
-        ps = self.src.page_size
-        first, n = int(idx[0]), int(idx.size)
-        contiguous = int(idx[-1]) - first + 1 == n
-        if self.src.zero_detect:
-            p64 = self.src.pages64[block.name]
-            view = p64[first : first + n] if contiguous else p64[idx]
-            nonzero = nonzero_pages(view)
-            normal = idx[nonzero]
-            zero = idx[~nonzero]
-        else:
-            normal, zero = idx, idx[:0]
-        mv = self.src.views[block.name]
-        if normal.size == n and contiguous:
-            page_runs = [mv[first * ps : (first + n) * ps]]
-        else:
-            page_runs = [mv[f * ps : (f + c) * ps] for f, c in runs(normal)]
-        t0 = time.thread_time()
-        payload = self.comp.compress(page_runs) if normal.size else []
-        self.counters.codec_seconds += time.thread_time() - t0
-        plen = sum(len(b) for b in payload)
-        hdr = packet.encode_packet(
-            flags=self.src.method.flag,
-            packet_num=num,
-            ramblock=block.name,
-            normal=normal.astype(np.uint64) * ps,
-            zero=zero.astype(np.uint64) * ps,
-            next_packet_size=plen,
-            page_size=ps,
-        )
-        c = self.counters
-        c.packets += 1
-        c.normal += int(normal.size)
-        c.zero += int(zero.size)
-        c.payload_bytes += plen
-        return [hdr, *payload]
 
 
 def _phases(t0: float, marks: list[tuple[str, float]]) -> dict[str, float]:
@@ -195,7 +72,8 @@ def _phases(t0: float, marks: list[tuple[str, float]]) -> dict[str, float]:
 
 
 class Source:
-    """Migrates ``guest`` to the destination listening at ``address``.
+    """Migrates ``guest`` to the destination listening at ``address`` (an Address, or any Connector,
+    e.g. an in-memory :class:`~livemig.transport.sockets.SocketPairLink`).
 
     ``run()`` blocks until the migration ends and returns the statistics; it does not raise for a
     failed or cancelled migration (the status and ``error`` say what happened). ``cancel()`` may be
@@ -205,7 +83,7 @@ class Source:
     def __init__(
         self,
         guest: Guest,
-        address: Address,
+        address: Address | Connector,
         params: MigrationParameters,
         *,
         uuid: bytes = bytes(16),
@@ -217,7 +95,7 @@ class Source:
     ) -> None:
         params.check()
         self.guest = guest
-        self.address = address
+        self.connector: Connector = AddressConnector(address) if isinstance(address, Address) else address
         self.params = params
         self.uuid = uuid
         self.timeout = timeout
@@ -228,8 +106,11 @@ class Source:
         self.page_size = guest.page_size
         self.page_count = packet.page_count(self.page_size)
         self.method: Method = create_method(params.multifd_compression, params.level(), self.page_size)
-        self.zero_detect = params.zero_page_detection == "multifd"
-        self.limiter = RateLimiter(params.max_bandwidth)
+        self._cancel = threading.Event()
+        #: set on a cancel or a failure: cuts every limiter wait short (the sockets are shut down, so
+        #: the next write fails at once instead of after the channels' whole debt)
+        self._stop = threading.Event()
+        self.limiter = RateLimiter(params.max_bandwidth, sleep=self._stop.wait)
         self.status = state.StatusMachine()
         self.stats = MigrationStats(
             page_size=self.page_size,
@@ -245,18 +126,26 @@ class Source:
         self.status.listeners.append(self._on_status)
         _warm_numpy()
         self.views = {b.name: b.view() for b in guest.blocks}
-        self.pages64 = {b.name: b.pages.view(np.uint64) for b in guest.blocks}
         self.digests = {b.name: ChunkDigest(self.views[b.name], self.page_size) for b in guest.blocks}
-        self.channels: list[_SendChannel] = []
+        zero_detect = params.zero_page_detection == "multifd"
+        self.channels = SendChannels(
+            SendContext(
+                uuid=uuid,
+                page_size=self.page_size,
+                method=self.method,
+                views=self.views,
+                pages64={b.name: b.pages.view(np.uint64) for b in guest.blocks} if zero_detect else None,
+                limiter=self.limiter,
+                failed=self.channel_failed,
+            ),
+            self._check,
+            timeout,
+        )
         self.main: socket.socket | None = None
         self.rp: LineChannel | None = None
         self.meter = ResourceMeter()
-        self._error: BaseException | None = None
-        self._error_lock = threading.Lock()
-        self._cancel = threading.Event()
+        self._failure = state.FirstFailure()
         self._done = threading.Event()
-        self._packet_num = 0
-        self._rr = 0
         self._paused_by_us = False
         self._running_bytes = True
         #: pages found dirty by the last sync before switchover, still to be sent
@@ -266,16 +155,14 @@ class Source:
     def cancel(self) -> None:
         """Ask the migration to stop; the guest keeps (or resumes) running."""
         self._cancel.set()
+        self._stop.set()
         if self.status.try_step(state.CANCELLING):
             self._shutdown_sockets()
 
     def channel_failed(self, cid: int, exc: BaseException) -> None:
-        with self._error_lock:
-            if self._error is None:
-                if isinstance(exc, MigrationError):
-                    self._error = type(exc)(f"multifd channel {cid}: {exc}")
-                else:
-                    self._error = MigrationError(f"multifd channel {cid}: {type(exc).__name__}: {exc}")
+        """A channel thread failed: keep the first failure (naming the channel), stop the others."""
+        self._failure.record(exc, f"multifd channel {cid}")
+        self._stop.set()
         self._shutdown_sockets(main=False)
 
     def run(self) -> MigrationStats:
@@ -301,7 +188,7 @@ class Source:
 
     # --- phases ----------------------------------------------------------------------------------
     def _setup(self) -> None:
-        self.main = connect(self.address, self.timeout)
+        self.main = self.connector.connect(self.timeout)
         self.rp = LineChannel(self.main)
         config = {
             "guest": json.loads(self.guest.config.to_json()),
@@ -322,13 +209,10 @@ class Source:
         answer = self.rp.recv(self.timeout)
         if answer.get("status") != "ready":
             raise MigrationError(f"destination refused the migration: {answer.get('error', answer)}")
-        for cid in range(self.params.multifd_channels):
+        for _ in range(self.params.multifd_channels):
             self._check()
-            sock = connect(self.address, self.timeout)
-            ch = _SendChannel(self, cid, sock, self.method.compressor(cid))
-            self.channels.append(ch)
-            ch.start()
-        self.stats.channels = [c.counters for c in self.channels]
+            self.channels.add(self.connector.connect(self.timeout))
+        self.stats.channels = [c.counters for c in self.channels.channels]
         self.guest.start_dirty_log()
         blocks = [(b.name, b.size) for b in self.guest.blocks]
         self._main_write(stream.section_start(SECTION_RAM, "ram", 0, 4) + stream.ram_mem_size(blocks))
@@ -422,73 +306,22 @@ class Source:
     def _send_dirty(self, dirty: dict[str, np.ndarray]) -> int:
         """Queue every dirty page, in packets of one block; returns the pages queued."""
         total = sum(int(d.size) for d in dirty.values())
-        left = total
+        after = total  # pages of the blocks after the current one
         for block in self.guest.blocks:
             idx = dirty.get(block.name)
             if idx is None or idx.size == 0:
                 continue
-            job = _Pages(block, [])
-            for piece in chunks(idx, self.page_count):
-                job.packets.append((piece, self._next_num()))
-                left -= int(piece.size)
-                if len(job.packets) == BATCH:
-                    self._check()
-                    self._dispatch(job)
-                    job = _Pages(block, [])
-                    self.stats.remaining = left * self.page_size
-            if job.packets:
-                self._check()
-                self._dispatch(job)
-            self.stats.remaining = left * self.page_size
+            after -= int(idx.size)
+
+            def left(n: int, after: int = after) -> None:
+                self.stats.remaining = (after + n) * self.page_size
+
+            self.channels.queue_pages(block.name, idx, self.page_count, left)
         return total
 
-    def _next_num(self) -> int:
-        n = self._packet_num
-        self._packet_num += 1
-        return n
-
-    def _dispatch(self, job: _Pages) -> None:
-        """Round robin from the channel after the last one used, skipping busy channels."""
-        n = len(self.channels)
-        for k in range(n):
-            ch = self.channels[(self._rr + k) % n]
-            try:
-                ch.q.put_nowait(job)
-                self._rr = (self._rr + k + 1) % n
-                return
-            except queue.Full:
-                continue
-        ch = self.channels[self._rr]
-        self._rr = (self._rr + 1) % n
-        while True:
-            self._check()
-            try:
-                ch.q.put(job, timeout=0.05)
-                return
-            except queue.Full:
-                continue
-
     def _flush_round(self) -> None:
-        """SYNC on every channel and wait until each has written it, then the main-stream marker."""
-        for ch in self.channels:
-            while True:
-                self._check()
-                try:
-                    ch.q.put(_Sync(self._next_num()), timeout=0.05)
-                    break
-                except queue.Full:
-                    continue
-        for ch in self.channels:
-            # wait while the channel makes progress (a slow cap or codec can take long); fail when it stalls
-            seen, deadline = ch.counters.wire_bytes, time.monotonic() + self.timeout
-            while not ch.synced.acquire(timeout=0.05):
-                self._check()
-                if ch.counters.wire_bytes != seen:
-                    seen, deadline = ch.counters.wire_bytes, time.monotonic() + self.timeout
-                elif time.monotonic() > deadline:
-                    raise TransportError(
-                        f"multifd channel {ch.cid} wrote nothing for {self.timeout:.0f} s before its SYNC"
-                    )
+        """SYNC on every channel, each written, then the main stream's MULTIFD_FLUSH."""
+        self.channels.flush()
         self._main_write(stream.ram_multifd_flush())
 
     def _sync_dirty(self) -> dict[str, np.ndarray]:
@@ -501,6 +334,7 @@ class Source:
     def _main_write(self, data: bytes, ram: bool = True) -> None:
         assert self.main is not None
         self._check()
+        self.limiter.acquire(len(data))
         n = send_buffers(self.main, [data], "main channel")
         self.stats.main_bytes += n
         if ram:
@@ -510,8 +344,7 @@ class Source:
                 self.stats.downtime_bytes += n
 
     def _check(self) -> None:
-        if self._error is not None:
-            raise self._error
+        self._failure.check()
         if self._cancel.is_set():
             raise Cancelled("migration cancelled")
 
@@ -528,14 +361,14 @@ class Source:
 
     def _fail(self, exc: BaseException) -> None:
         """End in cancelled (a cancel was asked) or failed, guest running again first."""
+        self._stop.set()  # channel threads still waiting in the limiter give up
         if self._paused_by_us:  # failure during switchover: the guest runs on here, at once
             self._paused_by_us = False
             try:
                 self.guest.resume()
             except MigrationError as resume_exc:
                 self.stats.guest["resume-error"] = str(resume_exc)
-        with self._error_lock:
-            err = self._error or exc
+        err = self._failure.error or exc
         cancelled = self._cancel.is_set() or isinstance(err, Cancelled | KeyboardInterrupt)
         if cancelled:
             self.stats.error = "migration cancelled"
@@ -565,26 +398,18 @@ class Source:
         return str(msg.get("error", "")) if msg.get("status") in ("failed", "error") else ""
 
     def _shutdown_sockets(self, main: bool = True) -> None:
-        socks = [c.sock for c in self.channels]
+        self.channels.shutdown()
         if main and self.main is not None:
-            socks.append(self.main)
-        for s in socks:
             try:
-                s.shutdown(socket.SHUT_RDWR)
+                self.main.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
 
     def _teardown(self) -> None:
-        for ch in self.channels:
-            try:
-                ch.q.put_nowait(_STOP)
-            except queue.Full:
-                pass
+        self.channels.stop()
         if self.status.state != state.COMPLETED:
             self._shutdown_sockets()
-        for ch in self.channels:
-            ch.join(timeout=5)
-            ch.sock.close()
+        self.channels.close()
         if self.main is not None:
             self.main.close()
         try:

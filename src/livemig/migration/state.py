@@ -1,4 +1,5 @@
-"""Migration status values and transitions, as QEMU's MigrationStatus (qemu-multifd.md §5.4).
+"""Migration status values and transitions, as QEMU's MigrationStatus (docs/wire.md, "Statistics"),
+and the first failure of a migration.
 
 One table of allowed transitions and one step function: an illegal transition raises an error that
 names the state and the event.
@@ -65,3 +66,41 @@ class StatusMachine:
         for listener in self.listeners:
             listener(new)
         return True
+
+
+def in_context(where: str, exc: BaseException) -> MigrationError:
+    """A MigrationError whose message is ``where: <exc>``, raised from ``exc``.
+
+    The original exception is kept whole as ``__cause__`` (its type and fields, e.g. a WireError's
+    ``value``/``expected`` or a KvmError's ``ioctl``/``errno``), never rebuilt: not every exception
+    class can be constructed from one message. Exceptions that are not a MigrationError also get
+    their type name in the message (``where: OSError: ...``).
+    """
+    text = str(exc) if isinstance(exc, MigrationError) else f"{type(exc).__name__}: {exc}"
+    err = MigrationError(f"{where}: {text}")
+    err.__cause__ = exc
+    return err
+
+
+class FirstFailure:
+    """The first failure of a migration, with where it happened; thread-safe.
+
+    Later failures are dropped: they are consequences of the first (sockets shut down because of it).
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.error: MigrationError | None = None
+
+    def record(self, exc: BaseException, where: str) -> bool:
+        """Keep ``exc`` (see :func:`in_context`) if it is the first; True if it was."""
+        with self._lock:
+            if self.error is not None:
+                return False
+            self.error = in_context(where, exc)
+            return True
+
+    def check(self) -> None:
+        """Raise the recorded failure, if any."""
+        if self.error is not None:
+            raise self.error

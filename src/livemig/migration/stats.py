@@ -1,6 +1,6 @@
 """Migration statistics: one object, rendered as ``query-migrate``, as progress and as a table.
 
-Definitions follow QEMU 10.2 (qemu-multifd.md §6), with these choices written down:
+Definitions follow QEMU 10.2 (docs/wire.md, "Statistics"), with these choices written down:
 
 * ``transferred`` = bytes written on the main channel + ``multifd-bytes`` (bytes really written on
   the multifd sockets: the 64-byte handshakes, packet headers and compressed payloads).

@@ -1,4 +1,9 @@
-"""Page index arithmetic, vectorised: runs of contiguous pages, packets of one block."""
+"""Page-set arithmetic, vectorised: the one home of functions over arrays of page indices.
+
+A page set is a 1-D ``int64`` array of page indices into one RAM block (index = offset / page size),
+usually sorted ascending; a block's RAM as pages is a ``(npages, page_size)`` ``uint8`` array, or its
+``uint64`` view ``(npages, page_size // 8)`` for fast scans.
+"""
 
 from __future__ import annotations
 
@@ -34,7 +39,10 @@ def bitmap_to_pages(words: np.ndarray, npages: int) -> np.ndarray:
 
 
 def runs(idx: np.ndarray) -> list[tuple[int, int]]:
-    """Runs of consecutive ascending page indices, in the array's order, as (first, count) pairs."""
+    """Runs of consecutive ascending page indices, in the array's order, as (first, count) pairs.
+
+    ``idx``: 1-D integer array, any order (a peer's offsets need not be sorted).
+    """
     if idx.size == 0:
         return []
     first = int(idx[0])
@@ -53,3 +61,29 @@ def chunks(idx: np.ndarray, size: int) -> Iterator[np.ndarray]:
     """Split an index array into consecutive pieces of at most ``size`` entries (views, no copy)."""
     for start in range(0, idx.size, size):
         yield idx[start : start + size]
+
+
+def merge_pages(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Sorted union of two sorted 1-D page index arrays (``int64``); returns one of them when the
+    other is empty (no copy)."""
+    if not a.size:
+        return b
+    if not b.size:
+        return a
+    return np.unique(np.concatenate((a, b)))
+
+
+def nonzero_pages(pages64: np.ndarray) -> np.ndarray:
+    """Which pages hold a non-zero byte.
+
+    ``pages64``: ``(n, page_size // 8)`` ``uint64`` rows, one per page (a block's ``pages`` viewed as
+    ``uint64``). Returns ``(n,)`` ``bool``, True where any byte of the page is non-zero.
+
+    Like QEMU's buffer_is_zero, it looks at the cheap part first: a page whose first 64 bytes are not
+    all zero is non-zero without reading the rest; only the others are scanned whole.
+    """
+    nonzero: np.ndarray = np.asarray(pages64[:, :8].any(axis=1))
+    rest = np.flatnonzero(~nonzero)
+    if rest.size:
+        nonzero[rest] = pages64[rest].any(axis=1)
+    return nonzero

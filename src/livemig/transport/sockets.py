@@ -1,4 +1,10 @@
-"""Socket helpers: connect/listen with QEMU-style addresses, exact reads, vectored writes.
+"""Socket helpers: connect/listen with QEMU-style addresses, exact reads, vectored writes, and the
+seam between the migration engine and its transport.
+
+The engine opens connections through a :class:`Connector` (source) and takes them from a
+:class:`Listener` (destination). :class:`AddressConnector` / :class:`AddressListener` are the real
+ones (TCP or unix socket at an :class:`~livemig.transport.address.Address`); :class:`SocketPairLink`
+is both at once, in memory, over ``socket.socketpair()``: for running both sides in one process.
 
 Every failure is raised as :class:`~livemig.errors.TransportError` naming what failed.
 """
@@ -6,9 +12,11 @@ Every failure is raised as :class:`~livemig.errors.TransportError` naming what f
 from __future__ import annotations
 
 import json
+import queue
 import socket
+import threading
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 from ..errors import TransportError
 from .address import Address
@@ -52,6 +60,97 @@ def listen(addr: Address, backlog: int) -> socket.socket:
         sock.close()
         raise TransportError(f"cannot listen on {addr}: {exc}") from exc
     return sock
+
+
+class Connector(Protocol):
+    """Opens connections to the destination (the main channel, then one per multifd channel)."""
+
+    def connect(self, timeout: float) -> socket.socket:
+        """A new connected stream socket; TransportError if it cannot be opened."""
+        ...
+
+
+class Listener(Protocol):
+    """Hands out the connections a source opened, in the order they arrive."""
+
+    #: the TCP port really listened on (0 when not TCP)
+    port: int
+
+    def accept(self, timeout: float) -> socket.socket | None:
+        """The next connection, or None when none came within ``timeout`` seconds; TransportError once
+        the listener is closed."""
+        ...
+
+    def close(self) -> None:
+        """Stop listening; connections not accepted yet are closed."""
+        ...
+
+
+class AddressConnector:
+    """Connects to a TCP or unix-socket address."""
+
+    def __init__(self, addr: Address) -> None:
+        self.addr = addr
+
+    def connect(self, timeout: float) -> socket.socket:
+        return connect(self.addr, timeout)
+
+
+class AddressListener:
+    """Listens at a TCP or unix-socket address (``tcp:HOST:0`` picks a free port: see ``port``)."""
+
+    def __init__(self, addr: Address, backlog: int) -> None:
+        self.sock = listen(addr, backlog)
+        self.port: int = self.sock.getsockname()[1] if addr.scheme == "tcp" else 0
+
+    def accept(self, timeout: float) -> socket.socket | None:
+        try:
+            self.sock.settimeout(timeout)
+            sock, _ = self.sock.accept()
+        except TimeoutError:
+            return None
+        except OSError as exc:
+            raise TransportError(f"listener closed: {exc}") from exc
+        sock.settimeout(None)
+        return sock
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class SocketPairLink:
+    """A connector and listener in one, in memory: each ``connect()`` makes a ``socket.socketpair()``,
+    returns one end and queues the other for ``accept()``. Same bytes, same socket calls as TCP."""
+
+    port = 0
+
+    def __init__(self) -> None:
+        self._pending: queue.Queue[socket.socket] = queue.Queue()
+        self._closed = threading.Event()
+
+    def connect(self, timeout: float) -> socket.socket:
+        if self._closed.is_set():
+            raise TransportError("cannot connect to the in-memory listener: it is closed")
+        mine, theirs = socket.socketpair()
+        mine.settimeout(timeout)
+        self._pending.put(theirs)
+        return mine
+
+    def accept(self, timeout: float) -> socket.socket | None:
+        if self._closed.is_set():
+            raise TransportError("in-memory listener closed")
+        try:
+            return self._pending.get(timeout=timeout)
+        except queue.Empty:
+            return None
+
+    def close(self) -> None:
+        self._closed.set()
+        while True:
+            try:
+                self._pending.get_nowait().close()
+            except queue.Empty:
+                return
 
 
 #: a callable telling whether the migration as a whole still makes progress: a read that times out
