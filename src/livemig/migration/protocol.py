@@ -1,0 +1,405 @@
+"""livemig's handover protocol: the commit point, its messages and both sides' outcome rules.
+
+Protocol version :data:`VERSION` (1). Every handover message carries it; a peer speaking another
+version is refused with an error naming both. A change to any message or rule bumps it.
+
+The whole migration, as it crosses the wire::
+
+    source                                                        destination
+      | main:   QEVM header, configuration, livemig/config ----------->|  (guest config, parameters)
+      |<------------------------------------- return: Ready | Refused  |
+      | chans:  MultiFDInit_t, packets on each of N channels ========> |
+      | main:   RAM sections per pass, MULTIFD_FLUSH, EOS  ----------->|
+      |   -- guest paused (source: paused) --                          |
+      | main:   END ram, livemig/vcpu, livemig/digest, EOF ----------->|
+      |                                      verify RAM digests, load state
+      |<---------------------- return: Prepared(digests) | Failed      |  (destination: prepared)
+      | check Prepared's digests against its own                        |
+      | == COMMIT POINT == (source: committed)                          |
+      | control: Commit ---------------------------------------------->|
+      |                                                   resume guest  |  (destination: running)
+      |<----------------------------------------- return: Resumed     |
+      |   (source: completed; its guest stays stopped, QEMU's postmigrate)
+      |<----------------------------------------- return: Report      |  (optional, later)
+
+Channels. The *main* channel is one TCP (or unix) connection. Source -> destination it carries
+QEMU's main stream up to its ``QEMU_VM_EOF``; after that EOF, the same direction carries the
+*control* messages (:class:`Commit`, :class:`Abort`) as JSON lines. The *return path* is the
+destination -> source direction of the same connection, JSON lines from the first byte. Putting
+Commit on the main channel (not a separate socket) keeps it ordered after the stream it commits:
+the destination cannot see a Commit for a stream it has not finished reading.
+
+Rules, for every failure at every step (a lost or delayed message in either direction, a kill of
+either side, a cut link, a cancel):
+
+1. At most one copy of the guest ever runs.
+2. The destination resumes only after it received the source's :class:`Commit`. A destination that
+   loses the source before that (timeout, closed link, :class:`Abort`) discards its guest.
+3. The source commits only after a :class:`Prepared` whose digests equal its own; before the
+   commit point every failure or cancel resumes the source's guest (the destination cannot run).
+4. After the commit the source never resumes on its own. When it cannot know the outcome (the
+   answer to Commit was lost, late, or the link broke) its guest stays stopped in QEMU's
+   ``postmigrate`` run state, the outcome is ``unknown``, and resuming it is an explicit act of the
+   operator after checking the destination.
+5. A cancel that arrives after the commit cannot undo it: it is answered as too late.
+
+Wire form: one JSON object per line, UTF-8, at most :data:`MAX_LINE` bytes, with ``"version"``,
+``"type"`` and exactly the fields of that type. :func:`encode` and :func:`decode` are the only
+codec; unknown versions, types or fields, missing fields and wrong field types raise
+:class:`~livemig.errors.WireError` naming them. This module does no I/O.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import MISSING, dataclass, field, fields
+from typing import Any, ClassVar, Literal, TypeAlias
+
+from ..errors import IntegrityError, WireError
+
+VERSION = 1
+#: longest handover line accepted, newline included (a Prepared for many RAM blocks fits easily)
+MAX_LINE = 1 << 20
+#: RAM digest algorithm of :mod:`livemig.ram.digest`
+DIGEST_ALGORITHM = "xxh3-128-chunked"
+
+Scalar: TypeAlias = int | float | str | bool | None
+Stats: TypeAlias = dict[str, Scalar]
+Direction = Literal["to-source", "to-destination"]
+
+
+# --- messages ------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Ready:
+    """Return path: the destination accepted livemig/config and created its guest."""
+
+    TYPE: ClassVar[str] = "ready"
+
+
+@dataclass(frozen=True)
+class Refused:
+    """Return path: the destination refused the configuration (``error`` says why)."""
+
+    TYPE: ClassVar[str] = "refused"
+    error: str
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """Return path: the stream is complete, RAM verified, state loaded; the guest waits for Commit.
+
+    ``digests``: RAM block name -> hex digest (``algorithm``) of the destination's RAM;
+    ``state``: hex xxh3-128 of the device-state blob as received. The source compares both with its
+    own before it commits (:func:`check_prepared`).
+    """
+
+    TYPE: ClassVar[str] = "prepared"
+    digests: dict[str, str]
+    state: str
+    algorithm: str = DIGEST_ALGORITHM
+
+
+@dataclass(frozen=True)
+class Resumed:
+    """Return path: the destination resumed its guest after Commit; ``stats`` are its counters."""
+
+    TYPE: ClassVar[str] = "resumed"
+    stats: Stats = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Failed:
+    """Return path: the destination will not run the guest (``error`` says why); it was discarded."""
+
+    TYPE: ClassVar[str] = "failed"
+    error: str
+
+
+@dataclass(frozen=True)
+class Report:
+    """Return path, optional, after Resumed: what the resumed guest did (progress, workload check)."""
+
+    TYPE: ClassVar[str] = "report"
+    stats: Stats = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Commit:
+    """Control (source -> destination, after the stream's EOF): resume the guest; the source is committed."""
+
+    TYPE: ClassVar[str] = "commit"
+
+
+@dataclass(frozen=True)
+class Abort:
+    """Control: the source gave up before committing (``reason``); discard the guest."""
+
+    TYPE: ClassVar[str] = "abort"
+    reason: str
+
+
+ToSource: TypeAlias = Ready | Refused | Prepared | Resumed | Failed | Report
+ToDestination: TypeAlias = Commit | Abort
+Message: TypeAlias = ToSource | ToDestination
+
+_BY_DIRECTION: dict[str, dict[str, type[Message]]] = {
+    "to-source": {c.TYPE: c for c in (Ready, Refused, Prepared, Resumed, Failed, Report)},
+    "to-destination": {c.TYPE: c for c in (Commit, Abort)},
+}
+_HEX = re.compile(r"[0-9a-f]+")
+
+
+def _text(what: str, v: object) -> str:
+    if not isinstance(v, str):
+        raise WireError(what, v, "a string")
+    return v
+
+
+def _hex(what: str, v: object) -> str:
+    if not isinstance(v, str) or not _HEX.fullmatch(v):
+        raise WireError(what, v, "a lowercase hex digest")
+    return v
+
+
+def _digests(what: str, v: object) -> dict[str, str]:
+    if not isinstance(v, dict):
+        raise WireError(what, v, "an object of RAM block name -> hex digest")
+    return {_text(f"{what} key", k): _hex(f"{what}[{k!r}]", d) for k, d in v.items()}
+
+
+def _stats(what: str, v: object) -> Stats:
+    if not isinstance(v, dict):
+        raise WireError(what, v, "an object of names -> numbers, strings, booleans or null")
+    for k, x in v.items():
+        if not isinstance(x, int | float | str | bool) and x is not None:
+            raise WireError(f"{what}[{k!r}]", x, "a number, string, boolean or null")
+    return dict(v)
+
+
+#: field name -> checker turning a decoded JSON value into the field's value
+_CHECKS: dict[str, Callable[[str, object], object]] = {
+    "error": _text, "reason": _text, "algorithm": _text, "state": _hex, "digests": _digests, "stats": _stats,
+}
+
+
+def encode(msg: Message) -> bytes:
+    """One JSON line (``b"...\\n"``) for ``msg``, with the protocol version."""
+    body: dict[str, object] = {"version": VERSION, "type": msg.TYPE}
+    body.update({f.name: getattr(msg, f.name) for f in fields(msg)})
+    return json.dumps(body, separators=(",", ":")).encode() + b"\n"
+
+
+def decode(line: bytes | str, direction: Direction) -> Message:
+    """The message in one line (trailing newline optional) travelling in ``direction``.
+
+    Raises WireError naming what is wrong: not JSON or not an object, too long, a missing or other
+    ``version``, an unknown ``type`` (or one that does not travel this way), an unknown or missing
+    field, or a field of the wrong type.
+    """
+    if len(line) > MAX_LINE:
+        raise WireError(f"handover message of {len(line)} bytes", "too long", f"at most {MAX_LINE} bytes")
+    try:
+        obj = json.loads(line)
+    except ValueError as exc:
+        raise WireError(f"handover message is not JSON: {line[:80]!r}") from exc
+    if not isinstance(obj, dict):
+        raise WireError("handover message", obj, "a JSON object")
+    version = obj.pop("version", None)
+    if type(version) is not int or version != VERSION:
+        raise WireError("handover protocol version", version, f"{VERSION} (peer runs another livemig?)")
+    kinds = _BY_DIRECTION[direction]
+    kind = obj.pop("type", None)
+    cls = kinds.get(kind) if isinstance(kind, str) else None
+    if cls is None:
+        raise WireError(f"handover message type ({direction})", kind, " or ".join(sorted(kinds)))
+    known = {f.name: f for f in fields(cls)}
+    extra = sorted(set(obj) - set(known))
+    if extra:
+        raise WireError(f"handover message '{kind}': unknown field(s) {', '.join(extra)}",
+                        extra, f"only {sorted(known) or 'version and type'}")
+    values: dict[str, Any] = {}  # each checked by _CHECKS against the field's type
+    for name, f in known.items():
+        if name in obj:
+            values[name] = _CHECKS[name](f"handover message '{kind}' field '{name}'", obj[name])
+        elif f.default is MISSING and f.default_factory is MISSING:
+            raise WireError(f"handover message '{kind}': missing field '{name}'")
+    return cls(**values)
+
+
+def check_prepared(msg: Prepared, ram: Mapping[str, str], state: str) -> None:
+    """Compare a destination's Prepared with the source's own digests before committing.
+
+    ``ram``: block name -> hex digest on the source; ``state``: hex xxh3-128 of the state blob sent.
+    Raises IntegrityError naming the first block (or the state, or the algorithm) that differs.
+    """
+    if msg.algorithm != DIGEST_ALGORITHM:
+        raise IntegrityError(f"destination digests use '{msg.algorithm}', the source '{DIGEST_ALGORITHM}'")
+    for name in sorted(set(ram) | set(msg.digests)):
+        mine, theirs = ram.get(name), msg.digests.get(name)
+        if mine != theirs:
+            raise IntegrityError(f"RAM block '{name}' differs after the handover: source {mine}, "
+                                 f"destination {theirs}; not committing")
+    if msg.state != state:
+        raise IntegrityError(f"guest state differs after the handover: source {state}, destination "
+                             f"{msg.state}; not committing")
+
+
+# --- outcome rules -------------------------------------------------------------------------------
+# actions a transition asks of its side (the caller performs them, in order)
+PAUSE_GUEST = "pause-guest"
+RESUME_GUEST = "resume-guest"
+DISCARD_GUEST = "discard-guest"
+SEND_COMMIT = "send-commit"
+SEND_ABORT = "send-abort"
+SEND_PREPARED = "send-prepared"
+SEND_RESUMED = "send-resumed"
+SEND_FAILED = "send-failed"
+ANSWER_TOO_LATE = "answer-too-late"
+REPORT_UNKNOWN = "report-unknown"
+
+#: what a cancel after the commit is answered
+TOO_LATE = "cancel too late: the handover is committed; the source guest stays stopped"
+#: what the operator is told when the outcome is unknown
+UNKNOWN_ADVICE = ("outcome unknown: the source committed but did not hear the destination resume; the "
+                  "source guest stays paused (postmigrate). Check the destination: if its guest is not "
+                  "running, resume the source guest explicitly")
+
+
+@dataclass(frozen=True)
+class Transition:
+    """Where an event leads: the next ``state`` and the ``actions`` its side must perform, in order."""
+
+    state: str
+    actions: tuple[str, ...] = ()
+
+
+class Rules:
+    """One side's outcome rules: a table ``(state, event) -> Transition`` and one step function.
+
+    ``runs``: the states in which this side's guest is running; ``guest``: state -> QEMU run state
+    name reported for the guest (``livemig.source-guest`` on the source, ``resumed`` on the destination).
+    ``waiting``: the states that still wait for the peer (they have a ``timeout`` transition); a side
+    in any other state has settled, and only reads late messages its table names.
+    """
+
+    def __init__(self, side: str, start: str, table: Mapping[tuple[str, str], Transition],
+                 runs: frozenset[str], guest: Mapping[str, str]) -> None:
+        self.side = side
+        self.start = start
+        self.table = dict(table)
+        self.runs = runs
+        self.guest = dict(guest)
+        self.states = frozenset(s for s, _ in self.table) | frozenset(t.state for t in self.table.values())
+        self.events = frozenset(e for _, e in self.table)
+        self.waiting = frozenset(s for s, e in self.table if e == "timeout")
+
+    def step(self, state: str, event: str) -> Transition:
+        """The transition for ``event`` in ``state``; WireError naming both if the table has none."""
+        try:
+            return self.table[(state, event)]
+        except KeyError:
+            raise WireError(f"handover ({self.side}): event '{event}' is not allowed in state '{state}'") from None
+
+
+def _t(state: str, *actions: str) -> Transition:
+    return Transition(state, actions)
+
+
+# source states
+S_RUNNING = "running"              # precopy: guest running, RAM streaming
+S_PAUSED = "paused"                # switchover: guest stopped, final data sent, waiting for Prepared
+S_COMMITTED = "committed"          # Commit sent, waiting for Resumed
+S_COMPLETED = "completed"          # destination resumed; source guest stays stopped
+S_UNKNOWN = "unknown"              # committed, no answer: stopped until the operator acts
+S_FAILED = "failed"                # failed before the commit: guest resumed
+S_CANCELLED = "cancelled"          # cancelled before the commit: guest resumed
+S_OPERATOR_RESUMED = "operator-resumed"  # the operator resumed the guest of an unknown outcome
+# source events: switchover, prepared (digests match), mismatch (they do not), refused (Refused or
+# Failed received), resumed, timeout, link-lost, error (local failure), cancel, cont (operator)
+_LOST = ("timeout", "link-lost", "error")
+
+SOURCE = Rules(
+    "source", S_RUNNING,
+    {
+        (S_RUNNING, "switchover"): _t(S_PAUSED, PAUSE_GUEST),
+        **{(S_RUNNING, e): _t(S_FAILED, SEND_ABORT) for e in (*_LOST, "refused")},
+        (S_RUNNING, "cancel"): _t(S_CANCELLED, SEND_ABORT),
+        (S_PAUSED, "prepared"): _t(S_COMMITTED, SEND_COMMIT),
+        **{(S_PAUSED, e): _t(S_FAILED, SEND_ABORT, RESUME_GUEST) for e in (*_LOST, "mismatch", "refused")},
+        (S_PAUSED, "cancel"): _t(S_CANCELLED, SEND_ABORT, RESUME_GUEST),
+        (S_COMMITTED, "resumed"): _t(S_COMPLETED),
+        **{(S_COMMITTED, e): _t(S_UNKNOWN, REPORT_UNKNOWN) for e in (*_LOST, "refused")},
+        (S_COMMITTED, "cancel"): _t(S_COMMITTED, ANSWER_TOO_LATE),
+        (S_COMPLETED, "cancel"): _t(S_COMPLETED, ANSWER_TOO_LATE),
+        (S_UNKNOWN, "cancel"): _t(S_UNKNOWN, ANSWER_TOO_LATE),
+        (S_UNKNOWN, "resumed"): _t(S_COMPLETED),  # a late answer settles it
+        (S_UNKNOWN, "cont"): _t(S_OPERATOR_RESUMED, RESUME_GUEST),
+        # late answers after the source gave up before committing: a Prepared is aborted (it was
+        # never committed), a Failed changes nothing
+        **{(s, "prepared"): _t(s, SEND_ABORT) for s in (S_FAILED, S_CANCELLED)},
+        **{(s, "refused"): _t(s) for s in (S_FAILED, S_CANCELLED)},
+        (S_UNKNOWN, "refused"): _t(S_UNKNOWN),  # the destination will not run it; the operator decides
+    },
+    runs=frozenset({S_RUNNING, S_FAILED, S_CANCELLED, S_OPERATOR_RESUMED}),
+    guest={S_RUNNING: "running", S_PAUSED: "paused", S_COMMITTED: "postmigrate", S_COMPLETED: "postmigrate",
+           S_UNKNOWN: "postmigrate", S_FAILED: "running", S_CANCELLED: "running", S_OPERATOR_RESUMED: "running"},
+)
+
+# destination states
+D_RECEIVING = "receiving"          # stream in progress; guest not loaded
+D_PREPARED = "prepared"            # Prepared sent; guest loaded, stopped, waiting for Commit
+D_RUNNING = "running"              # Commit received, guest resumed
+D_DISCARDED = "discarded"          # gave up before a Commit: the guest never ran
+# destination events: verified (stream complete, digests and state good), invalid (bad stream or
+# digest), commit, abort, timeout, link-lost, error (local failure)
+DESTINATION = Rules(
+    "destination", D_RECEIVING,
+    {
+        (D_RECEIVING, "verified"): _t(D_PREPARED, SEND_PREPARED),
+        **{(D_RECEIVING, e): _t(D_DISCARDED, SEND_FAILED, DISCARD_GUEST) for e in ("invalid", "error")},
+        **{(D_RECEIVING, e): _t(D_DISCARDED, DISCARD_GUEST) for e in ("timeout", "link-lost", "abort")},
+        (D_PREPARED, "commit"): _t(D_RUNNING, RESUME_GUEST, SEND_RESUMED),
+        (D_PREPARED, "error"): _t(D_DISCARDED, SEND_FAILED, DISCARD_GUEST),
+        **{(D_PREPARED, e): _t(D_DISCARDED, DISCARD_GUEST) for e in ("timeout", "link-lost", "abort")},
+        # committed: nothing the source says can stop the guest now
+        (D_RUNNING, "abort"): _t(D_RUNNING, ANSWER_TOO_LATE),
+        # late control messages after giving up: a Commit is answered Failed, so that the source
+        # does not believe the guest runs here
+        (D_DISCARDED, "commit"): _t(D_DISCARDED, SEND_FAILED),
+        (D_DISCARDED, "abort"): _t(D_DISCARDED),
+    },
+    runs=frozenset({D_RUNNING}),
+    guest={D_RECEIVING: "inmigrate", D_PREPARED: "inmigrate", D_RUNNING: "running", D_DISCARDED: "none"},
+)
+
+
+class Handover:
+    """Thread-safe holder of one side's handover state; :meth:`step` applies :class:`Rules`.
+
+    >>> h = Handover(SOURCE); h.step("switchover")
+    ('pause-guest',)
+    """
+
+    def __init__(self, rules: Rules) -> None:
+        self.rules = rules
+        self._state = rules.start
+        self._lock = threading.Lock()
+
+    @property
+    def state(self) -> str:
+        return self._state
+
+    @property
+    def guest(self) -> str:
+        """QEMU run state of this side's guest in the current state (``running``, ``postmigrate``, ...)."""
+        return self.rules.guest[self._state]
+
+    def step(self, event: str) -> tuple[str, ...]:
+        """Apply ``event``; returns the actions to perform. WireError if not allowed (state unchanged)."""
+        with self._lock:
+            t = self.rules.step(self._state, event)
+            self._state = t.state
+            return t.actions
