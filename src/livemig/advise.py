@@ -34,8 +34,9 @@ from .accel.inventory import Inventory
 from .accel.sample import sample_pages
 from .compress import create_method, get_method, method_names
 from .errors import MethodUnavailable, ParameterError
+from .wire.constants import PAGE_SIZE
 
-PAGE = 4096
+PAGE = PAGE_SIZE
 PACKET_PAGES = 128
 #: default candidates: each method at QEMU's default level
 DEFAULT_LEVELS = {"none": 1, "zlib": 1, "zstd": 1, "qatzip": 1, "qpl": 1, "uadk": 1}

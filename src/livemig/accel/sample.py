@@ -13,7 +13,8 @@ import zlib
 
 import numpy as np
 
-PAGE_SIZE = 4096
+from ..wire.constants import PAGE_SIZE
+
 KINDS = ("zero", "random", "corpus", "mixed")
 
 _TEXT = (

@@ -19,6 +19,7 @@ from ..compress import available_methods, method_names
 from ..errors import MigrationError, ParameterError
 from ..params import MigrationParameters
 from ..units import parse_rate, parse_size
+from ..wire.constants import PAGE_SIZE
 from .model import BenchError
 
 DEFAULT_METHODS = "qatzip,zstd,none"
@@ -157,9 +158,9 @@ def parse_options(args: argparse.Namespace) -> BenchConfig:
             f" (accepted: {', '.join(method_names())})"
         )
     bandwidths = parse_bandwidths(args.bandwidth)
-    memory = _size(args.memory, "--memory", 4096, 4096)
+    memory = _size(args.memory, "--memory", PAGE_SIZE, PAGE_SIZE)
     sample = _size(args.sample, "--sample", 1)
-    sample = max(sample - sample % (128 * 4096), 128 * 4096)  # whole multifd packets
+    sample = max(sample - sample % (128 * PAGE_SIZE), 128 * PAGE_SIZE)  # whole multifd packets
     _at_least(args.repeat, "--repeat", 1)
     _at_least(args.smp, "--smp", 1)
     _at_least(args.timeout, "--timeout", 1)

@@ -15,9 +15,10 @@ from typing import Any
 import numpy as np
 
 from ..errors import MigrationError
+from ..wire.constants import PAGE_SIZE
 from .model import BenchError
 
-PAGE = 4096
+PAGE = PAGE_SIZE
 
 
 def cpu_model() -> str:
@@ -118,7 +119,7 @@ def write_ram_file(path: str, fill: str, size: int, seed: int = 0) -> None:
         os.close(fd)
 
 
-def zero_page_fraction(sample: bytes, page: int = 4096) -> float:
+def zero_page_fraction(sample: bytes, page: int = PAGE_SIZE) -> float:
     """Fraction of the sample's pages that are all zero (sent as zero pages, not compressed)."""
     n = len(sample) // page
     if n == 0:

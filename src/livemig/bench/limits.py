@@ -30,8 +30,9 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from ..advise import measure
+from ..wire.constants import PAGE_SIZE
 
-PACKET = 128 * 4096  # pages per multifd packet x page size (docs/wire.md, "Multifd packet")
+PACKET = 128 * PAGE_SIZE  # pages per multifd packet x page size (docs/wire.md, "Multifd packet")
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ..errors import MigrationError
+from ..wire.constants import PAGE_SIZE
 
 #: peers a row can come from
 PEERS = ("livemig", "qemu")
@@ -61,7 +62,7 @@ METRICS: dict[str, Callable[[dict[str, Any]], float | None]] = {
 def _sent_per_page(r: dict[str, Any]) -> float | None:
     """(normal + zero pages sent) / RAM pages: 1.0 when every page went once, more when re-sent."""
     normal, dup = _num(r, "ram", "normal"), _num(r, "ram", "duplicate")
-    total, page = _num(r, "ram", "total"), _num(r, "ram", "page-size") or 4096.0
+    total, page = _num(r, "ram", "total"), _num(r, "ram", "page-size") or float(PAGE_SIZE)
     if normal is None or dup is None or not total:
         return None
     return (normal + dup) * page / total

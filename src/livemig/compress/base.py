@@ -27,6 +27,7 @@ from collections.abc import Sequence
 from typing import ClassVar
 
 from .._types import Buffer
+from ..wire.constants import PAGE_SIZE
 
 #: QEMU receivers size their input buffer at 2 x MULTIFD_PACKET_SIZE and we refuse anything larger.
 MAX_PAYLOAD = 2 * 512 * 1024
@@ -47,7 +48,7 @@ class Decompressor(ABC):
     def decompress(self, payload: Buffer, normal_pages: int) -> Buffer:
         """Exactly ``normal_pages * page_size`` bytes, or PayloadError."""
 
-    def decompress_into(self, payload: Buffer, outs: Sequence[memoryview], page_size: int = 4096) -> None:
+    def decompress_into(self, payload: Buffer, outs: Sequence[memoryview], page_size: int = PAGE_SIZE) -> None:
         """Decode ``payload`` straight into ``outs`` (the packet's page runs in guest RAM, in order).
 
         The output must fill ``outs`` exactly, else PayloadError; nothing is written anywhere else.
@@ -75,7 +76,7 @@ class Method(ABC):
     #: the receiver then reads it straight into guest RAM and its size must be pages x page size
     raw_payload: ClassVar[bool] = False
 
-    def __init__(self, level: int = 1, page_size: int = 4096) -> None:
+    def __init__(self, level: int = 1, page_size: int = PAGE_SIZE) -> None:
         self.level = level
         self.page_size = page_size
 

@@ -25,8 +25,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from ..errors import GuestError
-
-PAGE_SIZE = 4096
+from ..wire.constants import PAGE_SIZE as PAGE_SIZE
 
 
 @dataclass

@@ -36,9 +36,8 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import GuestError
+from ..wire.constants import PAGE_SIZE
 from .splitmix import GAMMA, mix64
-
-PAGE_SIZE = 4096
 
 #: zstd-1 / zlib-1 ratios of the ``corpus`` fill as measured (see the module docstring)
 CORPUS_ZSTD1_RATIO = 3.24

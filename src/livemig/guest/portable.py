@@ -46,6 +46,7 @@ import numpy as np
 
 from ..errors import GuestError
 from ..ram.pages import bitmap_to_pages
+from ..wire.constants import PAGE_SIZE
 from . import portable_workloads as wl
 from .base import Guest, GuestConfig, RamBlock
 from .bitmap import new_bitmap, set_page_bits
@@ -381,7 +382,7 @@ def _check_config(config: GuestConfig) -> None:
         raise GuestError(f"dirty_rate {config.dirty_rate!r} must be an integer >= 0 (pages per second)")
     if not isinstance(config.working_set, int) or config.working_set < 0:
         raise GuestError(f"working_set {config.working_set!r} must be an integer >= 0 (pages)")
-    if not isinstance(config.memory, int) or config.memory < 2 * 4096:
+    if not isinstance(config.memory, int) or config.memory < 2 * PAGE_SIZE:
         raise GuestError(f"memory {config.memory!r} must be at least 2 pages (8192 bytes)")
     if not isinstance(config.seed, int):
         raise GuestError(f"seed {config.seed!r} must be an integer")

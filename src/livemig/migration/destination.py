@@ -31,7 +31,7 @@ from ..ram.digest import ChunkDigest
 from ..transport.address import Address
 from ..transport.sockets import AddressListener, LineChannel, Listener, recv_exact_into
 from ..wire import handshake, stream
-from ..wire.constants import MULTIFD_MAGIC, QEMU_VM_FILE_MAGIC
+from ..wire.constants import MULTIFD_MAGIC, PAGE_SIZE, QEMU_VM_FILE_MAGIC
 from . import state
 from .multifd import RecvChannel, RecvContext
 from .source import MACHINE_TYPE
@@ -69,7 +69,7 @@ class Destination:
         self.dump_ram = dump_ram
         self.full_verify = full_verify
         self.log = log or (lambda _m: None)
-        self.page_size = 4096
+        self.page_size = PAGE_SIZE
         self.method: Method = create_method(params.multifd_compression, params.level(), self.page_size)
         self.listener: Listener = (
             AddressListener(address, max(8, params.multifd_channels + 1)) if isinstance(address, Address) else address

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..units import format_rate_bits, format_size
+from ..wire.constants import PAGE_SIZE
 
 
 def cpu_seconds() -> float:
@@ -97,7 +98,7 @@ class MigrationStats:
     expected_downtime_ms: float = 0.0
     ram_total: int = 0
     remaining: int = 0
-    page_size: int = 4096
+    page_size: int = PAGE_SIZE
     main_bytes: int = 0
     precopy_bytes: int = 0
     downtime_bytes: int = 0

@@ -20,13 +20,15 @@ import threading
 import numpy as np
 import xxhash
 
+from ..wire.constants import PAGE_SIZE
+
 CHUNK_PAGES = 512
 
 
 class ChunkDigest:
     """Chunk digests of one RAM block (``buf`` of ``size`` bytes, pages of ``page_size``)."""
 
-    def __init__(self, buf: memoryview, page_size: int = 4096, chunk_pages: int = CHUNK_PAGES) -> None:
+    def __init__(self, buf: memoryview, page_size: int = PAGE_SIZE, chunk_pages: int = CHUNK_PAGES) -> None:
         self.buf = buf
         self.page_size = page_size
         self.chunk_pages = chunk_pages
