@@ -31,6 +31,7 @@ from ..ram.digest import ChunkDigest
 from ..ram.pages import runs
 from ..transport.address import Address
 from ..transport.sockets import LineChannel, listen, recv_exact_into, recv_into_buffers
+from ..units import format_size
 from ..wire import handshake, packet, stream
 from ..wire.constants import MULTIFD_MAGIC, QEMU_VM_FILE_MAGIC
 from .source import MACHINE_TYPE
@@ -245,7 +246,6 @@ class Destination:
             self.fail(exc, "destination")
             err = str(self._error)
             result = {"status": "failed", "error-desc": err, "resumed": False}
-            self.log(f"migration failed: {err}")
             if rp is not None:
                 try:
                     rp.send({"status": "failed", "error": err})
@@ -417,9 +417,11 @@ class Destination:
                 theirs = [tuple(b) for b in cfg.get("blocks", [])]
                 ours = [(b.name, b.size) for b in self.guest.blocks]
                 if theirs != ours or gcfg.kind != self.guest.config.kind:
+                    def show(blocks: list[Any]) -> str:
+                        return ", ".join(f"{name} {format_size(size)}" for name, size in blocks)
                     raise MigrationError(
-                        f"guest differs: source has a {gcfg.kind} guest with blocks {theirs}, "
-                        f"destination a {self.guest.config.kind} guest with {ours}"
+                        f"guest differs: source has a {gcfg.kind} guest with RAM {show(theirs)}, "
+                        f"destination a {self.guest.config.kind} guest with RAM {show(ours)}"
                     )
                 self.guest.config = gcfg
         except MigrationError as exc:

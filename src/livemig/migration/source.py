@@ -541,8 +541,8 @@ class Source:
             self.stats.error = "migration cancelled"
         else:
             self.stats.error = str(err) or type(err).__name__
-            peer = self._peer_error()
-            if peer:
+            peer = self._peer_error().removeprefix("destination: ")
+            if peer and peer not in self.stats.error:
                 self.stats.error = f"{self.stats.error} (destination: {peer})"
         self.stats.total_time_ms = (time.monotonic() - self.stats.start) * 1000
         self.stats.send_cpu_percent = self.meter.cpu_percent()
