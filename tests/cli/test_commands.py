@@ -45,6 +45,7 @@ def clean(text: str) -> str:
         (("--local", "--uuid", "x"), "--uuid 'x': expected a UUID"),
         (("--local", "--json", "/nonexistent/r.json"), "--json /nonexistent/r.json: directory /nonexistent does"),
         (("exec:cat",), "invalid migration address 'exec:cat'"),
+        (("--local", "--dump-ram", "/nonexistent/ram"), "--dump-ram /nonexistent/ram: expected a directory"),
     ],
 )
 def test_bad_options_refused_before_anything_starts(args: tuple[str, ...], message: str) -> None:

@@ -25,6 +25,8 @@ from livemig.ui.errors import describe, exit_status, report_error
          "/nonexist/r.json: No such file or directory", 1),
         (WireError("multifd: magic", 0x1122, "0x11223344"), "multifd: magic: received 4386, expected 0x11223344", 1),
         (MigrationError(""), "failed", 1),
+        (MigrationError("destination failed: destination: FileNotFoundError: No such file or directory: '/x'"),
+         "destination failed: destination: No such file or directory: '/x'", 1),
     ],
 )
 def test_describe_and_status(exc: BaseException, text: str, status: int) -> None:

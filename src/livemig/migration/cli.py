@@ -39,7 +39,8 @@ from .source import Source
 URI_FORMS = "tcp:HOST:PORT (HOST may be [IPv6]; empty or 0 = any) or unix:PATH"
 
 
-def _add_params(p: argparse.ArgumentParser) -> None:
+def _add_params(p: argparse.ArgumentParser, source: bool) -> None:
+    only = "" if source else " (the source's policy: accepted, not used here)"
     g = p.add_argument_group("migration parameters (QEMU's names and defaults)")
     g.add_argument("--multifd-channels", type=int, default=2, metavar="N", help="1..255 (default 2)")
     g.add_argument("--multifd-compression", default="none", metavar="METHOD",
@@ -49,11 +50,11 @@ def _add_params(p: argparse.ArgumentParser) -> None:
     g.add_argument("--multifd-qatzip-level", type=int, default=1, metavar="L", help="1..9 (default 1)")
     g.add_argument("--max-bandwidth", default="128MiB/s", metavar="RATE",
                    help="cap on bytes written to the sockets, after compression: 10Gbps, 100Mbit/s (bits/s), "
-                        "1GiB/s, 128M (bytes/s), 0 = unlimited (default 128MiB/s, QEMU's)")
-    g.add_argument("--downtime-limit", type=int, default=300, metavar="MS", help="0..2000000 (default 300)")
+                        f"1GiB/s, 128M (bytes/s), 0 = unlimited (default 128MiB/s, QEMU's){only}")
+    g.add_argument("--downtime-limit", type=int, default=300, metavar="MS", help=f"0..2000000 (default 300){only}")
     g.add_argument("--zero-page-detection", default="multifd", choices=["multifd", "none"])
     g.add_argument("--max-passes", type=int, default=0, metavar="N",
-                   help="switch over after N passes even if the downtime limit is not met (0 = never)")
+                   help=f"switch over after N passes even if the downtime limit is not met (0 = never){only}")
     p.add_argument("--timeout", type=float, default=30.0, metavar="S",
                    help="seconds without progress on a channel before the migration fails (> 0, default 30)")
     p.add_argument("--uuid", default="", help="VM UUID checked in every multifd handshake (default all zero)")
@@ -143,6 +144,11 @@ def _check_seconds(args: argparse.Namespace) -> None:
 
 
 def _check_common(args: argparse.Namespace) -> tuple[MigrationParameters, bytes]:
+    if args.dump_ram and not os.path.isdir(args.dump_ram):
+        parent = os.path.dirname(os.path.abspath(args.dump_ram))
+        if os.path.exists(args.dump_ram) or not os.path.isdir(parent):
+            raise ParameterError(f"--dump-ram {args.dump_ram}: expected a directory, or a new one in an existing "
+                                 "directory")
     if args.json and args.json != "-":
         folder = os.path.dirname(os.path.abspath(args.json))
         if not os.path.isdir(folder):
@@ -270,9 +276,12 @@ def cmd_migrate(args: argparse.Namespace) -> int:
                 for key in ("progress_after", "workload_check"):
                     if key in dres:
                         stats.destination.setdefault(key, dres[key])
-            else:
-                local.stop()
-                dres = local.result(0)
+            elif not interrupted.is_set():  # it ends by itself once the source closed the channels
+                dres = local.result(5)
+                if local.stopped:  # it had to be signalled: its own error only says "terminated"
+                    dres = {}
+                elif "error-desc" in dres:
+                    stats.destination.setdefault("error-desc", dres["error-desc"])
         result = stats.to_qapi()
         result["livemig"]["source-guest"] = "running" if guest.running else "paused (postmigrate)"
         _write_json(args.json, result)
@@ -371,7 +380,7 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
                         "workload check")
     m.add_argument("--quiet", action="store_true", help="no progress display (the result is still printed)")
     _add_guest(m, source=True)
-    _add_params(m)
+    _add_params(m, source=True)
     m.set_defaults(func=cmd_migrate)
 
     i = sub.add_parser("incoming", help="wait for a migration (destination side)",
@@ -382,5 +391,5 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     i.add_argument("--run-after", type=float, default=0.0, metavar="S",
                    help="after resuming, let the guest run S seconds and report its progress and workload check")
     _add_guest(i, source=False)
-    _add_params(i)
+    _add_params(i, source=False)
     i.set_defaults(func=cmd_incoming)

@@ -31,6 +31,8 @@ class LocalDestination:
         self.log_file = os.path.join(tmpdir, "destination.log")
         cmd = [sys.executable, "-m", "livemig.cli", "incoming", "tcp:127.0.0.1:0", "--port-file", self.port_file,
                "--json", self.json_file, *args]
+        #: whether :meth:`stop` had to signal it (its own result then only says it was terminated)
+        self.stopped = False
         with open(self.log_file, "wb") as log:
             self.child = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                           start_new_session=True)
@@ -77,6 +79,7 @@ class LocalDestination:
         """SIGTERM its process group, SIGKILL after 5 s."""
         if self.child.poll() is not None:
             return
+        self.stopped = True
         try:
             os.killpg(self.child.pid, signal.SIGTERM)
             self.child.wait(timeout=5)

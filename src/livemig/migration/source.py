@@ -396,7 +396,8 @@ class Source:
         assert self.rp is not None
         answer = self.rp.recv(self.timeout)
         if answer.get("status") != "resumed":
-            raise MigrationError(f"destination failed: {answer.get('error', answer)}")
+            theirs = str(answer.get("error", answer)).removeprefix("destination: ")
+            raise MigrationError(f"destination failed: {theirs}")
         now = time.monotonic()
         marks.append(("destination resumed", now))
         self.stats.downtime_ms = (now - t_pause) * 1000

@@ -1,9 +1,10 @@
 """One rendering of an error for the user, shared by every ``livemig`` command.
 
-:func:`describe` turns an exception into words (no Python class names, no ``[Errno N]``, no prefix
-said twice); :func:`report_error` prints it once on stderr, with its notes (``exc.add_note``) as
-further lines, and returns the exit status: 2 for a bad option or parameter (as argparse), 130 for
-an interrupt (Ctrl-C, as a shell reports SIGINT), 1 for any other failure.
+:func:`describe` turns an exception into words: no Python class names (not even an ``OSError:`` a
+lower layer wrote into its message), no ``[Errno N]``, no prefix said twice. :func:`report_error`
+prints it once on stderr, with its notes (``exc.add_note``) as further lines, and returns the exit
+status: 2 for a bad option or parameter (as argparse), 130 for an interrupt (Ctrl-C, as a shell
+reports SIGINT), 1 for any other failure.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 
 _ERRNO = re.compile(r"\[Errno -?\d+\] ")
+# "FileNotFoundError: " that a lower layer put into a message
+_CLASS = re.compile(r"\b[A-Z][A-Za-z]*(?:Error|Exception|Interrupt): ")
 # "destination: destination: x" -> "destination: x" (a context added by two layers)
 _TWICE = re.compile(r"(?<![\w-])([\w][\w .-]*?): (?:\1: )+")
 
@@ -33,7 +36,7 @@ def describe(exc: BaseException) -> str:
             text = f"{exc.filename}: {text}"
     else:
         text = str(exc)
-    text = _TWICE.sub(r"\1: ", _ERRNO.sub("", text)).strip()
+    text = _TWICE.sub(r"\1: ", _CLASS.sub("", _ERRNO.sub("", text))).strip()
     return text or "failed"
 
 
