@@ -36,7 +36,7 @@ from .destination import Destination
 from .local import LocalDestination
 from .source import Source
 
-URI_FORMS = "tcp:HOST:PORT (HOST may be [IPv6]; empty or 0 = any) or unix:PATH"
+URI_FORMS = "tcp:HOST:PORT (HOST may be [IPv6]) or unix:PATH (a Unix socket file)"
 
 
 def _add_params(p: argparse.ArgumentParser, source: bool) -> None:
@@ -386,7 +386,8 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     i = sub.add_parser("incoming", help="wait for a migration (destination side)",
                        description="Listen at URI, receive a migration, resume the guest. Exit status: 0 "
                                    "completed, 1 failed, 2 bad option, 130 interrupted.")
-    i.add_argument("uri", help=f"where to listen: {URI_FORMS}; port 0 = any free port")
+    i.add_argument("uri", help=f"where to listen: {URI_FORMS}; HOST empty or 0 = every address, PORT 0 = any "
+                                "free port")
     i.add_argument("--port-file", help="write the listening port to this file once ready")
     i.add_argument("--run-after", type=float, default=0.0, metavar="S",
                    help="after resuming, let the guest run S seconds and report its progress and workload check")
