@@ -30,6 +30,7 @@ from ..params import MigrationParameters
 from ..ram.digest import ChunkDigest
 from ..transport.address import Address
 from ..transport.sockets import AddressListener, LineChannel, Listener, recv_exact_into
+from ..units import format_size
 from ..wire import handshake, stream
 from ..wire.constants import MULTIFD_MAGIC, PAGE_SIZE, QEMU_VM_FILE_MAGIC
 from . import state
@@ -172,7 +173,6 @@ class Destination:
             self.fail(exc, "destination")
             err = str(self._failure.error)
             result = {"status": "failed", "error-desc": err, "resumed": False}
-            self.log(f"migration failed: {err}")
             if rp is not None:
                 try:
                     rp.send({"status": "failed", "error": err})
@@ -342,9 +342,11 @@ class Destination:
                 theirs = [tuple(b) for b in cfg.get("blocks", [])]
                 ours = [(b.name, b.size) for b in self.guest.blocks]
                 if theirs != ours or gcfg.kind != self.guest.config.kind:
+                    def show(blocks: list[Any]) -> str:
+                        return ", ".join(f"{name} {format_size(size)}" for name, size in blocks)
                     raise MigrationError(
-                        f"guest differs: source has a {gcfg.kind} guest with blocks {theirs}, "
-                        f"destination a {self.guest.config.kind} guest with {ours}"
+                        f"guest differs: source has a {gcfg.kind} guest with RAM {show(theirs)}, "
+                        f"destination a {self.guest.config.kind} guest with RAM {show(ours)}"
                     )
                 self.guest.config = gcfg
         except MigrationError as exc:

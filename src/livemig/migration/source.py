@@ -280,7 +280,8 @@ class Source:
         assert self.rp is not None
         answer = self.rp.recv(self.timeout)
         if answer.get("status") != "resumed":
-            raise MigrationError(f"destination failed: {answer.get('error', answer)}")
+            theirs = str(answer.get("error", answer)).removeprefix("destination: ")
+            raise MigrationError(f"destination failed: {theirs}")
         now = time.monotonic()
         marks.append(("destination resumed", now))
         self.stats.downtime_ms = (now - t_pause) * 1000
@@ -374,8 +375,8 @@ class Source:
             self.stats.error = "migration cancelled"
         else:
             self.stats.error = str(err) or type(err).__name__
-            peer = self._peer_error()
-            if peer:
+            peer = self._peer_error().removeprefix("destination: ")
+            if peer and peer not in self.stats.error:
                 self.stats.error = f"{self.stats.error} (destination: {peer})"
         self.stats.total_time_ms = (time.monotonic() - self.stats.start) * 1000
         self.stats.send_cpu_percent = self.meter.cpu_percent()
