@@ -12,6 +12,7 @@ import importlib
 import sys
 
 from .errors import MigrationError
+from .ui.errors import report_error
 
 _COMMAND_MODULES = [
     "livemig.migration.cli",
@@ -39,16 +40,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    """Run one command; a failure it raises is printed once (:func:`livemig.ui.errors.report_error`).
+
+    Exit status: the command's own, 2 for a bad option, 130 for Ctrl-C, 1 for another failure.
+    """
+    prog = "livemig"
     try:
+        args = build_parser().parse_args(argv)
+        prog = f"livemig {args.command}"
         code: int = args.func(args)
-    except MigrationError as exc:
-        print(f"livemig: error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("livemig: interrupted", file=sys.stderr)
-        return 130
+    except (MigrationError, OSError, KeyboardInterrupt) as exc:
+        return report_error(exc, prog)
     return code
 
 

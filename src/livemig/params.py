@@ -3,16 +3,20 @@
 Names are QEMU's QAPI names (``multifd-channels``); :meth:`MigrationParameters.set` takes them as
 ``migrate_set_parameter`` does. Checks and messages follow QEMU's ``migrate_params_check``
 (``Parameter 'multifd_channels' expects a value between 1 and 255``).
+
+Command lines (``livemig migrate``, ``incoming``, ``bench``, ``advise``) check their own options with
+:func:`parse_option` (sizes and rates) and :func:`check_option` (numeric ranges), which name the
+option and the accepted values, before anything starts.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from .errors import ParameterError
-from .units import parse_rate
+from .units import RATE_FORMS, SIZE_FORMS, parse_rate, parse_size
 
 #: QEMU's default max-bandwidth (MAX_THROTTLE, 128 MiB/s), livemig's default too.
 QEMU_MAX_THROTTLE = 128 << 20
@@ -70,6 +74,8 @@ class MigrationParameters:
             raise ParameterError(
                 f"Parameter 'zero-page-detection' does not accept value '{self.zero_page_detection}'"
             )
+        if self.max_passes < 0:
+            raise _expects("max_passes", "a value of 0 (never) or more")
 
     def level(self) -> int:
         """The level of the selected method (0 for methods without one)."""
@@ -102,3 +108,30 @@ class MigrationParameters:
     def to_qapi(self) -> dict[str, Any]:
         """``query-migrate-parameters``-shaped dict."""
         return {f.name.replace("_", "-"): getattr(self, f.name) for f in dataclasses.fields(self)}
+
+
+def parse_option(option: str, text: str, kind: Literal["size", "rate"]) -> int:
+    """The value of a size option (bytes) or rate option (bytes per second), as :mod:`livemig.units` parses it.
+
+    Raises ParameterError naming ``option`` (``--max-bandwidth``), the text and the accepted forms.
+    """
+    try:
+        return parse_size(text) if kind == "size" else parse_rate(text)
+    except ParameterError as exc:
+        forms = SIZE_FORMS if kind == "size" else RATE_FORMS
+        raise ParameterError(f"{option} '{text}': expected {forms}") from exc
+
+
+def check_option(option: str, value: float, *, minimum: float = 0, above: bool = False,
+                 maximum: float | None = None, what: str = "a number") -> None:
+    """Refuse ``value`` of ``option`` outside ``[minimum, maximum]`` (``(minimum, ...`` when ``above``).
+
+    Raises ParameterError: ``--timeout 0: expected a number of seconds greater than 0``.
+    """
+    low_ok = value > minimum if above else value >= minimum
+    if low_ok and (maximum is None or value <= maximum) and value == value:  # NaN fails
+        return
+    shown = f"{value:g}" if isinstance(value, float) else str(value)
+    low = f"greater than {minimum:g}" if above else f"{minimum:g} or more"
+    bound = low if maximum is None else f"{low} and at most {maximum:g}"
+    raise ParameterError(f"{option} {shown}: expected {what} {bound}")

@@ -19,13 +19,19 @@ _SIZE_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgtb]?)(?:i?b)?\s*$", re.IGNO
 _BITS_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgtKMGT]?)(?:bps|bit/s|b/s)\s*$")
 
 
+#: the accepted forms, as error messages and help texts name them
+SIZE_FORMS = "a size like 4096, 512M, 2G or 1.5GiB (bytes; binary units, K = 1024)"
+RATE_FORMS = ("a rate like 10Gbps or 100Mbit/s (bits per second) or 1GiB/s or 128M (bytes per second); "
+              "0 = unlimited")
+
+
 def parse_size(text: str | int, default_unit: str = "") -> int:
     """Parse a byte size (``2G``, ``512MiB``, ``4096``); binary prefixes. Raises ParameterError."""
     if isinstance(text, int):
         return text
     m = _SIZE_RE.match(text)
     if not m:
-        raise ParameterError(f"invalid size '{text}': expected a number with an optional K, M, G or T suffix")
+        raise ParameterError(f"invalid size '{text}': expected {SIZE_FORMS}")
     unit = (m.group(2) or default_unit).lower()
     value = float(m.group(1)) * _BIN[unit]
     return int(value)
@@ -35,7 +41,7 @@ def parse_rate(text: str | int) -> int:
     """Parse a rate into bytes per second.
 
     ``10Gbps`` / ``100Mbit/s`` are bits/s with decimal prefixes; ``1G``, ``512MiB/s``, ``1GB/s`` are
-    bytes/s with binary prefixes. ``0`` means unlimited.
+    bytes/s with binary prefixes. ``0`` means unlimited. Raises ParameterError naming the text.
     """
     if isinstance(text, int):
         return text
@@ -43,6 +49,8 @@ def parse_rate(text: str | int) -> int:
     if m:
         return int(float(m.group(1)) * _DEC[m.group(2).lower()] / 8)
     stripped = re.sub(r"/s$", "", text.strip(), flags=re.IGNORECASE)
+    if not _SIZE_RE.match(stripped):
+        raise ParameterError(f"invalid rate '{text}': expected {RATE_FORMS}")
     return parse_size(stripped)
 
 
@@ -63,3 +71,8 @@ def format_rate_bits(bytes_per_s: float) -> str:
             return f"{bits:.2f} {unit}"
         bits /= 1000
     raise AssertionError("unreachable")
+
+
+def plural(n: int, word: str) -> str:
+    """``1 channel``, ``2 channels``."""
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"

@@ -172,7 +172,8 @@ def test_stalled_source_fails_the_destination_in_bounded_time() -> None:
     t0 = time.monotonic()
     err = _finish(t, out, g)
     assert time.monotonic() - t0 < 5
-    assert "no data from the source" in err or "timed out reading packet header" in err
+    # the watchdog, the channel's read or the main stream's read notices first
+    assert any(w in err for w in ("no data from the source", "timed out reading packet header", "no progress on any"))
     main.close()
     ch.close()
 

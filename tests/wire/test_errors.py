@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from livemig.errors import LocalWireError, MigrationError, PayloadError, WireError
-from livemig.wire import configuration, ram_page, section_start
+from livemig.wire.stream import configuration, ram_page, section_start
 
 
 def test_message_shape_and_attributes() -> None:

@@ -10,7 +10,7 @@ from collections.abc import Iterable
 import pytest
 
 from livemig.errors import LocalWireError, WireError
-from livemig.wire import (
+from livemig.wire.stream import (
     NEED_DATA,
     Blob,
     Closed,

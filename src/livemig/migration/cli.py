@@ -3,6 +3,10 @@
 ``livemig migrate --local`` starts ``livemig incoming`` itself on a free loopback port (same guest
 options, destination RAM prefaulted before the migration starts, as QEMU's ``-mem-prealloc``) and
 migrates to it, for one-command use.
+
+Every option is checked (:func:`check_migrate`, :func:`check_incoming`) before a guest is created or
+a socket opened; failures are raised and rendered once by :func:`livemig.ui.errors.report_error`.
+Progress goes to stderr (:mod:`livemig.ui.progress`), the result to stdout.
 """
 
 from __future__ import annotations
@@ -10,24 +14,33 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import threading
 import time
-from typing import Any
+import uuid as uuidlib
+from dataclasses import dataclass
+from typing import Any, TextIO
 
-from ..errors import MigrationError, ParameterError
+from ..compress import create_method
+from ..errors import GuestError, MigrationError, ParameterError
 from ..guest import GuestConfig, create_guest, default_kind, kvm_unavailable
-from ..params import MigrationParameters
-from ..transport.address import parse_address
-from ..units import parse_rate, parse_size
+from ..guest.fill import describe_fill
+from ..params import MigrationParameters, check_option, parse_option
+from ..transport.address import Address, parse_address
+from ..ui.progress import ProgressDisplay
+from ..units import format_size, plural
 from .destination import Destination
+from .local import LocalDestination
 from .source import Source
 
+URI_FORMS = "tcp:HOST:PORT (HOST may be [IPv6]) or unix:PATH (a Unix socket file)"
 
-def _add_params(p: argparse.ArgumentParser) -> None:
+
+def _add_params(p: argparse.ArgumentParser, source: bool) -> None:
+    only = "" if source else " (the source's policy: accepted, not used here)"
     g = p.add_argument_group("migration parameters (QEMU's names and defaults)")
     g.add_argument("--multifd-channels", type=int, default=2, metavar="N", help="1..255 (default 2)")
     g.add_argument("--multifd-compression", default="none", metavar="METHOD",
@@ -36,26 +49,31 @@ def _add_params(p: argparse.ArgumentParser) -> None:
     g.add_argument("--multifd-zstd-level", type=int, default=1, metavar="L", help="0..20 (default 1)")
     g.add_argument("--multifd-qatzip-level", type=int, default=1, metavar="L", help="1..9 (default 1)")
     g.add_argument("--max-bandwidth", default="128MiB/s", metavar="RATE",
-                   help="cap on bytes written to the sockets, after compression: 10Gbps, 1GiB/s, 0 = "
-                        "unlimited (default 128MiB/s, QEMU's)")
-    g.add_argument("--downtime-limit", type=int, default=300, metavar="MS", help="default 300")
+                   help="cap on bytes written to the sockets, after compression: 10Gbps, 100Mbit/s (bits/s), "
+                        f"1GiB/s, 128M (bytes/s), 0 = unlimited (default 128MiB/s, QEMU's){only}")
+    g.add_argument("--downtime-limit", type=int, default=300, metavar="MS", help=f"0..2000000 (default 300){only}")
     g.add_argument("--zero-page-detection", default="multifd", choices=["multifd", "none"])
     g.add_argument("--max-passes", type=int, default=0, metavar="N",
-                   help="switch over after N passes even if the downtime limit is not met (0 = never)")
+                   help=f"switch over after N passes even if the downtime limit is not met (0 = never){only}")
     p.add_argument("--timeout", type=float, default=30.0, metavar="S",
-                   help="seconds without progress on a channel before the migration fails (default 30)")
+                   help="seconds without progress on a channel before the migration fails (> 0, default 30)")
     p.add_argument("--uuid", default="", help="VM UUID checked in every multifd handshake (default all zero)")
     p.add_argument("--full-verify", action="store_true",
                    help="hash all of RAM at switchover (also catches writes the dirty log missed; adds downtime)")
-    p.add_argument("--json", metavar="FILE", help="write the result as JSON")
+    p.add_argument("--json", metavar="FILE", help="write the result as JSON to FILE ('-' = stdout)")
     p.add_argument("--dump-ram", metavar="DIR", help="write RAM at switchover into DIR (for tests)")
 
 
-def _add_guest(p: argparse.ArgumentParser, required: bool) -> None:
+def _add_guest(p: argparse.ArgumentParser, source: bool) -> None:
     g = p.add_argument_group("guest")
     g.add_argument("--guest", choices=["kvm", "portable"], default=None,
                    help="guest kind (default: kvm where /dev/kvm works, else portable)")
-    g.add_argument("--memory", default="1G" if required else None, help="guest RAM (default 1G)")
+    if source:
+        g.add_argument("--memory", default="1G", metavar="SIZE", help="guest RAM: 512M, 2G, ... (default 1G)")
+    else:
+        g.add_argument("--memory", default=None, metavar="SIZE",
+                       help="guest RAM, the same as the source's, prefaulted before the migration (default: "
+                            "the source's size, the guest then created and prefaulted during the migration)")
     g.add_argument("--smp", type=int, default=1, help="vCPUs (default 1)")
     g.add_argument("--workload", choices=["idle", "dirty", "counter"], default="idle")
     g.add_argument("--dirty-rate", type=int, default=20000, metavar="PAGES_PER_S")
@@ -65,52 +83,112 @@ def _add_guest(p: argparse.ArgumentParser, required: bool) -> None:
 
 
 def params_from_args(args: argparse.Namespace) -> MigrationParameters:
+    """The migration parameters of the command line, checked (ParameterError names the first bad one)."""
     p = MigrationParameters(
         multifd_channels=args.multifd_channels,
         multifd_compression=args.multifd_compression,
         multifd_zlib_level=args.multifd_zlib_level,
         multifd_zstd_level=args.multifd_zstd_level,
         multifd_qatzip_level=args.multifd_qatzip_level,
-        max_bandwidth=parse_rate(args.max_bandwidth),
+        max_bandwidth=parse_option("--max-bandwidth", args.max_bandwidth, "rate"),
         downtime_limit=args.downtime_limit,
         zero_page_detection=args.zero_page_detection,
         max_passes=args.max_passes,
     )
     p.check()
+    create_method(p.multifd_compression, p.level(), 4096)  # MethodUnavailable now, not after the guest filled
     return p
 
 
 def guest_config_from_args(args: argparse.Namespace) -> GuestConfig:
+    """The guest options, checked; tells on stderr when the portable guest replaces a missing KVM."""
+    memory = parse_option("--memory", args.memory, "size")
+    if memory <= 0 or memory % 4096:
+        raise ParameterError(f"--memory {args.memory}: expected a positive multiple of 4 KiB, like 512M or 2G")
+    check_option("--smp", args.smp, minimum=1, what="a number of vCPUs")
+    check_option("--dirty-rate", args.dirty_rate, what="pages per second")
+    check_option("--working-set", args.working_set, what="a number of pages")
+    try:
+        describe_fill(args.fill)
+    except GuestError as exc:
+        raise ParameterError(f"--fill: {exc}") from exc
     kind = args.guest or default_kind()
     if args.guest is None and kind == "portable":
         print(f"livemig: /dev/kvm not usable ({kvm_unavailable()}): using the portable guest", file=sys.stderr)
-    return GuestConfig(
-        kind=kind,
-        memory=parse_size(args.memory),
-        smp=args.smp,
-        workload=args.workload,
-        dirty_rate=args.dirty_rate,
-        working_set=args.working_set,
-        fill=args.fill,
-        seed=args.seed,
-    )
+    return GuestConfig(kind=kind, memory=memory, smp=args.smp, workload=args.workload, dirty_rate=args.dirty_rate,
+                       working_set=args.working_set, fill=args.fill, seed=args.seed)
 
 
 def _uuid(text: str) -> bytes:
     if not text:
         return bytes(16)
-    import uuid
-
     try:
-        return uuid.UUID(text).bytes
+        return uuidlib.UUID(text).bytes
     except ValueError:
-        raise ParameterError(
-            f"invalid --uuid '{text}': expected a UUID like 123e4567-e89b-12d3-a456-426614174000"
-        ) from None
+        raise ParameterError(f"--uuid '{text}': expected a UUID like 123e4567-e89b-12d3-a456-426614174000") from None
+
+
+@dataclass
+class Checked:
+    """A command line's options, all checked."""
+
+    params: MigrationParameters
+    guest: GuestConfig | None
+    address: Address | None
+    uuid: bytes
+    #: incoming without --memory: the largest guest accepted (None: what the host can give)
+    max_memory: int | None = None
+
+
+def _check_seconds(args: argparse.Namespace) -> None:
+    check_option("--timeout", args.timeout, above=True, what="a number of seconds")
+    check_option("--run-after", args.run_after, what="a number of seconds")
+
+
+def _check_common(args: argparse.Namespace) -> tuple[MigrationParameters, bytes]:
+    if args.dump_ram and not os.path.isdir(args.dump_ram):
+        parent = os.path.dirname(os.path.abspath(args.dump_ram))
+        if os.path.exists(args.dump_ram) or not os.path.isdir(parent):
+            raise ParameterError(f"--dump-ram {args.dump_ram}: expected a directory, or a new one in an existing "
+                                 "directory")
+    if args.json and args.json != "-":
+        folder = os.path.dirname(os.path.abspath(args.json))
+        if not os.path.isdir(folder):
+            raise ParameterError(f"--json {args.json}: directory {folder} does not exist")
+    return params_from_args(args), _uuid(args.uuid)
+
+
+def check_migrate(args: argparse.Namespace) -> Checked:
+    """Every option of ``livemig migrate``; ParameterError naming the first bad one."""
+    _check_seconds(args)
+    check_option("--run-before", args.run_before, what="a number of seconds")
+    if args.local and args.uri:
+        raise ParameterError(f"--local starts its own destination, so the URI '{args.uri}' would be ignored: "
+                             "give one or the other")
+    if not args.local and not args.uri:
+        raise ParameterError(f"a destination is needed: a URI, {URI_FORMS}, or --local")
+    if args.run_after and not args.local:
+        raise ParameterError("--run-after needs --local (on two hosts, give --run-after to livemig incoming)")
+    address = parse_address(args.uri) if args.uri else None
+    params, uuid = _check_common(args)
+    return Checked(params, guest_config_from_args(args), address, uuid)
+
+
+def check_incoming(args: argparse.Namespace) -> Checked:
+    """Every option of ``livemig incoming``; ParameterError naming the first bad one."""
+    _check_seconds(args)
+    max_memory = parse_option("--max-memory", args.max_memory, "size") if args.max_memory else None
+    address = parse_address(args.uri)
+    params, uuid = _check_common(args)
+    return Checked(params, guest_config_from_args(args) if args.memory else None, address, uuid, max_memory)
 
 
 def _write_json(path: str | None, data: dict[str, Any]) -> None:
     if not path:
+        return
+    if path == "-":
+        json.dump(data, sys.stdout, indent=2)
+        print(flush=True)
         return
     tmp = f"{path}.tmp"
     with open(tmp, "w") as f:
@@ -118,194 +196,211 @@ def _write_json(path: str | None, data: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-class _Progress:
-    def __init__(self, quiet: bool) -> None:
-        self.quiet = quiet
-        self.stop = threading.Event()
-        self.tty = sys.stderr.isatty()
+def _local_args(args: argparse.Namespace, gcfg: GuestConfig) -> list[str]:
+    out = ["--guest", gcfg.kind, "--memory", str(gcfg.memory), "--smp", str(gcfg.smp),
+           "--multifd-channels", str(args.multifd_channels), "--multifd-compression", args.multifd_compression,
+           "--multifd-zlib-level", str(args.multifd_zlib_level), "--multifd-zstd-level", str(args.multifd_zstd_level),
+           "--multifd-qatzip-level", str(args.multifd_qatzip_level), "--timeout", str(args.timeout),
+           "--uuid", args.uuid, "--run-after", str(args.run_after)]
+    if args.dump_ram:
+        out += ["--dump-ram", args.dump_ram]
+    if args.full_verify:
+        out.append("--full-verify")
+    return out
 
-    def run(self, src: Source) -> None:
-        period = 0.5 if self.tty else 2.0
-        while not self.stop.wait(period):
-            src.meter.sample()
-            if not self.quiet and src.status.state in ("setup", "active", "device"):
-                line = src.stats.progress_line()
-                print(f"\r{line}" if self.tty else line, end="" if self.tty else "\n", file=sys.stderr, flush=True)
-        if self.tty and not self.quiet:
-            print(file=sys.stderr)
+
+def destination_summary(d: dict[str, Any]) -> str:
+    """The destination's outcome in one line: resumed, and after ``--run-after`` its progress and check."""
+    if not d.get("resumed", d.get("status") == "completed"):
+        return "destination: the guest was not resumed"
+    text = "destination: guest resumed"
+    if "progress_after" in d:
+        text += f"; then ran: progress {d.get('progress_at_resume', 0)} -> {d['progress_after']}"
+        check = d.get("workload_check")
+        if check is not None:
+            text += f", workload check {check}" if check == "ok" else f", workload check FAILED: {check}"
+    return text
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
-    params = params_from_args(args)
-    gcfg = guest_config_from_args(args)
-    child: subprocess.Popen[bytes] | None = None
+    chk = check_migrate(args)
+    gcfg = chk.guest
+    assert gcfg is not None
+    display: ProgressDisplay | None = None
+    local: LocalDestination | None = None
     tmpdir = tempfile.mkdtemp(prefix="livemig-")
-    dst_json = os.path.join(tmpdir, "destination.json")
     guest = None
     try:
+        def say(message: str) -> None:
+            if not args.quiet:
+                print(f"livemig: {message}", file=sys.stderr, flush=True)
+
         if args.local:
-            uri, child = _start_local_destination(args, gcfg, tmpdir, dst_json)
+            local = LocalDestination(_local_args(args, gcfg), tmpdir)
+            address = parse_address(local.wait_listening())
+            for line in local.log_lines():
+                say(f"destination: {line}")
         else:
-            if not args.uri:
-                raise ParameterError("livemig migrate needs a destination URI (tcp:HOST:PORT) or --local")
-            uri = args.uri
-        address = parse_address(uri)
+            assert chk.address is not None
+            address = chk.address
         t0 = time.monotonic()
         guest = create_guest(gcfg)
-        if not args.quiet:
-            print(f"livemig: {gcfg.kind} guest, {parse_size(args.memory) >> 20} MiB, fill {gcfg.fill} "
-                  f"({time.monotonic() - t0:.1f} s), workload {gcfg.workload}", file=sys.stderr)
+        say(f"{gcfg.kind} guest, {format_size(gcfg.memory)}, fill {gcfg.fill} ({time.monotonic() - t0:.1f} s), "
+            f"workload {gcfg.workload}")
         guest.start()
         if args.run_before:
             time.sleep(args.run_before)
-        src = Source(guest, address, params, uuid=_uuid(args.uuid), timeout=args.timeout,
-                     full_verify=args.full_verify, dump_ram=args.dump_ram,
-                     wait_report=args.run_after if args.local else 0.0)
-        if not args.quiet:
-            print(f"livemig: migrating to {address} with {params.multifd_channels} channels, "
-                  f"{src.method.name}: {src.method.backend()}", file=sys.stderr)
-        progress = _Progress(args.quiet)
-        pt = threading.Thread(target=progress.run, args=(src,), daemon=True)
-        pt.start()
-        old = signal.signal(signal.SIGINT, lambda *_: src.cancel())
+        src = Source(guest, address, chk.params, uuid=chk.uuid, timeout=args.timeout, full_verify=args.full_verify,
+                     dump_ram=args.dump_ram, wait_report=args.run_after if args.local else 0.0,
+                     log=lambda m: print(f"livemig: {m}", file=sys.stderr, flush=True))
+        say(f"migrating to {address} on {plural(chk.params.multifd_channels, 'channel')}, "
+            f"{src.method.name}: {src.method.backend()}")
+
+        def poll() -> Any:
+            src.meter.sample()
+            return src.stats
+
+        display = ProgressDisplay(poll, enabled=not args.quiet)
+        interrupted = threading.Event()
+
+        def on_sigint(*_: Any) -> None:
+            interrupted.set()  # cancel from a thread: the handler may run while this thread holds a lock
+            threading.Thread(target=src.cancel, name="cancel", daemon=True).start()
+
+        old = signal.signal(signal.SIGINT, on_sigint)
         try:
-            stats = src.run()
+            with display:
+                stats = src.run()
         finally:
             signal.signal(signal.SIGINT, old)
-            progress.stop.set()
-            pt.join()
-        if child is not None:
-            _wait_child(child, args.timeout + args.run_after)
-            if os.path.exists(dst_json):
-                with open(dst_json) as f:
-                    dres = json.load(f)
-                for key in ("progress_after", "workload_check", "error-desc"):
+        dres: dict[str, Any] = {}
+        if local is not None:
+            if stats.status == "completed":
+                dres = local.result(args.timeout + args.run_after + 10)
+                for key in ("progress_after", "workload_check"):
                     if key in dres:
                         stats.destination.setdefault(key, dres[key])
-                if dres.get("status") == "failed" and stats.status != "completed":
-                    stats.destination.setdefault("status", "failed")
-        result = stats.to_qapi()
-        if stats.status == "completed" and guest.running:
-            result["livemig"]["source-guest"] = "running"
-        else:
-            result["livemig"]["source-guest"] = "running" if guest.running else "paused (postmigrate)"
+            elif not interrupted.is_set():  # it ends by itself once the source closed the channels
+                dres = local.result(5)
+                if local.stopped:  # it had to be signalled: its own error only says "terminated"
+                    dres = {}
+                elif "error-desc" in dres:
+                    stats.destination.setdefault("error-desc", dres["error-desc"])
+        result = stats.to_qapi()  # livemig.source-guest: running, paused or postmigrate; livemig.handover
         _write_json(args.json, result)
-        if not args.quiet or stats.status != "completed":
-            print(stats.table())
-        return 0 if stats.status == "completed" else 1
+        if stats.status != "completed":
+            _raise_failure(stats.status, stats.error, result, dres, interrupted.is_set())
+        out: TextIO = sys.stderr if args.json == "-" else sys.stdout
+        print(stats.table(), file=out)
+        print(destination_summary({**stats.destination, "status": "completed", "resumed": True}), file=out)
+        return 0
     finally:
-        if child is not None and child.poll() is None:
-            _kill(child)
+        if local is not None:
+            local.stop()
         if guest is not None:
             guest.close()
-        for name in os.listdir(tmpdir):
-            os.unlink(os.path.join(tmpdir, name))
-        os.rmdir(tmpdir)
+        shutil.rmtree(tmpdir, ignore_errors=True)
 
 
-def _start_local_destination(args: argparse.Namespace, gcfg: GuestConfig, tmpdir: str, dst_json: str
-                             ) -> tuple[str, subprocess.Popen[bytes]]:
-    port_file = os.path.join(tmpdir, "port")
-    cmd = [
-        sys.executable, "-m", "livemig.cli", "incoming", "tcp:127.0.0.1:0", "--port-file", port_file,
-        "--json", dst_json, "--guest", gcfg.kind, "--memory", str(gcfg.memory), "--smp", str(gcfg.smp),
-        "--multifd-channels", str(args.multifd_channels), "--multifd-compression", args.multifd_compression,
-        "--multifd-zlib-level", str(args.multifd_zlib_level), "--multifd-zstd-level", str(args.multifd_zstd_level),
-        "--multifd-qatzip-level", str(args.multifd_qatzip_level), "--timeout", str(args.timeout),
-        "--uuid", args.uuid, "--run-after", str(args.run_after),
-    ]
-    if args.dump_ram:
-        cmd += ["--dump-ram", args.dump_ram]
-    if args.full_verify:
-        cmd.append("--full-verify")
-    child = subprocess.Popen(cmd, start_new_session=True)
-    deadline = time.monotonic() + 300
-    while not os.path.exists(port_file):
-        if child.poll() is not None:
-            raise MigrationError(f"the local destination exited with status {child.returncode} before listening")
-        if time.monotonic() > deadline:
-            _kill(child)
-            raise MigrationError("the local destination did not start listening within 300 s")
-        time.sleep(0.02)
-    with open(port_file) as f:
-        port = int(f.read())
-    return f"tcp:127.0.0.1:{port}", child
-
-
-def _wait_child(child: subprocess.Popen[bytes], timeout: float) -> None:
-    try:
-        child.wait(timeout=timeout + 10)
-    except subprocess.TimeoutExpired:
-        _kill(child)
-
-
-def _kill(child: subprocess.Popen[bytes]) -> None:
-    try:
-        os.killpg(child.pid, signal.SIGTERM)
-        child.wait(timeout=5)
-    except (ProcessLookupError, subprocess.TimeoutExpired):
-        try:
-            os.killpg(child.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        child.wait()
+def _raise_failure(status: str, error: str, result: dict[str, Any], dres: dict[str, Any], interrupted: bool) -> None:
+    """Raise the failed or cancelled migration, with what was transferred and the guest's state as notes."""
+    ram = result.get("ram", {})
+    done = (f"after {result.get('total-time', 0) / 1000:.1f} s, {format_size(ram.get('transferred', 0))} "
+            f"transferred; the source guest is {result['livemig']['source-guest']}")
+    exc: BaseException
+    if status == "cancelled":  # an interrupt after the commit point was answered too late: not a cancel
+        exc = KeyboardInterrupt()
+    else:
+        exc = MigrationError(f"migration failed: {error}")
+        theirs = str(dres.get("error-desc", "")).removeprefix("destination: ")
+        if theirs and theirs not in error:
+            exc.add_note(f"destination: {theirs}")
+    exc.add_note(done)
+    raise exc
 
 
 def cmd_incoming(args: argparse.Namespace) -> int:
-    params = params_from_args(args)
-    address = parse_address(args.uri)
+    chk = check_incoming(args)
+    assert chk.address is not None
     guest = None
-    if args.memory:
-        gcfg = guest_config_from_args(args)
+    if chk.guest is not None:
         t0 = time.monotonic()
-        guest = create_guest(gcfg, incoming=True)
-        print(f"livemig incoming: {gcfg.kind} guest, {gcfg.memory >> 20} MiB prefaulted in "
+        guest = create_guest(chk.guest, incoming=True)
+        print(f"livemig incoming: {chk.guest.kind} guest, {format_size(chk.guest.memory)} prefaulted in "
               f"{time.monotonic() - t0:.1f} s", file=sys.stderr)
-    dst = Destination(address, params, guest=guest, uuid=_uuid(args.uuid), timeout=args.timeout,
-                      run_after=args.run_after, dump_ram=args.dump_ram, full_verify=args.full_verify,
-                      log=lambda m: print(f"livemig incoming: {m}", file=sys.stderr))
-    signal.signal(signal.SIGTERM, lambda *_: dst.fail(MigrationError("terminated"), "destination"))
-    if args.port_file:
-        tmp = args.port_file + ".tmp"
-        with open(tmp, "w") as f:
-            f.write(str(dst.port))
-        os.replace(tmp, args.port_file)
-    print(f"livemig incoming: listening on {address.scheme}:{address.host}:{dst.port}", file=sys.stderr)
     try:
+        dst = Destination(chk.address, chk.params, guest=guest, uuid=chk.uuid, timeout=args.timeout,
+                          run_after=args.run_after, dump_ram=args.dump_ram, full_verify=args.full_verify,
+                          max_memory=chk.max_memory,
+                          log=lambda m: print(f"livemig incoming: {m}", file=sys.stderr, flush=True))
+    except BaseException:
+        if guest is not None:
+            guest.close()
+        raise
+    stopped: list[str] = []
+
+    def stop(reason: str) -> None:
+        stopped.append(reason)  # fail from a thread: the handler may run while this thread holds a lock
+        threading.Thread(target=dst.fail, args=(MigrationError(reason), "destination"), daemon=True).start()
+
+    old_int = signal.signal(signal.SIGINT, lambda *_: stop("interrupted"))
+    signal.signal(signal.SIGTERM, lambda *_: stop("terminated"))
+    try:
+        if args.port_file:
+            tmp = args.port_file + ".tmp"
+            with open(tmp, "w") as f:
+                f.write(str(dst.port))
+            os.replace(tmp, args.port_file)
+        print(f"livemig incoming: listening on {chk.address.with_port(dst.port)}", file=sys.stderr, flush=True)
         result = dst.run()
+        signal.signal(signal.SIGINT, old_int)
         _write_json(args.json, result)
+        if stopped == ["interrupted"] and result.get("status") != "completed":
+            raise KeyboardInterrupt
         if result.get("status") != "completed":
-            print(f"livemig incoming: failed: {result.get('error-desc')}", file=sys.stderr)
-            return 1
-        print(f"livemig incoming: completed; guest resumed (progress {result.get('progress_at_resume')}"
-              f" -> {result.get('progress_after', '-')})", file=sys.stderr)
+            raise MigrationError(f"migration failed: {str(result.get('error-desc')).removeprefix('destination: ')}")
+        print(f"livemig incoming: completed; {destination_summary(result).removeprefix('destination: ')}",
+              file=sys.stderr)
         return 0
     finally:
+        signal.signal(signal.SIGINT, old_int)
         if dst.guest is not None:
             dst.guest.close()
 
 
 def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     m = sub.add_parser("migrate", help="migrate a guest to a destination (source side)",
-                       description="Start a guest and migrate it live to `livemig incoming` at URI.")
-    m.add_argument("uri", nargs="?", help="destination, tcp:HOST:PORT")
+                       description="Start a guest and migrate it live to `livemig incoming` at URI. Progress on "
+                                   "stderr, the result (statistics table, or --json) on stdout. Exit status: 0 "
+                                   "completed, 1 failed, 2 bad option, 130 interrupted (Ctrl-C: the guest keeps "
+                                   "running here).")
+    m.add_argument("uri", nargs="?", help=f"destination: {URI_FORMS}")
     m.add_argument("--local", action="store_true",
-                   help="start the destination here as a separate process on a free loopback port")
+                   help="start the destination here as a separate process on a free loopback port (no URI)")
     m.add_argument("--run-before", type=float, default=0.0, metavar="S",
                    help="let the guest run S seconds before migrating")
     m.add_argument("--run-after", type=float, default=0.0, metavar="S",
-                   help="with --local: let the migrated guest run S seconds and report its progress")
-    m.add_argument("--quiet", action="store_true", help="no progress display")
-    _add_guest(m, required=True)
-    _add_params(m)
+                   help="with --local: let the migrated guest run S seconds and report its progress and "
+                        "workload check")
+    m.add_argument("--quiet", action="store_true", help="no progress display (the result is still printed)")
+    m.add_argument("--on-unknown", choices=["pause"], default="pause",
+                   help="when the destination's answer to the commit never comes, keep the guest paused "
+                        "(postmigrate) until you checked the destination (the only choice, the default)")
+    _add_guest(m, source=True)
+    _add_params(m, source=True)
     m.set_defaults(func=cmd_migrate)
 
     i = sub.add_parser("incoming", help="wait for a migration (destination side)",
-                       description="Listen at URI, receive a migration, resume the guest.")
-    i.add_argument("uri", help="where to listen, tcp:HOST:PORT (port 0 = any free port)")
+                       description="Listen at URI, receive a migration, resume the guest. Exit status: 0 "
+                                   "completed, 1 failed, 2 bad option, 130 interrupted.")
+    i.add_argument("uri", help=f"where to listen: {URI_FORMS}; HOST empty or 0 = every address, PORT 0 = any "
+                                "free port")
     i.add_argument("--port-file", help="write the listening port to this file once ready")
     i.add_argument("--run-after", type=float, default=0.0, metavar="S",
-                   help="after resuming, let the guest run S seconds and report its progress")
-    _add_guest(i, required=False)
-    _add_params(i)
+                   help="after resuming, let the guest run S seconds and report its progress and workload check")
+    i.add_argument("--max-memory", metavar="SIZE",
+                   help="without --memory: refuse a source guest larger than SIZE before allocating anything "
+                        "(default: what the host can give, MemAvailable minus a margin)")
+    _add_guest(i, source=False)
+    _add_params(i, source=False)
     i.set_defaults(func=cmd_incoming)

@@ -146,7 +146,7 @@ class Destination:
         """Fail the migration when no channel has moved for ``timeout`` seconds (a stalled peer)."""
         while not self._done.wait(0.25) and not self._stream_done:
             if self._failure.error is None and time.monotonic() - self.last_progress > self.timeout:
-                self.fail(TransportError(f"no data from the source for {self.timeout:.0f} s"), "destination")
+                self.fail(TransportError(f"no data from the source for {self.timeout:g} s"), "destination")
                 return
 
     def _touch(self) -> None:
@@ -192,7 +192,6 @@ class Destination:
             err = self._failure.error or exc
             self.handover.fail(err)
             result = {"status": "failed", "error-desc": str(err)}
-            self.log(f"migration failed: {err}")
         finally:
             self._done.set()
             self._close()
@@ -238,7 +237,7 @@ class Destination:
                 except TimeoutError as exc:
                     if self.alive():
                         continue  # a long pass: the channels are busy, the main stream waits for its flush
-                    raise TransportError(f"no progress on any channel for {self.timeout:.0f} s") from exc
+                    raise TransportError(f"no progress on any channel for {self.timeout:g} s") from exc
                 except OSError as exc:
                     raise TransportError(f"main channel failed: {exc}") from exc
                 if n == 0:
@@ -349,8 +348,10 @@ class Destination:
         else:
             ours = [(b.name, b.size) for b in self.guest.blocks]
             if theirs != ours or gcfg.kind != self.guest.config.kind:
-                self._refuse(rp, f"guest differs: source has a {gcfg.kind} guest with blocks {theirs}, "
-                                 f"destination a {self.guest.config.kind} guest with {ours}")
+                def show(blocks: list[tuple[str, int]]) -> str:
+                    return ", ".join(f"{name} {format_size(size)}" for name, size in blocks)
+                self._refuse(rp, f"guest differs: source has a {gcfg.kind} guest with RAM {show(theirs)}, "
+                                 f"destination a {self.guest.config.kind} guest with RAM {show(ours)}")
             self.guest.config = gcfg
         self.last_progress = time.monotonic()  # creating the guest may have taken a while
         for b in self.guest.blocks:

@@ -166,7 +166,7 @@ class SourceHandover:
         assert self.rp is not None
         msg = self.rp.recv(timeout)
         if isinstance(msg, p.Refused | p.Failed):
-            raise PeerFailed(f"destination failed: {msg.error}")
+            raise PeerFailed(f"destination failed: {msg.error.removeprefix('destination: ')}")
         if not isinstance(msg, want):
             raise WireError(f"handover message while waiting for '{want.TYPE}'", msg.TYPE,
                             f"{want.TYPE} or failed")

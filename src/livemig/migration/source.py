@@ -390,8 +390,8 @@ class Source:
             self.stats.error = "migration cancelled"
         else:
             self.stats.error = str(err) or type(err).__name__
-            peer = self._peer_error(err)
-            if peer:
+            peer = self._peer_error(err).removeprefix("destination: ")
+            if peer and peer not in self.stats.error:
                 self.stats.error = f"{self.stats.error} (destination: {peer})"
             if self.handover.state == protocol.S_UNKNOWN:
                 self.stats.error = f"{protocol.UNKNOWN_ADVICE} ({self.stats.error})"

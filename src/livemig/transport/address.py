@@ -1,7 +1,8 @@
-"""Migration addresses as QEMU writes them: ``tcp:HOST:PORT`` (and ``unix:PATH``)."""
+"""Migration addresses as QEMU writes them: ``tcp:HOST:PORT`` and ``unix:PATH`` (a Unix socket file)."""
 
 from __future__ import annotations
 
+import dataclasses
 import socket
 from dataclasses import dataclass
 
@@ -28,6 +29,10 @@ class Address:
         if self.scheme == "unix":
             return socket.AF_UNIX
         return socket.AF_INET6 if ":" in self.host else socket.AF_INET
+
+    def with_port(self, port: int) -> Address:
+        """The same address with ``port`` (a listener's real port after asking for 0); unix: unchanged."""
+        return self if self.scheme == "unix" else dataclasses.replace(self, port=port)
 
     def sockaddr(self) -> tuple[str, int] | str:
         return self.path if self.scheme == "unix" else (self.host, self.port)

@@ -1,0 +1,210 @@
+"""Live progress of a migration, drawn from its :class:`~livemig.migration.stats.MigrationStats`.
+
+On a terminal it is a rich progress bar on stderr (status, bar, percent of RAM in sync, pass, rate,
+pages/s, dirty rate, ETA), redrawn in place; anything else the command prints while it runs goes
+through :meth:`ProgressDisplay.log`, above the bar, never into it. When stderr is not a terminal
+(a log file, a pipe) the same figures are printed as one plain line every few seconds.
+
+Figures: *percent* = (RAM - remaining) / RAM, the share of guest RAM the destination holds as of
+the last dirty sync (it drops when a pass finds pages dirtied again); *rate* and *pages/s* are over
+the last ~2 s (wire bytes, after compression; pages sent, normal + zero); *dirty* is
+``dirty-pages-rate``; *ETA* = remaining pages / (pages/s - dirty pages/s), "-" while RAM is dirtied
+as fast as it is sent or before the first pass has counted what remains.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from types import TracebackType
+from typing import TextIO
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TaskID, TextColumn
+
+from ..migration.stats import MigrationStats
+from ..units import format_rate_bits, format_size
+
+#: statuses during which the migration moves RAM (QEMU's names)
+RUNNING = ("setup", "active", "device")
+
+
+def format_count(n: float) -> str:
+    """``950``, ``31.6k``, ``2.10M``: a rate of pages, short."""
+    if n < 1000:
+        return f"{n:.0f}"
+    if n < 1_000_000:
+        return f"{n / 1000:.1f}k"
+    return f"{n / 1e6:.2f}M"
+
+
+def format_eta(seconds: float | None) -> str:
+    """``0:07``, ``1:02:03``, or ``-`` when unknown."""
+    if seconds is None:
+        return "-"
+    s = int(seconds + 0.5)
+    h, rest = divmod(s, 3600)
+    return f"{h}:{rest // 60:02d}:{rest % 60:02d}" if h else f"{rest // 60}:{rest % 60:02d}"
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """What one progress update shows (bytes, bytes/s, pages/s, seconds)."""
+
+    status: str
+    passes: int
+    ram_total: int
+    remaining: int | None  # None before the first pass has counted it
+    rate: float
+    pages_per_second: float
+    dirty_pages_rate: int
+    page_size: int
+
+    @property
+    def percent(self) -> float | None:
+        if self.remaining is None or not self.ram_total:
+            return None
+        return 100.0 * (self.ram_total - self.remaining) / self.ram_total
+
+    @property
+    def eta(self) -> float | None:
+        if self.remaining is None:
+            return None
+        if self.remaining == 0:
+            return 0.0
+        net = self.pages_per_second - self.dirty_pages_rate
+        return self.remaining / self.page_size / net if net > 0 else None
+
+    def percent_text(self) -> str:
+        """``42%``, or ``--%`` before the first pass counted what remains."""
+        return "--%" if self.percent is None else f"{self.percent:.0f}%"
+
+    def text(self) -> str:
+        """The figures after the bar: ``pass 1  1.00 Gbps  31.6k pages/s  dirty 0/s  ETA 0:07``."""
+        return (f"pass {self.passes}  {format_rate_bits(self.rate)}  {format_count(self.pages_per_second)} pages/s  "
+                f"dirty {format_count(self.dirty_pages_rate)}/s  ETA {format_eta(self.eta)}")
+
+    def line(self) -> str:
+        """One plain line, for a log: status, percent of RAM (of its size), then :meth:`text`."""
+        return f"{self.status:<9} {self.percent_text():>4} of {format_size(self.ram_total)}  {self.text()}"
+
+
+class RateWindow:
+    """Rates of wire bytes and pages over the last ``seconds`` of samples."""
+
+    def __init__(self, seconds: float = 2.0) -> None:
+        self.seconds = seconds
+        self.samples: deque[tuple[float, int, int]] = deque()
+
+    def snapshot(self, stats: MigrationStats, now: float | None = None) -> Snapshot:
+        now = time.monotonic() if now is None else now
+        pages = stats.normal + stats.duplicate
+        self.samples.append((now, stats.transferred, pages))
+        while len(self.samples) > 2 and now - self.samples[1][0] >= self.seconds:
+            self.samples.popleft()
+        t0, b0, p0 = self.samples[0]
+        if now - t0 > 0.05 and stats.status in RUNNING:
+            rate, pps = (stats.transferred - b0) / (now - t0), (pages - p0) / (now - t0)
+        else:  # one sample so far, or the end: the whole-migration averages
+            rate, pps = stats.mbps() * 1e6 / 8, stats.pages_per_second()
+        counted = stats.passes > 0 or stats.status not in ("none", "setup")
+        return Snapshot(
+            status=stats.status,
+            passes=stats.passes,
+            ram_total=stats.ram_total,
+            remaining=0 if stats.status == "completed" else (stats.remaining if counted else None),
+            rate=rate,
+            pages_per_second=pps,
+            dirty_pages_rate=stats.dirty_pages_rate,
+            page_size=stats.page_size,
+        )
+
+
+class ProgressDisplay:
+    """Draws ``poll()``'s statistics every ``period`` seconds from a thread, between ``start`` and ``stop``.
+
+    ``enabled=False`` (``--quiet``) draws nothing and drops :meth:`log` lines. ``tty`` defaults to
+    whether ``stream`` is a terminal: a rich bar when true, plain lines when false.
+    """
+
+    def __init__(self, poll: Callable[[], MigrationStats], *, stream: TextIO | None = None, enabled: bool = True,
+                 tty: bool | None = None, period: float | None = None) -> None:
+        self.poll = poll
+        self.stream = stream or sys.stderr
+        self.enabled = enabled
+        self.tty = self.stream.isatty() if tty is None else tty
+        self.period = period if period is not None else (0.25 if self.tty else 2.0)
+        self.console = Console(file=self.stream, force_terminal=self.tty or None, highlight=False)
+        self.window = RateWindow()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._progress: Progress | None = None
+        self._task: TaskID | None = None
+        self._lock = threading.Lock()
+
+    # --- lines above the bar -----------------------------------------------------------------------
+    def log(self, text: str) -> None:
+        """Print one message line (above the bar on a terminal); nothing when disabled."""
+        if not self.enabled:
+            return
+        with self._lock:
+            if self._progress is not None:
+                self._progress.console.print(text, markup=False, highlight=False, soft_wrap=True)
+            else:
+                print(text, file=self.stream, flush=True)
+
+    # --- the bar -----------------------------------------------------------------------------------
+    def start(self) -> None:
+        if not self.enabled:
+            return
+        if self.tty:
+            self._progress = Progress(
+                TextColumn("{task.description:<9}"),
+                TextColumn("{task.fields[percent]:>4}"),
+                BarColumn(bar_width=max(10, min(40, self.console.width - 72))),
+                TextColumn("{task.fields[figures]}"),
+                console=self.console,
+                refresh_per_second=4,
+            )
+            self._task = self._progress.add_task("setup", total=None, percent="", figures="")
+            self._progress.start()
+        self._thread = threading.Thread(target=self._run, name="progress", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Draw the final figures once and leave them on screen."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._progress is not None:
+            self._draw(self.window.snapshot(self.poll()))
+            with self._lock:
+                self._progress.stop()
+                self._progress = None
+
+    def __enter__(self) -> ProgressDisplay:
+        self.start()
+        return self
+
+    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
+        self.stop()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.period):
+            snap = self.window.snapshot(self.poll())
+            if snap.status in RUNNING:
+                self._draw(snap)
+
+    def _draw(self, snap: Snapshot) -> None:
+        if self._progress is None or self._task is None:
+            self.log(snap.line())
+            return
+        done = None if snap.remaining is None else snap.ram_total - snap.remaining
+        self._progress.update(self._task, description=snap.status, completed=done or 0,
+                              total=None if done is None else snap.ram_total, percent=snap.percent_text(),
+                              figures=snap.text())

@@ -1,0 +1,96 @@
+"""The progress display: figures from MigrationStats, a rich bar on a terminal, plain lines otherwise."""
+
+from __future__ import annotations
+
+import io
+import re
+import time
+
+from livemig.migration.stats import ChannelCounters, MigrationStats
+from livemig.ui.progress import ProgressDisplay, RateWindow, Snapshot, format_count, format_eta
+
+MIB = 1 << 20
+
+
+def _stats(status: str = "active", passes: int = 1, remaining: int = 96 * MIB, pages: int = 8192,
+           wire: int = 32 * MIB, dirty: int = 0) -> MigrationStats:
+    s = MigrationStats(status=status, passes=passes, ram_total=128 * MIB, remaining=remaining,
+                       dirty_pages_rate=dirty)
+    s.channels = [ChannelCounters(normal=pages, wire_bytes=wire)]
+    return s
+
+
+def test_percent_and_eta_from_remaining_pages_and_the_net_rate() -> None:
+    snap = Snapshot(status="active", passes=2, ram_total=128 * MIB, remaining=32 * MIB, rate=125e6,
+                    pages_per_second=10_000, dirty_pages_rate=2_000, page_size=4096)
+    assert snap.percent == 75.0
+    assert snap.eta == (32 * MIB // 4096) / 8_000  # remaining pages / (sent - dirtied) per second
+    assert snap.text() == "pass 2  1.00 Gbps  10.0k pages/s  dirty 2.0k/s  ETA 0:01"
+
+
+def test_no_percent_or_eta_before_the_first_pass_counted_what_remains() -> None:
+    snap = RateWindow().snapshot(_stats(status="setup", passes=0, remaining=0, pages=0, wire=0), now=1.0)
+    assert snap.percent is None and snap.eta is None  # not "remaining 0 B" during setup
+    assert snap.line().startswith("setup      --% of 128.00 MiB  pass 0")
+
+
+def test_no_eta_while_the_guest_dirties_faster_than_pages_are_sent() -> None:
+    snap = Snapshot(status="active", passes=5, ram_total=128 * MIB, remaining=MIB, rate=1e6,
+                    pages_per_second=1_000, dirty_pages_rate=5_000, page_size=4096)
+    assert snap.eta is None and snap.text().endswith("ETA -")
+
+
+def test_rates_over_the_recent_window() -> None:
+    w = RateWindow(seconds=2.0)
+    w.snapshot(_stats(pages=1000, wire=10 * MIB), now=10.0)
+    snap = w.snapshot(_stats(pages=3000, wire=30 * MIB), now=11.0)
+    assert snap.pages_per_second == 2000 and snap.rate == 20 * MIB
+    snap = w.snapshot(_stats(pages=3000, wire=30 * MIB), now=14.0)  # nothing moved for 3 s
+    assert snap.pages_per_second == 0
+
+
+def test_completed_shows_all_of_ram() -> None:
+    snap = RateWindow().snapshot(_stats(status="completed", passes=3, remaining=4 * MIB), now=1.0)
+    assert snap.percent == 100.0 and snap.eta == 0.0
+
+
+def test_formats() -> None:
+    assert [format_count(n) for n in (950, 31_600, 2_100_000)] == ["950", "31.6k", "2.10M"]
+    assert [format_eta(s) for s in (None, 7, 62, 3723)] == ["-", "0:07", "1:02", "1:02:03"]
+
+
+def test_plain_lines_when_not_a_terminal() -> None:
+    out = io.StringIO()
+    stats = _stats()
+    display = ProgressDisplay(lambda: stats, stream=out, tty=False, period=0.01)
+    with display:
+        display.log("livemig: a message")
+        deadline = time.monotonic() + 30
+        while out.getvalue().count("\n") < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+    lines = out.getvalue().splitlines()
+    assert lines[0] == "livemig: a message"
+    assert all(line.startswith("active     25% of 128.00 MiB  pass 1") for line in lines[1:])
+    assert "\r" not in out.getvalue() and "\x1b" not in out.getvalue()
+
+
+def test_rich_bar_on_a_terminal_keeps_messages_off_the_bar() -> None:
+    out = io.StringIO()
+    stats = _stats()
+    display = ProgressDisplay(lambda: stats, stream=out, tty=True, period=0.01)
+    display.console.width = 100
+    with display:
+        display.log("livemig incoming: a message")
+        stats.status, stats.remaining = "completed", 0
+    plain = re.sub(r"\x1b\[[0-9;?]*[a-zA-Z]", "", out.getvalue())
+    frames = [f for line in plain.split("\n") for f in line.split("\r") if f.strip()]
+    assert "livemig incoming: a message" in frames  # a line of its own, not written onto the bar
+    assert re.search(r"completed 100% \S* pass 1 ", frames[-1]), frames[-1]
+
+
+def test_quiet_draws_nothing() -> None:
+    out = io.StringIO()
+    display = ProgressDisplay(_stats, stream=out, tty=True, enabled=False, period=0.01)
+    with display:
+        display.log("hidden")
+    assert out.getvalue() == ""
