@@ -8,10 +8,14 @@ that runs, and never both.
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -23,6 +27,7 @@ from livemig.migration.source import Source
 from livemig.migration.stats import MigrationStats
 from livemig.params import MigrationParameters
 from livemig.transport.address import parse_address
+from support.migrate import cli
 from support.relay import Relay, Tap
 
 MEM = 4 << 20
@@ -190,3 +195,30 @@ def test_a_forged_answer_is_refused_and_the_source_runs_on(line: bytes, words: s
     finally:
         sg.close()
         dg.close()
+
+
+def test_report_1_between_processes(tmp_path: Path) -> None:
+    """Report 1 as filed: ``livemig incoming`` and ``livemig migrate`` with a relay that swallows the
+    destination's Resumed and then stays silent. The destination runs; the source stays paused."""
+    port_file, djson, sjson = tmp_path / "port", tmp_path / "d.json", tmp_path / "s.json"
+    dst = subprocess.Popen([sys.executable, "-m", "livemig.cli", "incoming", "tcp:127.0.0.1:0", "--port-file",
+                            str(port_file), "--guest", "portable", "--memory", "2M", "--multifd-channels", "1",
+                            "--timeout", "1", "--run-after", "0.5", "--json", str(djson)],
+                           stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while not port_file.exists():
+            assert time.monotonic() < deadline and dst.poll() is None
+            time.sleep(0.02)
+        with Relay(("127.0.0.1", int(port_file.read_text())), down=Tap(drop=RESUMED, silence_after=RESUMED)) as relay:
+            r = cli("migrate", relay.uri, "--guest", "portable", "--memory", "2M", "--multifd-channels", "1",
+                    "--timeout", "1", "--workload", "counter", "--max-bandwidth", "0", "--quiet", "--json", str(sjson))
+            assert dst.wait(timeout=30) == 0
+    finally:
+        if dst.poll() is None:
+            dst.kill()
+        dst.wait()
+    assert r.returncode == 1 and "outcome unknown" in r.stderr
+    s, d = json.loads(sjson.read_text()), json.loads(djson.read_text())
+    assert s["livemig"]["source-guest"] == "postmigrate" and s["livemig"]["handover"] == "unknown"
+    assert d["resumed"] is True and d["progress_after"] > d["progress_at_resume"] > 0
