@@ -15,11 +15,12 @@ import numpy as np
 import pytest
 
 from livemig.guest.base import GuestConfig
+from livemig.migration import protocol
 from livemig.migration.destination import Destination
+from livemig.migration.handover import ReturnPath
 from livemig.migration.source import MACHINE_TYPE, Source
 from livemig.params import MigrationParameters
 from livemig.transport.address import parse_address
-from livemig.transport.sockets import LineChannel
 from livemig.wire import handshake, packet, stream
 from livemig.wire.constants import FLAG_ZLIB
 from support.fakeguest import FakeGuest
@@ -36,16 +37,16 @@ def _destination(params: MigrationParameters) -> tuple[Destination, FakeGuest, d
     return d, g, out, t
 
 
-def _hello(port: int, params: MigrationParameters) -> tuple[socket.socket, LineChannel]:
+def _hello(port: int, params: MigrationParameters) -> tuple[socket.socket, ReturnPath]:
     main = socket.create_connection(("127.0.0.1", port))
-    cfg = {"guest": json.loads(GuestConfig(memory=MEM).to_json()), "page-size": 4096,
+    cfg = {"protocol": protocol.VERSION, "guest": json.loads(GuestConfig(memory=MEM).to_json()), "page-size": 4096,
            "multifd-channels": params.multifd_channels, "multifd-compression": params.multifd_compression,
            "blocks": [["pc.ram", MEM]]}
     main.sendall(stream.file_header() + stream.configuration(MACHINE_TYPE)
                  + stream.section_full(1, "livemig/config", 0, 1) + stream.blob(json.dumps(cfg).encode())
                  + stream.section_footer(1))
-    rp = LineChannel(main)
-    assert rp.recv(5)["status"] == "ready"
+    rp = ReturnPath(main, "to-source", "destination")
+    assert rp.recv(5) == protocol.Ready()
     return main, rp
 
 
@@ -55,37 +56,6 @@ def _finish(t: threading.Thread, out: dict[str, Any], g: FakeGuest) -> str:
     assert out["status"] == "failed"
     assert g.resumed == 0
     return str(out["error-desc"])
-
-
-def test_unknown_channel_magic_is_named() -> None:
-    params = MigrationParameters(multifd_channels=1, max_bandwidth=0)
-    d, g, out, t = _destination(params)
-    s = socket.create_connection(("127.0.0.1", d.port))
-    s.sendall(b"\xde\xad\xbe\xef" + bytes(60))
-    err = _finish(t, out, g)
-    assert "unknown channel magic" in err and "0xdeadbeef" in err
-    s.close()
-
-
-@pytest.mark.parametrize(
-    ("init", "needle"),
-    [
-        (handshake.encode_init(b"\x01" * 16, 0), "uuid"),
-        (handshake.encode_init(bytes(16), 5), "channel id"),
-        (handshake.encode_init(bytes(16), 0)[:4] + (9).to_bytes(4, "big") + handshake.encode_init(bytes(16), 0)[8:],
-         "version"),
-    ],
-)
-def test_bad_handshake_is_named(init: bytes, needle: str) -> None:
-    params = MigrationParameters(multifd_channels=2, max_bandwidth=0)
-    d, g, out, t = _destination(params)
-    main, rp = _hello(d.port, params)
-    ch = socket.create_connection(("127.0.0.1", d.port))
-    ch.sendall(init)
-    err = _finish(t, out, g)
-    assert needle in err
-    main.close()
-    ch.close()
 
 
 @pytest.mark.parametrize(
@@ -202,7 +172,8 @@ def test_stalled_source_fails_the_destination_in_bounded_time() -> None:
     t0 = time.monotonic()
     err = _finish(t, out, g)
     assert time.monotonic() - t0 < 5
-    assert "no data from the source" in err
+    # the watchdog, the channel's read or the main stream's read notices first
+    assert any(w in err for w in ("no data from the source", "timed out reading packet header", "no progress on any"))
     main.close()
     ch.close()
 

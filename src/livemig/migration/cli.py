@@ -136,6 +136,8 @@ class Checked:
     guest: GuestConfig | None
     address: Address | None
     uuid: bytes
+    #: incoming without --memory: the largest guest accepted (None: what the host can give)
+    max_memory: int | None = None
 
 
 def _check_seconds(args: argparse.Namespace) -> None:
@@ -175,9 +177,10 @@ def check_migrate(args: argparse.Namespace) -> Checked:
 def check_incoming(args: argparse.Namespace) -> Checked:
     """Every option of ``livemig incoming``; ParameterError naming the first bad one."""
     _check_seconds(args)
+    max_memory = parse_option("--max-memory", args.max_memory, "size") if args.max_memory else None
     address = parse_address(args.uri)
     params, uuid = _check_common(args)
-    return Checked(params, guest_config_from_args(args) if args.memory else None, address, uuid)
+    return Checked(params, guest_config_from_args(args) if args.memory else None, address, uuid, max_memory)
 
 
 def _write_json(path: str | None, data: dict[str, Any]) -> None:
@@ -248,7 +251,8 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         if args.run_before:
             time.sleep(args.run_before)
         src = Source(guest, address, chk.params, uuid=chk.uuid, timeout=args.timeout, full_verify=args.full_verify,
-                     dump_ram=args.dump_ram, wait_report=args.run_after if args.local else 0.0)
+                     dump_ram=args.dump_ram, wait_report=args.run_after if args.local else 0.0,
+                     log=lambda m: print(f"livemig: {m}", file=sys.stderr, flush=True))
         say(f"migrating to {address} on {plural(chk.params.multifd_channels, 'channel')}, "
             f"{src.method.name}: {src.method.backend()}")
 
@@ -282,8 +286,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
                     dres = {}
                 elif "error-desc" in dres:
                     stats.destination.setdefault("error-desc", dres["error-desc"])
-        result = stats.to_qapi()
-        result["livemig"]["source-guest"] = "running" if guest.running else "paused (postmigrate)"
+        result = stats.to_qapi()  # livemig.source-guest: running, paused or postmigrate; livemig.handover
         _write_json(args.json, result)
         if stats.status != "completed":
             _raise_failure(stats.status, stats.error, result, dres, interrupted.is_set())
@@ -305,7 +308,7 @@ def _raise_failure(status: str, error: str, result: dict[str, Any], dres: dict[s
     done = (f"after {result.get('total-time', 0) / 1000:.1f} s, {format_size(ram.get('transferred', 0))} "
             f"transferred; the source guest is {result['livemig']['source-guest']}")
     exc: BaseException
-    if interrupted or status == "cancelled":
+    if status == "cancelled":  # an interrupt after the commit point was answered too late: not a cancel
         exc = KeyboardInterrupt()
     else:
         exc = MigrationError(f"migration failed: {error}")
@@ -328,6 +331,7 @@ def cmd_incoming(args: argparse.Namespace) -> int:
     try:
         dst = Destination(chk.address, chk.params, guest=guest, uuid=chk.uuid, timeout=args.timeout,
                           run_after=args.run_after, dump_ram=args.dump_ram, full_verify=args.full_verify,
+                          max_memory=chk.max_memory,
                           log=lambda m: print(f"livemig incoming: {m}", file=sys.stderr, flush=True))
     except BaseException:
         if guest is not None:
@@ -379,6 +383,9 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
                    help="with --local: let the migrated guest run S seconds and report its progress and "
                         "workload check")
     m.add_argument("--quiet", action="store_true", help="no progress display (the result is still printed)")
+    m.add_argument("--on-unknown", choices=["pause"], default="pause",
+                   help="when the destination's answer to the commit never comes, keep the guest paused "
+                        "(postmigrate) until you checked the destination (the only choice, the default)")
     _add_guest(m, source=True)
     _add_params(m, source=True)
     m.set_defaults(func=cmd_migrate)
@@ -391,6 +398,9 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     i.add_argument("--port-file", help="write the listening port to this file once ready")
     i.add_argument("--run-after", type=float, default=0.0, metavar="S",
                    help="after resuming, let the guest run S seconds and report its progress and workload check")
+    i.add_argument("--max-memory", metavar="SIZE",
+                   help="without --memory: refuse a source guest larger than SIZE before allocating anything "
+                        "(default: what the host can give, MemAvailable minus a margin)")
     _add_guest(i, source=False)
     _add_params(i, source=False)
     i.set_defaults(func=cmd_incoming)

@@ -1,13 +1,16 @@
-"""The destination side: accept the channels, apply RAM, check it, resume the guest.
+"""The destination side: accept the channels, apply RAM, check it, resume the guest on Commit.
 
-The main channel is read by a sans-IO :class:`~livemig.wire.stream.StreamReader`; each multifd
-channel has a receive thread (:class:`~livemig.migration.multifd.RecvChannel`) that validates every
-packet header before a single byte lands in guest RAM. SYNC packets meet the main stream's
-MULTIFD_FLUSH at a barrier, so a re-sent page never lands before an older copy (docs/wire.md,
-"Main stream").
+Connections are greeted by a :class:`~.accept.Gate` (one thread each, a deadline for the first
+bytes; strangers are logged and dropped). The main channel is read by a sans-IO
+:class:`~livemig.wire.stream.StreamReader`; each multifd channel has a receive thread
+(:class:`~livemig.migration.multifd.RecvChannel`) that validates every packet header before a single
+byte lands in guest RAM. SYNC packets meet the main stream's MULTIFD_FLUSH at a barrier, so a
+re-sent page never lands before an older copy (docs/wire.md, "Main stream").
 
-The guest is only resumed when every RAM block's digest matches the source's and its state blob
-loaded; otherwise the destination reports failed and the guest never runs.
+At the stream's EOF every RAM block's digest must match the source's and the state blob must load;
+then the destination answers Prepared (its digests) and waits for the source's Commit
+(:mod:`.protocol`). Only a Commit resumes the guest; a failure, a timeout, a lost link or an Abort
+before it discards the guest, which never runs.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+import xxhash
 
 from ..compress import Method, create_method
 from ..errors import IntegrityError, MigrationError, TransportError, WireError
@@ -29,14 +33,19 @@ from ..guest.base import RamBlock
 from ..params import MigrationParameters
 from ..ram.digest import ChunkDigest
 from ..transport.address import Address
-from ..transport.sockets import AddressListener, LineChannel, Listener, recv_exact_into
+from ..transport.sockets import AddressListener, Listener
 from ..units import format_size
-from ..wire import handshake, stream
-from ..wire.constants import MULTIFD_MAGIC, PAGE_SIZE, QEMU_VM_FILE_MAGIC
-from . import state
+from ..wire import stream
+from ..wire.constants import PAGE_SIZE
+from . import protocol, state
+from .accept import Gate
+from .handover import DestinationHandover, ReturnPath
 from .multifd import RecvChannel, RecvContext
 from .source import MACHINE_TYPE
-from .stats import ResourceMeter
+from .stats import ResourceMeter, host_memory_limit
+
+#: at most this many seconds for a connection's first bytes (less when the timeout is shorter)
+FIRST_BYTES = 5.0
 
 
 class Destination:
@@ -44,8 +53,10 @@ class Destination:
     :class:`~livemig.transport.sockets.SocketPairLink`) and receives one migration.
 
     ``guest`` may be created ahead (as QEMU's destination is, from its own command line; RAM then
-    prefaulted before the migration starts) or left None to create it from the source's config.
-    ``run()`` returns the result dict (``status`` completed/failed, timings, CPU, memory, workload).
+    prefaulted before the migration starts) or left None to create it from the source's config, if
+    it needs at most ``max_memory`` bytes (default :func:`~.stats.host_memory_limit`).
+    ``run()`` returns the result dict (``status`` completed/failed, ``resumed``, ``handover``,
+    ``guest``, timings, CPU, memory, workload).
     """
 
     def __init__(
@@ -59,6 +70,7 @@ class Destination:
         run_after: float = 0.0,
         dump_ram: str | None = None,
         full_verify: bool = False,
+        max_memory: int | None = None,
         log: Callable[[str], None] | None = None,
     ) -> None:
         params.check()
@@ -69,6 +81,7 @@ class Destination:
         self.run_after = run_after
         self.dump_ram = dump_ram
         self.full_verify = full_verify
+        self.max_memory = host_memory_limit() if max_memory is None else max_memory
         self.log = log or (lambda _m: None)
         self.page_size = PAGE_SIZE
         self.method: Method = create_method(params.multifd_compression, params.level(), self.page_size)
@@ -94,6 +107,10 @@ class Destination:
             sync=self.channel_sync,
             failed=self.fail,
         )
+        self.gate = Gate(self.listener, machine_type=MACHINE_TYPE, uuid=uuid, channels=params.multifd_channels,
+                         first_bytes=min(timeout, FIRST_BYTES), timeout=timeout, log=self.log,
+                         on_channel=self._add_channel)
+        self.handover = DestinationHandover(lambda: self.guest, self._resumed_stats, self.log)
         self.main: socket.socket | None = None
         self.meter = ResourceMeter()
         self._failure = state.FirstFailure()
@@ -102,6 +119,7 @@ class Destination:
         self._all_channels = threading.Event()
         self._done = threading.Event()
         self.last_progress = time.monotonic()
+        self._t_first = time.monotonic()
         self._stream_done = False
 
     # --- errors ----------------------------------------------------------------------------------
@@ -128,7 +146,7 @@ class Destination:
         """Fail the migration when no channel has moved for ``timeout`` seconds (a stalled peer)."""
         while not self._done.wait(0.25) and not self._stream_done:
             if self._failure.error is None and time.monotonic() - self.last_progress > self.timeout:
-                self.fail(TransportError(f"no data from the source for {self.timeout:.0f} s"), "destination")
+                self.fail(TransportError(f"no data from the source for {self.timeout:g} s"), "destination")
                 return
 
     def _touch(self) -> None:
@@ -147,101 +165,64 @@ class Destination:
 
     # --- run -------------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
+        """Receive one migration; the result says what the guest does (``resumed``, ``guest``)."""
         result: dict[str, Any] = {"status": "failed"}
-        acceptor = threading.Thread(target=self._accept_loop, name="accept", daemon=True)
-        acceptor.start()
+        self.gate.start()
         hasher = threading.Thread(target=self._hash_loop, name="digest", daemon=True)
-        rp: LineChannel | None = None
-        t_first = 0.0
         try:
             deadline = time.monotonic() + self.timeout * 4
-            while self.main is None:
+            while not self.gate.main_ready.wait(0.05):
                 self._check()
                 if time.monotonic() > deadline:
-                    raise TransportError(f"no main channel connected within {self.timeout * 4:.0f} s")
-                time.sleep(0.005)
+                    raise TransportError(f"no main channel connected within {self.timeout * 4:.0f} s"
+                                         + self._refused_note())
+            self.main, reader = self.gate.main, self.gate.main_reader
+            assert self.main is not None and reader is not None
             self.meter.start()
-            t_first = time.monotonic()
-            rp = LineChannel(self.main)
+            self._t_first = time.monotonic()
+            rp = self.handover.rp = ReturnPath(self.main, "to-destination", "source")
             self.last_progress = time.monotonic()
-            watchdog = threading.Thread(target=self._watchdog, name="watchdog", daemon=True)
-            watchdog.start()
-            self._receive_main(rp, hasher)
+            threading.Thread(target=self._watchdog, name="watchdog", daemon=True).start()
+            self._receive_main(reader, rp, hasher)
             self._stream_done = True
-            result = self._finish(rp, t_first)
+            self.handover.await_commit(self.timeout)
+            result = self._finish()
         except BaseException as exc:  # noqa: BLE001 - every failure ends in a result
             self.fail(exc, "destination")
-            err = str(self._failure.error)
-            result = {"status": "failed", "error-desc": err, "resumed": False}
-            if rp is not None:
-                try:
-                    rp.send({"status": "failed", "error": err})
-                except MigrationError:
-                    pass
+            err = self._failure.error or exc
+            self.handover.fail(err)
+            result = {"status": "failed", "error-desc": str(err)}
         finally:
             self._done.set()
             self._close()
+        result["resumed"] = self.handover.running
+        result["handover"] = self.handover.h.state
+        result["guest"] = self.handover.h.guest
         return result
 
-    def _accept_loop(self) -> None:
-        """Classify connections by their first 4 bytes (QEMU >= 8.0 rule): QEVM = main, multifd magic."""
-        while not self._done.is_set() and not self._all_channels.is_set():
-            try:
-                sock = self.listener.accept(0.1)
-            except TransportError:
-                return
-            if sock is None:
-                continue
-            try:
-                sock.settimeout(self.timeout)
-                head = b""
-                deadline = time.monotonic() + self.timeout
-                while len(head) < 4:
-                    head = sock.recv(4, socket.MSG_PEEK)  # peek: the owner of the channel reads it again
-                    if not head:
-                        break
-                    if len(head) < 4:
-                        if time.monotonic() > deadline:
-                            raise TransportError(f"connection sent {len(head)} bytes and no magic within "
-                                                 f"{self.timeout:.0f} s")
-                        time.sleep(0.001)
-                if not head:  # connected and closed without a byte (a probe): not a migration peer
-                    self.log("a connection closed before sending anything; still waiting")
-                    sock.close()
-                    continue
-                magic = int.from_bytes(head[:4], "big")
-                if magic == QEMU_VM_FILE_MAGIC:
-                    if self.main is not None:
-                        raise WireError("second main channel connection", hex(magic), "one main channel only")
-                    self.main = sock
-                elif magic == MULTIFD_MAGIC:
-                    self._add_channel(sock)
-                else:
-                    raise WireError("unknown channel magic", hex(magic),
-                                    f"{QEMU_VM_FILE_MAGIC:#x} (main) or {MULTIFD_MAGIC:#x} (multifd)")
-            except BaseException as exc:  # noqa: BLE001
-                sock.close()
-                self.fail(exc, "incoming connection")
-                return
+    def _refused_note(self) -> str:
+        return f" (last refused connection: {self.gate.last_refusal})" if self.gate.last_refusal else ""
 
-    def _add_channel(self, sock: socket.socket) -> None:
-        buf = memoryview(bytearray(handshake.INIT_SIZE))
-        recv_exact_into(sock, buf, "MultiFDInit_t")
-        init = handshake.decode_init(buf, expected_uuid=self.uuid, channels=self.params.multifd_channels)
-        if init.channel_id in self.channels:
-            raise WireError(f"multifd: received id '{init.channel_id}' already setup")
-        if not self._guest_ready.wait(timeout=self.timeout * 4):
-            raise TransportError("multifd channel connected but the guest was never set up")
-        self._check()
-        ch = RecvChannel(self._recv, init.channel_id, sock)
-        self.channels[init.channel_id] = ch
-        ch.start()
-        if len(self.channels) == self.params.multifd_channels:
-            self._all_channels.set()
+    def _add_channel(self, sock: socket.socket, cid: int) -> None:
+        """A greeted multifd channel: start receiving once the guest exists."""
+        try:
+            if not self._guest_ready.wait(timeout=self.timeout * 4):
+                raise TransportError("multifd channel connected but the guest was never set up")
+            self._check()
+            ch = RecvChannel(self._recv, cid, sock)
+            self.channels[cid] = ch
+            ch.start()
+            if len(self.channels) == self.params.multifd_channels:
+                self._all_channels.set()
+        except BaseException as exc:  # noqa: BLE001 - reported as the migration's failure
+            sock.close()
+            self.fail(exc, f"multifd channel {cid}")
 
-    def _receive_main(self, rp: LineChannel, hasher: threading.Thread) -> None:
+    def _receive_main(self, reader: stream.StreamReader, rp: ReturnPath, hasher: threading.Thread) -> None:
+        """Read the main stream after its CONFIGURATION (the gate read that far) up to EOF, then
+        verify RAM, load the state and answer Prepared. Progress counts whole records, not bytes:
+        a peer that dribbles a record in never resets the watchdog."""
         assert self.main is not None
-        reader = stream.StreamReader()
         buf = bytearray(1 << 16)
         view = memoryview(buf)
         state_blob: bytes | None = None
@@ -256,25 +237,22 @@ class Destination:
                 except TimeoutError as exc:
                     if self.alive():
                         continue  # a long pass: the channels are busy, the main stream waits for its flush
-                    raise TransportError(f"no progress on any channel for {self.timeout:.0f} s") from exc
+                    raise TransportError(f"no progress on any channel for {self.timeout:g} s") from exc
                 except OSError as exc:
                     raise TransportError(f"main channel failed: {exc}") from exc
                 if n == 0:
                     raise TransportError("main channel closed before the end of the migration stream")
                 reader.feed(view[:n])
-                self.last_progress = time.monotonic()
                 continue
-            if isinstance(ev, stream.Configuration):
-                if ev.machine_type != MACHINE_TYPE:
-                    raise WireError("Machine type received", ev.machine_type, MACHINE_TYPE)
-            elif isinstance(ev, stream.Blob):
+            self.last_progress = time.monotonic()
+            if isinstance(ev, stream.Blob):
                 if ev.idstr == "livemig/config":
                     self._configure(ev.data, rp)
                     hasher.start()
                 elif ev.idstr == "livemig/vcpu":
                     state_blob = bytes(ev.data)
                 elif ev.idstr == "livemig/digest":
-                    src_digests = json.loads(ev.data)["blocks"]
+                    src_digests = self._source_digests(ev.data)
                 else:
                     raise WireError("unknown livemig section", ev.idstr,
                                     "livemig/config, livemig/vcpu or livemig/digest")
@@ -305,25 +283,48 @@ class Destination:
                 break
         if not ram_seen or state_blob is None or src_digests is None:
             raise WireError("incomplete migration stream", "EOF", "RAM, livemig/vcpu and livemig/digest sections")
-        self._verify(src_digests)
+        if reader.buffered:
+            raise WireError("bytes after the main stream's EOF, before Prepared", reader.buffered, 0)
+        digests = self._verify(src_digests)
         assert self.guest is not None
         self.guest.load_state(state_blob)
+        if self.dump_ram:
+            self._dump(self.dump_ram)
+        self.handover.prepared(digests, xxhash.xxh3_128(state_blob).hexdigest())
+
+    @staticmethod
+    def _source_digests(data: bytes | memoryview) -> dict[str, str]:
+        try:
+            obj = json.loads(bytes(data))
+            algorithm, blocks = obj["algorithm"], obj["blocks"]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise WireError(f"livemig/digest section is malformed: {exc}") from exc
+        if algorithm != protocol.DIGEST_ALGORITHM or not isinstance(blocks, dict):
+            raise WireError("livemig/digest algorithm", algorithm, protocol.DIGEST_ALGORITHM)
+        return {str(k): str(v) for k, v in blocks.items()}
 
     def _wait_channels(self) -> None:
         deadline = time.monotonic() + self.timeout
         while not self._all_channels.wait(timeout=0.05):
             self._check()
             if time.monotonic() > deadline:
-                raise TransportError(
-                    f"only {len(self.channels)} of {self.params.multifd_channels} multifd channels connected"
-                )
+                raise TransportError(f"only {len(self.channels)} of {self.params.multifd_channels} multifd "
+                                     f"channels connected" + self._refused_note())
 
-    def _configure(self, data: bytes | memoryview, rp: LineChannel) -> None:
+    def _refuse(self, rp: ReturnPath, err: str) -> None:
+        rp.send(protocol.Refused(err))
+        raise MigrationError(err)
+
+    def _configure(self, data: bytes | memoryview, rp: ReturnPath) -> None:
         try:
             cfg = json.loads(bytes(data))
             gcfg = GuestConfig.from_json(json.dumps(cfg["guest"]))
+            theirs = [(str(n), int(size)) for n, size in cfg.get("blocks", [])]
         except (ValueError, KeyError, TypeError) as exc:
             raise WireError(f"livemig/config section is malformed: {exc}") from exc
+        if cfg.get("protocol") != protocol.VERSION:
+            self._refuse(rp, f"handover protocol version differs: source {cfg.get('protocol')!r}, destination "
+                             f"{protocol.VERSION}; run the same livemig version on both sides")
         mine = {
             "multifd-channels": self.params.multifd_channels,
             "multifd-compression": self.params.multifd_compression,
@@ -331,27 +332,27 @@ class Destination:
         }
         for key, value in mine.items():
             if cfg.get(key) != value:
-                err = f"{key} differs: source uses {cfg.get(key)!r}, destination {value!r}; set the same on both sides"
-                rp.send({"status": "error", "error": err})
-                raise MigrationError(err)
-        try:
-            if self.guest is None:
-                self.log(f"creating the {gcfg.kind} guest from the source's config ({gcfg.memory} bytes)")
+                self._refuse(rp, f"{key} differs: source uses {cfg.get(key)!r}, destination {value!r}; "
+                                 "set the same on both sides")
+        if self.guest is None:
+            need = max(gcfg.memory, sum(size for _, size in theirs))
+            if need > self.max_memory:
+                self._refuse(rp, f"the source's guest needs {format_size(need)} of RAM, more than this "
+                                 f"destination's --max-memory {format_size(self.max_memory)}")
+            self.log(f"creating the {gcfg.kind} guest from the source's config ({gcfg.memory} bytes)")
+            try:
                 self.guest = create_guest(gcfg, incoming=True)
-            else:
-                theirs = [tuple(b) for b in cfg.get("blocks", [])]
-                ours = [(b.name, b.size) for b in self.guest.blocks]
-                if theirs != ours or gcfg.kind != self.guest.config.kind:
-                    def show(blocks: list[Any]) -> str:
-                        return ", ".join(f"{name} {format_size(size)}" for name, size in blocks)
-                    raise MigrationError(
-                        f"guest differs: source has a {gcfg.kind} guest with RAM {show(theirs)}, "
-                        f"destination a {self.guest.config.kind} guest with RAM {show(ours)}"
-                    )
-                self.guest.config = gcfg
-        except MigrationError as exc:
-            rp.send({"status": "error", "error": str(exc)})
-            raise
+            except MigrationError as exc:
+                rp.send(protocol.Refused(str(exc)))
+                raise
+        else:
+            ours = [(b.name, b.size) for b in self.guest.blocks]
+            if theirs != ours or gcfg.kind != self.guest.config.kind:
+                def show(blocks: list[tuple[str, int]]) -> str:
+                    return ", ".join(f"{name} {format_size(size)}" for name, size in blocks)
+                self._refuse(rp, f"guest differs: source has a {gcfg.kind} guest with RAM {show(theirs)}, "
+                                 f"destination a {self.guest.config.kind} guest with RAM {show(ours)}")
+            self.guest.config = gcfg
         self.last_progress = time.monotonic()  # creating the guest may have taken a while
         for b in self.guest.blocks:
             self.blocks[b.name] = b
@@ -360,11 +361,13 @@ class Destination:
             self.digests[b.name] = ChunkDigest(self.views[b.name], self.page_size)
             self.digests[b.name].assume_zero()  # an incoming guest's RAM is zero (Guest contract)
         self._guest_ready.set()
-        rp.send({"status": "ready"})
+        rp.send(protocol.Ready())
 
-    def _verify(self, src: dict[str, str]) -> None:
+    def _verify(self, src: dict[str, str]) -> dict[str, str]:
+        """This side's digest of each RAM block, checked against the source's; IntegrityError if one differs."""
+        out: dict[str, str] = {}
         for name, d in self.digests.items():
-            mine = d.digest(self.full_verify)
+            out[name] = mine = d.digest(self.full_verify)
             if src.get(name) != mine:
                 raise IntegrityError(
                     f"RAM block '{name}' digest mismatch: source {src.get(name)}, destination {mine}; guest not started"
@@ -372,44 +375,45 @@ class Destination:
         extra = set(src) - set(self.digests)
         if extra:
             raise IntegrityError(f"source sent digests for unknown RAM blocks {sorted(extra)}")
+        return out
 
-    def _finish(self, rp: LineChannel, t_first: float) -> dict[str, Any]:
+    def _dump(self, directory: str) -> None:
         assert self.guest is not None
-        if self.dump_ram:
-            os.makedirs(self.dump_ram, exist_ok=True)
-            for b in self.guest.blocks:
-                with open(os.path.join(self.dump_ram, f"dst-{b.name}.bin"), "wb") as f:
-                    f.write(self.views[b.name])
-        progress0 = self.guest.progress()
-        self.guest.resume()
-        wall = time.monotonic() - t_first
-        result: dict[str, Any] = {
-            "status": "resumed",
-            "resumed": True,
-            "progress_at_resume": progress0,
+        os.makedirs(directory, exist_ok=True)
+        for b in self.guest.blocks:
+            with open(os.path.join(directory, f"dst-{b.name}.bin"), "wb") as f:
+                f.write(self.views[b.name])
+
+    def _resumed_stats(self) -> protocol.Stats:
+        """The Resumed message's counters, taken when the guest resumed."""
+        return {
+            "progress_at_resume": self.handover.progress_at_resume,
             "recv-cpu-percent": round(self.meter.cpu_percent(), 1),
             "recv-mem-bytes": self.meter.mem_bytes(),
-            "recv-wall-ms": round(wall * 1000),
+            "recv-wall-ms": round((time.monotonic() - self._t_first) * 1000),
             "recv-packets": sum(c.counters.packets for c in self.channels.values()),
             "recv-wire-bytes": sum(c.counters.wire_bytes for c in self.channels.values()),
             "recv-codec-cpu-s": round(sum(c.counters.codec_seconds for c in self.channels.values()), 3),
             "recv-hashed-bytes": sum(d.hashed * d.chunk_bytes for d in self.digests.values()),
         }
-        rp.send(result)
+
+    def _finish(self) -> dict[str, Any]:
+        """After the guest resumed: the result, and with ``run_after`` its report to the source."""
+        assert self.guest is not None and self.handover.rp is not None
+        result: dict[str, Any] = {"status": "completed", **self._resumed_stats()}
         if self.run_after:
             time.sleep(self.run_after)
-            report: dict[str, Any] = {"status": "report", "progress_after": self.guest.progress()}
+            report: protocol.Stats = {"progress_after": self.guest.progress()}
             try:
                 self.guest.check_workload()
                 report["workload_check"] = "ok"
             except MigrationError as exc:
                 report["workload_check"] = str(exc)
             try:
-                rp.send(report)
+                self.handover.rp.send(protocol.Report(report))
             except MigrationError:
                 pass
             result.update(report)
-        result["status"] = "completed"
         return result
 
     def _hash_loop(self) -> None:
@@ -418,9 +422,9 @@ class Destination:
             time.sleep(0.005 if did else 0.02)
 
     def _close(self) -> None:
+        self.gate.close()
         for ch in list(self.channels.values()):
             ch.join(timeout=2)
             ch.sock.close()
         if self.main is not None:
             self.main.close()
-        self.listener.close()

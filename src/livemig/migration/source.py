@@ -12,10 +12,15 @@ Linear code in :meth:`Source.run`, one thread per multifd channel, policy factor
             -- guest paused: final dirty sync --
             END ram: last pages; [SYNC all] MULTIFD_FLUSH, EOS
             FULL livemig/vcpu (guest state blob), FULL livemig/digest (RAM block digests), EOF
-    return: destination answers resumed/failed  -> downtime ends
+    return: Prepared (destination digests)   -> checked against ours
+    main:   Commit                            == the commit point
+    return: Resumed                           -> downtime ends
 
-Any failure or a cancel leaves the source guest running (resumed if it was paused) and the status
-failed/cancelled with the reason.
+The handover (:mod:`.protocol` for its rules, :mod:`.handover` for their driver) decides what the
+guest does on every failure: before the commit point a failure or a cancel resumes it (status
+failed/cancelled with the reason); after it the guest stays stopped (``postmigrate``), and when no
+Resumed came the outcome is ``unknown`` (status failed, ``stats.handover == "unknown"``) until the
+operator checks the destination. A cancel after the commit is answered too late.
 
 ``max-bandwidth`` caps every byte the source writes (main stream, handshakes, packets, SYNCs) until
 the guest is paused; during switchover the cap is lifted, as QEMU does.
@@ -32,19 +37,21 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+import xxhash
 
 from ..compress import Method, create_method
-from ..errors import Cancelled, MigrationError, TransportError
+from ..errors import Cancelled, MigrationError
 from ..guest import Guest
 from ..params import MigrationParameters
 from ..ram.digest import ChunkDigest
 from ..ram.pages import merge_pages
 from ..transport.address import Address
 from ..transport.ratelimit import RateLimiter
-from ..transport.sockets import AddressConnector, Connector, LineChannel, send_buffers
+from ..transport.sockets import AddressConnector, Connector, send_buffers
 from ..wire import packet, stream
-from . import state
+from . import protocol, state
 from .convergence import Convergence
+from .handover import PeerFailed, ReturnPath, SourceHandover
 from .multifd import SendChannels, SendContext
 from .stats import MigrationStats, ResourceMeter
 
@@ -92,9 +99,12 @@ class Source:
         dump_ram: str | None = None,
         wait_report: float = 0.0,
         on_progress: Callable[[MigrationStats], None] | None = None,
+        log: Callable[[str], None] | None = None,
     ) -> None:
         params.check()
         self.guest = guest
+        self.log = log or (lambda _m: None)
+        self.handover = SourceHandover(guest, self._note)
         self.connector: Connector = AddressConnector(address) if isinstance(address, Address) else address
         self.params = params
         self.uuid = uuid
@@ -142,18 +152,21 @@ class Source:
             timeout,
         )
         self.main: socket.socket | None = None
-        self.rp: LineChannel | None = None
+        self.rp: ReturnPath | None = None
         self.meter = ResourceMeter()
         self._failure = state.FirstFailure()
         self._done = threading.Event()
-        self._paused_by_us = False
         self._running_bytes = True
         #: pages found dirty by the last sync before switchover, still to be sent
         self._pending: dict[str, np.ndarray] = {}
 
     # --- public ----------------------------------------------------------------------------------
     def cancel(self) -> None:
-        """Ask the migration to stop; the guest keeps (or resumes) running."""
+        """Ask the migration to stop. Before the commit point the guest keeps (or resumes) running;
+        after it the cancel is answered :data:`.protocol.TOO_LATE` (logged, in ``stats.notes``)
+        and changes nothing: the guest stays stopped."""
+        if not self.handover.cancel():
+            return
         self._cancel.set()
         self._stop.set()
         if self.status.try_step(state.CANCELLING):
@@ -189,8 +202,9 @@ class Source:
     # --- phases ----------------------------------------------------------------------------------
     def _setup(self) -> None:
         self.main = self.connector.connect(self.timeout)
-        self.rp = LineChannel(self.main)
+        self.rp = self.handover.rp = ReturnPath(self.main, "to-source", "destination")
         config = {
+            "protocol": protocol.VERSION,
             "guest": json.loads(self.guest.config.to_json()),
             "page-size": self.page_size,
             "multifd-channels": self.params.multifd_channels,
@@ -207,8 +221,10 @@ class Source:
             ram=False,
         )
         answer = self.rp.recv(self.timeout)
-        if answer.get("status") != "ready":
-            raise MigrationError(f"destination refused the migration: {answer.get('error', answer)}")
+        if isinstance(answer, protocol.Refused):
+            raise PeerFailed(f"destination refused the migration: {answer.error}")
+        if not isinstance(answer, protocol.Ready):
+            raise MigrationError(f"destination answered '{answer.TYPE}' to the configuration, expected 'ready'")
         for _ in range(self.params.multifd_channels):
             self._check()
             self.channels.add(self.connector.connect(self.timeout))
@@ -249,8 +265,7 @@ class Source:
         self.status.step(state.DEVICE)
         marks: list[tuple[str, float]] = []
         t_pause = time.monotonic()
-        self.guest.pause()
-        self._paused_by_us = True
+        self.handover.switchover()
         self._running_bytes = False
         self.limiter.set_rate(0)  # as QEMU: no bandwidth cap while the guest is stopped
         marks.append(("pause", time.monotonic()))
@@ -272,16 +287,14 @@ class Source:
             + stream.blob(blob)
             + stream.section_footer(SECTION_VCPU)
             + stream.section_full(SECTION_DIGEST, "livemig/digest", 0, 1)
-            + stream.blob(json.dumps({"algorithm": "xxh3-128-chunked", "blocks": digests}).encode())
+            + stream.blob(json.dumps({"algorithm": protocol.DIGEST_ALGORITHM, "blocks": digests}).encode())
             + stream.section_footer(SECTION_DIGEST)
             + stream.eof(),
             ram=False,
         )
-        assert self.rp is not None
-        answer = self.rp.recv(self.timeout)
-        if answer.get("status") != "resumed":
-            theirs = str(answer.get("error", answer)).removeprefix("destination: ")
-            raise MigrationError(f"destination failed: {theirs}")
+        self.handover.commit(digests, xxhash.xxh3_128(blob).hexdigest(), self.timeout)
+        marks.append(("destination prepared, commit", time.monotonic()))
+        answer = self.handover.resumed(self.timeout).stats
         now = time.monotonic()
         marks.append(("destination resumed", now))
         self.stats.downtime_ms = (now - t_pause) * 1000
@@ -290,17 +303,20 @@ class Source:
         self.stats.remaining = 0
         self.stats.send_cpu_percent = self.meter.cpu_percent()
         self.stats.send_mem_bytes = self.meter.mem_bytes()
-        self.stats.recv_cpu_percent = float(answer.get("recv-cpu-percent", 0.0))
-        self.stats.recv_mem_bytes = int(answer.get("recv-mem-bytes", 0))
-        self.stats.destination = {k: v for k, v in answer.items() if k not in ("recv-cpu-percent", "recv-mem-bytes")}
+        self.stats.recv_cpu_percent = float(answer.pop("recv-cpu-percent", None) or 0.0)
+        self.stats.recv_mem_bytes = int(answer.pop("recv-mem-bytes", None) or 0)
+        self.stats.destination = dict(answer)
         self.status.step(state.COMPLETED)
         if self.dump_ram:
             self._dump(self.dump_ram)
         if self.wait_report:
+            assert self.rp is not None
             try:
                 report = self.rp.recv(self.wait_report + self.timeout)
-                self.stats.destination.update({k: v for k, v in report.items() if k != "status"})
-            except TransportError as exc:
+                if not isinstance(report, protocol.Report):
+                    raise MigrationError(f"destination sent '{report.TYPE}' instead of its report")
+                self.stats.destination.update(report.stats)
+            except MigrationError as exc:
                 self.stats.destination["report-error"] = str(exc)
 
     # --- pieces ----------------------------------------------------------------------------------
@@ -361,23 +377,24 @@ class Source:
             self.on_progress(self.stats)
 
     def _fail(self, exc: BaseException) -> None:
-        """End in cancelled (a cancel was asked) or failed, guest running again first."""
+        """End in cancelled (a cancel before the commit point) or failed; the handover's table says
+        what the guest does (running again before the commit point, stopped after it)."""
         self._stop.set()  # channel threads still waiting in the limiter give up
-        if self._paused_by_us:  # failure during switchover: the guest runs on here, at once
-            self._paused_by_us = False
-            try:
-                self.guest.resume()
-            except MigrationError as resume_exc:
-                self.stats.guest["resume-error"] = str(resume_exc)
         err = self._failure.error or exc
-        cancelled = self._cancel.is_set() or isinstance(err, Cancelled | KeyboardInterrupt)
+        try:
+            self.handover.fail(err)
+        except MigrationError as resume_exc:
+            self.stats.guest["resume-error"] = str(resume_exc)
+        cancelled = self.handover.state == protocol.S_CANCELLED
         if cancelled:
             self.stats.error = "migration cancelled"
         else:
             self.stats.error = str(err) or type(err).__name__
-            peer = self._peer_error().removeprefix("destination: ")
+            peer = self._peer_error(err).removeprefix("destination: ")
             if peer and peer not in self.stats.error:
                 self.stats.error = f"{self.stats.error} (destination: {peer})"
+            if self.handover.state == protocol.S_UNKNOWN:
+                self.stats.error = f"{protocol.UNKNOWN_ADVICE} ({self.stats.error})"
         self.stats.total_time_ms = (time.monotonic() - self.stats.start) * 1000
         self.stats.send_cpu_percent = self.meter.cpu_percent()
         self.stats.send_mem_bytes = self.meter.mem_bytes()
@@ -388,15 +405,20 @@ class Source:
             self.status.try_step(state.FAILED)
         self._shutdown_sockets()
 
-    def _peer_error(self) -> str:
+    def _peer_error(self, err: BaseException) -> str:
         """The destination's own account of a failure, if it sent one on the return path."""
-        if self.rp is None or self._cancel.is_set():
+        if self.rp is None or self._cancel.is_set() or isinstance(err, PeerFailed):
             return ""
         try:
             msg = self.rp.recv(1.0)
         except MigrationError:
             return ""
-        return str(msg.get("error", "")) if msg.get("status") in ("failed", "error") else ""
+        return msg.error if isinstance(msg, protocol.Failed | protocol.Refused) else ""
+
+    def _note(self, text: str) -> None:
+        """What the operator must know about the handover (a cancel too late, an unknown outcome)."""
+        self.stats.notes.append(text)
+        self.log(text)
 
     def _shutdown_sockets(self, main: bool = True) -> None:
         self.channels.shutdown()
@@ -418,6 +440,8 @@ class Source:
         except MigrationError:
             pass
         self.stats.status = self.status.state
+        self.stats.handover = self.handover.state
+        self.stats.source_guest = self.handover.guest_state
 
     def _dump(self, directory: str) -> None:
         os.makedirs(directory, exist_ok=True)

@@ -46,6 +46,30 @@ def anon_bytes() -> int:
     return 0
 
 
+#: guest RAM a destination leaves to the host: this much at least ...
+HOST_MARGIN_MIN = 256 << 20
+#: ... or this fraction of what is available, whichever is more
+HOST_MARGIN_FRACTION = 0.1
+
+
+def host_memory_limit() -> int:
+    """Bytes of guest RAM this host can give a guest now: ``MemAvailable`` (``/proc/meminfo``, kB)
+    minus a margin (:data:`HOST_MARGIN_MIN` or :data:`HOST_MARGIN_FRACTION` of it, the larger;
+    0 if less is available). Without ``/proc/meminfo``: physical RAM (``sysconf``) minus the margin."""
+    avail = 0
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    avail = int(line.split()[1]) * 1024
+                    break
+    except OSError:
+        pass
+    if not avail:
+        avail = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return max(0, avail - max(HOST_MARGIN_MIN, int(avail * HOST_MARGIN_FRACTION)))
+
+
 class ResourceMeter:
     """CPU time and peak anonymous memory of this process between start() and now."""
 
@@ -118,6 +142,12 @@ class MigrationStats:
     recv_mem_bytes: int = 0
     guest: dict[str, Any] = field(default_factory=dict)
     destination: dict[str, Any] = field(default_factory=dict)
+    #: the handover's state at the end (livemig.migration.protocol: completed, unknown, failed, ...)
+    handover: str = "running"
+    #: what the source guest does: running, paused or postmigrate (QEMU's run states)
+    source_guest: str = "running"
+    #: what the operator must know (a cancel answered too late, an unknown outcome)
+    notes: list[str] = field(default_factory=list)
 
     # --- sums over channels ----------------------------------------------------------------------
     @property
@@ -213,7 +243,11 @@ class MigrationStats:
             "passes": self.passes,
             "downtime-phases": self.downtime_phases,
             "guest": self.guest,
+            "handover": self.handover,
+            "source-guest": self.source_guest,
         }
+        if self.notes:
+            out["livemig"]["notes"] = list(self.notes)
         if self.destination:
             out["destination"] = self.destination
         return out
@@ -235,7 +269,7 @@ class MigrationStats:
         if self.status in ("failed", "cancelled"):
             return "\n".join(lines + [
                 f"after: {q.get('total-time', 0)} ms, {ram.get('transferred', 0) // 1024} kbytes transferred",
-                "the source guest was left running (resumed if it had been paused)",
+                f"source guest: {self.source_guest} (handover {self.handover})",
             ])
         if ram:
             lines += [

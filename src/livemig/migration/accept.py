@@ -1,0 +1,183 @@
+"""The destination's door: which connections become the migration's channels, and which are dropped.
+
+A waiting destination must not be stopped or stalled by a stranger. :class:`Gate` takes every
+connection its :class:`~livemig.transport.sockets.Listener` hands out and greets each on its own
+thread, with an absolute deadline for its first bytes (however slowly they dribble in):
+
+* ``QEVM``, the file version and a CONFIGURATION record with livemig's machine type make it *the*
+  main channel (docs/wire.md, "Main stream"); once one did, any other main channel is refused;
+* the multifd magic and a valid MultiFDInit_t (version, the destination's uuid, an id below the
+  channel count and not taken yet) make it multifd channel *id* (docs/wire.md, "Multifd handshake");
+* anything else (nothing within the deadline, a probe that closes, ``GET / HTTP/1.0``, a wrong uuid,
+  a second main channel) is logged with the peer's address and the reason, and closed; the
+  destination keeps waiting. No reason quotes the destination's uuid.
+
+Connections are classified by their first four bytes, QEMU's rule since 8.0.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Callable
+
+from ..errors import TransportError, WireError
+from ..transport.sockets import Listener
+from ..wire import handshake, stream
+from ..wire.constants import MULTIFD_MAGIC, QEMU_VM_FILE_MAGIC
+
+#: greeter threads at once; a connection beyond them is closed at once (and logged)
+MAX_GREETERS = 32
+
+
+class _Refusal(Exception):
+    """Why a connection is not a channel of this migration (logged, never raised to the caller)."""
+
+
+def _peer(sock: socket.socket) -> str:
+    try:
+        name = sock.getpeername()
+    except OSError:
+        return "an unknown peer"
+    if isinstance(name, tuple):
+        return f"{name[0]}:{name[1]}"
+    return str(name) or "a local peer"
+
+
+class Gate:
+    """Accepts and classifies connections until :meth:`close` (see the module doc).
+
+    ``machine_type``: the CONFIGURATION machine type of a main channel; ``first_bytes``: seconds a
+    connection has for its greeting; ``timeout``: the read timeout set on an admitted socket.
+    ``on_channel(sock, id)`` runs on the greeter thread for each admitted multifd channel (it may
+    block a while, e.g. until the guest exists); an exception from it is the caller's to report.
+    The main channel is :attr:`main` (with :attr:`main_reader`, which holds the bytes read past
+    the CONFIGURATION) once :attr:`main_ready` is set. ``log(text)`` hears every refusal.
+    """
+
+    def __init__(self, listener: Listener, *, machine_type: str, uuid: bytes, channels: int,
+                 first_bytes: float, timeout: float, log: Callable[[str], None],
+                 on_channel: Callable[[socket.socket, int], None]) -> None:
+        self.listener = listener
+        self.machine_type = machine_type
+        self.uuid = uuid
+        self.channels = channels
+        self.first_bytes = first_bytes
+        self.timeout = timeout
+        self.log = log
+        self.on_channel = on_channel
+        self.main: socket.socket | None = None
+        self.main_reader: stream.StreamReader | None = None
+        self.main_ready = threading.Event()
+        #: the last refusal's text ("" if none), for an error that would otherwise not say why
+        self.last_refusal = ""
+        self._ids: set[int] = set()
+        self._lock = threading.Lock()
+        self._slots = threading.BoundedSemaphore(MAX_GREETERS)
+        self._closed = threading.Event()
+        self._thread = threading.Thread(target=self._accept_loop, name="accept", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def close(self) -> None:
+        """Stop accepting (the listener is closed); admitted sockets stay open."""
+        self._closed.set()
+        self.listener.close()
+        self._thread.join(timeout=2)
+
+    def _accept_loop(self) -> None:
+        while not self._closed.is_set():
+            try:
+                sock = self.listener.accept(0.1)
+            except TransportError:
+                return
+            if sock is None:
+                continue
+            if not self._slots.acquire(blocking=False):
+                self._refuse(sock, _peer(sock), f"more than {MAX_GREETERS} connections greeting at once")
+                continue
+            threading.Thread(target=self._greet, args=(sock,), name="greet", daemon=True).start()
+
+    def _refuse(self, sock: socket.socket, peer: str, reason: str) -> None:
+        self.last_refusal = f"{peer}: {reason}"
+        self.log(f"refused a connection from {peer}: {reason}; still waiting for the source")
+        sock.close()
+
+    def _greet(self, sock: socket.socket) -> None:
+        peer = _peer(sock)
+        try:
+            deadline = time.monotonic() + self.first_bytes
+            head = self._read(sock, 4, deadline, "its first 4 bytes")
+            magic = int.from_bytes(head, "big")
+            if magic == QEMU_VM_FILE_MAGIC:
+                self._main(sock, head, deadline)
+            elif magic == MULTIFD_MAGIC:
+                cid = self._multifd(sock, head, deadline)
+                sock.settimeout(self.timeout)
+                self.on_channel(sock, cid)
+            else:
+                raise _Refusal(f"not a migration channel (first bytes {head!r}, expected {QEMU_VM_FILE_MAGIC:#x} "
+                               f"'QEVM' or the multifd magic {MULTIFD_MAGIC:#x})")
+        except _Refusal as why:
+            self._refuse(sock, peer, str(why))
+        except WireError as exc:
+            self._refuse(sock, peer, str(exc))
+        finally:
+            self._slots.release()
+
+    def _read(self, sock: socket.socket, n: int, deadline: float, what: str) -> bytes:
+        """Exactly ``n`` bytes before ``deadline``; _Refusal naming what did not come."""
+        out = bytearray()
+        while len(out) < n:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                sent = f"only {len(out)} bytes of {what}" if out else "nothing"
+                raise _Refusal(f"sent {sent} within {self.first_bytes:g} s")
+            try:
+                sock.settimeout(left)
+                chunk = sock.recv(n - len(out))
+            except TimeoutError:
+                continue
+            except OSError as exc:
+                raise _Refusal(f"connection failed: {exc}") from None
+            if not chunk:
+                raise _Refusal("closed before sending anything" if not out else f"closed after {len(out)} bytes")
+            out += chunk
+        return bytes(out)
+
+    def _main(self, sock: socket.socket, head: bytes, deadline: float) -> None:
+        reader = stream.StreamReader()
+        reader.feed(head)
+        while True:
+            ev = reader.next_event()
+            if ev is stream.NEED_DATA:
+                reader.feed(self._read(sock, 1, deadline, "a main-stream header and CONFIGURATION"))
+                continue
+            if isinstance(ev, stream.Configuration):
+                if ev.machine_type != self.machine_type:
+                    raise WireError("Machine type received", ev.machine_type, self.machine_type)
+                break
+            if not isinstance(ev, stream.Header):
+                raise _Refusal(f"main stream began with {type(ev).__name__}, not a CONFIGURATION")
+        with self._lock:
+            if self.main is not None:
+                raise _Refusal("a second main channel (this migration has one already)")
+            sock.settimeout(self.timeout)
+            self.main, self.main_reader = sock, reader
+        self.main_ready.set()
+
+    def _multifd(self, sock: socket.socket, head: bytes, deadline: float) -> int:
+        buf = head + self._read(sock, handshake.INIT_SIZE - 4, deadline, "a MultiFDInit_t")
+        try:
+            init = handshake.decode_init(buf, expected_uuid=self.uuid, channels=self.channels)
+        except WireError as exc:
+            if "uuid" in exc.what:  # its text quotes the expected uuid: a secret, not to be echoed
+                raise _Refusal(f"multifd channel {buf[24]}: the uuid differs from this destination's") from None
+            raise
+        with self._lock:
+            if init.channel_id in self._ids:
+                raise _Refusal(f"multifd channel {init.channel_id} is already connected")
+            self._ids.add(init.channel_id)
+        return init.channel_id
