@@ -173,7 +173,7 @@ class Gate:
         try:
             init = handshake.decode_init(buf, expected_uuid=self.uuid, channels=self.channels)
         except WireError as exc:
-            if "uuid" in exc.what:  # its text quotes the expected uuid: a secret, not to be echoed
+            if "uuid" in exc.what:
                 raise _Refusal(f"multifd channel {buf[24]}: the uuid differs from this destination's") from None
             raise
         with self._lock:

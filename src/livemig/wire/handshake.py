@@ -81,7 +81,8 @@ def decode_init(buf: Buffer, *, expected_uuid: bytes, channels: int) -> MultiFDI
     magic, version, uuid, channel_id = _INIT.unpack(view)
     check_magic_version(magic, version)
     if uuid != bytes(expected_uuid):
-        raise WireError(f"multifd: uuid on channel {channel_id}", _uuid_text(uuid), _uuid_text(expected_uuid))
+        # the expected uuid is the destination's secret: never quoted back to whoever connected
+        raise WireError(f"multifd: uuid on channel {channel_id}", _uuid_text(uuid), "this destination's uuid")
     if channel_id >= channels:
         raise WireError("multifd: channel id", channel_id, f"< {channels}", note="the number of channels")
     return MultiFDInit(uuid=uuid, channel_id=channel_id)
