@@ -20,10 +20,18 @@ from livemig.params import MigrationParameters
 from livemig.transport.address import parse_address
 
 
-def cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    """``livemig ARGS`` in a child process."""
-    return subprocess.run([sys.executable, "-m", "livemig.cli", *args], capture_output=True, text=True,
-                          timeout=timeout)
+def cli(*args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
+    """``livemig ARGS`` in a child process of its own session. On timeout the whole session is killed
+    (a ``--local`` destination grandchild included, which would otherwise hold the output pipes open)."""
+    proc = subprocess.Popen([sys.executable, "-m", "livemig.cli", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        raise AssertionError(f"livemig {' '.join(args)} ran past {timeout} s\n{out}{err}") from None
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
 def migrate_local(tmp_path: Path, memory: int, *args: str) -> tuple[dict[str, Any], np.ndarray]:
@@ -32,7 +40,7 @@ def migrate_local(tmp_path: Path, memory: int, *args: str) -> tuple[dict[str, An
     Returns the result JSON and the source RAM at switchover."""
     out, dump = tmp_path / "r.json", tmp_path / "ram"
     r = cli("migrate", "--local", "--memory", str(memory), "--workload", "counter", "--fill", "corpus",
-            "--max-bandwidth", "0", "--run-after", "0.3", "--dump-ram", str(dump), "--json", str(out),
+            "--max-bandwidth", "0", "--max-passes", "8", "--run-after", "0.3", "--dump-ram", str(dump), "--json", str(out),
             "--quiet", *args)
     assert r.returncode == 0, r.stdout + r.stderr
     res: dict[str, Any] = json.loads(out.read_text())
