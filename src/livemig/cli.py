@@ -17,6 +17,7 @@ _COMMAND_MODULES = [
     "livemig.migration.cli",
     "livemig.accel.cli",
     "livemig.bench.cli",
+    "livemig.vm.cli",
 ]
 
 
