@@ -252,3 +252,14 @@ def test_hmp_migrate_waits_unless_detached(pair: tuple[Monitor, Monitor]) -> Non
     assert result.output == "" and result.wait
     wait_for(lambda: src.hmp.migration_status()[0] == "completed", "completed")
     assert src.hmp.migration_status() == ("completed", "")
+
+
+def test_stopped_destination_stays_paused_after_migration(pair: tuple[Monitor, Monitor]) -> None:
+    src, dst = pair
+    dst("stop")  # as QEMU's -S destination: no autostart
+    _start(src, dst, **{"max-bandwidth": 0})
+    wait_for(lambda: dst("query-migrate")["status"] == "completed", "completed")
+    wait_for(lambda: dst("query-status")["status"] == "paused", "paused")
+    assert not dst.vm.guest.running and "RESUME" not in dst.names()
+    dst("cont")
+    assert dst("query-status")["status"] == "running" and dst.vm.guest.running

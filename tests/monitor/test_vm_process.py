@@ -183,6 +183,32 @@ def test_hmp_on_stdio_pty(procs: list[subprocess.Popen[bytes]]) -> None:
         os.close(master)
 
 
+def test_hmp_on_a_unix_socket(tmp_path: Path, procs: list[subprocess.Popen[bytes]]) -> None:
+    path = tmp_path / "hmp.sock"
+    procs.append(_vm(*GUEST, "-S", "--monitor", f"unix:{path},server=on,wait=off"))
+
+    async def main() -> None:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                reader, writer = await asyncio.open_unix_connection(str(path))
+                break
+            except (FileNotFoundError, ConnectionRefusedError):
+                assert time.monotonic() < deadline and procs[0].poll() is None
+                await asyncio.sleep(0.05)
+        assert (await reader.readuntil(b"(qemu) ")).endswith(b"information\r\n(qemu) ")
+        writer.write(b"info status\n")
+        assert await reader.readuntil(b"(qemu) ") == b"VM status: paused (prelaunch)\r\n(qemu) "
+        writer.write(b"cont\ninfo status\n")
+        await reader.readuntil(b"(qemu) ")
+        assert await reader.readuntil(b"(qemu) ") == b"VM status: running\r\n(qemu) "
+        writer.write(b"quit\n")
+        await reader.read()
+        writer.close()
+        assert await asyncio.to_thread(procs[0].wait, 30) == 0
+    _run(main)
+
+
 @pytest.mark.parametrize("args, message", [
     (["--qmp", "foo"], "--qmp foo: expected unix:PATH or tcp:HOST:PORT"),
     (["--qmp", "unix:/tmp/x.sock,server=off"], "only server=on is supported"),
