@@ -218,7 +218,8 @@ def test_hmp_on_a_unix_socket(tmp_path: Path, procs: list[subprocess.Popen[bytes
     (["--qmp", "foo"], "--qmp foo: expected unix:PATH or tcp:HOST:PORT"),
     (["--qmp", "unix:/tmp/x.sock,server=off"], "only server=on is supported"),
     (["--qmp", "tcp:127.0.0.1:4444,bogus=1"], "unknown option 'bogus=1'"),
-    (["--monitor", "vc"], "--monitor vc: expected stdio, unix:PATH or tcp:HOST:PORT"),
+    (["--monitor", "vc"], "--monitor vc: expected stdio or unix:PATH"),
+    (["--monitor", "tcp:127.0.0.1:4444"], "--monitor tcp:127.0.0.1:4444: expected stdio or unix:PATH"),
     (["--incoming", "rdma:1.2.3.4:5"], "invalid migration address 'rdma:1.2.3.4:5'"),
 ])
 def test_bad_options_one_clear_line(args: list[str], message: str) -> None:

@@ -43,7 +43,9 @@ class MonitorSpec:
 
 
 def parse_monitor(option: str, text: str, stdio_ok: bool) -> MonitorSpec:
-    """Parse QEMU's chardev shorthand; ParameterError naming the option and what was wrong."""
+    """Parse QEMU's chardev shorthand: stdio or unix for HMP (``stdio_ok``), unix or tcp for QMP.
+
+    Raises ParameterError naming the option and what was wrong."""
     where, *opts = text.split(",")
     for opt in opts:
         key, _, value = opt.partition("=")
@@ -56,10 +58,10 @@ def parse_monitor(option: str, text: str, stdio_ok: bool) -> MonitorSpec:
         return MonitorSpec("stdio")
     if where.startswith("unix:") and len(where) > 5:
         return MonitorSpec("unix", path=where[5:])
-    if where.startswith("tcp:"):
+    if where.startswith("tcp:") and not stdio_ok:
         address = parse_address(where)
         return MonitorSpec("tcp", host=address.host, port=address.port)
-    expected = "stdio, unix:PATH or tcp:HOST:PORT" if stdio_ok else "unix:PATH or tcp:HOST:PORT"
+    expected = "stdio or unix:PATH" if stdio_ok else "unix:PATH or tcp:HOST:PORT"
     raise ParameterError(f"{option} {text}: expected {expected}")
 
 
