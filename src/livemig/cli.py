@@ -18,6 +18,7 @@ _COMMAND_MODULES = [
     "livemig.migration.cli",
     "livemig.accel.cli",
     "livemig.bench.cli",
+    "livemig.vm.cli",
 ]
 
 

@@ -1,0 +1,68 @@
+"""The VM's QMP commands: names, argument types (QEMU's QAPI schema, as far as livemig goes) and
+the :class:`~livemig.vm.machine.VM` method each one calls.
+
+Supported: qmp_capabilities, query-version, query-commands, query-status, query-name, stop, cont,
+quit, migrate (uri; detach accepted, resume refused), migrate-incoming (uri, exit-on-error),
+migrate_cancel, migrate-continue, migrate-set-capabilities, query-migrate-capabilities,
+migrate-set-parameters, query-migrate-parameters, query-migrate, human-monitor-command.
+Not supported (no livemig counterpart yet): the ``channels`` argument of migrate and
+migrate-incoming, object-add/object-del (TLS credentials), postcopy and the other capabilities.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from ..monitor import CommandTable, version_info
+from ..monitor.schema import BOOL, INT, STR, UINT8, UINT64, Enum, ListOf, Member, Struct, Type, struct
+from .machine import CAPABILITIES, VM, parameter_fields
+
+MIGRATION_STATUSES = ("none", "setup", "cancelling", "cancelled", "active", "pre-switchover", "device",
+                      "completed", "failed")
+
+#: QEMU's QAPI types of the parameters livemig has (others: by their Python type)
+_PARAM_TYPES: dict[str, Type] = {
+    "multifd-channels": UINT8, "multifd-zlib-level": UINT8, "multifd-zstd-level": UINT8,
+    "multifd-qatzip-level": UINT8, "max-bandwidth": UINT64, "downtime-limit": UINT64,
+}
+
+
+def parameters_schema() -> Struct:
+    """migrate-set-parameters' arguments: every MigrationParameters field, optional, QEMU-named."""
+    members = []
+    for name, pytype in parameter_fields():
+        t = _PARAM_TYPES.get(name) or {int: INT, bool: BOOL}.get(pytype, STR)
+        members.append(Member(name, t, optional=True))
+    return struct(*members)
+
+
+def register(table: CommandTable, vm: VM, hmp: Callable[[str], str] | None = None) -> None:
+    """Add the VM's commands to ``table``; ``hmp`` runs one HMP command line for human-monitor-command."""
+    caps = ListOf(struct(Member("capability", Enum(tuple(CAPABILITIES))), Member("state", BOOL)))
+    add = table.add
+    add("query-version", lambda a: version_info(), help="livemig's version, in QEMU's VersionInfo shape")
+    add("query-commands", lambda a: [{"name": n} for n in table.names()], help="the commands above")
+    add("query-status", lambda a: vm.query_status(), help="run state: running, paused, inmigrate, ...")
+    add("query-name", lambda a: {"name": vm.name} if vm.name else {}, help="the --name given")
+    add("stop", lambda a: vm.stop(), help="pause the guest")
+    add("cont", lambda a: vm.cont(), help="resume the guest")
+    add("quit", lambda a: vm.quit(), help="end the VM process")
+    add("migrate", lambda a: vm.migrate(a["uri"], a.get("resume", False)),
+        struct(Member("uri", STR), Member("detach", BOOL, optional=True), Member("resume", BOOL, optional=True)),
+        help="migrate to tcp:HOST:PORT or unix:PATH")
+    add("migrate-incoming", lambda a: vm.migrate_incoming(a["uri"], a.get("exit-on-error", True)),
+        struct(Member("uri", STR), Member("exit-on-error", BOOL, optional=True)),
+        help="listen for the incoming migration (after --incoming defer)")
+    add("migrate_cancel", lambda a: vm.migrate_cancel(), help="cancel the outgoing migration")
+    add("migrate-continue", lambda a: vm.migrate_continue(a["state"]),
+        struct(Member("state", Enum(MIGRATION_STATUSES))), help="go on from pre-switchover")
+    add("migrate-set-capabilities", lambda a: vm.set_capabilities(a["capabilities"]),
+        struct(Member("capabilities", caps)), help="set migration capabilities")
+    add("query-migrate-capabilities", lambda a: vm.query_capabilities(), help="migration capabilities")
+    add("migrate-set-parameters", vm.set_parameters, parameters_schema(), help="set migration parameters")
+    add("query-migrate-parameters", lambda a: vm.query_parameters(), help="migration parameters")
+    add("query-migrate", lambda a: vm.query_migrate(), help="migration status and statistics")
+    if hmp is not None:
+        add("human-monitor-command", lambda a: hmp(a["command-line"]),
+            struct(Member("command-line", STR), Member("cpu-index", INT, optional=True)),
+            help="run an HMP command, return its output")

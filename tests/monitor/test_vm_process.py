@@ -1,0 +1,231 @@
+"""``livemig vm`` processes driven as QEMU is: qemu.qmp's QMPClient over QMP sockets, HMP on a pty."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import pty
+import select
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from qemu.qmp import ConnectError, QMPClient
+
+pytestmark = pytest.mark.slow
+logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)  # connect retries while the VM starts
+
+GUEST = ["--guest", "portable", "--memory", "32M", "--fill", "random"]
+
+
+def _vm(*args: str, **kw: Any) -> subprocess.Popen[bytes]:
+    kw.setdefault("stdin", subprocess.DEVNULL)
+    kw.setdefault("stdout", subprocess.PIPE)
+    kw.setdefault("stderr", subprocess.PIPE)
+    return subprocess.Popen([sys.executable, "-m", "livemig.cli", "vm", *args], **kw)
+
+
+@pytest.fixture
+def procs() -> Iterator[list[subprocess.Popen[bytes]]]:
+    started: list[subprocess.Popen[bytes]] = []
+    yield started
+    for p in started:
+        if p.poll() is None:
+            p.kill()
+        p.wait()
+
+
+async def _connect(path: Path, proc: subprocess.Popen[bytes]) -> QMPClient:
+    client = QMPClient(path.name)
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            await client.connect(str(path))
+            return client
+        except ConnectError:
+            assert proc.poll() is None, proc.communicate()[1].decode()
+            assert time.monotonic() < deadline, "the VM's QMP socket never answered"
+            await asyncio.sleep(0.05)
+
+
+async def _until(client: QMPClient, name: str, status: str | None = None) -> list[dict[str, Any]]:
+    """Events up to and including ``name`` (with data.status == status); all of them returned."""
+    seen = []
+    while True:
+        ev = await asyncio.wait_for(client.events.get(), 60)
+        seen.append(dict(ev))
+        if ev["event"] == name and (status is None or ev["data"]["status"] in (status, "failed")):
+            return seen
+
+
+def _run(coro: Callable[[], Awaitable[None]]) -> None:
+    asyncio.run(asyncio.wait_for(coro(), 120))
+
+
+async def _pair(tmp_path: Path, procs: list[subprocess.Popen[bytes]], *src_args: str
+                ) -> tuple[QMPClient, QMPClient]:
+    procs.append(_vm(*GUEST, "--workload", "counter", "--name", "src", *src_args,
+                     "--qmp", f"unix:{tmp_path / 'src.sock'},server=on,wait=off"))
+    procs.append(_vm(*GUEST, "--incoming", "defer", "--name", "dst",
+                     "--qmp", f"unix:{tmp_path / 'dst.sock'},server=on,wait=off"))
+    src = await _connect(tmp_path / "src.sock", procs[0])
+    dst = await _connect(tmp_path / "dst.sock", procs[1])
+    return src, dst
+
+
+async def _migrate(src: QMPClient, dst: QMPClient, **params: Any) -> None:
+    for c in (src, dst):
+        await c.execute("migrate-set-capabilities", {"capabilities": [{"capability": "events", "state": True}]})
+        await c.execute("migrate-set-parameters", params)
+    assert (await dst.execute("query-status"))["status"] == "inmigrate"
+    await dst.execute("migrate-incoming", {"uri": "tcp:127.0.0.1:0"})
+    info: dict[str, Any] = await dst.execute("query-migrate")  # type: ignore[assignment]
+    await src.execute("migrate", {"uri": f"tcp:127.0.0.1:{info['socket-address'][0]['port']}"})
+
+
+def test_qmp_migration_between_two_vm_processes(tmp_path: Path, procs: list[subprocess.Popen[bytes]]) -> None:
+    async def main() -> None:
+        src, dst = await _pair(tmp_path, procs)
+        await _migrate(src, dst, **{"multifd-channels": 4, "max-bandwidth": 0})
+        src_events = await _until(src, "MIGRATION", "completed")
+        dst_events = await _until(dst, "RESUME")
+        assert [e["data"]["status"] for e in src_events if e["event"] == "MIGRATION"] == \
+            ["setup", "active", "device", "completed"]
+        assert [e["data"]["status"] for e in dst_events if e["event"] == "MIGRATION"] == \
+            ["setup", "active", "completed"]
+        assert any(e["event"] == "MIGRATION_PASS" for e in src_events)
+        assert await src.execute("query-status") == {"status": "postmigrate", "running": False}
+        assert await dst.execute("query-status") == {"status": "running", "running": True}
+        info: dict[str, Any] = await src.execute("query-migrate")  # type: ignore[assignment]
+        assert info["status"] == "completed" and info["ram"]["total"] == 32 << 20
+        assert info["livemig"]["channels"] == 4
+        text = await src.execute("human-monitor-command", {"command-line": "info migrate"})
+        assert isinstance(text, str) and text.startswith("Migration status: completed\n")
+        for client, proc in ((src, procs[0]), (dst, procs[1])):
+            await client.execute("quit")
+            ev = await _until(client, "SHUTDOWN")
+            assert ev[-1]["data"] == {"guest": False, "reason": "host-qmp-quit"}
+            with contextlib.suppress(EOFError):  # the server hung up after SHUTDOWN, as QEMU does
+                await client.disconnect()
+            assert await asyncio.to_thread(proc.wait, 30) == 0
+    _run(main)
+
+
+def test_migrate_cancel_between_processes(tmp_path: Path, procs: list[subprocess.Popen[bytes]]) -> None:
+    async def main() -> None:
+        src, dst = await _pair(tmp_path, procs)
+        await _migrate(src, dst, **{"max-bandwidth": 1 << 20})
+        await _until(src, "MIGRATION", "active")
+        await src.execute("migrate_cancel")
+        events = await _until(src, "MIGRATION", "cancelled")
+        assert events[-1]["data"]["status"] == "cancelled"
+        assert await src.execute("query-status") == {"status": "running", "running": True}
+        # the destination fails the incoming migration and exits, as QEMU does (exit-on-error)
+        assert await asyncio.to_thread(procs[1].wait, 60) == 1
+        assert b"load of migration failed" in procs[1].communicate()[1]
+        # collect the hang-up: an EOFError left unretrieved in qemu.qmp's reader is logged by a finalizer
+        # at some later garbage collection; CPython 3.11.7 can run it in the middle of an ast.parse
+        # (pytest importing a module) and fail that ("AST constructor recursion depth mismatch")
+        with contextlib.suppress(EOFError):
+            await dst.disconnect()
+        procs[0].send_signal(signal.SIGTERM)
+        ev = await _until(src, "SHUTDOWN")
+        assert ev[-1]["data"] == {"guest": False, "reason": "host-signal"}
+        with contextlib.suppress(EOFError):
+            await src.disconnect()
+        assert await asyncio.to_thread(procs[0].wait, 30) == 0
+    _run(main)
+
+
+def _read_until(fd: int, marker: bytes, timeout: float = 60) -> bytes:
+    out = b""
+    deadline = time.monotonic() + timeout
+    while marker not in out:
+        left = deadline - time.monotonic()
+        assert left > 0, f"no {marker!r} in {out!r}"
+        ready, _, _ = select.select([fd], [], [], left)
+        if ready:
+            try:
+                chunk = os.read(fd, 4096)
+            except OSError:
+                break
+            if not chunk:
+                break
+            out += chunk
+    return out
+
+
+def test_hmp_on_stdio_pty(procs: list[subprocess.Popen[bytes]]) -> None:
+    master, slave = pty.openpty()
+    proc = _vm(*GUEST, "--monitor", "stdio", stdin=slave, stdout=slave)
+    procs.append(proc)
+    os.close(slave)
+    try:
+        assert b"monitor - type 'help' for more information" in _read_until(master, b"(qemu) ")
+
+        def type_line(line: str) -> str:
+            os.write(master, line.encode() + b"\n")
+            return _read_until(master, b"(qemu) ").decode().replace("\r", "")
+
+        assert "Error" not in type_line("migrate_set_parameter multifd-compression zstd")
+        assert "Error" not in type_line("migrate_set_parameter multifd-qatzip-level 1")
+        out = type_line("info migrate_parameters")
+        assert "multifd-compression: zstd\n" in out and "multifd-qatzip-level: 1\n" in out
+        assert "Error: Parameter 'multifd_qatzip_level' expects a value between 1 and 9" in \
+            type_line("migrate_set_parameter multifd-qatzip-level 10")
+        assert "unknown command: 'nonsense'" in type_line("nonsense")
+        assert "VM status: running\n" in type_line("info status")
+        os.write(master, b"quit\n")
+        assert proc.wait(30) == 0
+    finally:
+        os.close(master)
+
+
+def test_hmp_on_a_unix_socket(tmp_path: Path, procs: list[subprocess.Popen[bytes]]) -> None:
+    path = tmp_path / "hmp.sock"
+    procs.append(_vm(*GUEST, "-S", "--monitor", f"unix:{path},server=on,wait=off"))
+
+    async def main() -> None:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                reader, writer = await asyncio.open_unix_connection(str(path))
+                break
+            except (FileNotFoundError, ConnectionRefusedError):
+                assert time.monotonic() < deadline and procs[0].poll() is None
+                await asyncio.sleep(0.05)
+        assert (await reader.readuntil(b"(qemu) ")).endswith(b"information\r\n(qemu) ")
+        writer.write(b"info status\n")
+        assert await reader.readuntil(b"(qemu) ") == b"VM status: paused (prelaunch)\r\n(qemu) "
+        writer.write(b"cont\ninfo status\n")
+        await reader.readuntil(b"(qemu) ")
+        assert await reader.readuntil(b"(qemu) ") == b"VM status: running\r\n(qemu) "
+        writer.write(b"quit\n")
+        await reader.read()
+        writer.close()
+        assert await asyncio.to_thread(procs[0].wait, 30) == 0
+    _run(main)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--qmp", "foo"], "--qmp foo: expected unix:PATH or tcp:HOST:PORT"),
+    (["--qmp", "unix:/tmp/x.sock,server=off"], "only server=on is supported"),
+    (["--qmp", "tcp:127.0.0.1:4444,bogus=1"], "unknown option 'bogus=1'"),
+    (["--monitor", "vc"], "--monitor vc: expected stdio or unix:PATH"),
+    (["--monitor", "tcp:127.0.0.1:4444"], "--monitor tcp:127.0.0.1:4444: expected stdio or unix:PATH"),
+    (["--incoming", "rdma:1.2.3.4:5"], "invalid migration address 'rdma:1.2.3.4:5'"),
+])
+def test_bad_options_one_clear_line(args: list[str], message: str) -> None:
+    r = subprocess.run([sys.executable, "-m", "livemig.cli", "vm", *GUEST, *args], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode != 0
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], r.stderr
+    assert "Traceback" not in r.stderr
