@@ -23,7 +23,8 @@ def test_migrates_with_identical_ram(tmp_path: Path, method: tuple[str, str | No
     dump = tmp_path / "ram"
     args = ["migrate", "--local", "--guest", "portable", "--memory", "32M", "--workload", "counter",
             "--dirty-rate", "2000", "--fill", "corpus", "--multifd-channels", "4",
-            "--multifd-compression", name, "--max-bandwidth", "0", "--max-passes", "8", "--run-after", "0.3", "--timeout", "120",
+            "--multifd-compression", name, "--max-bandwidth", "0", "--max-passes", "8", "--run-after", "0.3",
+            "--timeout", "120",
             "--dump-ram", str(dump), "--json", str(out), "--quiet"]
     if level:
         args += ["--multifd-qatzip-level", level]

@@ -40,7 +40,8 @@ def migrate_local(tmp_path: Path, memory: int, *args: str) -> tuple[dict[str, An
     Returns the result JSON and the source RAM at switchover."""
     out, dump = tmp_path / "r.json", tmp_path / "ram"
     r = cli("migrate", "--local", "--memory", str(memory), "--workload", "counter", "--fill", "corpus",
-            "--max-bandwidth", "0", "--max-passes", "8", "--run-after", "0.3", "--dump-ram", str(dump), "--json", str(out),
+            "--max-bandwidth", "0", "--max-passes", "8", "--run-after", "0.3", "--dump-ram", str(dump),
+            "--json", str(out),
             "--quiet", *args)
     assert r.returncode == 0, r.stdout + r.stderr
     res: dict[str, Any] = json.loads(out.read_text())
