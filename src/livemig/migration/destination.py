@@ -29,6 +29,7 @@ from ..guest.base import RamBlock
 from ..params import MigrationParameters
 from ..ram.digest import ChunkDigest
 from ..transport.address import Address
+from ..transport.secure import secure_accepted
 from ..transport.sockets import AddressListener, LineChannel, Listener, recv_exact_into
 from ..units import format_size
 from ..wire import handshake, stream
@@ -193,6 +194,7 @@ class Destination:
             if sock is None:
                 continue
             try:
+                sock = secure_accepted(self.listener, sock, self.timeout)  # TLS: handshake + authz first
                 sock.settimeout(self.timeout)
                 head = b""
                 deadline = time.monotonic() + self.timeout
