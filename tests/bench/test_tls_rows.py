@@ -10,7 +10,7 @@ from typing import Any
 from livemig.bench.config import BenchConfig
 from livemig.bench.limits import CodecSpeed, LoopbackSpeed
 from livemig.bench.model import Run, aggregate
-from livemig.bench.render import render_text
+from livemig.bench.render import render_text, table_lines
 from livemig.bench.results import Bench
 from livemig.bench.runner import Experiment, migrate_argv, tls_experiment
 from livemig.transport.tls import resolve
@@ -27,22 +27,15 @@ def run(method: str, res: dict[str, Any] | None, **kw: Any) -> Run:
     return Run("livemig", method, 8, 1_250_000_000, 0, res, **kw)
 
 
-def data_cells(text: str, label: str) -> list[str]:
-    for line in text.splitlines():
-        cells = [c.strip() for c in line.strip("|").split("|")]
-        if cells[0] == label:
-            return cells[1:]
-    raise AssertionError(f"no row {label!r} in\n{text}")
-
-
 def test_tls_rows_are_followed_by_their_ratio() -> None:
     rows = aggregate([run("zstd", result(1000, down=10, send=100)), run("zstd+tls", result(1100, down=12, send=150)),
                       run("none", result(400)), run("none+tls", None, error="TLS refused")])
-    text = render_text(rows, 2, "8 Channels")
-    ratio = data_cells(text, "tls/plain")
+    lines = table_lines(rows, 2)
+    assert [cells[0] for cells in lines] == ["zstd", "zstd+tls", "tls/plain", "none", "none+tls"]
+    ratio = lines[2][1:]  # none+tls failed: no ratio row for it
     assert ratio[0] == "1.10x" and ratio[1] == "1.20x" and ratio[4] == "1.50x"
-    assert text.count("tls/plain") == 1  # none+tls failed: no ratio for it
-    assert "error: TLS refused" in " ".join(data_cells(text, "none+tls"))
+    assert lines[4][1] == "error: TLS refused"
+    assert "|tls/plain" in render_text(rows, 2, "8 Channels")
 
 
 def test_tls_rows_get_the_plain_methods_limit() -> None:
