@@ -15,6 +15,9 @@ the migration URI). TLS 1.3 is the minimum on both sides.
 ``tls-creds-psk`` (``keys.psk`` lines ``username:hexkey``) is parsed but refused when used:
 Python 3.11's ``ssl`` has no TLS-PSK (``SSLContext.set_psk_*_callback`` came in 3.13).
 
+Sockets are :class:`ChannelSocket` (peek, first-read errors explained); connectors, listeners and
+the destination's per-connection handshake are in :mod:`livemig.transport.secure`.
+
 Every failure is a :class:`TlsError` (a TransportError) whose ``check`` names what failed:
 ``plaintext``, ``unknown-issuer``, ``hostname``, ``expired``, ``not-yet-valid``, ``no-certificate``,
 ``authz``, ``protocol-version``, ``refused-by-peer``, ``closed``, ``timeout``, ``config``,
