@@ -160,3 +160,60 @@ def test_dn_outside_authz(ca: Ca, pki: Path, tmp_path: Path) -> None:
     stats, dres, guest = migrate(client(d), server(pki, authz=CLIENT_DN), tmp_path)
     refused(stats, dres, guest, "certificate DN 'CN=intruder,O=Example' is not allowed",
             "is not the identity of authz-simple 'a'")
+
+
+def _tls_pair(pki: Path) -> tuple[Any, Any]:
+    import socket
+
+    with socket.create_server(("127.0.0.1", 0)) as lst:
+        c = socket.create_connection(lst.getsockname(), timeout=10)
+        s, _ = lst.accept()
+    out: dict[str, Any] = {}
+    t = threading.Thread(target=lambda: out.update(s=T.wrap_server(s, server(pki), 10)))
+    t.start()
+    cs = T.wrap_client(c, client(pki), "127.0.0.1", 10)
+    t.join()
+    return out["s"], cs
+
+
+def test_vectored_io_peek_and_shutdown_on_tls_sockets(pki: Path) -> None:
+    import socket
+
+    from livemig.errors import TransportError
+    from livemig.transport.sockets import recv_exact_into, recv_into_buffers, send_buffers
+
+    ss, cs = _tls_pair(pki)
+    rng = np.random.default_rng(1)
+    sizes = [4, 10, 70000, 5, 5, 200000, 3, 65535, 65536, 1]
+    parts = [rng.integers(0, 256, n, dtype=np.uint8).tobytes() for n in sizes]
+    data = b"".join(parts)
+    t = threading.Thread(target=lambda: send_buffers(cs, [memoryview(p) for p in parts], "test"))
+    t.start()
+    assert ss.recv(4, socket.MSG_PEEK) == data[:4]  # classification peeks; the bytes stay for the reader
+    assert ss.recv(2, socket.MSG_PEEK) == data[:2]
+    got = bytearray(len(data))
+    view = memoryview(got)
+    cuts = [0, 3, 9000, 9001, 300000, len(data)]  # boundaries unlike the sender's
+    recv_into_buffers(ss, [view[a:b] for a, b in zip(cuts, cuts[1:], strict=False)], "test")
+    t.join()
+    assert bytes(got) == data
+    # a read blocked in one thread ends as a TransportError when another shuts the read side down
+    # (as a failing destination does), and the write side still speaks TLS: the error report arrives
+    err: list[BaseException] = []
+
+    def blocked() -> None:
+        try:
+            recv_exact_into(ss, memoryview(bytearray(10)), "test")
+        except BaseException as exc:  # noqa: BLE001 - the outcome under test
+            err.append(exc)
+
+    r = threading.Thread(target=blocked)
+    r.start()
+    time.sleep(0.2)
+    ss.shutdown(socket.SHUT_RD)
+    r.join(5)
+    assert not r.is_alive() and len(err) == 1 and isinstance(err[0], TransportError), err
+    send_buffers(ss, [b"failed\n"], "error report")
+    assert cs.recv(7) == b"failed\n"
+    ss.close()
+    cs.close()

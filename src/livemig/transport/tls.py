@@ -250,6 +250,7 @@ def _load(ctx: ssl.SSLContext, creds: TlsCredsX509, cert: str | None, key: str |
 def _server_context(creds: TlsCredsX509) -> ssl.SSLContext:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.sslsocket_class = ChannelSocket
+    ctx.options |= ssl.OP_IGNORE_UNEXPECTED_EOF  # see ChannelSocket
     ctx.minimum_version = ssl.TLSVersion.TLSv1_3
     ctx.num_tickets = 0  # no session resumption: every channel does a full handshake
     _load(ctx, creds, SERVER_CERT, SERVER_KEY, ca=creds.verify_peer)
@@ -260,6 +261,7 @@ def _server_context(creds: TlsCredsX509) -> ssl.SSLContext:
 def _client_context(creds: TlsCredsX509) -> ssl.SSLContext:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.sslsocket_class = ChannelSocket
+    ctx.options |= ssl.OP_IGNORE_UNEXPECTED_EOF  # see ChannelSocket
     ctx.minimum_version = ssl.TLSVersion.TLSv1_3
     has_cert = os.path.isfile(os.path.join(creds.dir, CLIENT_CERT))
     _load(ctx, creds, CLIENT_CERT if has_cert else None, CLIENT_KEY, ca=creds.verify_peer)
@@ -275,11 +277,8 @@ _VERIFY = {  # OpenSSL X509_V_ERR_* codes (x509_vfy.h) -> check, words
     9: ("not-yet-valid", "its certificate is not valid yet"),
     62: ("hostname", "its certificate does not match the hostname"),
     64: ("hostname", "its certificate does not match the IP address"),
-    2: ("unknown-issuer", "its certificate is not signed by our CA (unknown issuer)"),
-    18: ("unknown-issuer", "its certificate is not signed by our CA (unknown issuer)"),
-    19: ("unknown-issuer", "its certificate is not signed by our CA (unknown issuer)"),
-    20: ("unknown-issuer", "its certificate is not signed by our CA (unknown issuer)"),
-    21: ("unknown-issuer", "its certificate is not signed by our CA (unknown issuer)"),
+    **dict.fromkeys((2, 18, 19, 20, 21), ("unknown-issuer", "its certificate is not signed by our CA "
+                                                            "(unknown issuer)")),
 }
 _REASONS = {  # OpenSSL reason codes of errors and of alerts received from the peer
     "WRONG_VERSION_NUMBER": ("plaintext", "it does not speak TLS (plaintext peer?)"),
@@ -322,9 +321,12 @@ class ChannelSocket(ssl.SSLSocket):
       by the next ``recv``/``recv_into``.
     * The client's first read turns a TLS alert, a reset or a close into a :class:`TlsError`
       naming the check: in TLS 1.3 a server's refusal of the client's certificate shows only there.
-    * ``shutdown()`` shuts the connection down but keeps the TLS session: a read or write blocked
-      in another thread then fails as an OSError (:class:`ssl.SSLSocket` drops the session, and a
-      concurrent call raises ValueError instead).
+    * ``shutdown()`` shuts the connection down but keeps the TLS session (:class:`ssl.SSLSocket`
+      drops it, and later writes would go out as plaintext): a destination that shuts its read side
+      to wake its reader still sends its error report over TLS. For that, the contexts set
+      ``OP_IGNORE_UNEXPECTED_EOF`` (OpenSSL 3 otherwise makes an EOF without close_notify fatal to
+      the session); a truncated stream is still caught, by the migration's own framing (EOF
+      record, packet sizes, handover messages).
 
     One TLS session must not be read in one thread while written in another: livemig's channels
     are each read or written by one thread at a time.
