@@ -26,7 +26,7 @@ from .model import BenchError, Run
 from .procs import Children, NetNamespace
 from .render import bandwidth_label, render_bench
 from .results import Bench, DataSample
-from .runner import Experiment, run_livemig
+from .runner import Experiment, run_livemig, tls_experiment
 
 if TYPE_CHECKING:
     from .qemu_peer import QemuPeer
@@ -49,6 +49,8 @@ Examples:
                                                 sweep the cap (0 = uncapped)
   livemig bench --corpus DIR --repeat 3 --markdown --json bench.json
                                                 RAM filled with the files of DIR
+  livemig bench --tls --methods zstd,none       each row plain and over TLS, with
+                                                a tls/plain ratio row
 
 Columns:
   Total time, down time, throughput, pages per second
@@ -116,6 +118,9 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:  # type: ignor
     p.add_argument("--sample", default="32M", help="data sample for codec speeds and ratio (default 32M)")
     p.add_argument("--timeout", type=float, default=900.0, help="seconds per run before it is killed")
     p.add_argument("--no-netns", action="store_true", help="do not count socket bytes in a private netns")
+    p.add_argument("--tls", action="store_true",
+                   help="run each row again over TLS on every channel (x509 made on the fly): rows METHOD and "
+                        "METHOD+tls side by side, then their ratio")
     p.set_defaults(func=main)
 
 
@@ -159,6 +164,7 @@ def run_bench(config: BenchConfig, children: Children) -> Bench:
     _measure_data(b)
     exp = Experiment(c.guest, c.memory, c.workload, c.fill, c.smp, c.level, c.downtime_limit, c.timeout)
     workdir = tempfile.mkdtemp(prefix="livemig-bench-")
+    tls_exp = tls_experiment(exp, workdir) if c.tls else None
     netns: NetNamespace | None = None
     if c.netns:
         try:
@@ -175,6 +181,9 @@ def run_bench(config: BenchConfig, children: Children) -> Bench:
         plan = [(bw, rep, m) for bw in c.bandwidths for rep in range(c.repeat) for m in c.methods]
         for i, (bw, rep, m) in enumerate(plan, 1):
             b.runs += _one(b, children, exp, m, c.channels, bw, rep, workdir, netns, f"{i}/{len(plan)}", peer)
+            if tls_exp is not None:
+                b.runs += _one(b, children, tls_exp, m, c.channels, bw, rep, workdir, netns, f"{i}/{len(plan)} tls",
+                               None)
         if c.memory_table:
             for ch in MEMORY_TABLE_CHANNELS:
                 for m in c.methods:

@@ -75,6 +75,8 @@ class BenchConfig:
     unavailable: tuple[tuple[str, str | None], ...] = ()
     #: why the chosen guest cannot run here (None: it runs)
     guest_na: str | None = None
+    #: run each row again over TLS (x509 made on the fly), labelled METHOD+tls
+    tls: bool = False
 
     def method_na(self, method: str) -> str | None:
         """Why ``method``'s livemig runs are n/a here (method or guest missing), else None."""
@@ -205,6 +207,7 @@ def parse_options(args: argparse.Namespace) -> BenchConfig:
         netns=not args.no_netns,
         unavailable=tuple((m, unavailable[m]) for m in methods),
         guest_na=guest_na,
+        tls=bool(getattr(args, "tls", False)),
     )
 
 

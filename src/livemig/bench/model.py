@@ -19,6 +19,8 @@ from ..wire.constants import PAGE_SIZE
 
 #: peers a row can come from
 PEERS = ("livemig", "qemu")
+#: what a row run over TLS (``bench --tls``) adds to its method's label: ``zstd+tls``
+TLS_SUFFIX = "+tls"
 
 
 class BenchError(MigrationError):

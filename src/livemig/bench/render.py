@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ..units import format_rate_bits, format_size
-from .model import Row, aggregate, ratio_row
+from .model import TLS_SUFFIX, Row, aggregate, ratio_row
 
 if TYPE_CHECKING:
     from .results import Bench
@@ -100,7 +100,8 @@ def table_lines(rows: Sequence[Row], cores: int, spread: bool = False) -> list[l
     """The table as a list of cell lists: [label, value cells...] or [label, note].
 
     With ``spread`` the cells are "min..max" instead of medians. Rows of peer "qemu" follow the
-    livemig row of the same method and are followed by a "livemig/QEMU" ratio row.
+    livemig row of the same method and are followed by a "livemig/QEMU" ratio row; a METHOD+tls
+    row (``bench --tls``) is followed by a "tls/plain" ratio row.
     """
     cols = columns(cores)
     with_peer = any(r.peer == "qemu" for r in rows)
@@ -112,6 +113,11 @@ def table_lines(rows: Sequence[Row], cores: int, spread: bool = False) -> list[l
         else:
             cells = [label] + [_cell(row, c, spread) for c in cols]
             out.append(cells)
+        if row.method.endswith(TLS_SUFFIX) and not spread:
+            plain = next((r for r in rows if (r.peer, r.method, r.channels, r.bandwidth)
+                          == (row.peer, row.method.removesuffix(TLS_SUFFIX), row.channels, row.bandwidth)), None)
+            if plain is not None and not plain.note and not row.note:
+                out.append(["tls/plain", *_ratio_cells(row, plain, cols)])
         if row.peer == "qemu" and not spread:
             ours = next(
                 (

@@ -11,7 +11,7 @@ from typing import Any
 
 from .config import BenchConfig
 from .limits import CodecSpeed, LoopbackSpeed, compute_limit
-from .model import Row, Run, aggregate
+from .model import TLS_SUFFIX, Row, Run, aggregate
 
 
 @dataclass(frozen=True)
@@ -54,9 +54,10 @@ class Bench:
         """The runs aggregated into table rows, each with its compute limit (when measured)."""
         rows = aggregate(self.runs)
         for row in rows:
-            codec = self.codecs.get(row.method)
+            method = row.method.removesuffix(TLS_SUFFIX)  # the limit is the same: TLS is not in the model
+            codec = self.codecs.get(method)
             if codec is None or self.loopback is None:
-                row.limit_note = self.codec_errors.get(row.method, "codec speed not measured")
+                row.limit_note = self.codec_errors.get(method, "codec speed not measured")
                 continue
             row.limit_ms = compute_limit(self.config.memory, codec, self.loopback, row.bandwidth, self.cores).ms
         return rows

@@ -8,16 +8,18 @@ propagates (after the children are stopped by the caller's :class:`Children`).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from ..units import parse_size
-from .model import Run
+from .model import TLS_SUFFIX, Run
 from .procs import Children, NetNamespace, stop
 
 #: how the bench starts livemig: the same interpreter, the installed package
@@ -37,6 +39,8 @@ class Experiment:
     downtime_limit: int | None = None
     timeout: float = 900.0
     extra_args: tuple[str, ...] = ()
+    #: a tls-creds-x509 directory with both ends' files: every channel over TLS (rows METHOD+tls)
+    tls_dir: str | None = None
 
 
 def migrate_argv(exp: Experiment, method: str, channels: int, bandwidth: int, json_path: str) -> list[str]:
@@ -60,8 +64,19 @@ def migrate_argv(exp: Experiment, method: str, channels: int, bandwidth: int, js
         argv += [f"--multifd-{method}-level", str(exp.level)]
     if exp.downtime_limit is not None:
         argv += ["--downtime-limit", str(exp.downtime_limit)]
+    if exp.tls_dir:
+        argv += ["--object", f"tls-creds-x509,id=tls0,dir={exp.tls_dir.replace(',', ',,')},endpoint=client",
+                 "--tls-creds", "tls0"]
     argv += list(exp.extra_args)
     return argv
+
+
+def tls_experiment(exp: Experiment, workdir: str) -> Experiment:
+    """``exp`` over TLS: a fresh CA, server and client certificates (for 127.0.0.1) in
+    ``workdir``/pki, given to ``migrate --local`` (which gives its destination the server side)."""
+    from ..transport.certgen import make_pair  # cryptography is loaded only for --tls
+
+    return dataclasses.replace(exp, tls_dir=str(make_pair(Path(workdir) / "pki")))
 
 
 def _tail(text: str, lines: int = 3) -> str:
@@ -80,8 +95,9 @@ def run_livemig(
     netns: NetNamespace | None,
 ) -> Run:
     """Run one migration and return its Run (result or error). KeyboardInterrupt propagates."""
-    run = Run("livemig", method, channels, bandwidth, repeat)
-    path = os.path.join(workdir, f"livemig-{method}-{channels}ch-{bandwidth}-{repeat}.json")
+    label = method + (TLS_SUFFIX if exp.tls_dir else "")
+    run = Run("livemig", label, channels, bandwidth, repeat)
+    path = os.path.join(workdir, f"livemig-{label}-{channels}ch-{bandwidth}-{repeat}.json")
     argv = migrate_argv(exp, method, channels, bandwidth, path)
     if netns is not None:
         argv = netns.prefix + argv

@@ -23,7 +23,9 @@ import time
 from collections.abc import Callable
 
 from ..errors import TransportError, WireError
+from ..transport.secure import secure_accepted
 from ..transport.sockets import Listener
+from ..transport.tls import TlsError
 from ..wire import handshake, stream
 from ..wire.constants import MULTIFD_MAGIC, QEMU_VM_FILE_MAGIC
 
@@ -109,6 +111,8 @@ class Gate:
         peer = _peer(sock)
         try:
             deadline = time.monotonic() + self.first_bytes
+            # TLS (with a TlsListener): handshake and authz within the same first-bytes deadline
+            sock = secure_accepted(self.listener, sock, max(0.001, deadline - time.monotonic()))
             head = self._read(sock, 4, deadline, "its first 4 bytes")
             magic = int.from_bytes(head, "big")
             if magic == QEMU_VM_FILE_MAGIC:
@@ -122,7 +126,7 @@ class Gate:
                                f"'QEVM' or the multifd magic {MULTIFD_MAGIC:#x})")
         except _Refusal as why:
             self._refuse(sock, peer, str(why))
-        except WireError as exc:
+        except (WireError, TlsError) as exc:
             self._refuse(sock, peer, str(exc))
         finally:
             self._slots.release()

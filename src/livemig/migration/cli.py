@@ -30,11 +30,14 @@ from ..guest import GuestConfig, create_guest, default_kind, kvm_unavailable
 from ..guest.fill import describe_fill
 from ..params import MigrationParameters, check_option, parse_option
 from ..transport.address import Address, parse_address
+from ..transport.secure import tls_connector, tls_listener
+from ..transport.tls import Tls
 from ..ui.progress import ProgressDisplay
 from ..units import format_size, plural
 from .destination import Destination
 from .local import LocalDestination
 from .source import Source
+from .tlsopts import add_tls_options, is_loopback, local_server_args, tls_from_args
 
 URI_FORMS = "tcp:HOST:PORT (HOST may be [IPv6]) or unix:PATH (a Unix socket file)"
 
@@ -136,6 +139,9 @@ class Checked:
     guest: GuestConfig | None
     address: Address | None
     uuid: bytes
+    #: TLS settings (None: plaintext) and, for ``migrate --local``, its destination's TLS options
+    tls: Tls | None = None
+    local_tls: list[str] | None = None
     #: incoming without --memory: the largest guest accepted (None: what the host can give)
     max_memory: int | None = None
 
@@ -171,7 +177,9 @@ def check_migrate(args: argparse.Namespace) -> Checked:
         raise ParameterError("--run-after needs --local (on two hosts, give --run-after to livemig incoming)")
     address = parse_address(args.uri) if args.uri else None
     params, uuid = _check_common(args)
-    return Checked(params, guest_config_from_args(args), address, uuid)
+    tls = tls_from_args(args, True, address)
+    return Checked(params, guest_config_from_args(args), address, uuid, tls,
+                   local_server_args(tls) if args.local else None)
 
 
 def check_incoming(args: argparse.Namespace) -> Checked:
@@ -180,7 +188,9 @@ def check_incoming(args: argparse.Namespace) -> Checked:
     max_memory = parse_option("--max-memory", args.max_memory, "size") if args.max_memory else None
     address = parse_address(args.uri)
     params, uuid = _check_common(args)
-    return Checked(params, guest_config_from_args(args) if args.memory else None, address, uuid, max_memory)
+    tls = tls_from_args(args, False, address)
+    return Checked(params, guest_config_from_args(args) if args.memory else None, address, uuid, tls,
+                   max_memory=max_memory)
 
 
 def _write_json(path: str | None, data: dict[str, Any]) -> None:
@@ -236,7 +246,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
                 print(f"livemig: {message}", file=sys.stderr, flush=True)
 
         if args.local:
-            local = LocalDestination(_local_args(args, gcfg), tmpdir)
+            local = LocalDestination(_local_args(args, gcfg) + (chk.local_tls or []), tmpdir)
             address = parse_address(local.wait_listening())
             for line in local.log_lines():
                 say(f"destination: {line}")
@@ -250,10 +260,12 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         guest.start()
         if args.run_before:
             time.sleep(args.run_before)
-        src = Source(guest, address, chk.params, uuid=chk.uuid, timeout=args.timeout, full_verify=args.full_verify,
+        connector = tls_connector(address, chk.tls)
+        src = Source(guest, connector, chk.params, uuid=chk.uuid, timeout=args.timeout, full_verify=args.full_verify,
                      dump_ram=args.dump_ram, wait_report=args.run_after if args.local else 0.0,
                      log=lambda m: print(f"livemig: {m}", file=sys.stderr, flush=True))
-        say(f"migrating to {address} on {plural(chk.params.multifd_channels, 'channel')}, "
+        say(f"migrating to {address}{' over TLS' if chk.tls else ''} on "
+            f"{plural(chk.params.multifd_channels, 'channel')}, "
             f"{src.method.name}: {src.method.backend()}")
 
         def poll() -> Any:
@@ -329,7 +341,8 @@ def cmd_incoming(args: argparse.Namespace) -> int:
         print(f"livemig incoming: {chk.guest.kind} guest, {format_size(chk.guest.memory)} prefaulted in "
               f"{time.monotonic() - t0:.1f} s", file=sys.stderr)
     try:
-        dst = Destination(chk.address, chk.params, guest=guest, uuid=chk.uuid, timeout=args.timeout,
+        listener = tls_listener(chk.address, chk.tls, chk.params.multifd_channels)
+        dst = Destination(listener, chk.params, guest=guest, uuid=chk.uuid, timeout=args.timeout,
                           run_after=args.run_after, dump_ram=args.dump_ram, full_verify=args.full_verify,
                           max_memory=chk.max_memory,
                           log=lambda m: print(f"livemig incoming: {m}", file=sys.stderr, flush=True))
@@ -351,7 +364,11 @@ def cmd_incoming(args: argparse.Namespace) -> int:
             with open(tmp, "w") as f:
                 f.write(str(dst.port))
             os.replace(tmp, args.port_file)
-        print(f"livemig incoming: listening on {chk.address.with_port(dst.port)}", file=sys.stderr, flush=True)
+        where = chk.address.with_port(dst.port)
+        print(f"livemig incoming: listening on {where}{' (TLS)' if chk.tls else ''}", file=sys.stderr, flush=True)
+        if chk.tls is None and not is_loopback(chk.address):
+            print(f"livemig incoming: warning: listening on {where} without TLS: anyone who can reach this port "
+                  "can put a guest here; use --tls-creds (README, \"Trust\")", file=sys.stderr, flush=True)
         result = dst.run()
         signal.signal(signal.SIGINT, old_int)
         _write_json(args.json, result)
@@ -388,6 +405,7 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
                         "(postmigrate) until you checked the destination (the only choice, the default)")
     _add_guest(m, source=True)
     _add_params(m, source=True)
+    add_tls_options(m, source=True)
     m.set_defaults(func=cmd_migrate)
 
     i = sub.add_parser("incoming", help="wait for a migration (destination side)",
@@ -403,4 +421,5 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
                         "(default: what the host can give, MemAvailable minus a margin)")
     _add_guest(i, source=False)
     _add_params(i, source=False)
+    add_tls_options(i, source=False)
     i.set_defaults(func=cmd_incoming)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import queue
 import socket
+import ssl
 import threading
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
@@ -175,18 +176,20 @@ def recv_into_buffers(sock: socket.socket, bufs: list[memoryview], what: str, al
     """Scatter-read exactly the total length of ``bufs`` into them (zero-copy into guest RAM).
 
     Returns False on EOF before the first byte if ``eof_ok`` (a peer that closed between packets).
+    On a TLS socket (no ``recvmsg_into``) each buffer is filled by ``recv_into`` in turn.
     """
     views = [b for b in bufs if b.nbytes]
     want = sum(v.nbytes for v in views)
     got = 0
+    tls = isinstance(sock, ssl.SSLSocket)
     while views:
         try:
-            k = sock.recvmsg_into(views[:512])[0]
+            k = sock.recv_into(views[0]) if tls else sock.recvmsg_into(views[:512])[0]
         except TimeoutError as exc:
             if alive is not None and alive():
                 continue
             raise TransportError(f"timed out reading {what}") from exc
-        except OSError as exc:
+        except (OSError, ValueError) as exc:  # ValueError: a TLS socket closed under us
             raise TransportError(f"connection failed while reading {what}: {exc}") from exc
         if k == 0:
             if got == 0 and eof_ok:
@@ -203,16 +206,44 @@ def recv_exact_into(sock: socket.socket, buf: memoryview, what: str, eof_ok: boo
     return recv_into_buffers(sock, [buf], what, alive, eof_ok)
 
 
+#: on a TLS socket, buffers smaller than this are joined before they are written (each write is at
+#: least one TLS record); larger ones are written as they are
+TLS_JOIN = 64 << 10
+
+
+def _send_tls(sock: ssl.SSLSocket, views: list[memoryview]) -> None:
+    """``sendall`` of each buffer, small neighbours joined (SSLSocket has no ``sendmsg``)."""
+    small: list[memoryview] = []
+    size = 0
+    for v in views:
+        if v.nbytes < TLS_JOIN:
+            small.append(v)
+            size += v.nbytes
+            if size < TLS_JOIN:
+                continue
+        if small:
+            sock.sendall(b"".join(small))
+            small, size = [], 0
+        if v.nbytes >= TLS_JOIN:
+            sock.sendall(v)
+    if small:
+        sock.sendall(b"".join(small))
+
+
 def send_buffers(sock: socket.socket, bufs: Sequence[bytes | bytearray | memoryview], what: str) -> int:
-    """Write every buffer, in order, with vectored sends; returns the bytes written."""
+    """Write every buffer, in order, with vectored sends (TLS: see :func:`_send_tls`); returns the
+    bytes written."""
     views = [memoryview(b).cast("B") for b in bufs if len(b)]
     total = sum(v.nbytes for v in views)
     try:
-        while views:
-            _consume(views, sock.sendmsg(views[:512]))
+        if isinstance(sock, ssl.SSLSocket):
+            _send_tls(sock, views)
+        else:
+            while views:
+                _consume(views, sock.sendmsg(views[:512]))
     except TimeoutError as exc:
         raise TransportError(f"timed out writing {what}") from exc
-    except OSError as exc:
+    except (OSError, ValueError) as exc:  # ValueError: a TLS socket closed under us
         raise TransportError(f"connection failed while writing {what}: {exc}") from exc
     return total
 

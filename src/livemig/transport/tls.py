@@ -15,6 +15,9 @@ the migration URI). TLS 1.3 is the minimum on both sides.
 ``tls-creds-psk`` (``keys.psk`` lines ``username:hexkey``) is parsed but refused when used:
 Python 3.11's ``ssl`` has no TLS-PSK (``SSLContext.set_psk_*_callback`` came in 3.13).
 
+Sockets are :class:`ChannelSocket` (peek, first-read errors explained); connectors, listeners and
+the destination's per-connection handshake are in :mod:`livemig.transport.secure`.
+
 Every failure is a :class:`TlsError` (a TransportError) whose ``check`` names what failed:
 ``plaintext``, ``unknown-issuer``, ``hostname``, ``expired``, ``not-yet-valid``, ``no-certificate``,
 ``authz``, ``protocol-version``, ``refused-by-peer``, ``closed``, ``timeout``, ``config``,
@@ -28,9 +31,9 @@ import select
 import socket
 import ssl
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import cast
+from typing import Any, cast
 
 from ..errors import ParameterError, TransportError
 from .authz import AuthzSimple, Subject, subject_dn
@@ -44,11 +47,13 @@ TLS_HANDSHAKE = 0x16
 
 
 class TlsError(TransportError):
-    """A TLS setup or handshake failure; ``check`` names the check that failed (see the module doc)."""
+    """A TLS setup or handshake failure; ``check`` names the check that failed (see the module doc);
+    ``dn``: the refused client's certificate DN (check ``authz``)."""
 
-    def __init__(self, check: str, text: str) -> None:
+    def __init__(self, check: str, text: str, dn: str = "") -> None:
         super().__init__(text)
         self.check = check
+        self.dn = dn
 
 
 # --- QEMU's option syntax and objects ------------------------------------------------------------
@@ -244,6 +249,8 @@ def _load(ctx: ssl.SSLContext, creds: TlsCredsX509, cert: str | None, key: str |
 
 def _server_context(creds: TlsCredsX509) -> ssl.SSLContext:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.sslsocket_class = ChannelSocket
+    ctx.options |= ssl.OP_IGNORE_UNEXPECTED_EOF  # see ChannelSocket
     ctx.minimum_version = ssl.TLSVersion.TLSv1_3
     ctx.num_tickets = 0  # no session resumption: every channel does a full handshake
     _load(ctx, creds, SERVER_CERT, SERVER_KEY, ca=creds.verify_peer)
@@ -253,6 +260,8 @@ def _server_context(creds: TlsCredsX509) -> ssl.SSLContext:
 
 def _client_context(creds: TlsCredsX509) -> ssl.SSLContext:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.sslsocket_class = ChannelSocket
+    ctx.options |= ssl.OP_IGNORE_UNEXPECTED_EOF  # see ChannelSocket
     ctx.minimum_version = ssl.TLSVersion.TLSv1_3
     has_cert = os.path.isfile(os.path.join(creds.dir, CLIENT_CERT))
     _load(ctx, creds, CLIENT_CERT if has_cert else None, CLIENT_KEY, ca=creds.verify_peer)
@@ -268,11 +277,8 @@ _VERIFY = {  # OpenSSL X509_V_ERR_* codes (x509_vfy.h) -> check, words
     9: ("not-yet-valid", "its certificate is not valid yet"),
     62: ("hostname", "its certificate does not match the hostname"),
     64: ("hostname", "its certificate does not match the IP address"),
-    2: ("unknown-issuer", "its certificate is not signed by our CA (unknown issuer)"),
-    18: ("unknown-issuer", "its certificate is not signed by our CA (unknown issuer)"),
-    19: ("unknown-issuer", "its certificate is not signed by our CA (unknown issuer)"),
-    20: ("unknown-issuer", "its certificate is not signed by our CA (unknown issuer)"),
-    21: ("unknown-issuer", "its certificate is not signed by our CA (unknown issuer)"),
+    **dict.fromkeys((2, 18, 19, 20, 21), ("unknown-issuer", "its certificate is not signed by our CA "
+                                                            "(unknown issuer)")),
 }
 _REASONS = {  # OpenSSL reason codes of errors and of alerts received from the peer
     "WRONG_VERSION_NUMBER": ("plaintext", "it does not speak TLS (plaintext peer?)"),
@@ -307,6 +313,71 @@ def explain(exc: BaseException, peer: str) -> TlsError:
     return TlsError("closed", f"TLS with {peer} failed: {exc}")
 
 
+class ChannelSocket(ssl.SSLSocket):
+    """The SSLSocket of a migration channel (every context of this module makes these).
+
+    * ``recv(n, MSG_PEEK)`` works: :class:`ssl.SSLSocket` refuses flags, and a destination may
+      classify a connection by peeking its first bytes. Peeked bytes are kept and handed out first
+      by the next ``recv``/``recv_into``.
+    * The client's first read turns a TLS alert, a reset or a close into a :class:`TlsError`
+      naming the check: in TLS 1.3 a server's refusal of the client's certificate shows only there.
+    * ``shutdown()`` shuts the connection down but keeps the TLS session (:class:`ssl.SSLSocket`
+      drops it, and later writes would go out as plaintext): a destination that shuts its read side
+      to wake its reader still sends its error report over TLS. For that, the contexts set
+      ``OP_IGNORE_UNEXPECTED_EOF`` (OpenSSL 3 otherwise makes an EOF without close_notify fatal to
+      the session); a truncated stream is still caught, by the migration's own framing (EOF
+      record, packet sizes, handover messages).
+
+    One TLS session must not be read in one thread while written in another: livemig's channels
+    are each read or written by one thread at a time.
+    """
+
+    _ahead = b""
+    _answered = False
+
+    def _first_read(self, read: Callable[[], bytes | int]) -> bytes | int:
+        if self.server_side or self._answered:
+            return read()
+        try:
+            got = read()
+        except TimeoutError:
+            raise
+        except (ssl.SSLError, OSError) as exc:
+            raise explain(exc, _peer_name(self)) from exc
+        if not got:
+            raise TlsError("closed", f"TLS with {_peer_name(self)}: it closed the connection right after the "
+                                     "handshake without a word (it refused or dropped us; see its log)")
+        self._answered = True
+        return got
+
+    def recv(self, buflen: int = 1024, flags: int = 0) -> bytes:
+        if flags & ~socket.MSG_PEEK:
+            raise ValueError(f"flags {flags:#x} not supported on a TLS channel (only MSG_PEEK)")
+        if flags:
+            if len(self._ahead) < buflen:
+                more = self._first_read(lambda: super(ChannelSocket, self).recv(buflen - len(self._ahead)))
+                self._ahead += cast(bytes, more)
+            return self._ahead[:buflen]
+        if self._ahead:
+            out, self._ahead = self._ahead[:buflen], self._ahead[buflen:]
+            return out
+        return cast(bytes, self._first_read(lambda: super(ChannelSocket, self).recv(buflen)))
+
+    def recv_into(self, buffer: Any, nbytes: int | None = None, flags: int = 0) -> int:
+        if flags:
+            raise ValueError(f"flags {flags:#x} not supported by recv_into on a TLS channel")
+        if self._ahead:
+            view = memoryview(buffer).cast("B")
+            n = min(len(self._ahead), nbytes or view.nbytes, view.nbytes)
+            view[:n] = self._ahead[:n]
+            self._ahead = self._ahead[n:]
+            return n
+        return cast(int, self._first_read(lambda: super(ChannelSocket, self).recv_into(buffer, nbytes)))
+
+    def shutdown(self, how: int) -> None:
+        socket.socket.shutdown(self, how)
+
+
 def _wait(sock: socket.socket, write: bool, deadline: float, peer: str, timeout: float) -> None:
     left = deadline - time.monotonic()
     if left > 0:
@@ -337,35 +408,75 @@ def _peer_name(sock: socket.socket) -> str:
     return f"{name[0]}:{name[1]}" if isinstance(name, tuple) else (str(name) or "the peer")
 
 
-def _wrap(sock: socket.socket, tls: Tls, timeout: float, hostname: str | None) -> ssl.SSLSocket:
+#: what a refused client is told before the connection closes: (the error, the first bytes it sent)
+#: -> bytes to send it (b"" = nothing). Plaintext refusals are sent in plaintext, authz refusals over TLS.
+Answer = Callable[[TlsError, bytes], bytes]
+#: longest wait for a refused peer to close its side, so that our last bytes (an answer, a TLS
+#: alert) reach it instead of being lost to a TCP reset
+LINGER = 0.5
+
+
+def _close_gently(sock: socket.socket, tell: bytes, deadline: float) -> None:
+    """Send ``tell`` (plain or TLS, as ``sock`` is), send FIN, read and drop what the peer still
+    sends until it closes (at most LINGER s, never past ``deadline``), close. A socket closed with
+    unread input sends an RST, and the peer may lose our last bytes to it."""
+    try:
+        if tell:
+            sock.settimeout(max(0.05, min(LINGER, deadline - time.monotonic())))
+            sock.sendall(tell)
+        socket.socket.shutdown(sock, socket.SHUT_WR)
+        until = min(time.monotonic() + LINGER, deadline)
+        while (left := until - time.monotonic()) > 0:
+            r, _, _ = select.select([sock], [], [], left)
+            if not r or not socket.socket.recv(sock, 65536):
+                break
+    except (OSError, ValueError):
+        pass
+    finally:
+        sock.close()
+
+
+def _wrap(sock: socket.socket, tls: Tls, timeout: float, hostname: str | None,
+          answer: Answer | None = None) -> ssl.SSLSocket:
     peer = _peer_name(sock)
     deadline = time.monotonic() + timeout
+    server = hostname is None
     old = sock.gettimeout()
     try:
-        if hostname is None:
-            _expect_client_hello(sock, deadline, peer, timeout)
+        if server:
+            head = _first_bytes(sock, deadline, peer, timeout)
+            if head[0] != TLS_HANDSHAKE:
+                exc = TlsError("plaintext", f"TLS refused {peer}: it sent plaintext ({head[:4]!r}...), not a TLS "
+                                            "ClientHello; the other side needs --tls-creds too")
+                _close_gently(sock, answer(exc, head) if answer else b"", deadline)
+                raise exc
         sock.setblocking(False)
-        ssock = tls.context().wrap_socket(sock, server_side=hostname is None, server_hostname=hostname,
+        ssock = tls.context().wrap_socket(sock, server_side=server, server_hostname=hostname,
                                           do_handshake_on_connect=False)
     except BaseException:
         sock.close()
         raise
     try:
         _handshake(ssock, deadline, peer, timeout)
-        if tls.authz is not None:
-            subject = (ssock.getpeercert() or {}).get("subject", ())
-            dn = subject_dn(cast(Subject, subject)) if isinstance(subject, tuple) else ""
-            if not tls.authz.is_allowed(dn):
-                raise TlsError("authz", f"TLS authorization refused {peer}: certificate DN '{dn}' is not the "
-                                        f"identity of authz-simple '{tls.authz.id}'")
-        ssock.settimeout(old)
     except BaseException:
+        if server:
+            _close_gently(ssock, b"", deadline)  # lets our TLS alert reach the client
         ssock.close()
         raise
+    if tls.authz is not None:
+        subject = (ssock.getpeercert() or {}).get("subject", ())
+        dn = subject_dn(cast(Subject, subject)) if isinstance(subject, tuple) else ""
+        if not tls.authz.is_allowed(dn):
+            exc = TlsError("authz", f"TLS authorization refused {peer}: certificate DN '{dn}' is not the "
+                                    f"identity of authz-simple '{tls.authz.id}'", dn)
+            _close_gently(ssock, answer(exc, b"") if answer else b"", deadline)
+            raise exc
+    ssock.settimeout(old)
     return ssock
 
 
-def _expect_client_hello(sock: socket.socket, deadline: float, peer: str, timeout: float) -> None:
+def _first_bytes(sock: socket.socket, deadline: float, peer: str, timeout: float) -> bytes:
+    """The first bytes the client sent (peeked: they stay in the socket); TlsError if none came."""
     _wait(sock, False, deadline, peer, timeout)
     try:
         first = sock.recv(8, socket.MSG_PEEK)
@@ -373,20 +484,19 @@ def _expect_client_hello(sock: socket.socket, deadline: float, peer: str, timeou
         raise explain(exc, peer) from exc
     if not first:
         raise TlsError("closed", f"TLS with {peer} failed: it closed the connection before the handshake")
-    if first[0] != TLS_HANDSHAKE:
-        raise TlsError("plaintext", f"TLS refused {peer}: it sent plaintext ({first[:4]!r}...), not a TLS "
-                                    "ClientHello; the other side needs --tls-creds too")
+    return first
 
 
-def wrap_server(sock: socket.socket, tls: Tls, timeout: float) -> ssl.SSLSocket:
+def wrap_server(sock: socket.socket, tls: Tls, timeout: float, answer: Answer | None = None) -> ssl.SSLSocket:
     """TLS server side on an accepted ``sock``, handshake done within ``timeout`` s (absolute).
 
     Refuses a peer that sends plaintext (its first byte is not a TLS handshake record), fails a
-    check, or (with authz) whose certificate DN is not allowed. ``sock`` is consumed: use the
-    returned socket (it keeps ``sock``'s timeout); on failure the connection is closed.
-    Raises TlsError naming the check.
+    check, or (with authz) whose certificate DN is not allowed; a refused peer that sent plaintext
+    or was refused by authz is first sent ``answer(error, first bytes)``. ``sock`` is consumed: use
+    the returned socket (a :class:`ChannelSocket`; it keeps ``sock``'s timeout); on failure the
+    connection is closed. Raises TlsError naming the check.
     """
-    return _wrap(sock, tls, timeout, None)
+    return _wrap(sock, tls, timeout, None, answer)
 
 
 def wrap_client(sock: socket.socket, tls: Tls, hostname: str, timeout: float) -> ssl.SSLSocket:
