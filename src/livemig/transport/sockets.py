@@ -22,8 +22,8 @@ from typing import Any, Protocol
 from ..errors import TransportError
 from .address import Address
 
-#: SO_SNDBUF/SO_RCVBUF to set on every migration socket; 0 leaves the kernel's autotuning alone, which
-#: measured as fast as any fixed size on loopback here (a fixed size also turns autotuning off)
+#: SO_SNDBUF/SO_RCVBUF to set on every migration socket; 0 (the default) sets nothing and leaves the
+#: kernel's defaults and autotuning in place (setting a size turns autotuning off for that socket)
 SOCK_BUF = 0
 
 
