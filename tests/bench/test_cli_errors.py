@@ -61,3 +61,26 @@ def test_advise_help_uses_the_metavars_of_migrate() -> None:
     assert "--multifd-channels N" in out and "--sample-size SIZE" in out and "--bandwidth RATE" in out
     assert "MULTIFD_CHANNELS" not in out and "SAMPLE_SIZE" not in out
     assert "mixed" not in out and "files:DIR" in out
+
+
+@pytest.mark.parametrize(
+    "argv,option,words",
+    [
+        (["--memory", "1M", "--methods", "none"], "--memory 1M", ["multiple of 4096", "2.00 MiB"]),
+        (["--fill", "files:/nonexistent/dir"], "--fill", ["not a directory"]),
+        (["--fill", "image:/nonexistent/img"], "--fill", ["not a regular file"]),
+        (["--json", "/nonexistent/x.json"], "--json /nonexistent/x.json", ["does not exist"]),
+        (["--plot", "/nonexistent/x/y"], "--plot /nonexistent/x/y", ["does not exist"]),
+        (["--bandwidth", "fast"], "--bandwidth", ["'fast'"]),
+        (["--sample", "abc"], "--sample 'abc'", ["a size like"]),
+        (["--timeout", "0"], "--timeout 0", ["greater than 0"]),
+    ],
+)
+def test_bench_refuses_bad_options_before_anything_runs(argv: list[str], option: str, words: list[str]) -> None:
+    assert_refused(livemig("bench", *argv), "bench", option, *words)
+    assert not os.path.exists("/nonexistent")  # nothing created on the way
+
+
+def test_bench_empty_fill_directory_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "empty").touch()
+    assert_refused(livemig("bench", "--fill", f"files:{tmp_path}"), "bench", "--fill", "no regular file with data")
