@@ -25,6 +25,7 @@ qatzip; (3) otherwise qpl. A rule only decides when livemig really drives that a
 from __future__ import annotations
 
 import os
+import textwrap
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -39,6 +40,8 @@ from .wire.constants import PAGE_SIZE
 PAGE = PAGE_SIZE
 PACKET_PAGES = 128
 #: default candidates: each method at QEMU's default level
+#: characters per line of the advise table's backend column (longer text wraps, never cut)
+BACKEND_WIDTH = 60
 DEFAULT_LEVELS = {"none": 1, "zlib": 1, "zstd": 1, "qatzip": 1, "qpl": 1, "uadk": 1}
 
 
@@ -263,7 +266,12 @@ def recommend(preds: list[Prediction], inv: Inventory | None, bandwidth: int) ->
 
 
 def parse_candidates(text: str | None) -> list[tuple[str, int | None]]:
-    """``qatzip:1,zstd:3,qpl`` -> [(qatzip, 1), (zstd, 3), (qpl, None)]; None/empty -> defaults."""
+    """``qatzip:1,zstd:3,qpl`` (the ``--methods`` text) -> [(qatzip, 1), (zstd, 3), (qpl, None)].
+
+    None/empty -> every method that runs here at its default level. Raises ParameterError naming
+    ``--methods`` for an unknown method or a bad level, MethodUnavailable for a known method that
+    cannot run here.
+    """
     if not text:
         out: list[tuple[str, int | None]] = []
         for name in method_names():
@@ -274,18 +282,29 @@ def parse_candidates(text: str | None) -> list[tuple[str, int | None]]:
             out.append((name, DEFAULT_LEVELS.get(name, 1) if cls.levels else None))
         return out
     result: list[tuple[str, int | None]] = []
-    for part in text.split(","):
-        name, _, lv = part.strip().partition(":")
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        name, _, lv = part.partition(":")
+        if name not in method_names():
+            raise ParameterError(f"--methods: unknown method '{name}' (known: {', '.join(method_names())})")
         cls = get_method(name)
         if cls.levels is None:
+            if lv:
+                raise ParameterError(f"--methods '{part}': {name} takes no level")
             result.append((name, None))
             continue
-        level = int(lv) if lv else DEFAULT_LEVELS.get(name, cls.levels[0])
-        if not cls.levels[0] <= level <= cls.levels[1]:
+        low, high = cls.levels
+        if lv and not lv.isdigit():
+            raise ParameterError(f"--methods '{part}': level '{lv}' is not a number ({name}: {low} to {high})")
+        level = int(lv) if lv else DEFAULT_LEVELS.get(name, low)
+        if not low <= level <= high:
             raise ParameterError(
-                f"Parameter 'multifd_{name}_level' expects a value between {cls.levels[0]} and {cls.levels[1]}"
+                f"--methods '{part}': multifd-{name}-level expects a value between {low} and {high}"
             )
         result.append((name, level))
+    if not result:
+        raise ParameterError(f"--methods '{text}': no method named")
     return result
 
 
@@ -299,9 +318,17 @@ def advise(
     inventory: Inventory | None = None,
     repeat: int = 2,
 ) -> Advice:
-    """Measure, predict and recommend (see the module docstring)."""
+    """Measure, predict and recommend (see the module docstring).
+
+    ``bandwidth`` bytes/s (0 = unlimited); ``sample`` a guest fill spec (or a :data:`.accel.sample.KINDS`
+    kind); ``sample_bytes`` rounded down to whole 512 KiB packets, at least one; ``cores`` per side
+    (None = this host's). Raises ParameterError for channels outside 1..255, cores < 1 or bad
+    ``candidates``; GuestError for a fill that cannot be produced; MethodUnavailable.
+    """
     if channels < 1 or channels > 255:
         raise ParameterError("Parameter 'multifd_channels' expects a value between 1 and 255")
+    if cores is not None and cores < 1:
+        raise ParameterError(f"cores {cores}: expected 1 or more")
     ncores = cores or os.cpu_count() or 1
     cands = parse_candidates(candidates)
     npages = max(PACKET_PAGES, sample_bytes // PAGE)
@@ -345,11 +372,15 @@ def render(adv: Advice) -> str:
     for p in adv.predictions:
         m = p.measurement
         name = m.method if m.level is None or m.method == "none" else f"{m.method}-{m.level}"
-        lines.append(
+        row = (
             f"{name:10} {m.compress_rate / 1e6:9.0f} {m.decompress_rate / 1e6:9.0f} {m.ratio:6.2f} "
             f"{p.pages_per_second:10,.0f} {p.limit:>8} {format_rate_bits(p.wire_rate):>11} "
-            f"{p.send_cpu_percent / adv.cores:9.0f}% {p.recv_cpu_percent / adv.cores:9.0f}%  {m.backend[:60]}"
+            f"{p.send_cpu_percent / adv.cores:9.0f}% {p.recv_cpu_percent / adv.cores:9.0f}%  "
         )
+        # the backend, whole: wrapped at word boundaries below its own column
+        wrapped = textwrap.wrap(m.backend, BACKEND_WIDTH, break_on_hyphens=False) or [""]
+        lines.append(row + wrapped[0])
+        lines += [" " * len(row) + more for more in wrapped[1:]]
     lines.append(
         f"(MB/s: one core; pages/s with min(channels, cores) threads per side; send/recv CPU: the codec's CPU"
         f" time on the source / destination as a share of that side's {adv.cores} cores, 100% = all busy)"

@@ -34,3 +34,15 @@ def test_advise_help_shows_a_plain_percent_free_text(capsys: pytest.CaptureFixtu
         main(["advise", "--help"])
     text = capsys.readouterr().out
     assert "%%" not in text and "each side's CPU use" in text
+
+
+def test_a_long_backend_wraps_whole_under_its_column() -> None:
+    adv = _advice(2)
+    backend = "cpu: ISA-L 1.9.1 deflate level 1, same wire format (no QAT device: the guest RAM without a copy)"
+    adv.predictions[0].measurement.backend = backend
+    lines = render(adv).splitlines()
+    first = next(i for i, ln in enumerate(lines) if ln.startswith("zstd-1"))
+    column = lines[1].index("backend")
+    rows = [lines[first]] + [ln for ln in lines[first + 1 :] if ln.startswith(" " * column) and ln.strip()]
+    assert len(rows) > 1 and all(len(r) - column <= 60 for r in rows)
+    assert " ".join(r[column:] for r in rows) == backend  # every word, none cut

@@ -267,3 +267,30 @@ def test_pages_sent_per_ram_page_follows_results() -> None:
     text = render_text(aggregate([run("zstd", once), run("none", twice)]), 2, "8 Channels")
     assert data_cells(text, "zstd")[9] == f"{(250000 + 12000) * 4096 / (1 << 30):.2f}x"
     assert data_cells(text, "none")[9] == "2.00x"
+
+
+def test_a_sweep_plots_every_bandwidth_with_labelled_limits(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    import matplotlib.colors
+
+    from livemig.bench import plots
+
+    figs: dict[str, Any] = {}
+    real_save = plots._save
+    monkeypatch.setattr(plots, "_save", lambda fig, d, name: figs.setdefault(name, fig) and real_save(fig, d, name))
+    runs = []
+    for bw in (125_000_000, 0):
+        runs += [run("zstd", result(1000, pps=40000), bw=bw), run("none", result(900, pps=30000), bw=bw)]
+    b = _bench(runs, bandwidths=(125_000_000, 0))
+    plots.write_plots(b, str(tmp_path / "plots"))
+    titles = [ax.get_title() for ax in figs["time-cpu.png"].axes]
+    assert titles == ["Total time, 1Gbps", "CPU per side, 1Gbps", "Total time, uncapped", "CPU per side, uncapped"]
+    red = matplotlib.colors.to_rgba("tab:red")
+    limit_labels = [t.get_text() for ax in figs["time-cpu.png"].axes[::2] for t in ax.texts
+                    if matplotlib.colors.to_rgba(t.get_color()) == red]
+    rows = b.rows()
+    assert limit_labels == [f"{r.limit_ms:,.0f} ms" for r in rows if r.limit_ms is not None and not r.note]
+    wire = figs["wire-bytes.png"].axes[0]
+    assert len(wire.patches) == 4  # 2 methods x 2 bandwidths
+    legend = [t.get_text() for t in wire.get_legend().get_texts()]
+    assert legend == ["guest RAM (1,024 MiB)", "max-bandwidth 1Gbps", "max-bandwidth uncapped"]
+    assert not [t for t in wire.texts if "guest RAM" in t.get_text()]  # in the legend, not on the line

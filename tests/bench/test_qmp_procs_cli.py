@@ -167,20 +167,23 @@ ACCEPTED = "(accepted: none, zlib, zstd, qatzip, qpl, uadk)"
         ({"methods": ","}, "--methods: empty list"),
         ({"bandwidth": "fast"}, "--bandwidth: 'fast' is not a rate such as 1Gbps, 10Gbps, 500MiB/s, or 0 for uncapped"),
         ({"bandwidth": "1Gbps,,"}, None),  # empty items are skipped: valid
-        ({"memory": "12345"}, "--memory: 12345 must be at least 4096 bytes and a multiple of 4096 bytes"),
-        ({"memory": "2X"}, "--memory: '2X' is not a size (a number with an optional K, M, G or T suffix)"),
-        ({"sample": "lots"}, "--sample: 'lots' is not a size"),
+        ({"memory": "12345"}, "--memory 12345: expected a multiple of 4096 bytes of at least 2.00 MiB"),
+        ({"memory": "1M"}, "--memory 1M: expected a multiple of 4096 bytes of at least 2.00 MiB"),
+        ({"memory": "2X"}, "--memory '2X': expected a size like 4096, 512M"),
+        ({"sample": "lots"}, "--sample 'lots': expected a size like"),
         ({"multifd_channels": 0}, "--multifd-channels: Parameter 'multifd_channels' expects a value between 1 and 255"),
         ({"memory_table": True, "multifd_channels": 256}, "--multifd-channels: Parameter 'multifd_channels'"),
-        ({"repeat": 0}, "--repeat: 0 must be at least 1"),
-        ({"smp": 0}, "--smp: 0 must be at least 1"),
+        ({"repeat": 0}, "--repeat 0: expected a number of runs 1 or more"),
+        ({"smp": 0}, "--smp 0: expected a number of vCPUs 1 or more"),
         ({"level": 21, "methods": "zstd"}, "--level: Parameter 'multifd_zstd_level' expects a value between 0 and 20"),
         ({"level": 0, "methods": "none,qatzip"}, "--level: Parameter 'multifd_qatzip_level' expects a value between 1"),
         ({"downtime_limit": -5}, "--downtime-limit: Parameter 'downtime_limit' expects an integer in the range"),
         ({"fill": "bogus"}, "--fill: unknown fill 'bogus' (expected one of: zero, random, corpus, files:DIR"),
         ({"corpus": "/nonexistent/dir"}, "--corpus: '/nonexistent/dir' is not a directory"),
-        ({"json": "/nonexistent/dir/b.json"}, "--json: cannot write '/nonexistent/dir/b.json'"),
-        ({"plot": "/etc/hostname/plots"}, "--plot: cannot create or write the directory '/etc/hostname/plots'"),
+        ({"json": "/nonexistent/dir/b.json"}, "--json /nonexistent/dir/b.json: directory /nonexistent/dir does"),
+        ({"fill": "files:/nonexistent/dir"}, "--fill: fill files:/nonexistent/dir: not a directory"),
+        ({"plot": "/etc/hostname/plots"}, "--plot /etc/hostname/plots: directory /etc/hostname does not exist"),
+        ({"plot": "/nonexistent/a/b"}, "--plot /nonexistent/a/b: directory /nonexistent/a does not exist"),
     ],
 )
 def test_bad_options_exit_2_before_anything_runs(
@@ -199,7 +202,7 @@ def test_bad_options_exit_2_before_anything_runs(
         return
     err = capsys.readouterr().err
     assert code == 2 and not ran
-    assert err.startswith("livemig bench: ") and msg in err and err.count("\n") == 1
+    assert err.startswith("livemig bench: error: ") and msg in err and err.count("\n") == 1
 
 
 def test_bench_help_is_plain_text(capsys: pytest.CaptureFixture[str]) -> None:

@@ -165,3 +165,37 @@ def test_advise_command(capsys: pytest.CaptureFixture[str]) -> None:
     assert none["limit"] == "link" and none["pages_per_second"] == pytest.approx(125_000_000 / PAGE)
     assert main(["advise", "--methods", "qatzip:12"]) == 2  # a bad parameter: exit status 2, as argparse
     assert "between 1 and 9" in capsys.readouterr().err
+
+
+def _doubled(text: str) -> bool:
+    """'x.so: x.so: ...': a name said twice in a row."""
+    import re
+
+    return re.search(r"([\w./-]+\.so[\w.]*): \1:", text) is not None
+
+
+def test_a_library_that_does_not_load_is_named_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    from livemig.compress import libqatzip
+    from livemig.errors import MethodUnavailable
+
+    lib = invmod._try_load("libnothere.so.1", ["libnothere.so.1", "libnothere.so"])
+    assert not lib.loads
+    assert lib.detail == "libnothere.so.1, libnothere.so: cannot open shared object file: No such file or directory"
+    # libqatzip without the project copy and without a system one
+    monkeypatch.setattr(libqatzip, "vendor_dir", lambda: Path("/nonexistent"))
+    monkeypatch.setattr(libqatzip, "_candidates", lambda: ["libqatzip-nothere.so.3"])
+    monkeypatch.setattr(libqatzip, "_lib", None)
+    monkeypatch.setattr(libqatzip, "_load_error", None)
+    with pytest.raises(MethodUnavailable) as info:
+        libqatzip.load()
+    text = str(info.value)
+    assert text.startswith("libqatzip.so.3 could not be loaded (tried libqatzip-nothere.so.3: cannot open shared")
+    assert not _doubled(text) and text.count("libqatzip-nothere.so.3") == 1
+
+
+def test_accel_libraries_rows_name_each_library_once(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["accel"]) == 0
+    rows = capsys.readouterr().out.split("Libraries:")[1].split("Methods:")[0].splitlines()
+    assert rows and not any(_doubled(r) for r in rows)
+    qpl = next(r for r in rows if r.split()[:1] == ["libqpl.so.1"])
+    assert "libqpl.so.1" in qpl.split(None, 2)[2] or " loads " in qpl  # the name tried is the row's own

@@ -10,9 +10,11 @@ from typing import Any
 
 from ..compress import create_method, get_method, method_names
 from ..compress.libqatzip import quiet_stderr
-from ..errors import MethodUnavailable
-from ..units import parse_rate, parse_size
+from ..errors import GuestError, MethodUnavailable, ParameterError
+from ..params import check_option, parse_option
+from ..wire.constants import PAGE_SIZE
 from .inventory import Inventory, scan
+from .sample import FILLS, check_fill
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -34,16 +36,15 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:  # type: ignor
         "guest pages, predict pages/s and each side's CPU use for the link, and recommend one. Source and "
         "destination are taken to be separate hosts with --cores cores each.",
     )
-    a.add_argument("--bandwidth", default="10Gbps", help="link speed, e.g. 10Gbps, 25Gbps, 1GB/s (0: unlimited)")
-    a.add_argument("--multifd-channels", type=int, default=2, help="channels (QEMU default 2)")
-    a.add_argument("--cores", type=int, help="cores available to each side (default: this host's)")
-    a.add_argument(
-        "--fill", default="corpus", help="sample: corpus (default), mixed, zero, random, files:DIR, image:PATH"
-    )
-    a.add_argument("--sample-size", default="16M", help="sample size (default 16M)")
-    a.add_argument(
-        "--methods", help="candidates, e.g. qatzip:1,qatzip:9,zstd:1,qpl (default: each at its default level)"
-    )
+    a.add_argument("--bandwidth", default="10Gbps", metavar="RATE",
+                   help="link speed, e.g. 10Gbps, 25Gbps, 1GB/s (0: unlimited; default 10Gbps)")
+    a.add_argument("--multifd-channels", type=int, default=2, metavar="N", help="1..255 (QEMU default 2)")
+    a.add_argument("--cores", type=int, metavar="N", help="cores available to each side (default: this host's)")
+    a.add_argument("--fill", default="corpus", metavar="FILL", help=f"sample data: {FILLS}")
+    a.add_argument("--sample-size", default="16M", metavar="SIZE",
+                   help="sample size, at least one 512K multifd packet (default 16M)")
+    a.add_argument("--methods", metavar="LIST",
+                   help="candidates, e.g. qatzip:1,qatzip:9,zstd:1,qpl (default: each at its default level)")
     a.add_argument("--json", action="store_true", help="print JSON instead of a table")
     a.set_defaults(func=cmd_advise)
 
@@ -114,20 +115,32 @@ def cmd_accel(args: argparse.Namespace) -> int:
     return 0
 
 
+def _advise_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The options of ``livemig advise``, checked (ParameterError naming the option) before measuring."""
+    from ..advise import PACKET_PAGES, parse_candidates
+
+    bandwidth = parse_option("--bandwidth", args.bandwidth, "rate")
+    check_option("--multifd-channels", args.multifd_channels, minimum=1, maximum=255, what="a number of channels")
+    if args.cores is not None:
+        check_option("--cores", args.cores, minimum=1, what="a number of cores")
+    sample_bytes = parse_option("--sample-size", args.sample_size, "size")
+    check_option("--sample-size", sample_bytes, minimum=PACKET_PAGES * PAGE_SIZE, what="a size in bytes")
+    try:
+        check_fill(args.fill)
+    except GuestError as exc:
+        raise ParameterError(f"--fill: {exc}") from exc
+    parse_candidates(args.methods)
+    return {"bandwidth": bandwidth, "channels": args.multifd_channels, "sample": args.fill,
+            "sample_bytes": sample_bytes, "candidates": args.methods, "cores": args.cores}
+
+
 def cmd_advise(args: argparse.Namespace) -> int:
     from ..advise import advise, render
 
+    options = _advise_options(args)
     with quiet_stderr():
         inv = scan()
-    adv = advise(
-        bandwidth=parse_rate(args.bandwidth),
-        channels=args.multifd_channels,
-        sample=args.fill,
-        sample_bytes=parse_size(args.sample_size),
-        candidates=args.methods,
-        cores=args.cores,
-        inventory=inv,
-    )
+    adv = advise(**options, inventory=inv)
     if args.json:
         json.dump(adv.to_json(), sys.stdout, indent=2)
         print()

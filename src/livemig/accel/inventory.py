@@ -220,16 +220,18 @@ def scan_uacce(sysfs: Path = Path("/sys")) -> list[UacceDevice]:
 
 
 def _try_load(name: str, candidates: list[str]) -> Library:
-    errors: list[str] = []
+    from ..compress.libqatzip import load_failures
+
+    errors: list[tuple[str, BaseException]] = []
     for cand in candidates:
         try:
             ctypes.CDLL(cand)
         except OSError as exc:
-            errors.append(str(exc))
+            errors.append((cand, exc))
             continue
         return Library(name, True, f"loads ({cand})")
     found = ctypes.util.find_library(name.removeprefix("lib").split(".so")[0])
-    return Library(name, False, errors[-1] if errors else f"not found (find_library: {found})")
+    return Library(name, False, load_failures(errors) if errors else f"not found (find_library: {found})")
 
 
 def scan_libraries() -> tuple[list[Library], bool, str]:

@@ -8,14 +8,21 @@ are deterministic for a given seed.
 
 from __future__ import annotations
 
+import os
 import random
 import zlib
+from pathlib import Path
 
 import numpy as np
 
+from ..errors import GuestError
 from ..wire.constants import PAGE_SIZE
 
+#: the kinds :func:`sample_pages` makes; ``mixed`` (zero, random, one-byte and corpus pages shuffled) is a
+#: test pattern, not a guest fill: the commands accept only :data:`FILLS`
 KINDS = ("zero", "random", "corpus", "mixed")
+#: the fills a guest (``livemig migrate``, ``bench``, ``advise`` ``--fill``) accepts, as their help says
+FILLS = "corpus (built-in, default), zero, random, files:DIR, image:PATH"
 
 _TEXT = (
     "the of and to in is was that for it with as his on be at by had this not are but from or have an they "
@@ -71,6 +78,34 @@ def _fill_spec(npages: int, spec: str, seed: int) -> bytes:
     pages = np.zeros((npages, PAGE_SIZE), dtype=np.uint8)
     fill_pages(pages, spec, seed)
     return pages.tobytes()
+
+
+def check_fill(spec: str, memory: int | None = None) -> None:
+    """Refuse a guest fill spec that cannot be produced, before anything runs.
+
+    Checks the form (``livemig.guest.fill.describe_fill``), that ``files:DIR`` is a directory holding
+    a regular file with data, and that ``image:PATH`` is a regular file no larger than ``memory``
+    bytes (when given). Raises GuestError saying what is wrong (the wording of the fill itself).
+    """
+    from ..guest.fill import describe_fill
+
+    describe_fill(spec)
+    kind, _, arg = spec.partition(":")
+    if kind == "files":
+        if not Path(arg).is_dir():
+            raise GuestError(f"fill files:{arg}: not a directory")
+        try:
+            has_data = any(e.is_file() and e.stat().st_size > 0 for e in os.scandir(arg))
+        except OSError as exc:
+            raise GuestError(f"fill files:{arg}: cannot list: {exc.strerror or exc}") from exc
+        if not has_data:
+            raise GuestError(f"fill files:{arg}: no regular file with data in the directory")
+    elif kind == "image":
+        if not Path(arg).is_file():
+            raise GuestError(f"fill image:{arg}: not a regular file")
+        size = Path(arg).stat().st_size
+        if memory is not None and size > memory:
+            raise GuestError(f"fill image:{arg}: image is {size} bytes, larger than guest RAM ({memory} bytes)")
 
 
 def sample_pages(npages: int, kind: str = "corpus", seed: int = 0) -> bytes:

@@ -18,7 +18,9 @@ from types import FrameType
 from typing import TYPE_CHECKING
 
 from ..compress import method_names
-from ..errors import MigrationError
+from ..errors import MigrationError, ParameterError
+from ..ui.errors import EXIT_USAGE, report_error
+from ..units import plural
 from .config import DEFAULT_MEMORY, DEFAULT_METHODS, MEMORY_TABLE_CHANNELS, BenchConfig, parse_options
 from .data import host_info, sample_data, zero_page_fraction, zstd1_ratio
 from .limits import measure_codec, measure_loopback
@@ -30,6 +32,8 @@ from .runner import Experiment, run_livemig, tls_experiment
 
 if TYPE_CHECKING:
     from .qemu_peer import QemuPeer
+
+PROG = "livemig bench"
 
 DESCRIPTION = """\
 Measure the table of QEMU's qatzip-compression.rst (total time, downtime, throughput,
@@ -113,8 +117,9 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:  # type: ignor
         "--memory-table", action="store_true", help="also measure memory needs at 2, 4, 8 channels"
     )
     p.add_argument("--markdown", action="store_true", help="print markdown tables")
-    p.add_argument("--json", metavar="FILE", help="write every statistic of every run to FILE")
-    p.add_argument("--plot", metavar="DIR", help="write PNG plots to DIR")
+    p.add_argument("--json", metavar="FILE",
+                   help="write every statistic of every run to FILE ('-' = stdout, the tables go to stderr)")
+    p.add_argument("--plot", metavar="DIR", help="write PNG plots to DIR (created if its parent exists)")
     p.add_argument("--sample", default="32M", help="data sample for codec speeds and ratio (default 32M)")
     p.add_argument("--timeout", type=float, default=900.0, help="seconds per run before it is killed")
     p.add_argument("--no-netns", action="store_true", help="do not count socket bytes in a private netns")
@@ -193,7 +198,7 @@ def run_bench(config: BenchConfig, children: Children) -> Bench:
                         b.memory_runs += reuse
                         continue
                     b.memory_runs += _one(b, children, exp, m, ch, c.bandwidths[0], 0, workdir, netns,
-                                          f"memory {ch}ch", None)  # fmt: skip
+                                          f"memory {plural(ch, 'channel')}", None)  # fmt: skip
     finally:
         if peer is not None:
             peer.close()
@@ -223,13 +228,13 @@ def _one(
     if reason:
         out.append(Run("livemig", method, channels, bw, rep, na=reason))
     else:
-        _progress(f"bench {tag}: livemig {method}, {channels} channels, {bandwidth_label(bw)} ...")
+        _progress(f"bench {tag}: livemig {method}, {plural(channels, 'channel')}, {bandwidth_label(bw)} ...")
         t0 = time.monotonic()
         run = run_livemig(children, exp, method, channels, bw, rep, workdir, netns)
         _progress(f"bench {tag}: {'ok' if run.ok else run.error} ({time.monotonic() - t0:.1f} s)")
         out.append(run)
     if peer is not None:
-        _progress(f"bench {tag}: QEMU {method}, {channels} channels, {bandwidth_label(bw)} ...")
+        _progress(f"bench {tag}: QEMU {method}, {plural(channels, 'channel')}, {bandwidth_label(bw)} ...")
         t0 = time.monotonic()
         prun = peer.run(method, channels, bw, rep)
         _progress(
@@ -244,27 +249,56 @@ def _sigterm(signum: int, frame: FrameType | None) -> None:
 
 
 def _check_outputs(args: argparse.Namespace) -> None:
-    """--json FILE and --plot DIR must be writable before hours of runs (BenchError otherwise)."""
-    if args.json:
+    """--json FILE and --plot DIR must be writable before hours of runs (ParameterError naming the option).
+
+    ``--json -`` is stdout. A missing parent directory is refused, as ``livemig migrate`` does; of
+    --plot DIR only DIR itself is created (at the end), never its parents.
+    """
+    if args.json and args.json != "-":
         parent = os.path.dirname(os.path.abspath(args.json))
+        if not os.path.isdir(parent):
+            raise ParameterError(f"--json {args.json}: directory {parent} does not exist")
         if os.path.isdir(args.json) or not os.access(parent, os.W_OK):
-            raise BenchError(f"--json: cannot write '{args.json}' (not a file in a writable directory)")
+            raise ParameterError(f"--json {args.json}: cannot write it (not a file in a writable directory)")
     if args.plot:
         target = os.path.abspath(args.plot)
-        while not os.path.exists(target):
-            target = os.path.dirname(target)
-        if not os.path.isdir(target) or not os.access(target, os.W_OK):
-            raise BenchError(f"--plot: cannot create or write the directory '{args.plot}'")
+        parent = os.path.dirname(target)
+        if os.path.exists(target):
+            if not os.path.isdir(target) or not os.access(target, os.W_OK):
+                raise ParameterError(f"--plot {args.plot}: not a writable directory")
+        elif not os.path.isdir(parent):
+            raise ParameterError(f"--plot {args.plot}: directory {parent} does not exist")
+        elif not os.access(parent, os.W_OK):
+            raise ParameterError(f"--plot {args.plot}: cannot create it in {parent} (not writable)")
+
+
+def _write_results(b: Bench, args: argparse.Namespace) -> None:
+    """The tables (stderr when --json - takes stdout), --json FILE and --plot DIR."""
+    out = sys.stderr if args.json == "-" else sys.stdout
+    print(render_bench(b, args.markdown), file=out)
+    if args.json == "-":
+        json.dump(b.to_json(), sys.stdout, indent=1, default=str)
+        print(flush=True)
+    elif args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(b.to_json(), f, indent=1, default=str)
+        print(f"wrote {args.json}", file=out)
+    if args.plot:
+        from .plots import write_plots
+
+        for path in write_plots(b, args.plot):
+            print(f"wrote {path}", file=out)
 
 
 def main(args: argparse.Namespace) -> int:
-    """Entry point of ``livemig bench``: the exit status (0 all runs succeeded, 1 one failed, 2 bad option)."""
+    """Entry point of ``livemig bench``: the exit status (0 all runs succeeded, 1 one failed, 2 bad option,
+    130 interrupted); errors are printed once by :func:`livemig.ui.errors.report_error`."""
     try:
         config = parse_options(args)
         _check_outputs(args)
-    except BenchError as exc:
-        print(f"livemig bench: {exc}", file=sys.stderr)
-        return 2
+    except (ParameterError, BenchError) as exc:
+        report_error(exc, PROG)
+        return EXIT_USAGE
     old = signal.signal(signal.SIGTERM, _sigterm)
     children = Children()
     try:
@@ -272,22 +306,12 @@ def main(args: argparse.Namespace) -> int:
             b = run_bench(config, children)
         finally:
             children.stop_all()
-        print(render_bench(b, args.markdown))
-        if args.json:
-            with open(args.json, "w", encoding="utf-8") as f:
-                json.dump(b.to_json(), f, indent=1, default=str)
-            print(f"wrote {args.json}")
-        if args.plot:
-            from .plots import write_plots
-
-            for path in write_plots(b, args.plot):
-                print(f"wrote {path}")
+        _write_results(b, args)
         return 0 if b.ok() else 1
-    except KeyboardInterrupt:
-        print("livemig bench: interrupted; child processes stopped", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        exc.add_note("child processes stopped")
+        return report_error(exc, PROG)
     except (MigrationError, OSError) as exc:
-        print(f"livemig bench: {exc}", file=sys.stderr)
-        return 1
+        return report_error(exc, PROG)
     finally:
         signal.signal(signal.SIGTERM, old)

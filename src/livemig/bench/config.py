@@ -1,7 +1,7 @@
 """What one ``livemig bench`` invocation measures (:class:`BenchConfig`), checked before anything runs.
 
 :func:`parse_options` turns the command line into a :class:`BenchConfig` or raises
-:class:`~livemig.bench.model.BenchError` naming the option, the bad value and what is accepted.
+:class:`~livemig.errors.ParameterError` naming the option, the bad value and what is accepted.
 Migration parameters (channels, method, level, max-bandwidth, downtime-limit) are checked by
 :meth:`livemig.params.MigrationParameters.check`, one MigrationParameters per table row, so the bench
 accepts exactly what ``livemig migrate`` accepts. Nothing here starts a process.
@@ -16,11 +16,10 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from ..compress import available_methods, method_names
-from ..errors import MigrationError, ParameterError
-from ..params import MigrationParameters
-from ..units import parse_rate, parse_size
+from ..errors import GuestError, ParameterError
+from ..params import MigrationParameters, check_option, parse_option
+from ..units import format_size, parse_rate
 from ..wire.constants import PAGE_SIZE
-from .model import BenchError
 
 DEFAULT_METHODS = "qatzip,zstd,none"
 DEFAULT_MEMORY = "2G"
@@ -38,6 +37,8 @@ OPTION_OF = {
     "max_bandwidth": "--bandwidth",
     "downtime_limit": "--downtime-limit",
 }
+#: the smallest guest RAM the bench accepts (every guest; the KVM guest's own floor)
+MIN_MEMORY = 2 << 20
 UNCAPPED_WORDS = ("0", "unlimited", "uncapped", "none")
 RATE_EXAMPLES = "a rate such as 1Gbps, 10Gbps, 500MiB/s, or 0 for uncapped"
 
@@ -94,12 +95,12 @@ class BenchConfig:
 def _list(text: str, option: str) -> list[str]:
     items = [t.strip() for t in text.split(",") if t.strip()]
     if not items:
-        raise BenchError(f"{option}: empty list")
+        raise ParameterError(f"{option}: empty list")
     return items
 
 
 def parse_bandwidths(text: str) -> list[int]:
-    """``1Gbps,10Gbps,0`` -> bytes/s per item (0 = uncapped). BenchError names ``--bandwidth``."""
+    """``1Gbps,10Gbps,0`` -> bytes/s per item (0 = uncapped). ParameterError names ``--bandwidth``."""
     out = []
     for t in _list(text, "--bandwidth"):
         if t.lower() in UNCAPPED_WORDS:
@@ -108,30 +109,47 @@ def parse_bandwidths(text: str) -> list[int]:
         try:
             out.append(parse_rate(t))
         except ParameterError as exc:
-            raise BenchError(f"--bandwidth: '{t}' is not {RATE_EXAMPLES}") from exc
+            raise ParameterError(f"--bandwidth: '{t}' is not {RATE_EXAMPLES}") from exc
     return out
 
 
 def _size(text: str, option: str, minimum: int, multiple: int = 1) -> int:
-    try:
-        value = parse_size(text)
-    except ParameterError as exc:
-        raise BenchError(f"{option}: '{text}' is not a size (a number with an optional K, M, G or T suffix)") from exc
-    if value < minimum or value % multiple:
-        what = f"at least {minimum} bytes" + (f" and a multiple of {multiple} bytes" if multiple > 1 else "")
-        raise BenchError(f"{option}: {text} must be {what}")
+    """A size option in bytes, at least ``minimum`` and a multiple of ``multiple`` (ParameterError naming it)."""
+    value = parse_option(option, text, "size")
+    if value % multiple or value < minimum:
+        what = f"a multiple of {multiple} bytes of" if multiple > 1 else "a size of"
+        raise ParameterError(f"{option} {text}: expected {what} at least {format_size(minimum)}")
     return value
 
 
-def _at_least(value: float, option: str, minimum: float) -> None:
-    if value < minimum:
-        raise BenchError(f"{option}: {value} must be at least {minimum}")
+def check_guest(guest: str, memory: int, smp: int, workload: str, fill: str) -> None:
+    """The guest ``--memory``, ``--smp`` and ``--fill`` ask for can be created (ParameterError naming the option).
+
+    ``--memory`` is already a multiple of 4096 of at least :data:`MIN_MEMORY` (:func:`parse_options`;
+    the KVM guest's floor, kept for every guest so tables compare); the KVM guest's own layout check
+    (``Layout.of``: at most 256 GiB, room for the vCPUs' pages) is applied when KVM is the guest. A fill must exist:
+    ``files:DIR`` a directory with data, ``image:PATH`` a file no larger than RAM.
+    """
+    from ..accel.sample import check_fill
+    from ..guest.base import GuestConfig
+
+    if guest == "kvm":
+        from ..guest.kvm.longmode import Layout
+
+        try:
+            Layout.of(GuestConfig(kind=guest, memory=memory, smp=smp, workload=workload, fill=fill))
+        except GuestError as exc:
+            raise ParameterError(f"--memory/--smp: {exc}") from exc
+    try:
+        check_fill(fill, memory)
+    except GuestError as exc:
+        raise ParameterError(f"--fill: {exc}") from exc
 
 
 def check_row(method: str, channels: int, bandwidth: int, level: int, downtime_limit: int | None) -> None:
     """The migration parameters of one table row, checked as ``livemig migrate`` checks them.
 
-    Raises BenchError "<option>: <QEMU's message>" (the option that set the bad parameter).
+    Raises ParameterError "<option>: <QEMU's message>" (the option that set the bad parameter).
     """
     fields: dict[str, Any] = {
         "multifd_channels": channels,
@@ -147,25 +165,25 @@ def check_row(method: str, channels: int, bandwidth: int, level: int, downtime_l
     except ParameterError as exc:
         m = re.search(r"Parameter '([^']+)'", str(exc))
         option = OPTION_OF.get(m.group(1).replace("-", "_"), "option") if m else "option"
-        raise BenchError(f"{option}: {exc}") from exc
+        raise ParameterError(f"{option}: {exc}") from exc
 
 
 def parse_options(args: argparse.Namespace) -> BenchConfig:
-    """Check every option of ``livemig bench`` and resolve the guest; BenchError on the first bad one."""
+    """Check every option of ``livemig bench`` and resolve the guest; ParameterError on the first bad one."""
     methods = _list(args.methods, "--methods")
     unknown = [m for m in methods if m not in method_names()]
     if unknown:
-        raise BenchError(
+        raise ParameterError(
             f"--methods: unknown method(s) {', '.join(repr(m) for m in unknown)}"
             f" (accepted: {', '.join(method_names())})"
         )
     bandwidths = parse_bandwidths(args.bandwidth)
-    memory = _size(args.memory, "--memory", PAGE_SIZE, PAGE_SIZE)
-    sample = _size(args.sample, "--sample", 1)
+    memory = _size(args.memory, "--memory", MIN_MEMORY, PAGE_SIZE)
+    sample = _size(args.sample, "--sample", 128 * PAGE_SIZE)
     sample = max(sample - sample % (128 * PAGE_SIZE), 128 * PAGE_SIZE)  # whole multifd packets
-    _at_least(args.repeat, "--repeat", 1)
-    _at_least(args.smp, "--smp", 1)
-    _at_least(args.timeout, "--timeout", 1)
+    check_option("--repeat", args.repeat, minimum=1, what="a number of runs")
+    check_option("--smp", args.smp, minimum=1, what="a number of vCPUs")
+    check_option("--timeout", args.timeout, minimum=0, above=True, what="a number of seconds")
     channels = [args.multifd_channels, *(MEMORY_TABLE_CHANNELS if args.memory_table else ())]
     for m in methods:
         for bw in bandwidths:
@@ -173,19 +191,14 @@ def parse_options(args: argparse.Namespace) -> BenchConfig:
                 check_row(m, ch, bw, args.level, args.downtime_limit)
     if args.corpus:
         if not os.path.isdir(args.corpus):
-            raise BenchError(f"--corpus: '{args.corpus}' is not a directory")
+            raise ParameterError(f"--corpus: '{args.corpus}' is not a directory")
         fill = f"files:{os.path.abspath(args.corpus)}"
         fill_label = f"the files of {args.corpus}"
     else:
         fill = args.fill
         fill_label = "the built-in corpus" if fill == "corpus" else f"'{fill}' data"
-    from ..guest.fill import describe_fill
-
-    try:
-        describe_fill(fill)
-    except MigrationError as exc:
-        raise BenchError(f"--fill: {exc}") from exc
     guest, guest_na = _guest(args.guest)
+    check_guest(guest, memory, args.smp, args.workload, fill)
     unavailable = available_methods()
     return BenchConfig(
         methods=tuple(methods),

@@ -8,7 +8,8 @@
 * ``wire-bytes.png``: bytes really sent per method (socket payload, else the engine's wire-bytes),
   with the guest's RAM size as a line.
 
-With several bandwidths, the time/CPU and wire plots show the first.
+With several bandwidths (a sweep), time-cpu.png has one row of panels per bandwidth and
+wire-bytes.png a bar per bandwidth beside each other for every method.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from ..units import plural
 from .model import Row
 from .render import bandwidth_label
 from .results import Bench
@@ -37,10 +39,9 @@ def _save(fig: Any, outdir: str, name: str) -> str:
     return path
 
 
-def _time_cpu(bench: Bench, base: list[Row], title: str, outdir: str) -> str:
-    import matplotlib.pyplot as plt
-
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.5))
+def _time_cpu_row(bench: Bench, base: list[Row], axes: Any, bw: int) -> None:
+    """One bandwidth's panels: total time per method (with its compute limit, labelled) and CPU per side."""
+    ax1, ax2 = axes
     labels = [_label(r) for r in base]
     xs = list(range(len(base)))
     med = [r.value("total-time") or 0.0 for r in base]
@@ -48,26 +49,42 @@ def _time_cpu(bench: Bench, base: list[Row], title: str, outdir: str) -> str:
     if bench.config.repeat > 1:
         lo = [m - (s.min if s else m) for m, s in zip(med, stats, strict=True)]
         hi = [(s.max if s else m) - m for m, s in zip(med, stats, strict=True)]
-        bars = ax1.bar(xs, med, yerr=[lo, hi], capsize=4, color="tab:blue", label="total time (median, min..max)")
+        bars = ax1.bar(xs, med, width=0.5, yerr=[lo, hi], capsize=4, color="tab:blue",
+                       label="total time (median, min..max)")
     else:
-        bars = ax1.bar(xs, med, color="tab:blue", label="total time")
+        bars = ax1.bar(xs, med, width=0.5, color="tab:blue", label="total time")
     ax1.bar_label(bars, labels=[f"{v:,.0f} ms" for v in med], label_type="center", color="white")
     limits = [r.limit_ms for r in base]
     if any(v is not None for v in limits):
         ax1.scatter(xs, [v if v is not None else float("nan") for v in limits], color="tab:red",
-                    marker="_", s=400, linewidths=2, label=f"{bench.cores}-core compute limit", zorder=3)  # fmt: skip
+                    marker="_", s=900, linewidths=2, label=f"{bench.cores}-core compute limit", zorder=3)  # fmt: skip
+        for x, v in zip(xs, limits, strict=True):
+            if v is not None:  # the limit's value right of its tick, outside the bar
+                ax1.annotate(f"{v:,.0f} ms", (x + 0.3, v), va="center", fontsize="small", color="tab:red")
     ax1.set_xticks(xs, labels)
+    ax1.set_xlim(-0.6, len(xs) - 0.1)
+    tops = [*med, *((s.max if s else 0.0) for s in stats), *(v for v in limits if v is not None)]
+    ax1.set_ylim(0, max([1.0, *tops]) * 1.3)  # room for the legend above the bars
     ax1.set_xlabel("method")
     ax1.set_ylabel("total time (ms)")
-    ax1.set_title("Total time")
-    ax1.legend(fontsize="small")
+    ax1.set_title(f"Total time, {bandwidth_label(bw)}")
+    ax1.legend(fontsize="small", markerscale=0.5)
     ax2.bar([x - 0.2 for x in xs], [r.value("send-cpu") or 0.0 for r in base], width=0.4, label="source (send)")
     ax2.bar([x + 0.2 for x in xs], [r.value("recv-cpu") or 0.0 for r in base], width=0.4, label="destination (recv)")
     ax2.set_xticks(xs, labels)
     ax2.set_xlabel("method")
-    ax2.set_ylabel("CPU % of the migration's wall time (100 = one core)")
-    ax2.set_title("CPU per side")
+    ax2.set_ylabel("CPU % of wall time (100 = one core)")
+    ax2.set_title(f"CPU per side, {bandwidth_label(bw)}")
     ax2.legend(fontsize="small")
+
+
+def _time_cpu(bench: Bench, groups: dict[int, list[Row]], title: str, outdir: str) -> str:
+    """Total time and CPU per side: one row of two panels per bandwidth, in --bandwidth's order."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(groups), 2, figsize=(11, 4.5 * len(groups)), squeeze=False)
+    for row_axes, (bw, base) in zip(axes, groups.items(), strict=True):
+        _time_cpu_row(bench, base, row_axes, bw)
     fig.suptitle(title)
     return _save(fig, outdir, "time-cpu.png")
 
@@ -94,7 +111,7 @@ def _pps_sweep(bench: Bench, rows: list[Row], outdir: str) -> str:
     ax.minorticks_off()
     ax.set_xlabel("max-bandwidth (link cap)")
     ax.set_ylabel("pages per second")
-    ax.set_title(f"Pages per second vs link cap, {bench.config.channels} channels")
+    ax.set_title(f"Pages per second vs link cap, {plural(bench.config.channels, 'channel')}")
     ax.legend(fontsize="small")
     return _save(fig, outdir, "pps-vs-bandwidth.png")
 
@@ -113,53 +130,68 @@ def _pps_bars(bench: Bench, rows: list[Row], outdir: str) -> str:
     ax.set_ylabel("pages per second")
     bw = bandwidth_label(rows[0].bandwidth)
     ax.set_title(
-        f"Pages per second at max-bandwidth {bw}, {bench.config.channels} channels\n"
+        f"Pages per second at max-bandwidth {bw}, {plural(bench.config.channels, 'channel')}\n"
         "(one bandwidth measured; --bandwidth 1Gbps,10Gbps,0 sweeps the cap)",
         fontsize="medium",
     )
     return _save(fig, outdir, "pps-vs-bandwidth.png")
 
 
-def _wire(bench: Bench, base: list[Row], title: str, outdir: str) -> str:
+def _wire(bench: Bench, groups: dict[int, list[Row]], title: str, outdir: str) -> str:
+    """Bytes sent per method: a bar per bandwidth side by side; the guest's RAM as a line in the legend."""
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    xs = list(range(len(base)))
-    vals = []
-    for r in base:
-        v = r.value("socket-bytes")
-        vals.append((v if v is not None else r.value("wire-bytes") or 0.0) / MIB)
-    bars = ax.bar(xs, vals, color="tab:green")
-    ax.bar_label(bars, labels=[f"{v:,.1f} MiB" for v in vals], label_type="center", color="white")
+    methods = list(dict.fromkeys(_label(r) for rows in groups.values() for r in rows))
+    width = 0.8 / len(groups)
+    fig, ax = plt.subplots(figsize=(max(7.0, 1.6 * len(methods) * len(groups)), 4.5))
+    top = 0.0
+    for i, (bw, rows) in enumerate(groups.items()):
+        sent = {_label(r): _sent(r) / MIB for r in rows}
+        xs = [m + (i - (len(groups) - 1) / 2) * width for m, name in enumerate(methods) if name in sent]
+        vals = [sent[name] for name in methods if name in sent]
+        bars = ax.bar(xs, vals, width=width * 0.95, label=f"max-bandwidth {bandwidth_label(bw)}")
+        ax.bar_label(bars, labels=[f"{v:,.1f} MiB" for v in vals], label_type="center", color="white",
+                     fontsize="small")
+        top = max([top, *vals])
     ram = bench.config.memory / MIB
-    ax.axhline(ram, color="tab:red", linestyle="--")
-    ax.annotate(f"guest RAM ({ram:,.0f} MiB)", (0, ram), xycoords=("axes fraction", "data"),
-                xytext=(4, 3), textcoords="offset points", color="tab:red")  # fmt: skip
-    ax.set_ylim(0, max([ram, *vals]) * 1.15)
-    ax.set_xticks(xs, [_label(r) for r in base])
+    ax.axhline(ram, color="tab:red", linestyle="--", label=f"guest RAM ({ram:,.0f} MiB)")
+    ax.set_ylim(0, max(ram, top) * 1.3)
+    ax.set_xticks(range(len(methods)), methods)
     ax.set_xlabel("method")
     ax.set_ylabel("MiB sent on the sockets")
     ax.set_title(f"Bytes sent ({title})", fontsize="medium")
+    ax.legend(fontsize="small", loc="upper right")
     return _save(fig, outdir, "wire-bytes.png")
 
 
+def _sent(r: Row) -> float:
+    """Bytes a run sent: the socket payload, else the engine's wire-bytes."""
+    v = r.value("socket-bytes")
+    return v if v is not None else r.value("wire-bytes") or 0.0
+
+
 def write_plots(bench: Bench, outdir: str) -> list[str]:
-    """Write the plots into ``outdir`` (created) and return their paths (none when no run succeeded)."""
+    """Write the plots into ``outdir`` and return their paths (none when no run succeeded).
+
+    ``outdir`` is created if missing, not its parents (``livemig bench`` checked that they exist).
+    """
     import matplotlib
 
     matplotlib.use("Agg")
-    os.makedirs(outdir, exist_ok=True)
+    if not os.path.isdir(outdir):
+        os.mkdir(outdir)
     rows = [r for r in bench.rows() if not r.note]
     if not rows:
         return []
     c = bench.config
-    first_bw = next(bw for bw in c.bandwidths if any(r.bandwidth == bw for r in rows))
-    base = [r for r in rows if r.bandwidth == first_bw]
-    title = f"{c.channels} channels, {bandwidth_label(first_bw)}, {c.memory // MIB} MiB guest"
-    written = [_time_cpu(bench, base, title, outdir)]
-    if len({r.bandwidth for r in rows}) > 1:
+    groups = {bw: [r for r in rows if r.bandwidth == bw] for bw in c.bandwidths}
+    groups = {bw: g for bw, g in groups.items() if g}
+    caps = ", ".join(bandwidth_label(bw) for bw in groups)
+    title = f"{plural(c.channels, 'channel')}, {caps}, {c.memory // MIB} MiB guest"
+    written = [_time_cpu(bench, groups, title, outdir)]
+    if len(groups) > 1:
         written.append(_pps_sweep(bench, rows, outdir))
     else:
         written.append(_pps_bars(bench, rows, outdir))
-    written.append(_wire(bench, base, title, outdir))
+    written.append(_wire(bench, groups, title, outdir))
     return written

@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from ..units import format_rate_bits, format_size
+from ..units import format_rate_bits, format_size, plural
 from .model import TLS_SUFFIX, Row, aggregate, ratio_row
 
 if TYPE_CHECKING:
@@ -264,9 +264,9 @@ def header(b: Bench) -> str:
         )
     lines = [
         f"Host: {h['cores']} cores, {h['cpu-model']}, Linux {h['kernel']}{load}",
-        f"VM Configuration: {c.guest} guest, {c.smp} vCPU, {format_size(c.memory)} memory",
+        f"VM Configuration: {c.guest} guest, {plural(c.smp, 'vCPU')}, {format_size(c.memory)} memory",
         f"VM Workload: vCPUs {c.workload}; memory filled with {c.fill_label}{data}",
-        f"Link: {c.channels} multifd channels over loopback, max-bandwidth "
+        f"Link: {plural(c.channels, 'multifd channel')} over loopback, max-bandwidth "
         + ", ".join(bandwidth_label(x) for x in c.bandwidths),
     ]
     where = []
@@ -327,7 +327,7 @@ def render_bench(b: Bench, markdown: bool) -> str:
     out = [header(b), ""]
     for bw in c.bandwidths:
         group = [r for r in rows if r.bandwidth == bw]
-        label = f"{c.channels} Channels"
+        label = plural(c.channels, "Channel")
         out.append(f"{bandwidth_label(bw)}, medians of {c.repeat} runs:" if c.repeat > 1 else f"{bandwidth_label(bw)}:")
         out.append(render(group, b.cores, label))
         if c.repeat > 1:

@@ -163,6 +163,21 @@ def _bind(lib: ctypes.CDLL) -> None:
     lib.qzSetLogLevel.restype = ctypes.c_int
 
 
+def load_failures(tried: list[tuple[str, BaseException]]) -> str:
+    """Why shared libraries did not load, each name tried said once: ``libqpl.so.1, libqpl.so: cannot
+    open shared object file: No such file or directory``.
+
+    ``tried`` is (name or path given to ``ctypes.CDLL``, the OSError or AttributeError it raised).
+    dlerror's text already starts with the name it was given; that prefix is dropped, and names
+    that failed for the same reason are listed together.
+    """
+    by_reason: dict[str, list[str]] = {}
+    for cand, exc in tried:
+        reason = str(exc).removeprefix(f"{cand}: ")
+        by_reason.setdefault(reason, []).append(cand)
+    return "; ".join(f"{', '.join(names)}: {reason}" for reason, names in by_reason.items())
+
+
 def load() -> ctypes.CDLL:
     """The loaded library (cached), or MethodUnavailable saying what was tried and what to install."""
     global _lib, _lib_path, _load_error
@@ -171,7 +186,7 @@ def load() -> ctypes.CDLL:
             return _lib
         if _load_error is not None:
             raise MethodUnavailable(_load_error)
-        errors: list[str] = []
+        errors: list[tuple[str, BaseException]] = []
         for cand in _candidates():
             try:
                 if os.sep in cand:
@@ -183,12 +198,12 @@ def load() -> ctypes.CDLL:
                 lib = ctypes.CDLL(cand)
                 _bind(lib)
             except (OSError, AttributeError) as exc:
-                errors.append(f"{cand}: {exc}")
+                errors.append((cand, exc))
                 continue
             lib.qzSetLogLevel(LOG_NONE)
             _lib, _lib_path = lib, cand
             return lib
-        _load_error = f"libqatzip.so.3 could not be loaded ({'; '.join(errors)}); {INSTALL_HINT}"
+        _load_error = f"libqatzip.so.3 could not be loaded (tried {load_failures(errors)}); {INSTALL_HINT}"
         raise MethodUnavailable(_load_error)
 
 
