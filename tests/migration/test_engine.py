@@ -157,3 +157,13 @@ def test_bandwidth_cap_holds_for_every_byte(memory: int, zero: bool, channels: i
     assert seen["bytes"] > 50 * cap // 100  # far more than the limiter's credit (10 ms of rate)
     rate = seen["bytes"] / (seen["t"] - stats.start)
     assert rate <= 1.25 * cap, f"{rate / 1024:.1f} KiB/s against a cap of {cap / 1024:.0f} KiB/s"
+
+
+@pytest.mark.parametrize(("sizes", "size"), [([10, 3], 4), ([4096], 4096), ([1, 1, 1], 2), ([0, 5], 5)])
+def test_pieces_cut_buffers_without_reordering(sizes: list[int], size: int) -> None:
+    from livemig.migration.multifd import pieces
+
+    bufs = [bytes((i + k) % 256 for k in range(n)) for i, n in enumerate(sizes)]
+    cut = pieces(bufs, size)
+    assert all(0 < sum(v.nbytes for v in p) <= size for p in cut)
+    assert b"".join(bytes(v) for p in cut for v in p) == b"".join(bufs)

@@ -40,7 +40,7 @@ from ..wire.constants import PAGE_SIZE
 from . import protocol, state
 from .accept import Gate
 from .handover import DestinationHandover, ReturnPath
-from .multifd import RecvChannel, RecvContext
+from .multifd import PROGRESS_BYTES, RecvChannel, RecvContext
 from .source import MACHINE_TYPE
 from .stats import ResourceMeter, host_memory_limit
 
@@ -103,7 +103,7 @@ class Destination:
             received=self.received,
             digests=self.digests,
             alive=self.alive,
-            progress=self._touch,
+            progress=self._progress,
             sync=self.channel_sync,
             failed=self.fail,
         )
@@ -118,7 +118,10 @@ class Destination:
         self._guest_ready = threading.Event()
         self._all_channels = threading.Event()
         self._done = threading.Event()
+        #: when the migration last made progress: PROGRESS_BYTES arrived (see :meth:`_progress`)
         self.last_progress = time.monotonic()
+        self._progress_bytes = 0
+        self._progress_lock = threading.Lock()
         self._t_first = time.monotonic()
         self._stream_done = False
 
@@ -143,17 +146,33 @@ class Destination:
         self._failure.check()
 
     def _watchdog(self) -> None:
-        """Fail the migration when no channel has moved for ``timeout`` seconds (a stalled peer)."""
+        """Fail the migration when it made no progress (:meth:`_progress`) for ``timeout`` seconds: a
+        stalled peer, or one dribbling less than a page per timeout."""
         while not self._done.wait(0.25) and not self._stream_done:
             if self._failure.error is None and time.monotonic() - self.last_progress > self.timeout:
-                self.fail(TransportError(f"no data from the source for {self.timeout:g} s"), "destination")
+                self.fail(TransportError(f"no progress from the source for {self.timeout:g} s (less than "
+                                         f"{PROGRESS_BYTES} bytes arrived)"), "destination")
                 return
 
-    def _touch(self) -> None:
-        self.last_progress = time.monotonic()
+    def _progress(self, nbytes: int) -> None:
+        """``nbytes`` more arrived on some channel (main or multifd, any thread). Progress is measured
+        in bytes: the stall timer restarts once at least :data:`~.multifd.PROGRESS_BYTES` (one page)
+        arrived since it last restarted, so a slow cap keeps the migration alive and a peer sending
+        a byte now and then does not."""
+        with self._progress_lock:
+            self._progress_bytes += nbytes
+            if self._progress_bytes >= PROGRESS_BYTES:
+                self._progress_bytes = 0
+                self.last_progress = time.monotonic()
+
+    def _restart_timer(self) -> None:
+        """Local work (creating the guest) took a while: the peer gets a whole timeout again."""
+        with self._progress_lock:
+            self._progress_bytes = 0
+            self.last_progress = time.monotonic()
 
     def alive(self) -> bool:
-        """True while some channel delivered a packet within the timeout."""
+        """True while the migration made progress (:meth:`_progress`) within the timeout."""
         return self._failure.error is None and time.monotonic() - self.last_progress < self.timeout
 
     def channel_sync(self, cid: int) -> None:
@@ -181,7 +200,7 @@ class Destination:
             self.meter.start()
             self._t_first = time.monotonic()
             rp = self.handover.rp = ReturnPath(self.main, "to-destination", "source")
-            self.last_progress = time.monotonic()
+            self._restart_timer()
             threading.Thread(target=self._watchdog, name="watchdog", daemon=True).start()
             self._receive_main(reader, rp, hasher)
             self._stream_done = True
@@ -220,8 +239,8 @@ class Destination:
 
     def _receive_main(self, reader: stream.StreamReader, rp: ReturnPath, hasher: threading.Thread) -> None:
         """Read the main stream after its CONFIGURATION (the gate read that far) up to EOF, then
-        verify RAM, load the state and answer Prepared. Progress counts whole records, not bytes:
-        a peer that dribbles a record in never resets the watchdog."""
+        verify RAM, load the state and answer Prepared. Progress counts the bytes read, as on the
+        multifd channels (:meth:`_progress`): small records dribbled in never reset the watchdog."""
         assert self.main is not None
         buf = bytearray(1 << 16)
         view = memoryview(buf)
@@ -243,8 +262,8 @@ class Destination:
                 if n == 0:
                     raise TransportError("main channel closed before the end of the migration stream")
                 reader.feed(view[:n])
+                self._progress(n)
                 continue
-            self.last_progress = time.monotonic()
             if isinstance(ev, stream.Blob):
                 if ev.idstr == "livemig/config":
                     self._configure(ev.data, rp)
@@ -353,7 +372,7 @@ class Destination:
                 self._refuse(rp, f"guest differs: source has a {gcfg.kind} guest with RAM {show(theirs)}, "
                                  f"destination a {self.guest.config.kind} guest with RAM {show(ours)}")
             self.guest.config = gcfg
-        self.last_progress = time.monotonic()  # creating the guest may have taken a while
+        self._restart_timer()  # creating the guest may have taken a while
         for b in self.guest.blocks:
             self.blocks[b.name] = b
             self.views[b.name] = b.view()
