@@ -28,9 +28,10 @@ from support.fakeguest import FakeGuest
 MEM = 4 << 20
 
 
-def _destination(params: MigrationParameters) -> tuple[Destination, FakeGuest, dict[str, Any], threading.Thread]:
-    g = FakeGuest(GuestConfig(memory=MEM), incoming=True)
-    d = Destination(parse_address("tcp:127.0.0.1:0"), params, guest=g, timeout=5)
+def _destination(params: MigrationParameters, timeout: float = 5,
+                 mem: int = MEM) -> tuple[Destination, FakeGuest, dict[str, Any], threading.Thread]:
+    g = FakeGuest(GuestConfig(memory=mem), incoming=True)
+    d = Destination(parse_address("tcp:127.0.0.1:0"), params, guest=g, timeout=timeout)
     out: dict[str, Any] = {}
     t = threading.Thread(target=lambda: out.update(d.run()))
     t.start()
@@ -225,11 +226,7 @@ def test_packets_slower_than_the_timeout_complete_under_a_cap() -> None:
     yet data flows the whole time, so neither side calls it a stall."""
     params = MigrationParameters(multifd_channels=1, max_bandwidth=512 << 10)
     mem = 1 << 20
-    g = FakeGuest(GuestConfig(memory=mem), incoming=True)
-    d = Destination(parse_address("tcp:127.0.0.1:0"), params, guest=g, timeout=0.5)
-    out: dict[str, Any] = {}
-    t = threading.Thread(target=lambda: out.update(d.run()))
-    t.start()
+    d, g, out, t = _destination(params, timeout=0.5, mem=mem)
     src_guest = FakeGuest(GuestConfig(memory=mem, seed=1))
     src_guest.start()
     stats = Source(src_guest, parse_address(f"tcp:127.0.0.1:{d.port}"), params, timeout=0.5).run()
@@ -243,11 +240,7 @@ def test_packets_slower_than_the_timeout_complete_under_a_cap() -> None:
 def test_a_peer_dribbling_bytes_fails_in_bounded_time(where: str) -> None:
     """A byte every 0.3 s is data, but less than a page per timeout: the destination fails anyway."""
     params = MigrationParameters(multifd_channels=1, max_bandwidth=0)
-    g = FakeGuest(GuestConfig(memory=MEM), incoming=True)
-    d = Destination(parse_address("tcp:127.0.0.1:0"), params, guest=g, timeout=1.0)
-    out: dict[str, Any] = {}
-    t = threading.Thread(target=lambda: out.update(d.run()))
-    t.start()
+    d, g, out, t = _destination(params, timeout=1.0)
     main, rp = _hello(d.port, params)
     ch = socket.create_connection(("127.0.0.1", d.port))
     hdr = packet.encode_packet(flags=0, packet_num=0, ramblock="pc.ram", normal=np.array([0], np.uint64),
