@@ -358,7 +358,7 @@ class Destination:
             if need > self.max_memory:
                 self._refuse(rp, f"the source's guest needs {format_size(need)} of RAM, more than this "
                                  f"destination's --max-memory {format_size(self.max_memory)}")
-            self.log(f"creating the {gcfg.kind} guest from the source's config ({gcfg.memory} bytes)")
+            self.log(f"creating the {gcfg.kind} guest from the source's config ({format_size(gcfg.memory)})")
             try:
                 self.guest = create_guest(gcfg, incoming=True)
             except MigrationError as exc:

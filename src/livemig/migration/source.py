@@ -125,11 +125,12 @@ class Source:
         self.stats = MigrationStats(
             page_size=self.page_size,
             method=self.method.name,
-            level=params.level() if self.method.levels else 0,
+            level=params.level() if self.method.levels else None,
             backend=self.method.backend(),
             accelerated=self.method.accelerated(),
             max_bandwidth=params.max_bandwidth,
             ram_total=guest.ram_size,
+            remaining=guest.ram_size,  # nothing sent yet
             guest=guest.describe(),
             expected_downtime_ms=params.downtime_limit,  # QEMU's initial value
         )
@@ -188,6 +189,7 @@ class Source:
             hasher.start()
             self.stats.setup_time_ms = (time.monotonic() - self.stats.start) * 1000
             self.status.step(state.ACTIVE)
+            self.stats.begin_active()
             self._iterate()
             self._complete()
         except BaseException as exc:  # noqa: BLE001 - every failure ends in a status
@@ -264,6 +266,7 @@ class Source:
     def _complete(self) -> None:
         self.status.step(state.DEVICE)
         marks: list[tuple[str, float]] = []
+        self.stats.end_active()
         t_pause = time.monotonic()
         self.handover.switchover()
         self._running_bytes = False
@@ -380,6 +383,7 @@ class Source:
         """End in cancelled (a cancel before the commit point) or failed; the handover's table says
         what the guest does (running again before the commit point, stopped after it)."""
         self._stop.set()  # channel threads still waiting in the limiter give up
+        self.stats.end_active()
         err = self._failure.error or exc
         try:
             self.handover.fail(err)
