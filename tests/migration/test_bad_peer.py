@@ -14,13 +14,17 @@ from typing import Any
 import numpy as np
 import pytest
 
+from livemig.compress import create_method
 from livemig.guest.base import GuestConfig
 from livemig.migration import protocol
-from livemig.migration.destination import Destination
+from livemig.migration.destination import Destination, Stalled
 from livemig.migration.handover import ReturnPath
+from livemig.migration.multifd import SendChannel, SendContext
 from livemig.migration.source import MACHINE_TYPE, Source
+from livemig.migration.state import FirstFailure
 from livemig.params import MigrationParameters
 from livemig.transport.address import parse_address
+from livemig.transport.ratelimit import RateLimiter
 from livemig.wire import handshake, packet, stream
 from livemig.wire.constants import FLAG_ZLIB
 from support.fakeguest import FakeGuest
@@ -276,3 +280,52 @@ def test_progress_needs_a_page_since_the_last_one() -> None:
         assert d.last_progress == stamp
     finally:
         d.listener.close()
+
+
+def test_the_destinations_reason_leads_the_sources_error() -> None:
+    """The destination fails on its own and says why (Failed); the source's broken pipe is only the
+    symptom: its error leads with the destination's reason."""
+    params = MigrationParameters(multifd_channels=2, max_bandwidth=2 << 20)
+    d, g, out, t = _destination(params)
+    src_guest = FakeGuest(GuestConfig(memory=MEM, seed=1))
+    src_guest.start()
+    src = Source(src_guest, parse_address(f"tcp:127.0.0.1:{d.port}"), params, timeout=5)
+    threading.Timer(0.3, lambda: d.fail(Stalled("out of patience"), "destination")).start()
+    stats = src.run()
+    t.join(timeout=15)
+    assert stats.status == "failed"
+    assert stats.error.startswith("destination: out of patience"), stats.error
+    assert stats.error.count("destination") == 1, stats.error
+    assert src_guest.running
+
+
+def test_a_broken_channel_is_named_once() -> None:
+    """The channel's name comes from where it failed, once: not again from what it was writing."""
+    mine, theirs = socket.socketpair()
+    theirs.close()
+    errors: list[tuple[int, BaseException]] = []
+    ctx = SendContext(uuid=bytes(16), page_size=4096, method=create_method("none", 0, 4096), views={},
+                      pages64=None, limiter=RateLimiter(0), failed=lambda cid, exc: errors.append((cid, exc)))
+    ch = SendChannel(ctx, 1, mine)
+    ch.run()  # the handshake meets a closed peer
+    mine.close()
+    failure = FirstFailure()
+    failure.record(errors[0][1], f"multifd channel {errors[0][0]}")
+    text = str(failure.error)
+    assert text.startswith("multifd channel 1: connection failed while writing the handshake"), text
+    assert text.count("channel") == 1
+
+
+def test_a_truncated_payload_names_its_packet_once() -> None:
+    params = MigrationParameters(multifd_channels=1, max_bandwidth=0)
+    d, g, out, t = _destination(params)
+    main, rp = _hello(d.port, params)
+    ch = socket.create_connection(("127.0.0.1", d.port))
+    hdr = packet.encode_packet(flags=0, packet_num=7, ramblock="pc.ram", normal=np.array([0, 4096], np.uint64),
+                               zero=np.array([], np.uint64), next_packet_size=8192)
+    ch.sendall(handshake.encode_init(bytes(16), 0) + hdr + b"\x01" * 5000)
+    ch.close()
+    err = _finish(t, out, g)
+    assert "multifd channel 0, packet 7: connection closed after" in err, err
+    assert err.count("packet 7") == 1 and err.count("channel 0") == 1, err
+    main.close()

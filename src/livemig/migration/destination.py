@@ -44,6 +44,12 @@ from .multifd import PROGRESS_BYTES, RecvChannel, RecvContext
 from .source import MACHINE_TYPE
 from .stats import ResourceMeter, host_memory_limit
 
+
+class Stalled(MigrationError):
+    """Less than a page came from the source within the timeout. Not a lost link (the handover's
+    ``link-lost``): the link may well be up, so the destination tells the source why (Failed)."""
+
+
 #: at most this many seconds for a connection's first bytes (less when the timeout is shorter)
 FIRST_BYTES = 5.0
 
@@ -150,7 +156,7 @@ class Destination:
         stalled peer, or one dribbling less than a page per timeout."""
         while not self._done.wait(0.25) and not self._stream_done:
             if self._failure.error is None and time.monotonic() - self.last_progress > self.timeout:
-                self.fail(TransportError(f"no progress from the source for {self.timeout:g} s (less than "
+                self.fail(Stalled(f"no progress from the source for {self.timeout:g} s (less than "
                                          f"{PROGRESS_BYTES} bytes arrived)"), "destination")
                 return
 
@@ -226,7 +232,7 @@ class Destination:
         """A greeted multifd channel: start receiving once the guest exists."""
         try:
             if not self._guest_ready.wait(timeout=self.timeout * 4):
-                raise TransportError("multifd channel connected but the guest was never set up")
+                raise TransportError("connected but the guest was never set up")
             self._check()
             ch = RecvChannel(self._recv, cid, sock)
             self.channels[cid] = ch
@@ -256,7 +262,7 @@ class Destination:
                 except TimeoutError as exc:
                     if self.alive():
                         continue  # a long pass: the channels are busy, the main stream waits for its flush
-                    raise TransportError(f"no progress on any channel for {self.timeout:g} s") from exc
+                    raise Stalled(f"no progress on any channel for {self.timeout:g} s") from exc
                 except OSError as exc:
                     raise TransportError(f"main channel failed: {exc}") from exc
                 if n == 0:

@@ -51,7 +51,7 @@ from ..transport.sockets import AddressConnector, Connector, send_buffers
 from ..wire import packet, stream
 from . import protocol, state
 from .convergence import Convergence
-from .handover import PeerFailed, ReturnPath, SourceHandover
+from .handover import PeerFailed, ReturnPath, SourceHandover, failure_text
 from .multifd import SendChannels, SendContext
 from .stats import MigrationStats, ResourceMeter
 
@@ -393,10 +393,8 @@ class Source:
         if cancelled:
             self.stats.error = "migration cancelled"
         else:
-            self.stats.error = str(err) or type(err).__name__
-            peer = self._peer_error(err).removeprefix("destination: ")
-            if peer and peer not in self.stats.error:
-                self.stats.error = f"{self.stats.error} (destination: {peer})"
+            peer = "" if self._cancel.is_set() else self.handover.peer_reason(err)
+            self.stats.error = failure_text(str(err) or type(err).__name__, peer)
             if self.handover.state == protocol.S_UNKNOWN:
                 self.stats.error = f"{protocol.UNKNOWN_ADVICE} ({self.stats.error})"
         self.stats.total_time_ms = (time.monotonic() - self.stats.start) * 1000
@@ -408,16 +406,6 @@ class Source:
         else:
             self.status.try_step(state.FAILED)
         self._shutdown_sockets()
-
-    def _peer_error(self, err: BaseException) -> str:
-        """The destination's own account of a failure, if it sent one on the return path."""
-        if self.rp is None or self._cancel.is_set() or isinstance(err, PeerFailed):
-            return ""
-        try:
-            msg = self.rp.recv(1.0)
-        except MigrationError:
-            return ""
-        return msg.error if isinstance(msg, protocol.Failed | protocol.Refused) else ""
 
     def _note(self, text: str) -> None:
         """What the operator must know about the handover (a cancel too late, an unknown outcome)."""
