@@ -157,3 +157,57 @@ def test_bandwidth_cap_holds_for_every_byte(memory: int, zero: bool, channels: i
     assert seen["bytes"] > 50 * cap // 100  # far more than the limiter's credit (10 ms of rate)
     rate = seen["bytes"] / (seen["t"] - stats.start)
     assert rate <= 1.25 * cap, f"{rate / 1024:.1f} KiB/s against a cap of {cap / 1024:.0f} KiB/s"
+
+
+@pytest.mark.parametrize(("sizes", "size"), [([10, 3], 4), ([4096], 4096), ([1, 1, 1], 2), ([0, 5], 5)])
+def test_pieces_cut_buffers_without_reordering(sizes: list[int], size: int) -> None:
+    from livemig.migration.multifd import pieces
+
+    bufs = [bytes((i + k) % 256 for k in range(n)) for i, n in enumerate(sizes)]
+    cut = pieces(bufs, size)
+    assert all(0 < sum(v.nbytes for v in p) <= size for p in cut)
+    assert b"".join(bytes(v) for p in cut for v in p) == b"".join(bufs)
+
+
+def test_many_channels_hold_the_cap_and_mbps_is_the_active_rate() -> None:
+    """255 channels of an all-zero guest: the active phase is almost all SYNC packets (255 x 1344
+    bytes per flush round), every one charged to the cap. ``mbps`` is the active phase's rate: the
+    capped setup round and the uncapped switchover round (another 255 SYNCs) are not in it."""
+    cap = 256 << 10
+    params = MigrationParameters(multifd_channels=255, max_bandwidth=cap, downtime_limit=0, max_passes=1)
+    guest = FakeGuest(GuestConfig(memory=2 << 20, seed=3), incoming=True)  # incoming: all-zero RAM
+    stats, dres, sg, dg = _migrate(params, memory=2 << 20, src_guest=guest)
+    assert stats.status == "completed", stats.error
+    assert stats.active_bytes() > 255 * 1344  # at least one SYNC round went out while active
+    rate = stats.active_bytes() / stats.active_seconds()
+    assert rate <= 1.25 * cap, f"{rate / 1024:.1f} KiB/s against a cap of {cap / 1024:.0f} KiB/s"
+    assert stats.to_qapi()["ram"]["mbps"] == round(rate * 8 / 1e6, 2)
+    # the whole run, setup and switchover included, moved more than the active phase
+    assert stats.transferred > stats.active_bytes() + 2 * 255 * 1344
+
+
+def test_mbps_and_remaining_of_a_migration_refused_before_ram_moved() -> None:
+    params = MigrationParameters(multifd_channels=2, multifd_compression="zlib", max_bandwidth=0)
+    stats, dres, sg, dg = _migrate(params, memory=1 << 20,
+                                   dst_params=MigrationParameters(multifd_channels=2, max_bandwidth=0))
+    assert stats.status == "failed"
+    ram = stats.to_qapi()["ram"]
+    assert ram["remaining"] == 1 << 20 and ram["total"] == 1 << 20
+    assert ram["mbps"] == 0 and ram["normal"] == 0
+
+
+def test_destination_names_the_guest_size_in_words() -> None:
+    params = MigrationParameters(multifd_channels=1, max_bandwidth=0)
+    link = SocketPairLink()
+    logs: list[str] = []
+    dst = Destination(link, params, timeout=10, log=logs.append)
+    out: dict[str, Any] = {}
+    t = threading.Thread(target=lambda: out.update(dst.run()))
+    t.start()
+    src_guest = FakeGuest(GuestConfig(memory=1 << 20, seed=3))
+    src_guest.start()
+    Source(src_guest, link, params, timeout=10).run()  # FakeGuest's state is no portable guest's: fails late
+    t.join(timeout=30)
+    assert any("guest from the source's config (1.00 MiB)" in line for line in logs), logs
+    if dst.guest is not None:
+        dst.guest.close()

@@ -222,3 +222,15 @@ def test_report_1_between_processes(tmp_path: Path) -> None:
     s, d = json.loads(sjson.read_text()), json.loads(djson.read_text())
     assert s["livemig"]["source-guest"] == "postmigrate" and s["livemig"]["handover"] == "unknown"
     assert d["resumed"] is True and d["progress_after"] > d["progress_at_resume"] > 0
+
+
+@pytest.mark.parametrize(("local", "peer", "text"), [
+    ("Broken pipe", "no progress on any channel for 2 s",
+     "destination: no progress on any channel for 2 s (source: Broken pipe)"),
+    ("destination failed: guest differs", "guest differs", "destination: guest differs"),
+    ("timed out", "", "timed out"),
+])
+def test_the_destinations_reason_leads(local: str, peer: str, text: str) -> None:
+    from livemig.migration.handover import failure_text
+
+    assert failure_text(local, peer) == text

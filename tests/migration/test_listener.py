@@ -136,7 +136,7 @@ def test_a_main_channel_that_dribbles_its_configuration_fails_in_bounded_time() 
     w.t.join(timeout=10)
     assert time.monotonic() - t0 < 4
     assert w.out["status"] == "failed" and w.out["resumed"] is False
-    assert "no data from the source for 1 s" in w.out["error-desc"]
+    assert "no progress from the source for 1 s" in w.out["error-desc"]
     s.close()
 
 

@@ -40,9 +40,15 @@ from ..wire.constants import PAGE_SIZE
 from . import protocol, state
 from .accept import Gate
 from .handover import DestinationHandover, ReturnPath
-from .multifd import RecvChannel, RecvContext
+from .multifd import PROGRESS_BYTES, RecvChannel, RecvContext
 from .source import MACHINE_TYPE
 from .stats import ResourceMeter, host_memory_limit
+
+
+class Stalled(MigrationError):
+    """Less than a page came from the source within the timeout. Not a lost link (the handover's
+    ``link-lost``): the link may well be up, so the destination tells the source why (Failed)."""
+
 
 #: at most this many seconds for a connection's first bytes (less when the timeout is shorter)
 FIRST_BYTES = 5.0
@@ -103,7 +109,7 @@ class Destination:
             received=self.received,
             digests=self.digests,
             alive=self.alive,
-            progress=self._touch,
+            progress=self._progress,
             sync=self.channel_sync,
             failed=self.fail,
         )
@@ -118,7 +124,10 @@ class Destination:
         self._guest_ready = threading.Event()
         self._all_channels = threading.Event()
         self._done = threading.Event()
+        #: when the migration last made progress: PROGRESS_BYTES arrived (see :meth:`_progress`)
         self.last_progress = time.monotonic()
+        self._progress_bytes = 0
+        self._progress_lock = threading.Lock()
         self._t_first = time.monotonic()
         self._stream_done = False
 
@@ -143,17 +152,33 @@ class Destination:
         self._failure.check()
 
     def _watchdog(self) -> None:
-        """Fail the migration when no channel has moved for ``timeout`` seconds (a stalled peer)."""
+        """Fail the migration when it made no progress (:meth:`_progress`) for ``timeout`` seconds: a
+        stalled peer, or one dribbling less than a page per timeout."""
         while not self._done.wait(0.25) and not self._stream_done:
             if self._failure.error is None and time.monotonic() - self.last_progress > self.timeout:
-                self.fail(TransportError(f"no data from the source for {self.timeout:g} s"), "destination")
+                self.fail(Stalled(f"no progress from the source for {self.timeout:g} s (less than "
+                                         f"{PROGRESS_BYTES} bytes arrived)"), "destination")
                 return
 
-    def _touch(self) -> None:
-        self.last_progress = time.monotonic()
+    def _progress(self, nbytes: int) -> None:
+        """``nbytes`` more arrived on some channel (main or multifd, any thread). Progress is measured
+        in bytes: the stall timer restarts once at least :data:`~.multifd.PROGRESS_BYTES` (one page)
+        arrived since it last restarted, so a slow cap keeps the migration alive and a peer sending
+        a byte now and then does not."""
+        with self._progress_lock:
+            self._progress_bytes += nbytes
+            if self._progress_bytes >= PROGRESS_BYTES:
+                self._progress_bytes = 0
+                self.last_progress = time.monotonic()
+
+    def _restart_timer(self) -> None:
+        """Local work (creating the guest) took a while: the peer gets a whole timeout again."""
+        with self._progress_lock:
+            self._progress_bytes = 0
+            self.last_progress = time.monotonic()
 
     def alive(self) -> bool:
-        """True while some channel delivered a packet within the timeout."""
+        """True while the migration made progress (:meth:`_progress`) within the timeout."""
         return self._failure.error is None and time.monotonic() - self.last_progress < self.timeout
 
     def channel_sync(self, cid: int) -> None:
@@ -181,7 +206,7 @@ class Destination:
             self.meter.start()
             self._t_first = time.monotonic()
             rp = self.handover.rp = ReturnPath(self.main, "to-destination", "source")
-            self.last_progress = time.monotonic()
+            self._restart_timer()
             threading.Thread(target=self._watchdog, name="watchdog", daemon=True).start()
             self._receive_main(reader, rp, hasher)
             self._stream_done = True
@@ -207,7 +232,7 @@ class Destination:
         """A greeted multifd channel: start receiving once the guest exists."""
         try:
             if not self._guest_ready.wait(timeout=self.timeout * 4):
-                raise TransportError("multifd channel connected but the guest was never set up")
+                raise TransportError("connected but the guest was never set up")
             self._check()
             ch = RecvChannel(self._recv, cid, sock)
             self.channels[cid] = ch
@@ -220,8 +245,8 @@ class Destination:
 
     def _receive_main(self, reader: stream.StreamReader, rp: ReturnPath, hasher: threading.Thread) -> None:
         """Read the main stream after its CONFIGURATION (the gate read that far) up to EOF, then
-        verify RAM, load the state and answer Prepared. Progress counts whole records, not bytes:
-        a peer that dribbles a record in never resets the watchdog."""
+        verify RAM, load the state and answer Prepared. Progress counts the bytes read, as on the
+        multifd channels (:meth:`_progress`): small records dribbled in never reset the watchdog."""
         assert self.main is not None
         buf = bytearray(1 << 16)
         view = memoryview(buf)
@@ -237,14 +262,14 @@ class Destination:
                 except TimeoutError as exc:
                     if self.alive():
                         continue  # a long pass: the channels are busy, the main stream waits for its flush
-                    raise TransportError(f"no progress on any channel for {self.timeout:g} s") from exc
+                    raise Stalled(f"no progress on any channel for {self.timeout:g} s") from exc
                 except OSError as exc:
                     raise TransportError(f"main channel failed: {exc}") from exc
                 if n == 0:
                     raise TransportError("main channel closed before the end of the migration stream")
                 reader.feed(view[:n])
+                self._progress(n)
                 continue
-            self.last_progress = time.monotonic()
             if isinstance(ev, stream.Blob):
                 if ev.idstr == "livemig/config":
                     self._configure(ev.data, rp)
@@ -339,7 +364,7 @@ class Destination:
             if need > self.max_memory:
                 self._refuse(rp, f"the source's guest needs {format_size(need)} of RAM, more than this "
                                  f"destination's --max-memory {format_size(self.max_memory)}")
-            self.log(f"creating the {gcfg.kind} guest from the source's config ({gcfg.memory} bytes)")
+            self.log(f"creating the {gcfg.kind} guest from the source's config ({format_size(gcfg.memory)})")
             try:
                 self.guest = create_guest(gcfg, incoming=True)
             except MigrationError as exc:
@@ -353,7 +378,7 @@ class Destination:
                 self._refuse(rp, f"guest differs: source has a {gcfg.kind} guest with RAM {show(theirs)}, "
                                  f"destination a {self.guest.config.kind} guest with RAM {show(ours)}")
             self.guest.config = gcfg
-        self.last_progress = time.monotonic()  # creating the guest may have taken a while
+        self._restart_timer()  # creating the guest may have taken a while
         for b in self.guest.blocks:
             self.blocks[b.name] = b
             self.views[b.name] = b.view()

@@ -95,6 +95,17 @@ def _root(exc: BaseException) -> BaseException:
     return exc
 
 
+def failure_text(local: str, peer: str) -> str:
+    """A failed migration's error: the destination's reason ``peer`` first when it sent one (the cause;
+    the local error is mostly its symptom, e.g. a broken pipe), the local error after it in
+    parentheses unless it says the same; else ``local`` alone."""
+    if not peer:
+        return local
+    if not local or peer in local:
+        return f"destination: {peer}"
+    return f"destination: {peer} (source: {local})"
+
+
 class SourceHandover:
     """The source's half: :data:`.protocol.SOURCE` applied to one guest and one return path.
 
@@ -186,6 +197,18 @@ class SourceHandover:
                 raise Cancelled("migration cancelled")
             actions = self.h.step("prepared")
         self._do(actions)
+
+    def peer_reason(self, exc: BaseException, wait: float = 1.0) -> str:
+        """The destination's own account of the failure ``exc``, if it sent one (Failed or Refused)
+        on the return path within ``wait`` seconds; "" otherwise (also after a cancel, or when
+        ``exc`` already is its answer: PeerFailed). Without its ``destination: `` prefix."""
+        if self.rp is None or self.cancelled or isinstance(_root(exc), PeerFailed):
+            return ""
+        try:
+            msg = self.rp.recv(wait)
+        except MigrationError:
+            return ""
+        return msg.error.removeprefix("destination: ") if isinstance(msg, p.Failed | p.Refused) else ""
 
     def resumed(self, timeout: float) -> p.Resumed:
         """Wait for the destination's Resumed after Commit (raises as :meth:`commit`, except Cancelled)."""

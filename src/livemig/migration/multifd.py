@@ -3,13 +3,19 @@
 Send side: :class:`SendChannels` numbers packets and hands page jobs round robin to
 :class:`SendChannel` threads, which detect zero pages, compress and write packets in order; a flush
 puts a SYNC packet on every channel and waits until each has written it. Every byte a channel writes
-(handshake, headers, payloads, SYNC) is charged to the bandwidth limiter first.
+(handshake, headers, payloads, SYNC) is charged to the bandwidth limiter first; under a cap a channel
+writes in pieces of ``PIECE_SECONDS`` of the rate, so a 512 KiB packet at 16 KiB/s shows progress
+every few KiB instead of once after 32 s.
 
 Receive side: :class:`RecvChannel` validates every packet header (magic, version, counts, flags,
 block, offsets inside the block) before a byte lands in guest RAM. A raw payload (``none``) is read
 straight into guest RAM; any other is bounded (``MAX_PAYLOAD``), decoded to exactly the packet's
 pages and scattered. A SYNC packet waits at the destination's flush barrier, so a re-sent page never
 lands before an older copy.
+
+Progress is measured in bytes, not whole packets, on both sides: a side's stall timer restarts only
+once at least :data:`PROGRESS_BYTES` (one page) moved since its last restart. So a slow cap never
+looks like a stall, while a peer dribbling a byte now and then still fails within the timeout.
 
 A worker sees only its context (:class:`SendContext`, :class:`RecvContext`): page size, method, RAM
 views, limiter, counters and callbacks for failure, sync and progress; never the Source or
@@ -22,7 +28,7 @@ import queue
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -39,6 +45,17 @@ from .stats import ChannelCounters
 
 #: packets per channel job: fewer queue hand-offs and syscalls, same packets on the wire
 BATCH = 4
+
+#: progress unit on both sides: a channel (or the main stream) has made progress once this many bytes
+#: moved since the last progress; fewer (a peer dribbling a byte now and then) never resets a timer
+PROGRESS_BYTES = 4096
+#: a capped channel writes in pieces of this many seconds of the rate (at least PROGRESS_BYTES), so
+#: its byte counter moves while a large packet crawls through the cap
+PIECE_SECONDS = 0.1
+#: a receive channel reads a payload in chunks of at most this many bytes, reporting each one
+RECV_CHUNK_MAX = 256 << 10
+#: ... adapted so that a chunk takes about this many seconds (see RecvChannel._recv)
+RECV_CHUNK_SECONDS = 0.05
 
 
 @dataclass
@@ -77,6 +94,26 @@ class SendContext:
     failed: Callable[[int, BaseException], None]
 
 
+def pieces(bufs: Sequence[Buffer], size: int) -> list[list[memoryview]]:
+    """``bufs`` cut into consecutive groups of at most ``size`` bytes each (byte views, no copies)."""
+    out: list[list[memoryview]] = []
+    cur: list[memoryview] = []
+    room = size
+    for b in bufs:
+        mv = memoryview(b).cast("B")
+        while mv.nbytes:
+            part = mv[:room]
+            cur.append(part)
+            room -= part.nbytes
+            mv = mv[part.nbytes :]
+            if room == 0:
+                out.append(cur)
+                cur, room = [], size
+    if cur:
+        out.append(cur)
+    return out
+
+
 class SendChannel(threading.Thread):
     """One multifd channel: handshake, then zero detection, compression and sending, in job order."""
 
@@ -92,13 +129,13 @@ class SendChannel(threading.Thread):
 
     def run(self) -> None:
         try:
-            self._write([handshake.encode_init(self.ctx.uuid, self.cid)], "handshake")
+            self._write([handshake.encode_init(self.ctx.uuid, self.cid)], "the handshake")
             while True:
                 job = self.q.get()
                 if job is _STOP:
                     return
                 if isinstance(job, _Sync):
-                    self._write([packet.encode_sync(job.num, self.ctx.page_size)], "sync")
+                    self._write([packet.encode_sync(job.num, self.ctx.page_size)], "the SYNC packet")
                     self.synced.release()
                 elif isinstance(job, _Pages):
                     self._send_pages(job)
@@ -106,16 +143,19 @@ class SendChannel(threading.Thread):
             self.ctx.failed(self.cid, exc)
 
     def _write(self, bufs: list[Buffer], what: str) -> None:
-        """Charge the limiter, then write ``bufs`` in one vectored send."""
-        self.ctx.limiter.acquire(sum(len(b) for b in bufs))
-        self.counters.wire_bytes += send_buffers(self.sock, bufs, f"multifd channel {self.cid} {what}")
+        """Charge the limiter, then write ``bufs``: in one vectored send when uncapped, in pieces of
+        ``PIECE_SECONDS`` of the rate (at least ``PROGRESS_BYTES``) when capped. ``what`` names the
+        data in errors ("packets", "the SYNC packet"); the channel is named by the caller's context."""
+        limiter = self.ctx.limiter
+        rate = limiter.rate
+        if not rate:
+            self.counters.wire_bytes += send_buffers(self.sock, bufs, what)
+            return
+        for piece in pieces(bufs, max(PROGRESS_BYTES, int(rate * PIECE_SECONDS))):
+            limiter.acquire(sum(len(b) for b in piece))
+            self.counters.wire_bytes += send_buffers(self.sock, piece, what)
 
     def _send_pages(self, job: _Pages) -> None:
-        if self.ctx.limiter.rate:
-            # capped: one packet at a time, so progress (and the cap) moves in packet steps
-            for idx, num in job.packets:
-                self._write(self._packet(job.block, idx, num), "packets")
-            return
         bufs: list[Buffer] = []
         for idx, num in job.packets:
             bufs += self._packet(job.block, idx, num)
@@ -235,9 +275,10 @@ class SendChannels:
     def flush(self) -> None:
         """SYNC on every channel, and wait until each has written it.
 
-        Waits as long as some channel makes progress (a slow cap or codec can take long: with a
-        cap, channels queue behind each other in the limiter); TransportError when no channel wrote
-        anything for ``timeout`` seconds.
+        Waits as long as the channels make progress (a slow cap or codec can take long: with a
+        cap, channels queue behind each other in the limiter); progress = at least
+        :data:`PROGRESS_BYTES` written on all channels together since the last progress.
+        TransportError naming the channel when they wrote less than that for ``timeout`` seconds.
         """
         for ch in self.channels:
             self._put(ch, _Sync(self._next_num()))
@@ -246,11 +287,12 @@ class SendChannels:
             while not ch.synced.acquire(timeout=0.05):
                 self.check()
                 now_bytes = self.wire_bytes()
-                if now_bytes != seen:
+                if now_bytes - seen >= PROGRESS_BYTES:
                     seen, deadline = now_bytes, time.monotonic() + self.timeout
                 elif time.monotonic() > deadline:
                     raise TransportError(
-                        f"multifd channel {ch.cid} wrote nothing for {self.timeout:.0f} s before its SYNC"
+                        f"the multifd channels wrote less than {PROGRESS_BYTES} bytes in {self.timeout:g} s "
+                        f"(channel {ch.cid} still owes its SYNC)"
                     )
 
     def shutdown(self) -> None:
@@ -290,8 +332,9 @@ class RecvContext:
     digests: dict[str, ChunkDigest]
     #: True while the migration as a whole makes progress (a quiet socket then keeps waiting)
     alive: Callable[[], bool]
-    #: a packet arrived (feeds the destination's watchdog)
-    progress: Callable[[], None]
+    #: ``progress(nbytes)``: this many more bytes arrived on a channel (feeds the destination's
+    #: watchdog, which counts them against :data:`PROGRESS_BYTES`)
+    progress: Callable[[int], None]
     #: a SYNC packet was read on channel ``cid``: blocks until the main stream's flush meets it
     sync: Callable[[int], None]
     #: called from the channel thread with (exception, where) when the channel fails
@@ -310,9 +353,12 @@ class RecvChannel(threading.Thread):
         self.counters = ChannelCounters()
         self.counters.wire_bytes += handshake.INIT_SIZE
         self.current: int | None = None
+        #: bytes per payload read (see :meth:`_recv`), adapted to the rate data arrives at
+        self.chunk = 4 * PROGRESS_BYTES
 
     def run(self) -> None:
         try:
+            self.ctx.progress(handshake.INIT_SIZE)
             self._loop()
         except BaseException as exc:  # noqa: BLE001 - reported to the main thread
             where = f"multifd channel {self.cid}"
@@ -330,6 +376,7 @@ class RecvChannel(threading.Thread):
             self.current = None
             if not recv_exact_into(self.sock, hbuf, "packet header", eof_ok=True, alive=ctx.alive):
                 return
+            ctx.progress(plen)
             hdr = packet.decode_packet(hbuf, ps)
             self.current = hdr.packet_num
             if hdr.has_data:
@@ -352,7 +399,6 @@ class RecvChannel(threading.Thread):
                     received[zero] = True
                 touched = np.concatenate((normal, zero)) if zero.size else normal
                 ctx.digests[block.name].mark_pages(touched)
-                ctx.progress()
                 c = self.counters
                 c.packets += 1
                 c.normal += int(normal.size)
@@ -374,15 +420,32 @@ class RecvChannel(threading.Thread):
             want = n * ps
             if hdr.next_packet_size != want:
                 raise WireError(f"multifd: {ctx.method.name} packet size", hdr.next_packet_size, want)
-            recv_into_buffers(self.sock, outs, f"{n} pages of packet {hdr.packet_num}", alive=ctx.alive)
+            self._recv(outs, f"{n} pages")
         else:
             size = hdr.next_packet_size
             if size > MAX_PAYLOAD:
                 raise WireError(f"multifd: {ctx.method.name}: received unexpectedly large packet", size,
                                 f"at most {MAX_PAYLOAD}")
-            recv_exact_into(self.sock, pbuf[:size], f"payload of packet {hdr.packet_num}", alive=ctx.alive)
+            self._recv([pbuf[:size]], f"the {size}-byte payload")
             t0 = time.thread_time()
             # offsets were checked against the block: the decoder writes only this packet's pages
             self.decomp.decompress_into(pbuf[:size], outs, ps)
             self.counters.codec_seconds += time.thread_time() - t0
         ctx.received[block.name][normal] = True
+
+    def _recv(self, bufs: list[memoryview], what: str) -> None:
+        """Fill ``bufs`` in chunks, reporting each chunk's bytes to ``ctx.progress`` as it lands, so a
+        packet crawling in under a low cap shows progress. The chunk adapts to the rate: a chunk
+        that took longer than ``RECV_CHUNK_SECONDS`` shrinks the next to what would have taken that
+        long (at least :data:`PROGRESS_BYTES`); one that took less than half doubles it (at most
+        :data:`RECV_CHUNK_MAX`). Few reads at full speed, about one page per report at 16 KiB/s."""
+        for part in pieces(bufs, self.chunk):
+            t0 = time.monotonic()
+            recv_into_buffers(self.sock, part, what, alive=self.ctx.alive)
+            n = sum(b.nbytes for b in part)
+            self.ctx.progress(n)
+            took = time.monotonic() - t0
+            if took > RECV_CHUNK_SECONDS:
+                self.chunk = max(PROGRESS_BYTES, int(n * RECV_CHUNK_SECONDS / took))
+            elif took < RECV_CHUNK_SECONDS / 2:
+                self.chunk = min(RECV_CHUNK_MAX, self.chunk * 2)

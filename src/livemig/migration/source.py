@@ -51,7 +51,7 @@ from ..transport.sockets import AddressConnector, Connector, send_buffers
 from ..wire import packet, stream
 from . import protocol, state
 from .convergence import Convergence
-from .handover import PeerFailed, ReturnPath, SourceHandover
+from .handover import PeerFailed, ReturnPath, SourceHandover, failure_text
 from .multifd import SendChannels, SendContext
 from .stats import MigrationStats, ResourceMeter
 
@@ -125,11 +125,12 @@ class Source:
         self.stats = MigrationStats(
             page_size=self.page_size,
             method=self.method.name,
-            level=params.level() if self.method.levels else 0,
+            level=params.level() if self.method.levels else None,
             backend=self.method.backend(),
             accelerated=self.method.accelerated(),
             max_bandwidth=params.max_bandwidth,
             ram_total=guest.ram_size,
+            remaining=guest.ram_size,  # nothing sent yet
             guest=guest.describe(),
             expected_downtime_ms=params.downtime_limit,  # QEMU's initial value
         )
@@ -188,6 +189,7 @@ class Source:
             hasher.start()
             self.stats.setup_time_ms = (time.monotonic() - self.stats.start) * 1000
             self.status.step(state.ACTIVE)
+            self.stats.begin_active()
             self._iterate()
             self._complete()
         except BaseException as exc:  # noqa: BLE001 - every failure ends in a status
@@ -264,6 +266,7 @@ class Source:
     def _complete(self) -> None:
         self.status.step(state.DEVICE)
         marks: list[tuple[str, float]] = []
+        self.stats.end_active()
         t_pause = time.monotonic()
         self.handover.switchover()
         self._running_bytes = False
@@ -380,6 +383,7 @@ class Source:
         """End in cancelled (a cancel before the commit point) or failed; the handover's table says
         what the guest does (running again before the commit point, stopped after it)."""
         self._stop.set()  # channel threads still waiting in the limiter give up
+        self.stats.end_active()
         err = self._failure.error or exc
         try:
             self.handover.fail(err)
@@ -389,10 +393,8 @@ class Source:
         if cancelled:
             self.stats.error = "migration cancelled"
         else:
-            self.stats.error = str(err) or type(err).__name__
-            peer = self._peer_error(err).removeprefix("destination: ")
-            if peer and peer not in self.stats.error:
-                self.stats.error = f"{self.stats.error} (destination: {peer})"
+            peer = "" if self._cancel.is_set() else self.handover.peer_reason(err)
+            self.stats.error = failure_text(str(err) or type(err).__name__, peer)
             if self.handover.state == protocol.S_UNKNOWN:
                 self.stats.error = f"{protocol.UNKNOWN_ADVICE} ({self.stats.error})"
         self.stats.total_time_ms = (time.monotonic() - self.stats.start) * 1000
@@ -404,16 +406,6 @@ class Source:
         else:
             self.status.try_step(state.FAILED)
         self._shutdown_sockets()
-
-    def _peer_error(self, err: BaseException) -> str:
-        """The destination's own account of a failure, if it sent one on the return path."""
-        if self.rp is None or self._cancel.is_set() or isinstance(err, PeerFailed):
-            return ""
-        try:
-            msg = self.rp.recv(1.0)
-        except MigrationError:
-            return ""
-        return msg.error if isinstance(msg, protocol.Failed | protocol.Refused) else ""
 
     def _note(self, text: str) -> None:
         """What the operator must know about the handover (a cancel too late, an unknown outcome)."""

@@ -4,7 +4,11 @@ Definitions follow QEMU 10.2 (docs/wire.md, "Statistics"), with these choices wr
 
 * ``transferred`` = bytes written on the main channel + ``multifd-bytes`` (bytes really written on
   the multifd sockets: the 64-byte handshakes, packet headers and compressed payloads).
-* ``mbps`` = transferred x 8 / (total-time - setup-time), in Mbit/s, as QEMU computes it at completion.
+* ``mbps`` = bytes written (main channel + multifd) while ``active`` x 8 / the time spent active, in
+  Mbit/s: the rate of the iterative (capped) phase, as QEMU's own mbps is an iteration rate. The
+  setup handshakes and first SYNC round, and the uncapped switchover (the guest paused), are
+  excluded, so under ``max-bandwidth`` the figure is what the cap allowed. While active: bytes since
+  active began over the time since; 0 when no RAM moved (a migration that failed in setup).
 * ``pages-per-second`` = (normal + duplicate) pages / (total-time - setup-time): the whole-migration
   average (QEMU shows its last 100 ms window instead).
 * ``precopy-bytes`` / ``downtime-bytes`` = main-channel RAM-section bytes while the guest ran / was
@@ -24,7 +28,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..units import format_rate_bits, format_size
+from ..units import format_rate_bits, format_size, plural
 from ..wire.constants import PAGE_SIZE
 
 
@@ -130,9 +134,15 @@ class MigrationStats:
     dirty_pages_rate: int = 0
     passes: int = 0
     channels: list[ChannelCounters] = field(default_factory=list)
+    #: monotonic time the ``active`` phase began / ended (0 = not yet) and ``transferred`` then
+    active_start: float = 0.0
+    active_end: float = 0.0
+    active_bytes_start: int = 0
+    active_bytes_end: int = 0
     # livemig's own
     method: str = "none"
-    level: int = 0
+    #: the method's level; None for a method without levels (none, qpl, uadk)
+    level: int | None = None
     backend: str = ""
     accelerated: bool = False
     max_bandwidth: int = 0
@@ -182,8 +192,33 @@ class MigrationStats:
     def _active_s(self) -> float:
         return max(1e-9, (self.elapsed_ms() - self.setup_time_ms) / 1000.0)
 
+    def begin_active(self) -> None:
+        """The iterative phase begins now (status ``active``)."""
+        self.active_start, self.active_bytes_start = time.monotonic(), self.transferred
+
+    def end_active(self) -> None:
+        """The iterative phase ends now (switchover, or a failure while active); once only."""
+        if self.active_start and not self.active_end:
+            self.active_end, self.active_bytes_end = time.monotonic(), self.transferred
+
+    def active_bytes(self) -> int:
+        """Bytes written (main channel + multifd) during the active phase so far."""
+        if not self.active_start:
+            return 0
+        return (self.active_bytes_end if self.active_end else self.transferred) - self.active_bytes_start
+
+    def active_seconds(self) -> float:
+        """Seconds spent in the active phase so far."""
+        if not self.active_start:
+            return 0.0
+        return (self.active_end or time.monotonic()) - self.active_start
+
     def mbps(self) -> float:
-        return self.transferred * 8 / self._active_s() / 1e6
+        """The active phase's rate in Mbit/s (see the module doc); 0 when no RAM moved."""
+        seconds = self.active_seconds()
+        if self.normal + self.duplicate == 0 or seconds <= 0:
+            return 0.0
+        return self.active_bytes() * 8 / seconds / 1e6
 
     def pages_per_second(self) -> float:
         return (self.normal + self.duplicate) / self._active_s()
@@ -289,7 +324,8 @@ class MigrationStats:
                 f"pages-per-second: {ram['pages-per-second']}",
             ]
         lines += [
-            f"method: {lm['method']} (level {lm['level']}) on {lm['channels']} channels: {lm['backend']}",
+            f"method: {lm['method']}{'' if self.level is None else f' (level {self.level})'} "
+            f"on {plural(lm['channels'], 'channel')}: {lm['backend']}",
             f"compression ratio: {lm['compression-ratio']:.2f}",
             f"send cpu: {lm['send-cpu-percent']:.0f} %   recv cpu: {lm['recv-cpu-percent']:.0f} %",
             f"memory used by migration: send {format_size(lm['send-mem-bytes'])}, "
