@@ -30,18 +30,18 @@ def clean(text: str) -> str:
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (("--local", "--timeout", "0"), "--timeout 0: expected a number of seconds greater than 0"),
+        (("--local", "--timeout", "0"), "--timeout 0: expected a number of seconds 0.1 or more"),
         (("--local", "--run-after", "-3"), "--run-after -3: expected a number of seconds 0 or more"),
-        (("--local", "--max-passes", "-1"), "Parameter 'max_passes' expects a value of 0 (never) or more"),
+        (("--local", "--max-passes", "-1"), "--max-passes -1: expected a value of 0 (never) or more"),
         (("tcp:127.0.0.1:1", "--run-after", "1"), "--run-after needs --local"),
         (("--local", "tcp:127.0.0.1:1"), "--local starts its own destination, so the URI 'tcp:127.0.0.1:1'"),
         ((), "a destination is needed: a URI, tcp:HOST:PORT"),
         (("--local", "--max-bandwidth", "10gigs"), "--max-bandwidth '10gigs': expected a rate like 10Gbps"),
         (("--local", "--max-bandwidth", "10gigs"), "1GiB/s"),
         (("--local", "--memory", "1X"), "--memory '1X': expected a size like"),
-        (("--local", "--memory", "5000"), "--memory 5000: expected a positive multiple of 4 KiB"),
-        (("--local", "--fill", "nope"), "--fill: unknown fill 'nope'"),
-        (("--local", "--multifd-channels", "0"), "Parameter 'multifd_channels' expects a value between 1 and 255"),
+        (("--local", "--memory", "5000"), "--memory 5000: expected a positive multiple of 4096 bytes"),
+        (("--local", "--fill", "nope"), "--fill nope: unknown fill 'nope'"),
+        (("--local", "--multifd-channels", "0"), "--multifd-channels 0: expected a value between 1 and 255"),
         (("--local", "--uuid", "x"), "--uuid 'x': expected a UUID"),
         (("--local", "--json", "/nonexistent/r.json"), "--json /nonexistent/r.json: directory /nonexistent does"),
         (("exec:cat",), "invalid migration address 'exec:cat'"),
@@ -60,7 +60,7 @@ def test_bad_options_refused_before_anything_starts(args: tuple[str, ...], messa
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (("tcp:127.0.0.1:0", "--timeout", "0"), "--timeout 0: expected a number of seconds greater than 0"),
+        (("tcp:127.0.0.1:0", "--timeout", "0"), "--timeout 0: expected a number of seconds 0.1 or more"),
         (("tcp:127.0.0.1:x",), "invalid migration address 'tcp:127.0.0.1:x': port 'x' is not a number"),
         (("tcp:127.0.0.1:0", "--memory", "lots"), "--memory 'lots': expected a size like"),
     ],

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import signal
 import sys
@@ -25,9 +26,8 @@ from dataclasses import dataclass
 from typing import Any, TextIO
 
 from ..compress import create_method
-from ..errors import GuestError, MigrationError, ParameterError
-from ..guest import GuestConfig, create_guest, default_kind, kvm_unavailable
-from ..guest.fill import describe_fill
+from ..errors import MigrationError, ParameterError
+from ..guest import GuestConfig, create_guest
 from ..params import MigrationParameters, check_option, parse_option
 from ..transport.address import Address, parse_address
 from ..transport.secure import tls_connector, tls_listener
@@ -35,9 +35,13 @@ from ..transport.tls import Tls
 from ..ui.progress import ProgressDisplay
 from ..units import format_size, plural
 from .destination import Destination
+from .guestopts import add_guest_options, guest_config_from_args
 from .local import LocalDestination
 from .source import Source
 from .tlsopts import add_tls_options, is_loopback, local_server_args, tls_from_args
+
+#: the shortest --timeout: below it, scheduling delays of a loaded host alone would fail a migration
+MIN_TIMEOUT = 0.1
 
 URI_FORMS = "tcp:HOST:PORT (HOST may be [IPv6]) or unix:PATH (a Unix socket file)"
 
@@ -59,30 +63,13 @@ def _add_params(p: argparse.ArgumentParser, source: bool) -> None:
     g.add_argument("--max-passes", type=int, default=0, metavar="N",
                    help=f"switch over after N passes even if the downtime limit is not met (0 = never){only}")
     p.add_argument("--timeout", type=float, default=30.0, metavar="S",
-                   help="seconds without progress on a channel before the migration fails (> 0, default 30)")
+                   help=f"seconds without progress on a channel before the migration fails ({MIN_TIMEOUT:g} or "
+                        "more, finite; default 30)")
     p.add_argument("--uuid", default="", help="VM UUID checked in every multifd handshake (default all zero)")
     p.add_argument("--full-verify", action="store_true",
                    help="hash all of RAM at switchover (also catches writes the dirty log missed; adds downtime)")
     p.add_argument("--json", metavar="FILE", help="write the result as JSON to FILE ('-' = stdout)")
     p.add_argument("--dump-ram", metavar="DIR", help="write RAM at switchover into DIR (for tests)")
-
-
-def _add_guest(p: argparse.ArgumentParser, source: bool) -> None:
-    g = p.add_argument_group("guest")
-    g.add_argument("--guest", choices=["kvm", "portable"], default=None,
-                   help="guest kind (default: kvm where /dev/kvm works, else portable)")
-    if source:
-        g.add_argument("--memory", default="1G", metavar="SIZE", help="guest RAM: 512M, 2G, ... (default 1G)")
-    else:
-        g.add_argument("--memory", default=None, metavar="SIZE",
-                       help="guest RAM, the same as the source's, prefaulted before the migration (default: "
-                            "the source's size, the guest then created and prefaulted during the migration)")
-    g.add_argument("--smp", type=int, default=1, help="vCPUs (default 1)")
-    g.add_argument("--workload", choices=["idle", "dirty", "counter"], default="idle")
-    g.add_argument("--dirty-rate", type=int, default=20000, metavar="PAGES_PER_S")
-    g.add_argument("--working-set", type=int, default=0, metavar="PAGES", help="0 = all RAM")
-    g.add_argument("--fill", default="corpus", help="zero, random, corpus, files:DIR or image:PATH (default corpus)")
-    g.add_argument("--seed", type=int, default=0)
 
 
 def params_from_args(args: argparse.Namespace) -> MigrationParameters:
@@ -98,28 +85,19 @@ def params_from_args(args: argparse.Namespace) -> MigrationParameters:
         zero_page_detection=args.zero_page_detection,
         max_passes=args.max_passes,
     )
-    p.check()
+    try:
+        p.check()
+    except ParameterError as exc:  # QEMU's words name the parameter; here the option is what was typed
+        m = re.fullmatch(r"Parameter '([\w-]+)' (.*)", str(exc), re.S)
+        if m is None:
+            raise
+        name = m.group(1).replace("_", "-")
+        shown = getattr(args, name.replace("-", "_"), "")
+        detail = re.sub(r"^expects ", "expected ", m.group(2))
+        detail = detail.replace(f"does not accept value '{shown}'", "not accepted")
+        raise ParameterError(f"--{name} {shown}: {detail}") from exc
     create_method(p.multifd_compression, p.level(), 4096)  # MethodUnavailable now, not after the guest filled
     return p
-
-
-def guest_config_from_args(args: argparse.Namespace) -> GuestConfig:
-    """The guest options, checked; tells on stderr when the portable guest replaces a missing KVM."""
-    memory = parse_option("--memory", args.memory, "size")
-    if memory <= 0 or memory % 4096:
-        raise ParameterError(f"--memory {args.memory}: expected a positive multiple of 4 KiB, like 512M or 2G")
-    check_option("--smp", args.smp, minimum=1, what="a number of vCPUs")
-    check_option("--dirty-rate", args.dirty_rate, what="pages per second")
-    check_option("--working-set", args.working_set, what="a number of pages")
-    try:
-        describe_fill(args.fill)
-    except GuestError as exc:
-        raise ParameterError(f"--fill: {exc}") from exc
-    kind = args.guest or default_kind()
-    if args.guest is None and kind == "portable":
-        print(f"livemig: /dev/kvm not usable ({kvm_unavailable()}): using the portable guest", file=sys.stderr)
-    return GuestConfig(kind=kind, memory=memory, smp=args.smp, workload=args.workload, dirty_rate=args.dirty_rate,
-                       working_set=args.working_set, fill=args.fill, seed=args.seed)
 
 
 def _uuid(text: str) -> bytes:
@@ -147,7 +125,7 @@ class Checked:
 
 
 def _check_seconds(args: argparse.Namespace) -> None:
-    check_option("--timeout", args.timeout, above=True, what="a number of seconds")
+    check_option("--timeout", args.timeout, minimum=MIN_TIMEOUT, what="a number of seconds")
     check_option("--run-after", args.run_after, what="a number of seconds")
 
 
@@ -403,7 +381,7 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     m.add_argument("--on-unknown", choices=["pause"], default="pause",
                    help="when the destination's answer to the commit never comes, keep the guest paused "
                         "(postmigrate) until you checked the destination (the only choice, the default)")
-    _add_guest(m, source=True)
+    add_guest_options(m, "migrate")
     _add_params(m, source=True)
     add_tls_options(m, source=True)
     m.set_defaults(func=cmd_migrate)
@@ -419,7 +397,7 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     i.add_argument("--max-memory", metavar="SIZE",
                    help="without --memory: refuse a source guest larger than SIZE before allocating anything "
                         "(default: what the host can give, MemAvailable minus a margin)")
-    _add_guest(i, source=False)
+    add_guest_options(i, "incoming")
     _add_params(i, source=False)
     add_tls_options(i, source=False)
     i.set_defaults(func=cmd_incoming)
