@@ -32,11 +32,12 @@ from ..params import MigrationParameters, check_option, parse_option
 from ..transport.address import Address, parse_address
 from ..transport.secure import tls_connector, tls_listener
 from ..transport.tls import Tls
+from ..ui.errors import Terminated
 from ..ui.progress import ProgressDisplay
 from ..units import format_size, plural
 from .destination import Destination
 from .guestopts import add_guest_options, guest_config_from_args
-from .local import LocalDestination
+from .local import LocalDestination, die_with_parent
 from .source import Source
 from .tlsopts import add_tls_options, is_loopback, local_server_args, tls_from_args
 
@@ -251,18 +252,20 @@ def cmd_migrate(args: argparse.Namespace) -> int:
             return src.stats
 
         display = ProgressDisplay(poll, enabled=not args.quiet)
-        interrupted = threading.Event()
+        interrupted: list[int] = []  # SIGINT or SIGTERM: both cancel, as Ctrl-C does
 
-        def on_sigint(*_: Any) -> None:
-            interrupted.set()  # cancel from a thread: the handler may run while this thread holds a lock
+        def on_signal(signum: int, _frame: Any) -> None:
+            interrupted.append(signum)  # cancel from a thread: the handler may run while this thread holds a lock
             threading.Thread(target=src.cancel, name="cancel", daemon=True).start()
 
-        old = signal.signal(signal.SIGINT, on_sigint)
+        old = signal.signal(signal.SIGINT, on_signal)
+        old_term = signal.signal(signal.SIGTERM, on_signal)
         try:
             with display:
                 stats = src.run()
         finally:
             signal.signal(signal.SIGINT, old)
+            signal.signal(signal.SIGTERM, old_term)
         dres: dict[str, Any] = {}
         if local is not None:
             if stats.status == "completed":
@@ -270,7 +273,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
                 for key in ("progress_after", "workload_check"):
                     if key in dres:
                         stats.destination.setdefault(key, dres[key])
-            elif not interrupted.is_set():  # it ends by itself once the source closed the channels
+            elif not interrupted:  # it ends by itself once the source closed the channels
                 dres = local.result(5)
                 if local.stopped:  # it had to be signalled: its own error only says "terminated"
                     dres = {}
@@ -279,7 +282,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         result = stats.to_qapi()  # livemig.source-guest: running, paused or postmigrate; livemig.handover
         _write_json(args.json, result)
         if stats.status != "completed":
-            _raise_failure(stats.status, stats.error, result, dres, interrupted.is_set())
+            _raise_failure(stats.status, stats.error, result, dres, signal.SIGTERM in interrupted)
         out: TextIO = sys.stderr if args.json == "-" else sys.stdout
         print(stats.table(), file=out)
         print(destination_summary({**stats.destination, "status": "completed", "resumed": True}), file=out)
@@ -292,14 +295,15 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         shutil.rmtree(tmpdir, ignore_errors=True)
 
 
-def _raise_failure(status: str, error: str, result: dict[str, Any], dres: dict[str, Any], interrupted: bool) -> None:
-    """Raise the failed or cancelled migration, with what was transferred and the guest's state as notes."""
+def _raise_failure(status: str, error: str, result: dict[str, Any], dres: dict[str, Any], terminated: bool) -> None:
+    """Raise the failed or cancelled migration, with what was transferred and the guest's state as notes
+    (a cancel: KeyboardInterrupt, or :class:`Terminated` when SIGTERM cancelled it)."""
     ram = result.get("ram", {})
     done = (f"after {result.get('total-time', 0) / 1000:.1f} s, {format_size(ram.get('transferred', 0))} "
             f"transferred; the source guest is {result['livemig']['source-guest']}")
     exc: BaseException
     if status == "cancelled":  # an interrupt after the commit point was answered too late: not a cancel
-        exc = KeyboardInterrupt()
+        exc = Terminated() if terminated else KeyboardInterrupt()
     else:
         exc = MigrationError(f"migration failed: {error}")
         theirs = str(dres.get("error-desc", "")).removeprefix("destination: ")
@@ -310,6 +314,7 @@ def _raise_failure(status: str, error: str, result: dict[str, Any], dres: dict[s
 
 
 def cmd_incoming(args: argparse.Namespace) -> int:
+    die_with_parent()  # started by migrate --local: end with it
     chk = check_incoming(args)
     assert chk.address is not None
     guest = None
@@ -335,7 +340,7 @@ def cmd_incoming(args: argparse.Namespace) -> int:
         threading.Thread(target=dst.fail, args=(MigrationError(reason), "destination"), daemon=True).start()
 
     old_int = signal.signal(signal.SIGINT, lambda *_: stop("interrupted"))
-    signal.signal(signal.SIGTERM, lambda *_: stop("terminated"))
+    old_term = signal.signal(signal.SIGTERM, lambda *_: stop("terminated"))
     try:
         if args.port_file:
             tmp = args.port_file + ".tmp"
@@ -350,8 +355,8 @@ def cmd_incoming(args: argparse.Namespace) -> int:
         result = dst.run()
         signal.signal(signal.SIGINT, old_int)
         _write_json(args.json, result)
-        if stopped == ["interrupted"] and result.get("status") != "completed":
-            raise KeyboardInterrupt
+        if stopped and stopped[0] in ("interrupted", "terminated") and result.get("status") != "completed":
+            raise Terminated if stopped[0] == "terminated" else KeyboardInterrupt
         if result.get("status") != "completed":
             raise MigrationError(f"migration failed: {str(result.get('error-desc')).removeprefix('destination: ')}")
         print(f"livemig incoming: completed; {destination_summary(result).removeprefix('destination: ')}",
@@ -359,6 +364,7 @@ def cmd_incoming(args: argparse.Namespace) -> int:
         return 0
     finally:
         signal.signal(signal.SIGINT, old_int)
+        signal.signal(signal.SIGTERM, old_term)
         if dst.guest is not None:
             dst.guest.close()
 
@@ -367,8 +373,8 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     m = sub.add_parser("migrate", help="migrate a guest to a destination (source side)",
                        description="Start a guest and migrate it live to `livemig incoming` at URI. Progress on "
                                    "stderr, the result (statistics table, or --json) on stdout. Exit status: 0 "
-                                   "completed, 1 failed, 2 bad option, 130 interrupted (Ctrl-C: the guest keeps "
-                                   "running here).")
+                                   "completed, 1 failed, 2 bad option, 130 interrupted (Ctrl-C), 143 terminated "
+                                   "(SIGTERM); after either the guest keeps running here.")
     m.add_argument("uri", nargs="?", help=f"destination: {URI_FORMS}")
     m.add_argument("--local", action="store_true",
                    help="start the destination here as a separate process on a free loopback port (no URI)")
@@ -388,7 +394,8 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
 
     i = sub.add_parser("incoming", help="wait for a migration (destination side)",
                        description="Listen at URI, receive a migration, resume the guest. Exit status: 0 "
-                                   "completed, 1 failed, 2 bad option, 130 interrupted.")
+                                   "completed, 1 failed, 2 bad option, 130 interrupted (Ctrl-C), 143 terminated "
+                                   "(SIGTERM).")
     i.add_argument("uri", help=f"where to listen: {URI_FORMS}; HOST empty or 0 = every address, PORT 0 = any "
                                 "free port")
     i.add_argument("--port-file", help="write the listening port to this file once ready")
