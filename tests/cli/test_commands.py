@@ -142,7 +142,46 @@ def test_unix_socket_migration(tmp_path: Path) -> None:
     assert f"livemig incoming: listening on unix:{sock}\n" in dst_err
     assert f"livemig: migrating to unix:{sock} on 2 channels" in r.stderr
     assert dst_err.splitlines()[-1] == "livemig incoming: completed; guest resumed"
+    assert not sock.exists()  # the listener removed its socket file: the next incoming can use the path
     clean(r.stderr + dst_err)
+
+
+def test_unix_socket_path_stale_live_or_not_a_socket(tmp_path: Path) -> None:
+    path = tmp_path / "m.sock"
+    live = socket.socket(socket.AF_UNIX)
+    live.bind(str(path))
+    live.listen(1)
+    r = cli("incoming", f"unix:{path}", *SMALL, timeout=60)
+    assert r.returncode == 2 and r.stderr == (f"livemig incoming: error: unix:{path}: a process listens on this "
+                                              "socket already; stop it or choose another path\n"), r.stderr
+    live.close()  # now stale: the file stays, nobody listens
+    assert path.exists()
+    dst = subprocess.Popen([sys.executable, "-m", "livemig.cli", "incoming", f"unix:{path}", *SMALL],
+                           stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while True:  # the stale file replaced by a live socket
+            probe = socket.socket(socket.AF_UNIX)
+            try:
+                probe.connect(str(path))
+                break
+            except OSError:
+                assert time.monotonic() < deadline and dst.poll() is None
+                time.sleep(0.05)
+            finally:
+                probe.close()
+        dst.send_signal(signal.SIGINT)
+        _, err = dst.communicate(timeout=60)
+    finally:
+        if dst.poll() is None:
+            dst.kill()
+            dst.wait()
+    assert dst.returncode == 130 and not path.exists(), err
+    path.write_text("not a socket")
+    r = cli("incoming", f"unix:{path}", *SMALL, timeout=60)
+    assert r.returncode == 2 and f"unix:{path}: the file exists and is not a socket" in r.stderr, r.stderr
+    assert path.read_text() == "not a socket"
+    clean(r.stderr)
 
 
 def test_ctrl_c_on_a_waiting_destination(tmp_path: Path) -> None:

@@ -29,7 +29,7 @@ from ..compress import create_method
 from ..errors import MigrationError, ParameterError
 from ..guest import GuestConfig, create_guest
 from ..params import MigrationParameters, check_option, parse_option
-from ..transport.address import Address, parse_address
+from ..transport.address import Address, claim_unix_path, parse_address
 from ..transport.secure import tls_connector, tls_listener
 from ..transport.tls import Tls
 from ..ui.errors import Terminated
@@ -166,6 +166,8 @@ def check_incoming(args: argparse.Namespace) -> Checked:
     _check_seconds(args)
     max_memory = parse_option("--max-memory", args.max_memory, "size") if args.max_memory else None
     address = parse_address(args.uri)
+    if address.scheme == "unix":
+        claim_unix_path(address.path)  # before a guest is prefaulted
     params, uuid = _check_common(args)
     tls = tls_from_args(args, False, address)
     return Checked(params, guest_config_from_args(args) if args.memory else None, address, uuid, tls,
