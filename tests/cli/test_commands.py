@@ -83,6 +83,13 @@ def test_local_migration_prints_its_result_and_the_destinations(tmp_path: Path) 
     clean(r.stdout + r.stderr)
 
 
+def test_an_idle_guest_is_not_reported_as_a_counter_that_did_not_move() -> None:
+    r = cli("migrate", "--local", *SMALL, "--run-after", "0.2", "--quiet")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines()[-1] == ("destination: guest resumed; then ran: idle guest, no progress counter, "
+                                         "nothing to check")
+
+
 def test_quiet_hides_progress_not_the_result_and_json_dash_is_stdout() -> None:
     r = cli("migrate", "--local", *SMALL, "--quiet", "--json", "-")
     assert r.returncode == 0, r.stderr

@@ -200,12 +200,15 @@ def _local_args(args: argparse.Namespace, gcfg: GuestConfig) -> list[str]:
     return out
 
 
-def destination_summary(d: dict[str, Any]) -> str:
-    """The destination's outcome in one line: resumed, and after ``--run-after`` its progress and check."""
+def destination_summary(d: dict[str, Any], workload: str) -> str:
+    """The destination's outcome in one line: resumed, and after ``--run-after`` its progress and check
+    (an idle guest has neither: said so, not shown as a counter that did not move)."""
     if not d.get("resumed", d.get("status") == "completed"):
         return "destination: the guest was not resumed"
     text = "destination: guest resumed"
-    if "progress_after" in d:
+    if "progress_after" in d and workload == "idle":
+        text += "; then ran: idle guest, no progress counter, nothing to check"
+    elif "progress_after" in d:
         text += f"; then ran: progress {d.get('progress_at_resume', 0)} -> {d['progress_after']}"
         check = d.get("workload_check")
         if check is not None:
@@ -287,7 +290,8 @@ def cmd_migrate(args: argparse.Namespace) -> int:
             _raise_failure(stats.status, stats.error, result, dres, signal.SIGTERM in interrupted)
         out: TextIO = sys.stderr if args.json == "-" else sys.stdout
         print(stats.table(), file=out)
-        print(destination_summary({**stats.destination, "status": "completed", "resumed": True}), file=out)
+        print(destination_summary({**stats.destination, "status": "completed", "resumed": True}, gcfg.workload),
+              file=out)
         return 0
     finally:
         if local is not None:
@@ -361,8 +365,9 @@ def cmd_incoming(args: argparse.Namespace) -> int:
             raise Terminated if stopped[0] == "terminated" else KeyboardInterrupt
         if result.get("status") != "completed":
             raise MigrationError(f"migration failed: {str(result.get('error-desc')).removeprefix('destination: ')}")
-        print(f"livemig incoming: completed; {destination_summary(result).removeprefix('destination: ')}",
-              file=sys.stderr)
+        workload = dst.guest.config.workload if dst.guest is not None else "idle"
+        summary = destination_summary(result, workload).removeprefix("destination: ")
+        print(f"livemig incoming: completed; {summary}", file=sys.stderr)
         return 0
     finally:
         signal.signal(signal.SIGINT, old_int)
