@@ -12,6 +12,7 @@ option and the accepted values, before anything starts.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -124,14 +125,17 @@ def parse_option(option: str, text: str, kind: Literal["size", "rate"]) -> int:
 
 def check_option(option: str, value: float, *, minimum: float = 0, above: bool = False,
                  maximum: float | None = None, what: str = "a number") -> None:
-    """Refuse ``value`` of ``option`` outside ``[minimum, maximum]`` (``(minimum, ...`` when ``above``).
+    """Refuse ``value`` of ``option`` outside ``[minimum, maximum]`` (``(minimum, ...`` when ``above``),
+    and any infinite or NaN value.
 
     Raises ParameterError: ``--timeout 0: expected a number of seconds greater than 0``.
     """
     low_ok = value > minimum if above else value >= minimum
-    if low_ok and (maximum is None or value <= maximum) and value == value:  # NaN fails
+    if low_ok and (maximum is None or value <= maximum) and math.isfinite(value):
         return
     shown = f"{value:g}" if isinstance(value, float) else str(value)
     low = f"greater than {minimum:g}" if above else f"{minimum:g} or more"
     bound = low if maximum is None else f"{low} and at most {maximum:g}"
+    if not math.isfinite(value):
+        what = what.replace("a ", "a finite ", 1) if what.startswith("a ") else f"finite {what}"
     raise ParameterError(f"{option} {shown}: expected {what} {bound}")

@@ -30,18 +30,18 @@ def clean(text: str) -> str:
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (("--local", "--timeout", "0"), "--timeout 0: expected a number of seconds greater than 0"),
+        (("--local", "--timeout", "0"), "--timeout 0: expected a number of seconds 0.1 or more"),
         (("--local", "--run-after", "-3"), "--run-after -3: expected a number of seconds 0 or more"),
-        (("--local", "--max-passes", "-1"), "Parameter 'max_passes' expects a value of 0 (never) or more"),
+        (("--local", "--max-passes", "-1"), "--max-passes -1: expected a value of 0 (never) or more"),
         (("tcp:127.0.0.1:1", "--run-after", "1"), "--run-after needs --local"),
         (("--local", "tcp:127.0.0.1:1"), "--local starts its own destination, so the URI 'tcp:127.0.0.1:1'"),
         ((), "a destination is needed: a URI, tcp:HOST:PORT"),
         (("--local", "--max-bandwidth", "10gigs"), "--max-bandwidth '10gigs': expected a rate like 10Gbps"),
         (("--local", "--max-bandwidth", "10gigs"), "1GiB/s"),
         (("--local", "--memory", "1X"), "--memory '1X': expected a size like"),
-        (("--local", "--memory", "5000"), "--memory 5000: expected a positive multiple of 4 KiB"),
-        (("--local", "--fill", "nope"), "--fill: unknown fill 'nope'"),
-        (("--local", "--multifd-channels", "0"), "Parameter 'multifd_channels' expects a value between 1 and 255"),
+        (("--local", "--memory", "5000"), "--memory 5000: expected a positive multiple of 4096 bytes"),
+        (("--local", "--fill", "nope"), "--fill nope: unknown fill 'nope'"),
+        (("--local", "--multifd-channels", "0"), "--multifd-channels 0: expected a value between 1 and 255"),
         (("--local", "--uuid", "x"), "--uuid 'x': expected a UUID"),
         (("--local", "--json", "/nonexistent/r.json"), "--json /nonexistent/r.json: directory /nonexistent does"),
         (("exec:cat",), "invalid migration address 'exec:cat'"),
@@ -60,7 +60,7 @@ def test_bad_options_refused_before_anything_starts(args: tuple[str, ...], messa
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (("tcp:127.0.0.1:0", "--timeout", "0"), "--timeout 0: expected a number of seconds greater than 0"),
+        (("tcp:127.0.0.1:0", "--timeout", "0"), "--timeout 0: expected a number of seconds 0.1 or more"),
         (("tcp:127.0.0.1:x",), "invalid migration address 'tcp:127.0.0.1:x': port 'x' is not a number"),
         (("tcp:127.0.0.1:0", "--memory", "lots"), "--memory 'lots': expected a size like"),
     ],
@@ -81,6 +81,13 @@ def test_local_migration_prints_its_result_and_the_destinations(tmp_path: Path) 
     assert "livemig: destination: listening on tcp:127.0.0.1:" in r.stderr  # relayed before the migration
     assert "livemig incoming:" not in r.stdout + r.stderr  # the child's own lines never reach the terminal raw
     clean(r.stdout + r.stderr)
+
+
+def test_an_idle_guest_is_not_reported_as_a_counter_that_did_not_move() -> None:
+    r = cli("migrate", "--local", *SMALL, "--run-after", "0.2", "--quiet")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines()[-1] == ("destination: guest resumed; then ran: idle guest, no progress counter, "
+                                         "nothing to check")
 
 
 def test_quiet_hides_progress_not_the_result_and_json_dash_is_stdout() -> None:
@@ -142,7 +149,46 @@ def test_unix_socket_migration(tmp_path: Path) -> None:
     assert f"livemig incoming: listening on unix:{sock}\n" in dst_err
     assert f"livemig: migrating to unix:{sock} on 2 channels" in r.stderr
     assert dst_err.splitlines()[-1] == "livemig incoming: completed; guest resumed"
+    assert not sock.exists()  # the listener removed its socket file: the next incoming can use the path
     clean(r.stderr + dst_err)
+
+
+def test_unix_socket_path_stale_live_or_not_a_socket(tmp_path: Path) -> None:
+    path = tmp_path / "m.sock"
+    live = socket.socket(socket.AF_UNIX)
+    live.bind(str(path))
+    live.listen(1)
+    r = cli("incoming", f"unix:{path}", *SMALL, timeout=60)
+    assert r.returncode == 2 and r.stderr == (f"livemig incoming: error: unix:{path}: a process listens on this "
+                                              "socket already; stop it or choose another path\n"), r.stderr
+    live.close()  # now stale: the file stays, nobody listens
+    assert path.exists()
+    dst = subprocess.Popen([sys.executable, "-m", "livemig.cli", "incoming", f"unix:{path}", *SMALL],
+                           stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while True:  # the stale file replaced by a live socket
+            probe = socket.socket(socket.AF_UNIX)
+            try:
+                probe.connect(str(path))
+                break
+            except OSError:
+                assert time.monotonic() < deadline and dst.poll() is None
+                time.sleep(0.05)
+            finally:
+                probe.close()
+        dst.send_signal(signal.SIGINT)
+        _, err = dst.communicate(timeout=60)
+    finally:
+        if dst.poll() is None:
+            dst.kill()
+            dst.wait()
+    assert dst.returncode == 130 and not path.exists(), err
+    path.write_text("not a socket")
+    r = cli("incoming", f"unix:{path}", *SMALL, timeout=60)
+    assert r.returncode == 2 and f"unix:{path}: the file exists and is not a socket" in r.stderr, r.stderr
+    assert path.read_text() == "not a socket"
+    clean(r.stderr)
 
 
 def test_ctrl_c_on_a_waiting_destination(tmp_path: Path) -> None:

@@ -25,7 +25,7 @@ def test_percent_and_eta_from_remaining_pages_and_the_net_rate() -> None:
                     pages_per_second=10_000, dirty_pages_rate=2_000, page_size=4096)
     assert snap.percent == 75.0
     assert snap.eta == (32 * MIB // 4096) / 8_000  # remaining pages / (sent - dirtied) per second
-    assert snap.text() == "pass 2  1.00 Gbps  10.0k pages/s  dirty 2.0k/s  ETA 0:01"
+    assert snap.text() == "pass 2  1.00 Gbps  10.0k pages/s  dirty 2.0k/s  ETA 0:02"  # 1.02 s, rounded up
 
 
 def test_no_percent_or_eta_before_the_first_pass_counted_what_remains() -> None:
@@ -37,7 +37,9 @@ def test_no_percent_or_eta_before_the_first_pass_counted_what_remains() -> None:
 def test_no_eta_while_the_guest_dirties_faster_than_pages_are_sent() -> None:
     snap = Snapshot(status="active", passes=5, ram_total=128 * MIB, remaining=MIB, rate=1e6,
                     pages_per_second=1_000, dirty_pages_rate=5_000, page_size=4096)
-    assert snap.eta is None and snap.text().endswith("ETA -")
+    assert snap.eta is None and snap.text().endswith("ETA -  not converging")
+    assert snap.not_converging() == ("not converging: dirty rate 5.0k pages/s >= send rate 1.0k pages/s; "
+                                     "see --max-passes or --downtime-limit")
 
 
 def test_rates_over_the_recent_window() -> None:
@@ -57,6 +59,7 @@ def test_completed_shows_all_of_ram() -> None:
 def test_formats() -> None:
     assert [format_count(n) for n in (950, 31_600, 2_100_000)] == ["950", "31.6k", "2.10M"]
     assert [format_eta(s) for s in (None, 7, 62, 3723)] == ["-", "0:07", "1:02", "1:02:03"]
+    assert format_eta(0.2) == "0:01"  # never 0:00 while something remains
 
 
 def test_plain_lines_when_not_a_terminal() -> None:
@@ -94,3 +97,36 @@ def test_quiet_draws_nothing() -> None:
     with display:
         display.log("hidden")
     assert out.getvalue() == ""
+
+
+def test_the_first_pass_counts_pages_sent_not_pages_queued() -> None:
+    # everything queued to the channels (remaining 0), but only 2048 of 32768 pages written
+    snap = RateWindow().snapshot(_stats(remaining=0, pages=2048), now=1.0)
+    assert snap.remaining == 128 * MIB - 2048 * 4096 and snap.percent_text() == "6%"
+    assert snap.eta is not None and snap.eta > 0
+    # cancelled or failed in the first pass: the same count of what the destination holds
+    snap = RateWindow().snapshot(_stats(status="cancelled", remaining=0, pages=2048), now=1.0)
+    assert snap.percent_text() == "6%"
+
+
+def test_a_later_pass_with_everything_queued_is_not_shown_as_done() -> None:
+    snap = RateWindow().snapshot(_stats(passes=4, remaining=0, pages=40_000, dirty=100), now=1.0)
+    assert snap.percent_text() == "99%" and snap.eta is None and "ETA -" in snap.text()
+    done = RateWindow().snapshot(_stats(status="completed", passes=4, remaining=0, pages=40_000), now=1.0)
+    assert done.percent_text() == "100%" and done.eta == 0.0
+
+
+def test_not_converging_is_said_once() -> None:
+    out = io.StringIO()
+    stats = _stats(passes=5, remaining=8 * MIB, dirty=50_000)
+    display = ProgressDisplay(lambda: stats, stream=out, tty=False, period=0.01)
+    with display:
+        deadline = time.monotonic() + 30
+        while out.getvalue().count("\n") < 6 and time.monotonic() < deadline:
+            stats.passes += 1
+            time.sleep(0.01)
+    lines = out.getvalue().splitlines()
+    told = [line for line in lines if line.startswith("livemig: not converging: dirty rate 50.0k pages/s >= send")]
+    assert len(told) == 1 and told[0].endswith("see --max-passes or --downtime-limit"), lines
+    after = lines[lines.index(told[0]) + 1:]
+    assert after and all(line.endswith("ETA -  not converging") for line in after), lines

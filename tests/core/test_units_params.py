@@ -116,7 +116,11 @@ def test_a_bad_rate_is_called_a_rate() -> None:
          "--run-after -3: expected a number of seconds 0 or more"),
         ("--smp", 0, {"minimum": 1, "what": "a number of vCPUs"}, "--smp 0: expected a number of vCPUs 1 or more"),
         ("--level", 12, {"minimum": 1, "maximum": 9}, "--level 12: expected a number 1 or more and at most 9"),
-        ("--timeout", float("nan"), {"above": True}, "--timeout nan: expected a number greater than 0"),
+        ("--timeout", float("nan"), {"above": True}, "--timeout nan: expected a finite number greater than 0"),
+        ("--timeout", float("inf"), {"minimum": 0.1, "what": "a number of seconds"},
+         "--timeout inf: expected a finite number of seconds 0.1 or more"),
+        ("--dirty-rate", float("inf"), {"what": "pages per second"},
+         "--dirty-rate inf: expected finite pages per second 0 or more"),
     ],
 )
 def test_check_option_refuses_out_of_range(option: str, value: float, kwargs: dict[str, Any], message: str) -> None:

@@ -35,4 +35,4 @@ def test_killed_destination_leaves_source_guest_running(tmp_path: Path) -> None:
 def test_bad_parameter_refused_before_anything_starts() -> None:
     r = cli("migrate", "--local", "--multifd-channels", "0", "--memory", "16M")
     assert r.returncode != 0
-    assert "Parameter 'multifd_channels' expects a value between 1 and 255" in r.stderr
+    assert "--multifd-channels 0: expected a value between 1 and 255" in r.stderr

@@ -18,6 +18,7 @@ import dataclasses
 import json
 import mmap
 import os
+import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -48,6 +49,52 @@ class GuestConfig:
     fill: str = "zero"
     #: seed of every generated pattern (fill, workload)
     seed: int = 0
+
+    def check(self) -> None:
+        """Refuse, before anything is allocated, a config that its guest kind would refuse when created.
+
+        Calls the kind's own checks (``livemig.guest.portable`` and, for KVM, the vCPU and memory-layout
+        checks of ``livemig.guest.kvm``: at least 2 MiB, at most 256 GiB, 1..64 vCPUs) and the fill's
+        (:func:`livemig.guest.fill.describe_fill`; ``files:DIR`` listed, ``image:PATH`` opened, not read).
+        Raises GuestError whose ``field`` attribute names the GuestConfig field at fault ("memory",
+        "smp", "fill", ...; "" when it cannot tell). What depends on the host (KVM's own vCPU limit,
+        free memory) is only found when the guest is created.
+        """
+        try:
+            self._check()
+        except GuestError as exc:
+            found = [(m.start(), f.name) for f in dataclasses.fields(self)
+                     if (m := re.search(rf"\b{f.name}\b", str(exc)))]
+            exc.field = min(found)[1] if found else ""  # type: ignore[attr-defined]
+            raise
+
+    def _check(self) -> None:
+        from . import fill, portable  # local imports: both import this module
+
+        if self.memory <= 0 or self.memory % PAGE_SIZE:
+            raise GuestError(f"memory {self.memory}: expected a positive multiple of {PAGE_SIZE} bytes")
+        if self.kind == "kvm":
+            from .kvm import guest as kvm_guest
+            from .kvm import longmode
+
+            kvm_guest._check_config(self)
+            longmode.Layout.of(self)
+        elif self.kind == "portable":
+            portable._check_config(self)
+        else:
+            raise GuestError(f"kind '{self.kind}': expected portable or kvm")
+        fill.describe_fill(self.fill)
+        kind, _, arg = self.fill.partition(":")
+        if kind == "files":
+            fill.fill_files(np.empty((0, PAGE_SIZE), dtype=np.uint8), arg)  # lists the directory, reads nothing
+        elif kind == "image":
+            try:
+                size = os.stat(arg).st_size
+            except OSError as exc:
+                raise GuestError(f"fill image:{arg}: cannot open: {exc.strerror}") from exc
+            if size > self.memory:
+                raise GuestError(f"fill image:{arg}: image is {size} bytes, "
+                                 f"larger than guest RAM ({self.memory} bytes)")
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import signal
 import sys
@@ -25,19 +26,23 @@ from dataclasses import dataclass
 from typing import Any, TextIO
 
 from ..compress import create_method
-from ..errors import GuestError, MigrationError, ParameterError
-from ..guest import GuestConfig, create_guest, default_kind, kvm_unavailable
-from ..guest.fill import describe_fill
+from ..errors import MigrationError, ParameterError
+from ..guest import GuestConfig, create_guest
 from ..params import MigrationParameters, check_option, parse_option
-from ..transport.address import Address, parse_address
+from ..transport.address import Address, claim_unix_path, parse_address
 from ..transport.secure import tls_connector, tls_listener
 from ..transport.tls import Tls
+from ..ui.errors import Terminated
 from ..ui.progress import ProgressDisplay
 from ..units import format_size, plural
 from .destination import Destination
-from .local import LocalDestination
+from .guestopts import add_guest_options, guest_config_from_args
+from .local import LocalDestination, die_with_parent
 from .source import Source
 from .tlsopts import add_tls_options, is_loopback, local_server_args, tls_from_args
+
+#: the shortest --timeout: below it, scheduling delays of a loaded host alone would fail a migration
+MIN_TIMEOUT = 0.1
 
 URI_FORMS = "tcp:HOST:PORT (HOST may be [IPv6]) or unix:PATH (a Unix socket file)"
 
@@ -59,30 +64,13 @@ def _add_params(p: argparse.ArgumentParser, source: bool) -> None:
     g.add_argument("--max-passes", type=int, default=0, metavar="N",
                    help=f"switch over after N passes even if the downtime limit is not met (0 = never){only}")
     p.add_argument("--timeout", type=float, default=30.0, metavar="S",
-                   help="seconds without progress on a channel before the migration fails (> 0, default 30)")
+                   help=f"seconds without progress on a channel before the migration fails ({MIN_TIMEOUT:g} or "
+                        "more, finite; default 30)")
     p.add_argument("--uuid", default="", help="VM UUID checked in every multifd handshake (default all zero)")
     p.add_argument("--full-verify", action="store_true",
                    help="hash all of RAM at switchover (also catches writes the dirty log missed; adds downtime)")
     p.add_argument("--json", metavar="FILE", help="write the result as JSON to FILE ('-' = stdout)")
     p.add_argument("--dump-ram", metavar="DIR", help="write RAM at switchover into DIR (for tests)")
-
-
-def _add_guest(p: argparse.ArgumentParser, source: bool) -> None:
-    g = p.add_argument_group("guest")
-    g.add_argument("--guest", choices=["kvm", "portable"], default=None,
-                   help="guest kind (default: kvm where /dev/kvm works, else portable)")
-    if source:
-        g.add_argument("--memory", default="1G", metavar="SIZE", help="guest RAM: 512M, 2G, ... (default 1G)")
-    else:
-        g.add_argument("--memory", default=None, metavar="SIZE",
-                       help="guest RAM, the same as the source's, prefaulted before the migration (default: "
-                            "the source's size, the guest then created and prefaulted during the migration)")
-    g.add_argument("--smp", type=int, default=1, help="vCPUs (default 1)")
-    g.add_argument("--workload", choices=["idle", "dirty", "counter"], default="idle")
-    g.add_argument("--dirty-rate", type=int, default=20000, metavar="PAGES_PER_S")
-    g.add_argument("--working-set", type=int, default=0, metavar="PAGES", help="0 = all RAM")
-    g.add_argument("--fill", default="corpus", help="zero, random, corpus, files:DIR or image:PATH (default corpus)")
-    g.add_argument("--seed", type=int, default=0)
 
 
 def params_from_args(args: argparse.Namespace) -> MigrationParameters:
@@ -98,28 +86,19 @@ def params_from_args(args: argparse.Namespace) -> MigrationParameters:
         zero_page_detection=args.zero_page_detection,
         max_passes=args.max_passes,
     )
-    p.check()
+    try:
+        p.check()
+    except ParameterError as exc:  # QEMU's words name the parameter; here the option is what was typed
+        m = re.fullmatch(r"Parameter '([\w-]+)' (.*)", str(exc), re.S)
+        if m is None:
+            raise
+        name = m.group(1).replace("_", "-")
+        shown = getattr(args, name.replace("-", "_"), "")
+        detail = re.sub(r"^expects ", "expected ", m.group(2))
+        detail = detail.replace(f"does not accept value '{shown}'", "not accepted")
+        raise ParameterError(f"--{name} {shown}: {detail}") from exc
     create_method(p.multifd_compression, p.level(), 4096)  # MethodUnavailable now, not after the guest filled
     return p
-
-
-def guest_config_from_args(args: argparse.Namespace) -> GuestConfig:
-    """The guest options, checked; tells on stderr when the portable guest replaces a missing KVM."""
-    memory = parse_option("--memory", args.memory, "size")
-    if memory <= 0 or memory % 4096:
-        raise ParameterError(f"--memory {args.memory}: expected a positive multiple of 4 KiB, like 512M or 2G")
-    check_option("--smp", args.smp, minimum=1, what="a number of vCPUs")
-    check_option("--dirty-rate", args.dirty_rate, what="pages per second")
-    check_option("--working-set", args.working_set, what="a number of pages")
-    try:
-        describe_fill(args.fill)
-    except GuestError as exc:
-        raise ParameterError(f"--fill: {exc}") from exc
-    kind = args.guest or default_kind()
-    if args.guest is None and kind == "portable":
-        print(f"livemig: /dev/kvm not usable ({kvm_unavailable()}): using the portable guest", file=sys.stderr)
-    return GuestConfig(kind=kind, memory=memory, smp=args.smp, workload=args.workload, dirty_rate=args.dirty_rate,
-                       working_set=args.working_set, fill=args.fill, seed=args.seed)
 
 
 def _uuid(text: str) -> bytes:
@@ -147,7 +126,7 @@ class Checked:
 
 
 def _check_seconds(args: argparse.Namespace) -> None:
-    check_option("--timeout", args.timeout, above=True, what="a number of seconds")
+    check_option("--timeout", args.timeout, minimum=MIN_TIMEOUT, what="a number of seconds")
     check_option("--run-after", args.run_after, what="a number of seconds")
 
 
@@ -187,6 +166,8 @@ def check_incoming(args: argparse.Namespace) -> Checked:
     _check_seconds(args)
     max_memory = parse_option("--max-memory", args.max_memory, "size") if args.max_memory else None
     address = parse_address(args.uri)
+    if address.scheme == "unix":
+        claim_unix_path(address.path)  # before a guest is prefaulted
     params, uuid = _check_common(args)
     tls = tls_from_args(args, False, address)
     return Checked(params, guest_config_from_args(args) if args.memory else None, address, uuid, tls,
@@ -219,12 +200,15 @@ def _local_args(args: argparse.Namespace, gcfg: GuestConfig) -> list[str]:
     return out
 
 
-def destination_summary(d: dict[str, Any]) -> str:
-    """The destination's outcome in one line: resumed, and after ``--run-after`` its progress and check."""
+def destination_summary(d: dict[str, Any], workload: str) -> str:
+    """The destination's outcome in one line: resumed, and after ``--run-after`` its progress and check
+    (an idle guest has neither: said so, not shown as a counter that did not move)."""
     if not d.get("resumed", d.get("status") == "completed"):
         return "destination: the guest was not resumed"
     text = "destination: guest resumed"
-    if "progress_after" in d:
+    if "progress_after" in d and workload == "idle":
+        text += "; then ran: idle guest, no progress counter, nothing to check"
+    elif "progress_after" in d:
         text += f"; then ran: progress {d.get('progress_at_resume', 0)} -> {d['progress_after']}"
         check = d.get("workload_check")
         if check is not None:
@@ -273,18 +257,20 @@ def cmd_migrate(args: argparse.Namespace) -> int:
             return src.stats
 
         display = ProgressDisplay(poll, enabled=not args.quiet)
-        interrupted = threading.Event()
+        interrupted: list[int] = []  # SIGINT or SIGTERM: both cancel, as Ctrl-C does
 
-        def on_sigint(*_: Any) -> None:
-            interrupted.set()  # cancel from a thread: the handler may run while this thread holds a lock
+        def on_signal(signum: int, _frame: Any) -> None:
+            interrupted.append(signum)  # cancel from a thread: the handler may run while this thread holds a lock
             threading.Thread(target=src.cancel, name="cancel", daemon=True).start()
 
-        old = signal.signal(signal.SIGINT, on_sigint)
+        old = signal.signal(signal.SIGINT, on_signal)
+        old_term = signal.signal(signal.SIGTERM, on_signal)
         try:
             with display:
                 stats = src.run()
         finally:
             signal.signal(signal.SIGINT, old)
+            signal.signal(signal.SIGTERM, old_term)
         dres: dict[str, Any] = {}
         if local is not None:
             if stats.status == "completed":
@@ -292,7 +278,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
                 for key in ("progress_after", "workload_check"):
                     if key in dres:
                         stats.destination.setdefault(key, dres[key])
-            elif not interrupted.is_set():  # it ends by itself once the source closed the channels
+            elif not interrupted:  # it ends by itself once the source closed the channels
                 dres = local.result(5)
                 if local.stopped:  # it had to be signalled: its own error only says "terminated"
                     dres = {}
@@ -301,10 +287,11 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         result = stats.to_qapi()  # livemig.source-guest: running, paused or postmigrate; livemig.handover
         _write_json(args.json, result)
         if stats.status != "completed":
-            _raise_failure(stats.status, stats.error, result, dres, interrupted.is_set())
+            _raise_failure(stats.status, stats.error, result, dres, signal.SIGTERM in interrupted)
         out: TextIO = sys.stderr if args.json == "-" else sys.stdout
         print(stats.table(), file=out)
-        print(destination_summary({**stats.destination, "status": "completed", "resumed": True}), file=out)
+        print(destination_summary({**stats.destination, "status": "completed", "resumed": True}, gcfg.workload),
+              file=out)
         return 0
     finally:
         if local is not None:
@@ -314,14 +301,15 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         shutil.rmtree(tmpdir, ignore_errors=True)
 
 
-def _raise_failure(status: str, error: str, result: dict[str, Any], dres: dict[str, Any], interrupted: bool) -> None:
-    """Raise the failed or cancelled migration, with what was transferred and the guest's state as notes."""
+def _raise_failure(status: str, error: str, result: dict[str, Any], dres: dict[str, Any], terminated: bool) -> None:
+    """Raise the failed or cancelled migration, with what was transferred and the guest's state as notes
+    (a cancel: KeyboardInterrupt, or :class:`Terminated` when SIGTERM cancelled it)."""
     ram = result.get("ram", {})
     done = (f"after {result.get('total-time', 0) / 1000:.1f} s, {format_size(ram.get('transferred', 0))} "
             f"transferred; the source guest is {result['livemig']['source-guest']}")
     exc: BaseException
     if status == "cancelled":  # an interrupt after the commit point was answered too late: not a cancel
-        exc = KeyboardInterrupt()
+        exc = Terminated() if terminated else KeyboardInterrupt()
     else:
         exc = MigrationError(f"migration failed: {error}")
         theirs = str(dres.get("error-desc", "")).removeprefix("destination: ")
@@ -332,6 +320,7 @@ def _raise_failure(status: str, error: str, result: dict[str, Any], dres: dict[s
 
 
 def cmd_incoming(args: argparse.Namespace) -> int:
+    die_with_parent()  # started by migrate --local: end with it
     chk = check_incoming(args)
     assert chk.address is not None
     guest = None
@@ -357,7 +346,7 @@ def cmd_incoming(args: argparse.Namespace) -> int:
         threading.Thread(target=dst.fail, args=(MigrationError(reason), "destination"), daemon=True).start()
 
     old_int = signal.signal(signal.SIGINT, lambda *_: stop("interrupted"))
-    signal.signal(signal.SIGTERM, lambda *_: stop("terminated"))
+    old_term = signal.signal(signal.SIGTERM, lambda *_: stop("terminated"))
     try:
         if args.port_file:
             tmp = args.port_file + ".tmp"
@@ -372,15 +361,17 @@ def cmd_incoming(args: argparse.Namespace) -> int:
         result = dst.run()
         signal.signal(signal.SIGINT, old_int)
         _write_json(args.json, result)
-        if stopped == ["interrupted"] and result.get("status") != "completed":
-            raise KeyboardInterrupt
+        if stopped and stopped[0] in ("interrupted", "terminated") and result.get("status") != "completed":
+            raise Terminated if stopped[0] == "terminated" else KeyboardInterrupt
         if result.get("status") != "completed":
             raise MigrationError(f"migration failed: {str(result.get('error-desc')).removeprefix('destination: ')}")
-        print(f"livemig incoming: completed; {destination_summary(result).removeprefix('destination: ')}",
-              file=sys.stderr)
+        workload = dst.guest.config.workload if dst.guest is not None else "idle"
+        summary = destination_summary(result, workload).removeprefix("destination: ")
+        print(f"livemig incoming: completed; {summary}", file=sys.stderr)
         return 0
     finally:
         signal.signal(signal.SIGINT, old_int)
+        signal.signal(signal.SIGTERM, old_term)
         if dst.guest is not None:
             dst.guest.close()
 
@@ -389,8 +380,8 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     m = sub.add_parser("migrate", help="migrate a guest to a destination (source side)",
                        description="Start a guest and migrate it live to `livemig incoming` at URI. Progress on "
                                    "stderr, the result (statistics table, or --json) on stdout. Exit status: 0 "
-                                   "completed, 1 failed, 2 bad option, 130 interrupted (Ctrl-C: the guest keeps "
-                                   "running here).")
+                                   "completed, 1 failed, 2 bad option, 130 interrupted (Ctrl-C), 143 terminated "
+                                   "(SIGTERM); after either the guest keeps running here.")
     m.add_argument("uri", nargs="?", help=f"destination: {URI_FORMS}")
     m.add_argument("--local", action="store_true",
                    help="start the destination here as a separate process on a free loopback port (no URI)")
@@ -403,14 +394,15 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     m.add_argument("--on-unknown", choices=["pause"], default="pause",
                    help="when the destination's answer to the commit never comes, keep the guest paused "
                         "(postmigrate) until you checked the destination (the only choice, the default)")
-    _add_guest(m, source=True)
+    add_guest_options(m, "migrate")
     _add_params(m, source=True)
     add_tls_options(m, source=True)
     m.set_defaults(func=cmd_migrate)
 
     i = sub.add_parser("incoming", help="wait for a migration (destination side)",
                        description="Listen at URI, receive a migration, resume the guest. Exit status: 0 "
-                                   "completed, 1 failed, 2 bad option, 130 interrupted.")
+                                   "completed, 1 failed, 2 bad option, 130 interrupted (Ctrl-C), 143 terminated "
+                                   "(SIGTERM).")
     i.add_argument("uri", help=f"where to listen: {URI_FORMS}; HOST empty or 0 = every address, PORT 0 = any "
                                 "free port")
     i.add_argument("--port-file", help="write the listening port to this file once ready")
@@ -419,7 +411,7 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     i.add_argument("--max-memory", metavar="SIZE",
                    help="without --memory: refuse a source guest larger than SIZE before allocating anything "
                         "(default: what the host can give, MemAvailable minus a margin)")
-    _add_guest(i, source=False)
+    add_guest_options(i, "incoming")
     _add_params(i, source=False)
     add_tls_options(i, source=False)
     i.set_defaults(func=cmd_incoming)

@@ -3,10 +3,15 @@
 Its stdout and stderr go to a log file, never to the terminal, so nothing it prints lands on the
 source's progress bar; the source shows what matters from it (its listening line before the
 migration, its result from its ``--json`` file after, the log's last lines if it died without one).
+
+The child dies with the source: :func:`die_with_parent`, called by ``livemig incoming`` first thing,
+asks the kernel for SIGTERM when its parent exits (``prctl(PR_SET_PDEATHSIG)``), so a source killed
+even by SIGKILL leaves no destination behind.
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import signal
@@ -19,6 +24,25 @@ from ..errors import MigrationError
 
 #: seconds the destination may take to prefault its RAM and listen
 START_TIMEOUT = 300.0
+#: environment variable: the source's pid, given to the destination it starts
+PARENT_ENV = "LIVEMIG_LOCAL_PARENT"
+#: prctl option: the signal this process gets when its parent dies (linux/prctl.h)
+PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent() -> None:
+    """In a destination started by :class:`LocalDestination`: get SIGTERM when the source process dies.
+
+    No-op in any other process (``PARENT_ENV`` unset). If the source already died, SIGTERM now.
+    """
+    parent = os.environ.pop(PARENT_ENV, "")
+    if not parent.isdigit():
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0) != 0:
+        return  # not Linux, or refused: the source's own cleanup is all there is
+    if os.getppid() != int(parent):
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 class LocalDestination:
@@ -35,7 +59,7 @@ class LocalDestination:
         self.stopped = False
         with open(self.log_file, "wb") as log:
             self.child = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                          start_new_session=True)
+                                          start_new_session=True, env={**os.environ, PARENT_ENV: str(os.getpid())})
 
     def wait_listening(self) -> str:
         """The URI once the child listens; MigrationError (with its last log lines) if it exits first."""

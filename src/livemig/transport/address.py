@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import socket
+import stat
 from dataclasses import dataclass
 
 from ..errors import ParameterError
@@ -61,3 +63,32 @@ def parse_address(uri: str) -> Address:
     if host in ("", "0"):
         host = "0.0.0.0"
     return Address("tcp", host=host, port=port)
+
+
+def claim_unix_path(path: str) -> None:
+    """Make ``path`` free for a new unix-socket listener: nothing is there, or a stale socket file
+    (one nobody listens on: connecting is refused), which is removed.
+
+    Raises ParameterError naming the path when a process listens there already, or the path is not
+    a socket file (never removed: it may be anyone's data).
+    """
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise ParameterError(f"unix:{path}: {exc.strerror}") from exc
+    if not stat.S_ISSOCK(mode):
+        raise ParameterError(f"unix:{path}: the file exists and is not a socket; remove it or choose another path")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(1.0)
+    try:
+        probe.connect(path)
+    except ConnectionRefusedError:  # a socket file its listener left behind
+        os.unlink(path)
+        return
+    except OSError as exc:
+        raise ParameterError(f"unix:{path}: cannot tell whether a process listens there: {exc.strerror}") from exc
+    finally:
+        probe.close()
+    raise ParameterError(f"unix:{path}: a process listens on this socket already; stop it or choose another path")

@@ -12,6 +12,7 @@ Every failure is raised as :class:`~livemig.errors.TransportError` naming what f
 from __future__ import annotations
 
 import json
+import os
 import queue
 import socket
 import ssl
@@ -20,7 +21,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 from ..errors import TransportError
-from .address import Address
+from .address import Address, claim_unix_path
 
 #: SO_SNDBUF/SO_RCVBUF to set on every migration socket; 0 (the default) sets nothing and leaves the
 #: kernel's defaults and autotuning in place (setting a size turns autotuning off for that socket)
@@ -51,7 +52,11 @@ def connect(addr: Address, timeout: float) -> socket.socket:
 
 
 def listen(addr: Address, backlog: int) -> socket.socket:
-    """Listening socket bound to ``addr`` (port 0 picks a free port)."""
+    """Listening socket bound to ``addr`` (port 0 picks a free port). A unix socket file left by an
+    earlier listener is replaced; a live one or a file that is not a socket is refused
+    (:func:`~livemig.transport.address.claim_unix_path`, ParameterError)."""
+    if addr.scheme == "unix":
+        claim_unix_path(addr.path)
     sock = socket.socket(addr.family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     _tune(sock)
@@ -104,6 +109,9 @@ class AddressListener:
     def __init__(self, addr: Address, backlog: int) -> None:
         self.sock = listen(addr, backlog)
         self.port: int = self.sock.getsockname()[1] if addr.scheme == "tcp" else 0
+        #: the unix socket file this listener created, and its identity (removed by close if still the same)
+        self.path = addr.path if addr.scheme == "unix" else ""
+        self._inode = _inode(self.path) if self.path else None
 
     def accept(self, timeout: float) -> socket.socket | None:
         try:
@@ -117,7 +125,22 @@ class AddressListener:
         return sock
 
     def close(self) -> None:
+        """Stop listening and remove the unix socket file, unless another listener replaced it."""
         self.sock.close()
+        if self.path and self._inode is not None and _inode(self.path) == self._inode:
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
+            self._inode = None
+
+
+def _inode(path: str) -> tuple[int, int] | None:
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 class SocketPairLink:

@@ -4,7 +4,7 @@
 lower layer wrote into its message), no ``[Errno N]``, no prefix said twice. :func:`report_error`
 prints it once on stderr, with its notes (``exc.add_note``) as further lines, and returns the exit
 status: 2 for a bad option or parameter (as argparse), 130 for an interrupt (Ctrl-C, as a shell
-reports SIGINT), 1 for any other failure.
+reports SIGINT), 143 for SIGTERM (:class:`Terminated`), 1 for any other failure.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from ..errors import Cancelled, MigrationError, ParameterError
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143
 
 _ERRNO = re.compile(r"\[Errno -?\d+\] ")
 # "FileNotFoundError: " that a lower layer put into a message
@@ -26,8 +27,14 @@ _CLASS = re.compile(r"\b[A-Z][A-Za-z]*(?:Error|Exception|Interrupt): ")
 _TWICE = re.compile(r"(?<![\w-])([\w][\w .-]*?): (?:\1: )+")
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, handled as Ctrl-C is (the command cancels and cleans up), reported as ``terminated``."""
+
+
 def describe(exc: BaseException) -> str:
     """The message of ``exc`` in words, one line, without its notes."""
+    if isinstance(exc, Terminated):
+        return "terminated"
     if isinstance(exc, KeyboardInterrupt | Cancelled):
         return "interrupted"
     if isinstance(exc, OSError) and not isinstance(exc, MigrationError):
@@ -41,7 +48,9 @@ def describe(exc: BaseException) -> str:
 
 
 def exit_status(exc: BaseException) -> int:
-    """2 for a refused option or parameter, 130 for an interrupt, 1 otherwise."""
+    """2 for a refused option or parameter, 143 for SIGTERM, 130 for an interrupt, 1 otherwise."""
+    if isinstance(exc, Terminated):
+        return EXIT_TERMINATED
     if isinstance(exc, KeyboardInterrupt | Cancelled):
         return EXIT_INTERRUPTED
     if isinstance(exc, ParameterError):
@@ -50,10 +59,11 @@ def exit_status(exc: BaseException) -> int:
 
 
 def report_error(exc: BaseException, prog: str = "livemig", file: TextIO | None = None) -> int:
-    """Print ``prog: error: message`` (``prog: interrupted`` for Ctrl-C) and its notes; return the exit status."""
+    """Print ``prog: error: message`` (``prog: interrupted`` for Ctrl-C, ``prog: terminated`` for SIGTERM)
+    and its notes; return the exit status."""
     out = file or sys.stderr
     text = describe(exc)
-    head = f"{prog}: {text}" if text == "interrupted" else f"{prog}: error: {text}"
+    head = f"{prog}: {text}" if isinstance(exc, KeyboardInterrupt | Cancelled) else f"{prog}: error: {text}"
     lines = [head] + [f"{prog}: {_ERRNO.sub('', note)}" for note in getattr(exc, "__notes__", [])]
     print("\n".join(lines), file=out, flush=True)
     return exit_status(exc)

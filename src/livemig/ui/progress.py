@@ -5,15 +5,24 @@ pages/s, dirty rate, ETA), redrawn in place; anything else the command prints wh
 through :meth:`ProgressDisplay.log`, above the bar, never into it. When stderr is not a terminal
 (a log file, a pipe) the same figures are printed as one plain line every few seconds.
 
-Figures: *percent* = (RAM - remaining) / RAM, the share of guest RAM the destination holds as of
-the last dirty sync (it drops when a pass finds pages dirtied again); *rate* and *pages/s* are over
-the last ~2 s (wire bytes, after compression; pages sent, normal + zero); *dirty* is
-``dirty-pages-rate``; *ETA* = remaining pages / (pages/s - dirty pages/s), "-" while RAM is dirtied
-as fast as it is sent or before the first pass has counted what remains.
+Figures: *percent* = (RAM - remaining) / RAM, the share of guest RAM the destination holds (it
+drops when a pass finds pages dirtied again). ``stats.remaining`` counts pages not yet *queued* to
+the channels, which may hold several MiB each; so in the first pass, remaining is taken from the
+pages the channels sent (normal + zero: what the destination holds), the larger of the two. A
+channel counts a packet's pages when it builds the packet, just before writing it, so while the
+migration runs a remaining of 0 means "the last packets are being written" (and, in later passes,
+"every page of the pass is queued, some still in flight"): the percent then stops at 99 % and the
+ETA shows "-" until the migration completes. *rate* and
+*pages/s* are over the last ~2 s (wire bytes, after compression; pages sent, normal + zero);
+*dirty* is ``dirty-pages-rate``; *ETA* = remaining pages / (pages/s - dirty pages/s), rounded up
+(never 0:00 while pages remain), "-" while RAM is dirtied as fast as it is sent or before the first
+pass has counted what remains. After :data:`CONVERGENCE_PASSES` passes with the guest dirtying pages
+at least as fast as they are sent, the migration is said not to converge, once, with what to change.
 """
 
 from __future__ import annotations
 
+import math
 import sys
 import threading
 import time
@@ -31,6 +40,8 @@ from ..units import format_rate_bits, format_size
 
 #: statuses during which the migration moves RAM (QEMU's names)
 RUNNING = ("setup", "active", "device")
+#: passes after which a dirty rate at or above the send rate is reported as not converging
+CONVERGENCE_PASSES = 3
 
 
 def format_count(n: float) -> str:
@@ -46,7 +57,7 @@ def format_eta(seconds: float | None) -> str:
     """``0:07``, ``1:02:03``, or ``-`` when unknown."""
     if seconds is None:
         return "-"
-    s = int(seconds + 0.5)
+    s = math.ceil(seconds)
     h, rest = divmod(s, 3600)
     return f"{h}:{rest // 60:02d}:{rest % 60:02d}" if h else f"{rest // 60}:{rest % 60:02d}"
 
@@ -63,16 +74,27 @@ class Snapshot:
     pages_per_second: float
     dirty_pages_rate: int
     page_size: int
+    #: False when every page of the pass is queued but some may still be in flight (remaining 0 then
+    #: means "unknown, small", not "done")
+    settled: bool = True
+
+    @property
+    def converging(self) -> bool:
+        """False after :data:`CONVERGENCE_PASSES` passes while the guest dirties pages at least as fast
+        as they are sent (dirty-pages-rate >= pages/s)."""
+        return not (self.status == "active" and self.passes >= CONVERGENCE_PASSES
+                    and self.dirty_pages_rate > 0 and self.dirty_pages_rate >= self.pages_per_second)
 
     @property
     def percent(self) -> float | None:
         if self.remaining is None or not self.ram_total:
             return None
-        return 100.0 * (self.ram_total - self.remaining) / self.ram_total
+        share = 100.0 * (self.ram_total - self.remaining) / self.ram_total
+        return share if self.settled else min(share, 99.0)
 
     @property
     def eta(self) -> float | None:
-        if self.remaining is None:
+        if self.remaining is None or not self.settled:
             return None
         if self.remaining == 0:
             return 0.0
@@ -81,12 +103,18 @@ class Snapshot:
 
     def percent_text(self) -> str:
         """``42%``, or ``--%`` before the first pass counted what remains."""
-        return "--%" if self.percent is None else f"{self.percent:.0f}%"
+        return "--%" if self.percent is None else f"{math.floor(self.percent):.0f}%"
 
     def text(self) -> str:
         """The figures after the bar: ``pass 1  1.00 Gbps  31.6k pages/s  dirty 0/s  ETA 0:07``."""
         return (f"pass {self.passes}  {format_rate_bits(self.rate)}  {format_count(self.pages_per_second)} pages/s  "
-                f"dirty {format_count(self.dirty_pages_rate)}/s  ETA {format_eta(self.eta)}")
+                f"dirty {format_count(self.dirty_pages_rate)}/s  ETA {format_eta(self.eta)}"
+                + ("" if self.converging else "  not converging"))
+
+    def not_converging(self) -> str:
+        """The one line that says why the migration does not converge and what to change."""
+        return (f"not converging: dirty rate {format_count(self.dirty_pages_rate)} pages/s >= send rate "
+                f"{format_count(self.pages_per_second)} pages/s; see --max-passes or --downtime-limit")
 
     def line(self) -> str:
         """One plain line, for a log: status, percent of RAM (of its size), then :meth:`text`."""
@@ -112,15 +140,21 @@ class RateWindow:
         else:  # one sample so far, or the end: the whole-migration averages
             rate, pps = stats.mbps() * 1e6 / 8, stats.pages_per_second()
         counted = stats.passes > 0 or stats.status not in ("none", "setup")
+        remaining: int | None = stats.remaining if counted else None
+        if stats.status == "completed":
+            remaining = 0
+        elif remaining is not None and stats.passes <= 1:  # queued is not sent: what the channels sent
+            remaining = max(remaining, stats.ram_total - pages * stats.page_size, 0)
         return Snapshot(
             status=stats.status,
             passes=stats.passes,
             ram_total=stats.ram_total,
-            remaining=0 if stats.status == "completed" else (stats.remaining if counted else None),
+            remaining=remaining,
             rate=rate,
             pages_per_second=pps,
             dirty_pages_rate=stats.dirty_pages_rate,
             page_size=stats.page_size,
+            settled=not (remaining == 0 and stats.status in RUNNING),
         )
 
 
@@ -145,6 +179,8 @@ class ProgressDisplay:
         self._progress: Progress | None = None
         self._task: TaskID | None = None
         self._lock = threading.Lock()
+        #: the not-converging line was printed (once per migration)
+        self._told = False
 
     # --- lines above the bar -----------------------------------------------------------------------
     def log(self, text: str) -> None:
@@ -198,6 +234,9 @@ class ProgressDisplay:
         while not self._stop.wait(self.period):
             snap = self.window.snapshot(self.poll())
             if snap.status in RUNNING:
+                if not snap.converging and not self._told:
+                    self._told = True
+                    self.log(f"livemig: {snap.not_converging()}")
                 self._draw(snap)
 
     def _draw(self, snap: Snapshot) -> None:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from ..errors import MigrationError, ParameterError
 from ..guest import create_guest
-from ..migration.cli import guest_config_from_args
+from ..migration.guestopts import add_guest_options, guest_config_from_args
 from ..monitor import CommandTable, version_info
 from ..monitor.hmp import HMP
 from ..monitor.schema import QMPError
@@ -65,24 +65,11 @@ def parse_monitor(option: str, text: str, stdio_ok: bool) -> MonitorSpec:
     raise ParameterError(f"{option} {text}: expected {expected}")
 
 
-def _add_guest_options(p: argparse.ArgumentParser) -> None:
-    """The guest options of ``livemig migrate`` (same names, read by guest_config_from_args)."""
-    g = p.add_argument_group("guest (as livemig migrate)")
-    g.add_argument("--guest", choices=["kvm", "portable"], help="guest kind (default: kvm where /dev/kvm works)")
-    g.add_argument("-m", "--memory", default="1G", metavar="SIZE", help="guest RAM (default 1G)")
-    g.add_argument("--smp", type=int, default=1, help="vCPUs (default 1)")
-    g.add_argument("--workload", choices=["idle", "dirty", "counter"], default="idle")
-    g.add_argument("--dirty-rate", type=int, default=20000, metavar="PAGES_PER_S")
-    g.add_argument("--working-set", type=int, default=0, metavar="PAGES", help="0 = all RAM")
-    g.add_argument("--fill", default="corpus", help="zero, random, corpus, files:DIR or image:PATH")
-    g.add_argument("--seed", type=int, default=0)
-
-
 def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("vm", help="run a VM driven through QMP/HMP monitors, as qemu-system-x86_64",
                        description="Run a guest until 'quit' or SIGTERM, serving QMP and HMP monitors; "
                                    "migrate it with the monitor commands (migrate, migrate-incoming, ...).")
-    _add_guest_options(p)
+    add_guest_options(p, "vm")
     p.add_argument("--qmp", action="append", default=[], metavar="SPEC",
                    help="QMP monitor: unix:PATH[,server=on,wait=off] or tcp:HOST:PORT[,...] (repeatable)")
     p.add_argument("--monitor", action="append", default=[], metavar="SPEC",
