@@ -156,13 +156,24 @@ class SendChannel(threading.Thread):
             self.counters.wire_bytes += send_buffers(self.sock, piece, what)
 
     def _send_pages(self, job: _Pages) -> None:
+        """Build the job's packets, write them, then count their pages: the counters say what was
+        written to the socket (progress and ``remaining`` read them), not what was queued."""
         bufs: list[Buffer] = []
+        normal = zero = plen = 0
         for idx, num in job.packets:
-            bufs += self._packet(job.block, idx, num)
+            pkt, n, z, size = self._packet(job.block, idx, num)
+            bufs += pkt
+            normal, zero, plen = normal + n, zero + z, plen + size
         self._write(bufs, "packets")
+        c = self.counters
+        c.packets += len(job.packets)
+        c.normal += normal
+        c.zero += zero
+        c.payload_bytes += plen
 
-    def _packet(self, block: str, idx: np.ndarray, num: int) -> list[Buffer]:
-        """Header and payload buffers of one packet; counts its pages."""
+    def _packet(self, block: str, idx: np.ndarray, num: int) -> tuple[list[Buffer], int, int, int]:
+        """Header and payload buffers of one packet, its normal and zero page counts and its payload
+        size in bytes."""
         ctx = self.ctx
         ps = ctx.page_size
         first, n = int(idx[0]), int(idx.size)
@@ -192,12 +203,7 @@ class SendChannel(threading.Thread):
             next_packet_size=plen,
             page_size=ps,
         )
-        c = self.counters
-        c.packets += 1
-        c.normal += int(normal.size)
-        c.zero += int(zero.size)
-        c.payload_bytes += plen
-        return [hdr, *payload]
+        return [hdr, *payload], int(normal.size), int(zero.size), plen
 
 
 class SendChannels:
