@@ -93,3 +93,11 @@ class IntegrityError(MigrationError):
 
 class Cancelled(MigrationError):
     """The migration was cancelled."""
+
+
+def os_reason(exc: BaseException) -> str:
+    """The words of an OS-level error without Python's ``[Errno N]`` prefix (``Broken pipe``), for
+    messages that wrap it; other exceptions as ``str(exc)``."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc)

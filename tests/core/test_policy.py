@@ -166,3 +166,13 @@ def test_first_failure_keeps_the_original_and_names_where() -> None:
     assert str(info.value) == "multifd channel 3, packet 9: " + str(first)
     assert info.value.__cause__ is first and first.value == "nope"
     assert str(state.in_context("main", OSError("boom"))) == "main: OSError: boom"
+
+
+def test_os_errors_in_words_without_errno() -> None:
+    import errno
+
+    from livemig.errors import os_reason
+
+    pipe = BrokenPipeError(errno.EPIPE, "Broken pipe")
+    assert str(state.in_context("multifd channel 1", pipe)) == "multifd channel 1: Broken pipe"
+    assert os_reason(pipe) == "Broken pipe" and os_reason(ValueError("x")) == "x"

@@ -22,7 +22,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from ..errors import TransportError, WireError
+from ..errors import TransportError, WireError, os_reason
 from ..transport.secure import secure_accepted
 from ..transport.sockets import Listener
 from ..transport.tls import TlsError
@@ -145,7 +145,7 @@ class Gate:
             except TimeoutError:
                 continue
             except OSError as exc:
-                raise _Refusal(f"connection failed: {exc}") from None
+                raise _Refusal(f"connection failed: {os_reason(exc)}") from None
             if not chunk:
                 raise _Refusal("closed before sending anything" if not out else f"closed after {len(out)} bytes")
             out += chunk

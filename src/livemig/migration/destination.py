@@ -27,7 +27,7 @@ import numpy as np
 import xxhash
 
 from ..compress import Method, create_method
-from ..errors import IntegrityError, MigrationError, TransportError, WireError
+from ..errors import IntegrityError, MigrationError, TransportError, WireError, os_reason
 from ..guest import Guest, GuestConfig, create_guest
 from ..guest.base import RamBlock
 from ..params import MigrationParameters
@@ -264,7 +264,7 @@ class Destination:
                         continue  # a long pass: the channels are busy, the main stream waits for its flush
                     raise Stalled(f"no progress on any channel for {self.timeout:g} s") from exc
                 except OSError as exc:
-                    raise TransportError(f"main channel failed: {exc}") from exc
+                    raise TransportError(f"main channel failed: {os_reason(exc)}") from exc
                 if n == 0:
                     raise TransportError("main channel closed before the end of the migration stream")
                 reader.feed(view[:n])

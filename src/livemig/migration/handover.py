@@ -16,7 +16,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 
-from ..errors import Cancelled, IntegrityError, MigrationError, TransportError, WireError
+from ..errors import Cancelled, IntegrityError, MigrationError, TransportError, WireError, os_reason
 from ..guest import Guest
 from ..transport.sockets import send_buffers
 from . import protocol as p
@@ -65,7 +65,7 @@ class ReturnPath:
                 except TimeoutError:
                     continue  # the deadline check above raises
                 except OSError as exc:
-                    raise TransportError(f"link to the {self.peer} failed: {exc}") from exc
+                    raise TransportError(f"link to the {self.peer} failed: {os_reason(exc)}") from exc
                 if not chunk:
                     raise TransportError(f"the {self.peer} closed the connection")
                 self._buf += chunk

@@ -10,7 +10,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 
-from ..errors import MigrationError
+from ..errors import MigrationError, os_reason
 
 NONE = "none"
 SETUP = "setup"
@@ -74,9 +74,14 @@ def in_context(where: str, exc: BaseException) -> MigrationError:
     The original exception is kept whole as ``__cause__`` (its type and fields, e.g. a WireError's
     ``value``/``expected`` or a KvmError's ``ioctl``/``errno``), never rebuilt: not every exception
     class can be constructed from one message. Exceptions that are not a MigrationError also get
-    their type name in the message (``where: OSError: ...``).
+    their type name in the message (``where: ValueError: ...``), except OS errors, given in words.
     """
-    text = str(exc) if isinstance(exc, MigrationError) else f"{type(exc).__name__}: {exc}"
+    if isinstance(exc, MigrationError):
+        text = str(exc)
+    elif isinstance(exc, OSError) and exc.strerror:
+        text = os_reason(exc)  # an OS error in words, without "[Errno N]"
+    else:
+        text = f"{type(exc).__name__}: {exc}"  # not expected: keep the type, it is a bug to report
     err = MigrationError(f"{where}: {text}")
     err.__cause__ = exc
     return err

@@ -20,7 +20,7 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
-from ..errors import TransportError
+from ..errors import TransportError, os_reason
 from .address import Address, claim_unix_path
 
 #: SO_SNDBUF/SO_RCVBUF to set on every migration socket; 0 (the default) sets nothing and leaves the
@@ -47,7 +47,7 @@ def connect(addr: Address, timeout: float) -> socket.socket:
         sock.connect(addr.sockaddr())
     except OSError as exc:
         sock.close()
-        raise TransportError(f"cannot connect to {addr}: {exc}") from exc
+        raise TransportError(f"cannot connect to {addr}: {os_reason(exc)}") from exc
     return sock
 
 
@@ -65,7 +65,7 @@ def listen(addr: Address, backlog: int) -> socket.socket:
         sock.listen(backlog)
     except OSError as exc:
         sock.close()
-        raise TransportError(f"cannot listen on {addr}: {exc}") from exc
+        raise TransportError(f"cannot listen on {addr}: {os_reason(exc)}") from exc
     return sock
 
 
@@ -120,7 +120,7 @@ class AddressListener:
         except TimeoutError:
             return None
         except OSError as exc:
-            raise TransportError(f"listener closed: {exc}") from exc
+            raise TransportError(f"listener closed: {os_reason(exc)}") from exc
         sock.settimeout(None)
         return sock
 
@@ -214,7 +214,7 @@ def recv_into_buffers(sock: socket.socket, bufs: list[memoryview], what: str, al
                 continue
             raise TransportError(f"timed out reading {what}") from exc
         except (OSError, ValueError) as exc:  # ValueError: a TLS socket closed under us
-            raise TransportError(f"connection failed while reading {what}: {exc}") from exc
+            raise TransportError(f"connection failed while reading {what}: {os_reason(exc)}") from exc
         if k == 0:
             if got == 0 and eof_ok:
                 return False
@@ -268,7 +268,7 @@ def send_buffers(sock: socket.socket, bufs: Sequence[bytes | bytearray | memoryv
     except TimeoutError as exc:
         raise TransportError(f"timed out writing {what}") from exc
     except (OSError, ValueError) as exc:  # ValueError: a TLS socket closed under us
-        raise TransportError(f"connection failed while writing {what}: {exc}") from exc
+        raise TransportError(f"connection failed while writing {what}: {os_reason(exc)}") from exc
     return total
 
 
@@ -294,7 +294,7 @@ class LineChannel:
                 except TimeoutError as exc:
                     raise TransportError(f"no answer from the destination within {timeout:.0f} s") from exc
                 except OSError as exc:
-                    raise TransportError(f"return path failed: {exc}") from exc
+                    raise TransportError(f"return path failed: {os_reason(exc)}") from exc
                 if not chunk:
                     raise TransportError("the destination closed the connection")
                 self._buf += chunk
