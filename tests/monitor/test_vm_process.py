@@ -190,7 +190,8 @@ def test_hmp_on_stdio_pty(procs: list[subprocess.Popen[bytes]]) -> None:
 
 def test_hmp_on_a_unix_socket(tmp_path: Path, procs: list[subprocess.Popen[bytes]]) -> None:
     path = tmp_path / "hmp.sock"
-    procs.append(_vm(*GUEST, "-S", "--monitor", f"unix:{path},server=on,wait=off"))
+    qmp = tmp_path / "qmp.sock"
+    procs.append(_vm(*GUEST, "-S", "--monitor", f"unix:{path},server=on,wait=off", "--qmp", f"unix:{qmp}"))
 
     async def main() -> None:
         deadline = time.monotonic() + 60
@@ -212,6 +213,25 @@ def test_hmp_on_a_unix_socket(tmp_path: Path, procs: list[subprocess.Popen[bytes
         writer.close()
         assert await asyncio.to_thread(procs[0].wait, 30) == 0
     _run(main)
+    stderr = procs[0].communicate()[1].decode()
+    assert "Traceback" not in stderr and "CancelledError" not in stderr, stderr
+    assert not path.exists() and not qmp.exists(), "quit left the monitor socket files behind"
+
+
+def test_sigterm_removes_socket_files(tmp_path: Path, procs: list[subprocess.Popen[bytes]]) -> None:
+    hmp, qmp = tmp_path / "hmp.sock", tmp_path / "qmp.sock"
+    procs.append(_vm(*GUEST, "--monitor", f"unix:{hmp}", "--qmp", f"unix:{qmp},server=on,wait=off"))
+
+    async def main() -> None:
+        client = await _connect(qmp, procs[0])
+        assert (await client.execute("query-status"))["status"] == "running"
+        await client.disconnect()
+    _run(main)
+    assert hmp.exists()
+    procs[0].send_signal(signal.SIGTERM)
+    assert procs[0].wait(30) == 0
+    assert "Traceback" not in procs[0].communicate()[1].decode()
+    assert not hmp.exists() and not qmp.exists(), "SIGTERM left the monitor socket files behind"
 
 
 @pytest.mark.parametrize("args, message", [
@@ -221,6 +241,9 @@ def test_hmp_on_a_unix_socket(tmp_path: Path, procs: list[subprocess.Popen[bytes
     (["--monitor", "vc"], "--monitor vc: expected stdio or unix:PATH"),
     (["--monitor", "tcp:127.0.0.1:4444"], "--monitor tcp:127.0.0.1:4444: expected stdio or unix:PATH"),
     (["--incoming", "rdma:1.2.3.4:5"], "invalid migration address 'rdma:1.2.3.4:5'"),
+    (["--timeout", "nan"], "--timeout nan: expected a finite number of seconds 0.1 or more"),
+    (["--timeout", "inf"], "--timeout inf: expected a finite number of seconds 0.1 or more"),
+    (["--timeout", "0.05"], "--timeout 0.05: expected a number of seconds 0.1 or more"),
 ])
 def test_bad_options_one_clear_line(args: list[str], message: str) -> None:
     r = subprocess.run([sys.executable, "-m", "livemig.cli", "vm", *GUEST, *args], capture_output=True, text=True,
