@@ -43,8 +43,9 @@ def test_small_real_bench(tmp_path: Path) -> None:
         dst_argv = bench["argv"][0]
         assert dst_argv[dst_argv.index("vm"):][-4:] == ["--incoming", "defer", "--name", "livemig-bench-dst"]
         log = bench["qmp-log"]
-        assert log.index("destination: migrate-incoming {'uri': 'tcp:127.0.0.1:4445'}") < \
-            log.index("source: migrate {'uri': 'tcp:127.0.0.1:4445'}") < log.index("source: query-migrate")
+        assert log.index("destination: migrate-incoming {'uri': 'tcp:127.0.0.1:4445'}") \
+            < log.index("source: migrate {'uri': 'tcp:127.0.0.1:4445'}") \
+            < log.index("source: event MIGRATION completed") < log.index("destination: event MIGRATION completed")
         assert f"source: migrate-set-parameters {{'multifd-channels': 8, 'multifd-compression': '{method}'" in \
             "\n".join(log)
     # compression sends fewer bytes than none, and both sent at least their compressed RAM

@@ -2,8 +2,9 @@
 ``livemig vm``), each with a QMP socket, the destination started with ``-incoming defer``.
 
 :func:`drive` sets the capabilities and parameters on both sides, ``migrate-incoming`` on the
-destination, ``migrate`` on the source, polls ``query-migrate`` until a final status, then the
-destination's ``query-migrate`` until it finished too. Send/recv CPU seconds come from
+destination, ``migrate`` on the source, awaits the source's then the destination's ``MIGRATION``
+event with a final status (``query-migrate`` is also asked every :data:`RECHECK_S`, so a lost event
+costs at most that), and takes each side's final ``query-migrate`` as its statistics. Send/recv CPU seconds come from
 /proc/<pid>/stat; the loopback bytes from the bench's private network namespace.
 """
 
@@ -24,6 +25,8 @@ from .qmpconn import QmpConnection
 #: max-bandwidth for "uncapped" (bytes/s): far above anything a host can move
 UNCAPPED = 1 << 40
 FINAL = ("completed", "failed", "cancelled")
+#: seconds between ``query-migrate`` checks while awaiting the final MIGRATION event
+RECHECK_S = 0.5
 
 
 def cpu_seconds(pid: int) -> float:
@@ -86,6 +89,22 @@ class _Logged:
             self.log.append(f"{self.side}: {command}" + (f" {arguments}" if arguments else ""))
         return self.conn.execute(command, arguments)
 
+    def await_final(self, deadline: float) -> dict[str, Any]:
+        """``query-migrate`` once a MIGRATION event with a final status arrived (or a check found
+        one); ``{}``-like unfinished info when ``deadline`` (monotonic s) passes first."""
+        info: dict[str, Any] = {}
+        while time.monotonic() < deadline:
+            ev = self.conn.next_event(min(RECHECK_S, max(0.0, deadline - time.monotonic())))
+            if ev is not None:
+                status = (ev.get("data") or {}).get("status")
+                if ev.get("event") != "MIGRATION" or status not in FINAL:
+                    continue
+                self.log.append(f"{self.side}: event MIGRATION {status}")
+            info = self.execute("query-migrate")
+            if info.get("status") in FINAL:
+                return info
+        return info
+
 
 def drive(src_conn: QmpConnection, dst_conn: QmpConnection, src_pid: int, dst_pid: int, plan: Plan,
           netns: NetNamespace | None) -> Driven:
@@ -106,13 +125,8 @@ def drive(src_conn: QmpConnection, dst_conn: QmpConnection, src_pid: int, dst_pi
     t0 = time.monotonic()
     src.execute("migrate", {"uri": plan.uri})
     deadline = t0 + plan.timeout
-    info: dict[str, Any] = {}
-    while time.monotonic() < deadline:
-        info = src.execute("query-migrate")
-        if info.get("status") in FINAL:
-            break
-        time.sleep(0.02)
-    else:
+    info = src.await_final(deadline)
+    if info.get("status") not in FINAL:
         src.execute("migrate_cancel")
         raise BenchError(f"migration not finished after {plan.timeout:.0f} s: {info}")
     # QEMU 7.2 sets "completed" before migration_calculate_complete() fills total-time, downtime
@@ -124,12 +138,7 @@ def drive(src_conn: QmpConnection, dst_conn: QmpConnection, src_pid: int, dst_pi
         time.sleep(0.005)
         info = src.execute("query-migrate")
     src_cpu = cpu_seconds(src_pid)
-    dinfo: dict[str, Any] = {}
-    while time.monotonic() < deadline:
-        dinfo = dst.execute("query-migrate")
-        if dinfo.get("status") in FINAL or info.get("status") != "completed":
-            break
-        time.sleep(0.01)
+    dinfo = dst.await_final(deadline) if info.get("status") == "completed" else dst.execute("query-migrate")
     dst_cpu = cpu_seconds(dst_pid)
     lo1 = netns.lo_counters() if netns else None
     wall = time.monotonic() - t0

@@ -57,6 +57,14 @@ class QmpConnection:
         except (TimeoutError, QMPError, OSError, EOFError) as exc:
             raise BenchError(f"{what} failed: {type(exc).__name__}: {exc or 'no reply'}") from exc
 
+    def next_event(self, timeout: float) -> dict[str, Any] | None:
+        """The next QMP event received (``{"event", "data", "timestamp"}``), or None when none
+        arrives within ``timeout`` s. Events queue from the moment of connecting."""
+        try:
+            return dict(self._run(self._client.events.get(), timeout))
+        except TimeoutError:
+            return None
+
     def close(self) -> None:
         """Disconnect (QEMU may already be gone) and close the event loop."""
         if self._loop.is_closed():
