@@ -252,3 +252,63 @@ def test_bad_options_one_clear_line(args: list[str], message: str) -> None:
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_migration_over_tls_with_object_add(tmp_path: Path, procs: list[subprocess.Popen[bytes]]) -> None:
+    """object-add tls-creds-x509 (+ authz-simple) and the tls-* parameters: a migration over TLS."""
+    from qemu.qmp import ExecuteError
+
+    from livemig.transport.certgen import make_pair
+
+    pki = str(make_pair(tmp_path / "pki"))
+
+    async def main() -> None:
+        src, dst = await _pair(tmp_path, procs)
+        await src.execute("object-add", {"qom-type": "tls-creds-x509", "id": "tls0", "dir": pki,
+                                         "endpoint": "client"})
+        await dst.execute("object-add", {"qom-type": "tls-creds-x509", "id": "tls0", "dir": pki,
+                                         "endpoint": "server", "verify-peer": True})
+        await dst.execute("object-add", {"qom-type": "authz-simple", "id": "auth0",
+                                         "identity": "CN=livemig client"})
+        for args, words in (
+            ({"qom-type": "tls-creds-x509", "id": "tls0", "dir": pki}, "duplicate property 'tls0'"),
+            ({"qom-type": "secret", "id": "s0"}, "invalid object type: secret"),
+            ({"qom-type": "tls-creds-x509", "id": "t1"}, "Parameter 'dir' is missing"),
+            ({"qom-type": "tls-creds-x509", "id": "t2", "dir": pki, "endpoint": "both"}, "expects 'server' or"),
+        ):
+            with pytest.raises(ExecuteError, match=words):
+                await dst.execute("object-add", args)
+        await src.execute("migrate-set-parameters", {"tls-creds": "nope"})
+        with pytest.raises(ExecuteError, match="No TLS credentials with id 'nope'"):
+            await src.execute("migrate", {"uri": "tcp:127.0.0.1:1"})
+        await src.execute("migrate-set-parameters", {"tls-creds": "tls0"})
+        await dst.execute("migrate-set-parameters", {"tls-creds": "tls0"})
+        with pytest.raises(ExecuteError, match="object 'tls0' is in use"):
+            await dst.execute("object-del", {"id": "tls0"})
+        params = await dst.execute("query-migrate-parameters")
+        assert isinstance(params, dict) and params["tls-creds"] == "tls0" and params["tls-authz"] == ""
+        await _migrate(src, dst, **{"multifd-channels": 2})
+        events = await _until(src, "MIGRATION", "completed")
+        assert events[-1]["data"]["status"] == "completed", await src.execute("query-migrate")
+        await _until(dst, "RESUME")
+        assert await dst.execute("query-status") == {"status": "running", "running": True}
+        await dst.execute("object-del", {"id": "auth0"})
+        with pytest.raises(ExecuteError, match="object 'auth0' not found"):
+            await dst.execute("object-del", {"id": "auth0"})
+    _run(main)
+
+
+def test_tls_destination_refuses_a_plain_source(tmp_path: Path, procs: list[subprocess.Popen[bytes]]) -> None:
+    from livemig.transport.certgen import make_pair
+
+    pki = str(make_pair(tmp_path / "pki"))
+
+    async def main() -> None:
+        src, dst = await _pair(tmp_path, procs)
+        await dst.execute("object-add", {"qom-type": "tls-creds-x509", "id": "tls0", "dir": pki,
+                                         "endpoint": "server"})
+        await dst.execute("migrate-set-parameters", {"tls-creds": "tls0"})
+        await _migrate(src, dst)
+        events = await _until(src, "MIGRATION", "completed")
+        assert events[-1]["data"]["status"] == "failed"
+    _run(main)
