@@ -231,7 +231,7 @@ def _one(
     else:
         _progress(f"bench {tag}: livemig {method}, {plural(channels, 'channel')}, {bandwidth_label(bw)} ...")
         t0 = time.monotonic()
-        if exp.tls_dir or exp.extra_args:  # livemig vm has no object-add yet: TLS rows use migrate --local
+        if exp.extra_args:  # options only `livemig migrate` has
             run = run_livemig(children, exp, method, channels, bw, rep, workdir, netns)
         else:
             run = run_livemig_vm(children, exp, method, channels, bw, rep, workdir, netns)

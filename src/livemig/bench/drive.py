@@ -49,6 +49,8 @@ class Plan:
     timeout: float
     settle_s: float = 0.0  # seconds the source guest runs before ``migrate``
     capabilities: tuple[str, ...] = ("multifd", "events")
+    #: a tls-creds-x509 directory with both ends' files: object-add on each side, tls-creds set
+    tls_dir: str | None = None
 
     def params(self) -> dict[str, Any]:
         p: dict[str, Any] = {"multifd-channels": self.channels, "multifd-compression": self.method}
@@ -113,9 +115,14 @@ def drive(src_conn: QmpConnection, dst_conn: QmpConnection, src_pid: int, dst_pi
     log: list[str] = []
     src, dst = _Logged(src_conn, "source", log), _Logged(dst_conn, "destination", log)
     caps = {"capabilities": [{"capability": c, "state": True} for c in plan.capabilities]}
-    for c in (dst, src):
+    for c, endpoint in ((dst, "server"), (src, "client")):
         c.execute("migrate-set-capabilities", caps)
-        c.execute("migrate-set-parameters", plan.params())
+        params = plan.params()
+        if plan.tls_dir:
+            c.execute("object-add", {"qom-type": "tls-creds-x509", "id": "tls0", "dir": plan.tls_dir,
+                                     "endpoint": endpoint})
+            params["tls-creds"] = "tls0"
+        c.execute("migrate-set-parameters", params)
     src.execute("migrate-set-parameters", plan.source_params())
     dst.execute("migrate-incoming", {"uri": plan.uri})
     time.sleep(plan.settle_s)

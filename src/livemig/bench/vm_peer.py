@@ -3,8 +3,8 @@ driven over QMP by :func:`.drive.drive`, the code that drives QEMU's rows.
 
 The source's final ``query-migrate`` is the run's result: QEMU's MigrationInfo with livemig's own
 figures (send/recv CPU %, memory, wire bytes, compression ratio) under its ``livemig`` key, the
-destination's measured by itself and reported over the return path. Rows over TLS are not driven
-this way yet (``livemig vm`` has no ``object-add``): :func:`.runner.run_livemig` runs them.
+destination's measured by itself and reported over the return path. Rows over TLS get
+``object-add tls-creds-x509`` and ``tls-creds`` on both sides (:attr:`.drive.Plan.tls_dir`).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any
 
 from ..errors import MigrationError
 from .drive import Plan, drive, quit_all
-from .model import Run
+from .model import TLS_SUFFIX, Run
 from .procs import Children, NetNamespace
 from .qmpconn import QmpConnection
 from .runner import LIVEMIG, Experiment
@@ -37,7 +37,7 @@ def run_livemig_vm(children: Children, exp: Experiment, method: str, channels: i
                    repeat: int, workdir: str, netns: NetNamespace | None) -> Run:
     """One livemig migration between two ``livemig vm`` processes; errors land in the Run
     (KeyboardInterrupt propagates)."""
-    run = Run("livemig", method, channels, bandwidth, repeat)
+    run = Run("livemig", method + (TLS_SUFFIX if exp.tls_dir else ""), channels, bandwidth, repeat)
     tag = uuid.uuid4().hex[:6]
     procs: list[subprocess.Popen[Any]] = []
     clients: list[QmpConnection] = []
@@ -59,7 +59,7 @@ def run_livemig_vm(children: Children, exp: Experiment, method: str, channels: i
         dst_proc, src_proc = procs
         dst, src = clients
         plan = Plan(method, channels, exp.level, bandwidth, exp.downtime_limit, f"tcp:127.0.0.1:{PORT}",
-                    exp.timeout)
+                    exp.timeout, tls_dir=exp.tls_dir)
         d = drive(src, dst, src_proc.pid, dst_proc.pid, plan, netns)
         run.extra.update({"wall-s": d.wall_s, "dst-status": d.dinfo.get("status"),
                           "dst-vm-status": d.dst_vm_status, "qmp-log": d.log, "driven-over": "qmp"})
