@@ -36,6 +36,18 @@ def test_small_real_bench(tmp_path: Path) -> None:
         assert cells[1] == f"{res['total-time']:.0f}" and cells[2] == f"{res['downtime']:.0f}"
         assert cells[4] == f"{res['ram']['pages-per-second']:.0f}"
         assert cells[5] == f"{res['livemig']['send-cpu-percent']:.0f}"
+        # driven over QMP, as QEMU is: two livemig vm processes, the destination deferred
+        bench = r["extra"]
+        assert bench["driven-over"] == "qmp" and bench["dst-status"] == "completed"
+        assert bench["dst-vm-status"]["status"] == "running"
+        dst_argv = bench["argv"][0]
+        assert dst_argv[dst_argv.index("vm"):][-4:] == ["--incoming", "defer", "--name", "livemig-bench-dst"]
+        log = bench["qmp-log"]
+        assert log.index("destination: migrate-incoming {'uri': 'tcp:127.0.0.1:4445'}") \
+            < log.index("source: migrate {'uri': 'tcp:127.0.0.1:4445'}") \
+            < log.index("source: event MIGRATION completed") < log.index("destination: event MIGRATION completed")
+        assert f"source: migrate-set-parameters {{'multifd-channels': 8, 'multifd-compression': '{method}'" in \
+            "\n".join(log)
     # compression sends fewer bytes than none, and both sent at least their compressed RAM
     assert runs["zstd"]["result"]["livemig"]["wire-bytes"] < runs["none"]["result"]["livemig"]["wire-bytes"]
     assert runs["none"]["result"]["livemig"]["wire-bytes"] >= 0.9 * (256 << 20)

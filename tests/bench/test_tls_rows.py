@@ -4,8 +4,13 @@ certificate directory made on the fly that a real ``--tls-creds`` accepts)."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from livemig.bench.config import BenchConfig
 from livemig.bench.limits import CodecSpeed, LoopbackSpeed
@@ -58,3 +63,21 @@ def test_tls_experiment_passes_usable_credentials(tmp_path: Path) -> None:
         assert tls is not None
         tls.context()  # every file there and loadable
     assert "--object" not in migrate_argv(Experiment("portable", 1 << 20, "idle", "corpus"), "zstd", 8, 0, "r")
+
+
+@pytest.mark.slow
+def test_tls_rows_are_driven_over_qmp_with_object_add() -> None:
+    """--tls rows: two livemig vm processes given tls-creds-x509 objects and tls-creds over QMP."""
+    proc = subprocess.run([sys.executable, "-m", "livemig.cli", "bench", "--memory", "16M", "--methods", "none",
+                           "--tls", "--sample", "4M", "--json", "-"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    runs = {r["method"]: r for r in json.loads(proc.stdout[proc.stdout.index("{"):])["runs"]}
+    assert set(runs) == {"none", "none+tls"}
+    for method, r in runs.items():
+        assert r["error"] is None and r["extra"]["driven-over"] == "qmp", r
+        adds = [line for line in r["extra"]["qmp-log"] if "object-add" in line]
+        if method == "none":
+            assert adds == []
+        else:
+            assert [a.split(":")[0] for a in adds] == ["destination", "source"]
+            assert "'endpoint': 'server'" in adds[0] and "'endpoint': 'client'" in adds[1]

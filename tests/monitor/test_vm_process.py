@@ -190,7 +190,8 @@ def test_hmp_on_stdio_pty(procs: list[subprocess.Popen[bytes]]) -> None:
 
 def test_hmp_on_a_unix_socket(tmp_path: Path, procs: list[subprocess.Popen[bytes]]) -> None:
     path = tmp_path / "hmp.sock"
-    procs.append(_vm(*GUEST, "-S", "--monitor", f"unix:{path},server=on,wait=off"))
+    qmp = tmp_path / "qmp.sock"
+    procs.append(_vm(*GUEST, "-S", "--monitor", f"unix:{path},server=on,wait=off", "--qmp", f"unix:{qmp}"))
 
     async def main() -> None:
         deadline = time.monotonic() + 60
@@ -212,6 +213,25 @@ def test_hmp_on_a_unix_socket(tmp_path: Path, procs: list[subprocess.Popen[bytes
         writer.close()
         assert await asyncio.to_thread(procs[0].wait, 30) == 0
     _run(main)
+    stderr = procs[0].communicate()[1].decode()
+    assert "Traceback" not in stderr and "CancelledError" not in stderr, stderr
+    assert not path.exists() and not qmp.exists(), "quit left the monitor socket files behind"
+
+
+def test_sigterm_removes_socket_files(tmp_path: Path, procs: list[subprocess.Popen[bytes]]) -> None:
+    hmp, qmp = tmp_path / "hmp.sock", tmp_path / "qmp.sock"
+    procs.append(_vm(*GUEST, "--monitor", f"unix:{hmp}", "--qmp", f"unix:{qmp},server=on,wait=off"))
+
+    async def main() -> None:
+        client = await _connect(qmp, procs[0])
+        assert (await client.execute("query-status"))["status"] == "running"
+        await client.disconnect()
+    _run(main)
+    assert hmp.exists()
+    procs[0].send_signal(signal.SIGTERM)
+    assert procs[0].wait(30) == 0
+    assert "Traceback" not in procs[0].communicate()[1].decode()
+    assert not hmp.exists() and not qmp.exists(), "SIGTERM left the monitor socket files behind"
 
 
 @pytest.mark.parametrize("args, message", [
@@ -221,6 +241,9 @@ def test_hmp_on_a_unix_socket(tmp_path: Path, procs: list[subprocess.Popen[bytes
     (["--monitor", "vc"], "--monitor vc: expected stdio or unix:PATH"),
     (["--monitor", "tcp:127.0.0.1:4444"], "--monitor tcp:127.0.0.1:4444: expected stdio or unix:PATH"),
     (["--incoming", "rdma:1.2.3.4:5"], "invalid migration address 'rdma:1.2.3.4:5'"),
+    (["--timeout", "nan"], "--timeout nan: expected a finite number of seconds 0.1 or more"),
+    (["--timeout", "inf"], "--timeout inf: expected a finite number of seconds 0.1 or more"),
+    (["--timeout", "0.05"], "--timeout 0.05: expected a number of seconds 0.1 or more"),
 ])
 def test_bad_options_one_clear_line(args: list[str], message: str) -> None:
     r = subprocess.run([sys.executable, "-m", "livemig.cli", "vm", *GUEST, *args], capture_output=True, text=True,
@@ -229,3 +252,63 @@ def test_bad_options_one_clear_line(args: list[str], message: str) -> None:
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_migration_over_tls_with_object_add(tmp_path: Path, procs: list[subprocess.Popen[bytes]]) -> None:
+    """object-add tls-creds-x509 (+ authz-simple) and the tls-* parameters: a migration over TLS."""
+    from qemu.qmp import ExecuteError
+
+    from livemig.transport.certgen import make_pair
+
+    pki = str(make_pair(tmp_path / "pki"))
+
+    async def main() -> None:
+        src, dst = await _pair(tmp_path, procs)
+        await src.execute("object-add", {"qom-type": "tls-creds-x509", "id": "tls0", "dir": pki,
+                                         "endpoint": "client"})
+        await dst.execute("object-add", {"qom-type": "tls-creds-x509", "id": "tls0", "dir": pki,
+                                         "endpoint": "server", "verify-peer": True})
+        await dst.execute("object-add", {"qom-type": "authz-simple", "id": "auth0",
+                                         "identity": "CN=livemig client"})
+        for args, words in (
+            ({"qom-type": "tls-creds-x509", "id": "tls0", "dir": pki}, "duplicate property 'tls0'"),
+            ({"qom-type": "secret", "id": "s0"}, "invalid object type: secret"),
+            ({"qom-type": "tls-creds-x509", "id": "t1"}, "Parameter 'dir' is missing"),
+            ({"qom-type": "tls-creds-x509", "id": "t2", "dir": pki, "endpoint": "both"}, "expects 'server' or"),
+        ):
+            with pytest.raises(ExecuteError, match=words):
+                await dst.execute("object-add", args)
+        await src.execute("migrate-set-parameters", {"tls-creds": "nope"})
+        with pytest.raises(ExecuteError, match="No TLS credentials with id 'nope'"):
+            await src.execute("migrate", {"uri": "tcp:127.0.0.1:1"})
+        await src.execute("migrate-set-parameters", {"tls-creds": "tls0"})
+        await dst.execute("migrate-set-parameters", {"tls-creds": "tls0"})
+        with pytest.raises(ExecuteError, match="object 'tls0' is in use"):
+            await dst.execute("object-del", {"id": "tls0"})
+        params = await dst.execute("query-migrate-parameters")
+        assert isinstance(params, dict) and params["tls-creds"] == "tls0" and params["tls-authz"] == ""
+        await _migrate(src, dst, **{"multifd-channels": 2})
+        events = await _until(src, "MIGRATION", "completed")
+        assert events[-1]["data"]["status"] == "completed", await src.execute("query-migrate")
+        await _until(dst, "RESUME")
+        assert await dst.execute("query-status") == {"status": "running", "running": True}
+        await dst.execute("object-del", {"id": "auth0"})
+        with pytest.raises(ExecuteError, match="object 'auth0' not found"):
+            await dst.execute("object-del", {"id": "auth0"})
+    _run(main)
+
+
+def test_tls_destination_refuses_a_plain_source(tmp_path: Path, procs: list[subprocess.Popen[bytes]]) -> None:
+    from livemig.transport.certgen import make_pair
+
+    pki = str(make_pair(tmp_path / "pki"))
+
+    async def main() -> None:
+        src, dst = await _pair(tmp_path, procs)
+        await dst.execute("object-add", {"qom-type": "tls-creds-x509", "id": "tls0", "dir": pki,
+                                         "endpoint": "server"})
+        await dst.execute("migrate-set-parameters", {"tls-creds": "tls0"})
+        await _migrate(src, dst)
+        events = await _until(src, "MIGRATION", "completed")
+        assert events[-1]["data"]["status"] == "failed"
+    _run(main)

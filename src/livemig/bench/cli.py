@@ -29,6 +29,7 @@ from .procs import Children, NetNamespace
 from .render import bandwidth_label, render_bench
 from .results import Bench, DataSample
 from .runner import Experiment, run_livemig, tls_experiment
+from .vm_peer import run_livemig_vm
 
 if TYPE_CHECKING:
     from .qemu_peer import QemuPeer
@@ -230,7 +231,10 @@ def _one(
     else:
         _progress(f"bench {tag}: livemig {method}, {plural(channels, 'channel')}, {bandwidth_label(bw)} ...")
         t0 = time.monotonic()
-        run = run_livemig(children, exp, method, channels, bw, rep, workdir, netns)
+        if exp.extra_args:  # options only `livemig migrate` has
+            run = run_livemig(children, exp, method, channels, bw, rep, workdir, netns)
+        else:
+            run = run_livemig_vm(children, exp, method, channels, bw, rep, workdir, netns)
         _progress(f"bench {tag}: {'ok' if run.ok else run.error} ({time.monotonic() - t0:.1f} s)")
         out.append(run)
     if peer is not None:

@@ -11,31 +11,27 @@ also the cap and the downtime limit. Then ``migrate-incoming`` / ``migrate``, an
 polled until the end. Send/recv CPU % come from /proc/<pid>/stat over the total time; the bytes
 really written to the sockets from the bench's private network namespace (QEMU 7.2's own counters
 count multifd pages uncompressed). The QEMU facts this relies on are in docs/bench.md; QMP is
-spoken through the ``qemu.qmp`` package (:class:`QmpConnection`)."""
+spoken through the ``qemu.qmp`` package, by the driver livemig's rows use too (:func:`.drive.drive`)."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import json
 import os
 import re
 import shutil
 import subprocess
-import time
 import uuid
-from collections.abc import Awaitable
-from typing import Any, TypeVar
-
-from qemu.qmp import ConnectError, ExecuteError, QMPClient, QMPError
+from typing import Any
 
 from ..errors import MigrationError
 from .data import write_ram_file
+from .drive import Plan, drive, quit_all
 from .model import BenchError, Run
-from .procs import Children, NetNamespace, stop
+from .procs import Children, NetNamespace
+from .qmpconn import QmpConnection
 from .runner import Experiment
 
-T = TypeVar("T")
+__all__ = ["QemuPeer", "QmpConnection", "idle_firmware"]
 
 QEMU = "qemu-system-x86_64"
 #: multifd-compression values and the QEMU version that added each (docs/bench.md, "QEMU versions")
@@ -47,8 +43,6 @@ METHOD_SINCE = {
     "uadk": (9, 1),
     "qatzip": (9, 2),
 }
-#: max-bandwidth for "uncapped" (bytes/s): far above anything a host can move
-UNCAPPED = 1 << 40
 #: seconds the source guest runs before ``migrate``
 FIRMWARE_SETTLE_S = 1.0
 PORT = 4444  # inside the bench's private network namespace (or loopback when there is none)
@@ -66,62 +60,6 @@ def idle_firmware() -> bytes:
     image = bytearray(b"\xf4" * 65536)  # hlt everywhere
     image[0xFFF0:0xFFF3] = b"\xf4\xeb\xfd"  # reset vector: hlt; jmp hlt
     return bytes(image)
-
-
-class QmpConnection:
-    """A synchronous QMP connection to one QEMU: ``qemu.qmp``'s QMPClient on a private event loop.
-
-    Errors are BenchError naming the QMP socket or command (the ``qemu.qmp`` exception is kept as
-    the cause).
-    """
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self._loop = asyncio.new_event_loop()
-        self._client = QMPClient(name)
-
-    def _run(self, aw: Awaitable[T], timeout: float | None) -> T:
-        return self._loop.run_until_complete(asyncio.wait_for(aw, timeout))
-
-    @classmethod
-    def connect(cls, path: str, name: str, timeout: float = 30.0) -> QmpConnection:
-        """Connect to the UNIX socket ``path`` (retried until QEMU listens or ``timeout`` s), greet,
-        negotiate capabilities. Raises BenchError."""
-        conn = cls(name)
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                conn._run(conn._client.connect(path), max(0.1, deadline - time.monotonic()))
-                return conn
-            except (TimeoutError, ConnectError) as exc:
-                if time.monotonic() > deadline:
-                    conn.close()
-                    raise BenchError(f"cannot connect to {name}'s QMP socket {path} within {timeout:.0f} s") from exc
-                time.sleep(0.05)
-
-    def execute(self, command: str, arguments: dict[str, Any] | None = None, timeout: float = 60.0) -> Any:
-        """Run ``command`` and return its ``return`` value. Raises BenchError naming the command."""
-        what = f"QMP {command} {json.dumps(arguments or {})} on {self.name}"
-        try:
-            return self._run(self._client.execute(command, arguments), timeout)
-        except ExecuteError as exc:
-            raise BenchError(f"{what} failed: {exc.error_class}: {exc}") from exc
-        except (TimeoutError, QMPError, OSError, EOFError) as exc:
-            raise BenchError(f"{what} failed: {type(exc).__name__}: {exc or 'no reply'}") from exc
-
-    def close(self) -> None:
-        """Disconnect (QEMU may already be gone) and close the event loop."""
-        if self._loop.is_closed():
-            return
-        with contextlib.suppress(TimeoutError, QMPError, OSError, EOFError):
-            self._run(self._client.disconnect(), 5.0)
-        self._loop.close()
-
-
-def _cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat", encoding="utf-8") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 class QemuPeer:
@@ -209,12 +147,6 @@ class QemuPeer:
                 f.write(idle_firmware())
         return path
 
-    def _params(self, method: str, channels: int) -> dict[str, Any]:
-        p: dict[str, Any] = {"multifd-channels": channels, "multifd-compression": method}
-        if method in ("zlib", "zstd", "qatzip"):
-            p[f"multifd-{method}-level"] = self.exp.level
-        return p
-
     def run(self, method: str, channels: int, bandwidth: int, repeat: int) -> Run:
         """One QEMU migration; errors land in the Run (KeyboardInterrupt propagates)."""
         run = Run("qemu", method, channels, bandwidth, repeat)
@@ -260,63 +192,15 @@ class QemuPeer:
                     log.seek(0)
                 said = " / ".join(log.read().strip() for log in logs)
                 raise BenchError(f"{exc}; QEMU said: {said or 'nothing'}") from exc
-            caps = {
-                "capabilities": [
-                    {"capability": "multifd", "state": True},
-                    {"capability": "events", "state": True},
-                ]
-            }
-            for c in (dst, src):
-                c.execute("migrate-set-capabilities", caps)
-                c.execute("migrate-set-parameters", self._params(method, channels))
-            sp: dict[str, Any] = {"max-bandwidth": bandwidth if bandwidth > 0 else UNCAPPED}
-            if self.exp.downtime_limit is not None:
-                sp["downtime-limit"] = self.exp.downtime_limit
-            src.execute("migrate-set-parameters", sp)
-            uri = f"tcp:127.0.0.1:{PORT}"
-            dst.execute("migrate-incoming", {"uri": uri})
-            time.sleep(FIRMWARE_SETTLE_S)  # the guest runs (halted) for a moment, as livemig's does
-            status = src.execute("query-status")
-            run.extra["source-status-before"] = status
-            lo0 = self.netns.lo_counters() if self.netns else None
-            cpu0 = (_cpu_seconds(src_proc.pid), _cpu_seconds(dst_proc.pid))
-            t0 = time.monotonic()
-            src.execute("migrate", {"uri": uri})
-            deadline = t0 + self.exp.timeout
-            info: dict[str, Any] = {}
-            while time.monotonic() < deadline:
-                info = src.execute("query-migrate")
-                if info.get("status") in ("completed", "failed", "cancelled"):
-                    break
-                time.sleep(0.02)
-            else:
-                src.execute("migrate_cancel")
-                raise BenchError(f"QEMU migration not finished after {self.exp.timeout:.0f} s: {info}")
-            # 7.2 sets "completed" before migration_calculate_complete() fills total-time, downtime
-            # and the whole-migration mbps: poll until they are there
-            settle = time.monotonic() + 5.0
-            while info.get("status") == "completed" and not info.get("total-time"):
-                if time.monotonic() > settle:
-                    raise BenchError(f"QEMU completed but reports no total-time: {info}")
-                time.sleep(0.005)
-                info = src.execute("query-migrate")
-            cpu_src = _cpu_seconds(src_proc.pid)
-            dinfo: dict[str, Any] = {}
-            while time.monotonic() < deadline:
-                dinfo = dst.execute("query-migrate")
-                if (
-                    dinfo.get("status") in ("completed", "failed", "cancelled")
-                    or info.get("status") != "completed"
-                ):
-                    break
-                time.sleep(0.01)
-            cpu_dst = _cpu_seconds(dst_proc.pid)
-            lo1 = self.netns.lo_counters() if self.netns else None
-            run.extra["wall-s"] = time.monotonic() - t0
-            if lo0 is not None and lo1 is not None:
-                run.extra["socket-bytes"] = NetNamespace.payload(lo0, lo1)
-            run.extra["dst-status"] = dinfo.get("status")
-            run.extra["dst-vm-status"] = dst.execute("query-status")
+            plan = Plan(method, channels, self.exp.level, bandwidth, self.exp.downtime_limit,
+                        f"tcp:127.0.0.1:{PORT}", self.exp.timeout, settle_s=FIRMWARE_SETTLE_S)
+            d = drive(src, dst, src_proc.pid, dst_proc.pid, plan, self.netns)
+            info, dinfo = d.info, d.dinfo
+            run.extra.update({"source-status-before": d.source_status_before, "wall-s": d.wall_s,
+                              "dst-status": dinfo.get("status"), "dst-vm-status": d.dst_vm_status,
+                              "qmp-log": d.log})
+            if d.socket_bytes is not None:
+                run.extra["socket-bytes"] = d.socket_bytes
             total = float(info.get("total-time", 0)) or 1.0
             run.result = {
                 "status": info.get("status"),
@@ -331,8 +215,8 @@ class QemuPeer:
                     "accelerated": False,
                     "channels": channels,
                     "max-bandwidth": bandwidth,
-                    "send-cpu-percent": 100.0 * (cpu_src - cpu0[0]) / (total / 1000.0),
-                    "recv-cpu-percent": 100.0 * (cpu_dst - cpu0[1]) / (total / 1000.0),
+                    "send-cpu-percent": 100.0 * d.src_cpu_s / (total / 1000.0),
+                    "recv-cpu-percent": 100.0 * d.dst_cpu_s / (total / 1000.0),
                     "guest": {
                         "kind": f"qemu-{self.accel}",
                         "memory": size,
@@ -350,19 +234,7 @@ class QemuPeer:
         except MigrationError as exc:
             run.error = str(exc)
         finally:
-            for c in clients:
-                with contextlib.suppress(MigrationError):
-                    c.execute("quit")
-                c.close()
-            for p in procs:
-                try:
-                    p.wait(timeout=5)
-                except subprocess.TimeoutExpired:
-                    stop(p)
-            for p in procs:
-                stop(p)
-            for log in logs:
-                log.close()
+            quit_all(clients, procs, logs)
         return run
 
     def close(self) -> None:

@@ -1,4 +1,7 @@
 """One livemig migration per call: ``livemig migrate --local ... --json FILE`` in a child process.
+The bench runs its rows this way only when an experiment carries ``extra_args`` (options only
+``livemig migrate`` has); every other livemig row, TLS ones included, goes through
+:func:`.vm_peer.run_livemig_vm`, QMP-driven like QEMU's rows.
 
 The source process starts its own destination process (``--local``); the bench only reads the JSON
 result and, when it runs the migration inside its private network namespace, the loopback bytes.

@@ -45,6 +45,14 @@ def unix_listener(path: str) -> socket.socket:
     return sock
 
 
+def remove_socket_files(paths: list[str]) -> None:
+    """Unlink the unix sockets a process listened on (already gone: fine); empties ``paths``."""
+    for path in paths:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+    paths.clear()
+
+
 class _Client:
     def __init__(self, session: Session, writer: asyncio.StreamWriter) -> None:
         self.session = session
@@ -71,12 +79,14 @@ class QMPServer:
         self.lock = asyncio.Lock()
         self.clients: set[_Client] = set()
         self._servers: list[asyncio.Server] = []
+        self._paths: list[str] = []
         self._loop: asyncio.AbstractEventLoop | None = None
 
     # --- listeners -------------------------------------------------------------------------------
     async def listen_unix(self, path: str) -> None:
         self._loop = asyncio.get_running_loop()
         self._servers.append(await asyncio.start_unix_server(self._serve, sock=unix_listener(path)))
+        self._paths.append(path)
 
     async def listen_tcp(self, host: str, port: int) -> int:
         """Listen on host:port (0 = any free port); returns the port."""
@@ -116,9 +126,11 @@ class QMPServer:
 
     # --- shutdown --------------------------------------------------------------------------------
     async def close(self) -> None:
-        """Stop listening and close every connection (queued output is flushed first)."""
+        """Stop listening, remove the unix socket files, close every connection (queued output is
+        flushed first)."""
         for server in self._servers:
             server.close()
+        remove_socket_files(self._paths)
         for client in list(self.clients):
             client.writer.close()
         for client in list(self.clients):

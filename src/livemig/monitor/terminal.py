@@ -16,7 +16,7 @@ import threading
 from collections.abc import Awaitable, Callable
 
 from .hmp import HMP, MIGRATION_RUNNING
-from .server import unix_listener
+from .server import remove_socket_files, unix_listener
 
 PROMPT = "(qemu) "
 
@@ -34,6 +34,7 @@ class HMPMonitors:
         self._servers: list[asyncio.Server] = []
         self._writers: list[asyncio.StreamWriter] = []
         self._tasks: list[asyncio.Task[None]] = []
+        self._paths: list[str] = []
 
     async def session(self, read_line: ReadLine, write: Write) -> None:
         """Banner, then prompt, line, output... until end of input."""
@@ -75,10 +76,15 @@ class HMPMonitors:
         self._tasks.append(asyncio.create_task(self.session(lines.get, write)))
 
     async def listen_unix(self, path: str) -> None:
+        """Serve HMP sessions on a new unix socket at ``path`` (removed again by :meth:`close`)."""
         self._servers.append(await asyncio.start_unix_server(self._serve_socket, sock=unix_listener(path)))
+        self._paths.append(path)
 
     async def _serve_socket(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._writers.append(writer)
+        task = asyncio.current_task()
+        if task is not None:
+            self._tasks.append(task)
 
         async def read_line() -> str | None:
             data = await reader.readline()
@@ -92,13 +98,21 @@ class HMPMonitors:
             await self.session(read_line, write)
         except (ConnectionError, OSError):
             pass
+        except asyncio.CancelledError:
+            pass  # shutdown: ending normally keeps asyncio's stream callback from printing a traceback
         finally:
             writer.close()
 
     async def close(self) -> None:
+        """Stop listening, remove the socket files, end every session (queued output is flushed)."""
         for server in self._servers:
             server.close()
+        remove_socket_files(self._paths)
         for writer in self._writers:
             writer.close()
-        for task in self._tasks:
+        current = asyncio.current_task()
+        tasks = [task for task in self._tasks if task is not current and not task.done()]
+        for task in tasks:
             task.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=2.0)

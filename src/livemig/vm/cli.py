@@ -18,12 +18,14 @@ from dataclasses import dataclass
 
 from ..errors import MigrationError, ParameterError
 from ..guest import create_guest
+from ..migration.cli import MIN_TIMEOUT
 from ..migration.guestopts import add_guest_options, guest_config_from_args
 from ..monitor import CommandTable, version_info
 from ..monitor.hmp import HMP
 from ..monitor.schema import QMPError
 from ..monitor.server import QMPServer
 from ..monitor.terminal import HMPMonitors
+from ..params import check_option
 from ..transport.address import parse_address
 from . import commands
 from .machine import VM
@@ -80,7 +82,8 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     p.add_argument("--name", default="", help="VM name (query-name)")
     p.add_argument("--uuid", default="", help="VM UUID, checked in every multifd handshake")
     p.add_argument("--timeout", type=float, default=30.0, metavar="S",
-                   help="seconds without progress before a migration fails (default 30)")
+                   help=f"seconds without progress before a migration fails ({MIN_TIMEOUT:g} or more, "
+                        "default 30)")
     p.set_defaults(func=cmd_vm)
 
 
@@ -99,6 +102,7 @@ def cmd_vm(args: argparse.Namespace) -> int:
     if args.incoming and args.incoming != "defer":
         parse_address(args.incoming)
     uuid = _uuid(args.uuid)
+    check_option("--timeout", args.timeout, minimum=MIN_TIMEOUT, what="a number of seconds")
     gcfg = guest_config_from_args(args)
     guest = create_guest(gcfg, incoming=bool(args.incoming))
     vm = VM(guest, name=args.name, paused=args.paused, incoming=bool(args.incoming), uuid=uuid, timeout=args.timeout)

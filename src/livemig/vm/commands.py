@@ -4,9 +4,11 @@ the :class:`~livemig.vm.machine.VM` method each one calls.
 Supported: qmp_capabilities, query-version, query-commands, query-status, query-name, stop, cont,
 quit, migrate (uri; detach accepted, resume refused), migrate-incoming (uri, exit-on-error),
 migrate_cancel, migrate-continue, migrate-set-capabilities, query-migrate-capabilities,
-migrate-set-parameters, query-migrate-parameters, query-migrate, human-monitor-command.
+migrate-set-parameters, query-migrate-parameters, query-migrate, human-monitor-command,
+object-add/object-del (tls-creds-x509 and authz-simple; tls-creds-psk is refused when used, as
+``--object`` refuses it: Python 3.11's ssl has no TLS-PSK).
 Not supported (no livemig counterpart yet): the ``channels`` argument of migrate and
-migrate-incoming, object-add/object-del (TLS credentials), postcopy and the other capabilities.
+migrate-incoming, postcopy and the other capabilities.
 """
 
 from __future__ import annotations
@@ -14,8 +16,9 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from ..monitor import CommandTable, version_info
-from ..monitor.schema import BOOL, INT, STR, UINT8, UINT64, Enum, ListOf, Member, Struct, Type, struct
+from ..monitor.schema import ANY, BOOL, INT, STR, UINT8, UINT64, Enum, ListOf, Member, Struct, Type, struct
 from .machine import CAPABILITIES, VM, parameter_fields
+from .tlsobjects import TLS_PARAMETERS
 
 MIGRATION_STATUSES = ("none", "setup", "cancelling", "cancelled", "active", "pre-switchover", "device",
                       "completed", "failed")
@@ -33,7 +36,16 @@ def parameters_schema() -> Struct:
     for name, pytype in parameter_fields():
         t = _PARAM_TYPES.get(name) or {int: INT, bool: BOOL}.get(pytype, STR)
         members.append(Member(name, t, optional=True))
+    members += [Member(name, STR, optional=True) for name in TLS_PARAMETERS]
     return struct(*members)
+
+
+def object_schema() -> Struct:
+    """object-add's arguments: qom-type, id and the TLS objects' properties (flat or under props)."""
+    return struct(Member("qom-type", STR), Member("id", STR), Member("props", ANY, optional=True),
+                  Member("dir", STR, optional=True), Member("endpoint", STR, optional=True),
+                  Member("verify-peer", BOOL, optional=True), Member("username", STR, optional=True),
+                  Member("identity", STR, optional=True))
 
 
 def register(table: CommandTable, vm: VM, hmp: Callable[[str], str] | None = None) -> None:
@@ -62,6 +74,8 @@ def register(table: CommandTable, vm: VM, hmp: Callable[[str], str] | None = Non
     add("migrate-set-parameters", vm.set_parameters, parameters_schema(), help="set migration parameters")
     add("query-migrate-parameters", lambda a: vm.query_parameters(), help="migration parameters")
     add("query-migrate", lambda a: vm.query_migrate(), help="migration status and statistics")
+    add("object-add", lambda a: vm.tls.add(a), object_schema(), help="add a tls-creds-x509 or authz-simple object")
+    add("object-del", lambda a: vm.tls.delete(a["id"]), struct(Member("id", STR)), help="delete an object")
     if hmp is not None:
         add("human-monitor-command", lambda a: hmp(a["command-line"]),
             struct(Member("command-line", STR), Member("cpu-index", INT, optional=True)),

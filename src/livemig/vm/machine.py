@@ -29,6 +29,8 @@ from ..migration.stats import MigrationStats
 from ..monitor.schema import QMPError
 from ..params import MigrationParameters
 from ..transport.address import Address, parse_address
+from ..transport.secure import tls_connector, tls_listener
+from .tlsobjects import TLS_PARAMETERS, TlsObjects
 
 #: capability -> default. livemig moves RAM over multifd channels with a return path only, so those
 #: two default on (QEMU: off) and a migration with either turned off is refused.
@@ -57,6 +59,8 @@ class VM:
         self.emit = emit
         self.on_quit = on_quit
         self.params = MigrationParameters()
+        #: object-add's TLS objects and the tls-* migration parameters
+        self.tls = TlsObjects()
         self.caps = dict(CAPABILITIES)
         self.lock = threading.RLock()
         self.autostart = not paused
@@ -131,19 +135,21 @@ class VM:
                 self.caps[cap["capability"]] = cap["state"]
 
     def query_parameters(self) -> dict[str, Any]:
-        return self.params.to_qapi()
+        return self.params.to_qapi() | self.tls.params
 
     def set_parameters(self, values: dict[str, Any]) -> None:
         """Checked as a whole by MigrationParameters.check(); they apply from the next migration."""
         with self.lock:
             new = copy.copy(self.params)
             for name, value in values.items():
-                setattr(new, name.replace("-", "_"), value)
+                if name not in TLS_PARAMETERS:
+                    setattr(new, name.replace("-", "_"), value)
             try:
                 new.check()
             except MigrationError as exc:
                 raise QMPError(str(exc)) from exc
             self.params = new
+            self.tls.set(values)
 
     # --- outgoing migration ----------------------------------------------------------------------
     def migrate(self, uri: str, resume: bool = False) -> None:
@@ -162,7 +168,8 @@ class VM:
                                    f"capability '{cap}' must be on")
             address = _address(uri)
             try:
-                src = Source(self.guest, address, copy.copy(self.params), uuid=self.uuid, timeout=self.timeout,
+                connector = tls_connector(address, self.tls.resolve(server=False))
+                src = Source(self.guest, connector, copy.copy(self.params), uuid=self.uuid, timeout=self.timeout,
                              on_progress=self._on_source_status)
             except MigrationError as exc:
                 raise QMPError(str(exc)) from exc
@@ -256,7 +263,9 @@ class VM:
                 raise QMPError("'-incoming' was not specified on the command line")
             address = _address(uri)
             try:
-                dst = Destination(address, copy.copy(self.params), guest=self.guest, uuid=self.uuid,
+                tls = self.tls.resolve(server=True)
+                where = address if tls is None else tls_listener(address, tls, self.params.multifd_channels)
+                dst = Destination(where, copy.copy(self.params), guest=self.guest, uuid=self.uuid,
                                   timeout=self.timeout)
             except MigrationError as exc:
                 raise QMPError(str(exc)) from exc

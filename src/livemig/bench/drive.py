@@ -1,0 +1,172 @@
+"""The one QMP driver of a bench migration, for both engines: two VM processes (QEMU's or
+``livemig vm``), each with a QMP socket, the destination started with ``-incoming defer``.
+
+:func:`drive` sets the capabilities and parameters on both sides, ``migrate-incoming`` on the
+destination, ``migrate`` on the source, awaits the source's then the destination's ``MIGRATION``
+event with a final status (``query-migrate`` is also asked every :data:`RECHECK_S`, so a lost event
+costs at most that), and takes each side's final ``query-migrate`` as its statistics. Send/recv CPU seconds come from
+/proc/<pid>/stat; the loopback bytes from the bench's private network namespace.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import time
+from dataclasses import dataclass, field
+from typing import IO, Any
+
+from ..errors import MigrationError
+from .model import BenchError
+from .procs import NetNamespace, stop
+from .qmpconn import QmpConnection
+
+#: max-bandwidth for "uncapped" (bytes/s): far above anything a host can move
+UNCAPPED = 1 << 40
+FINAL = ("completed", "failed", "cancelled")
+#: seconds between ``query-migrate`` checks while awaiting the final MIGRATION event
+RECHECK_S = 0.5
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` so far (/proc/<pid>/stat)."""
+    with open(f"/proc/{pid}/stat", encoding="utf-8") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@dataclass
+class Plan:
+    """What :func:`drive` sets: ``params`` on both sides, ``source_params`` on the source only."""
+
+    method: str
+    channels: int
+    level: int
+    bandwidth: int  # bytes/s, 0 = uncapped
+    downtime_limit: int | None
+    uri: str
+    timeout: float
+    settle_s: float = 0.0  # seconds the source guest runs before ``migrate``
+    capabilities: tuple[str, ...] = ("multifd", "events")
+    #: a tls-creds-x509 directory with both ends' files: object-add on each side, tls-creds set
+    tls_dir: str | None = None
+
+    def params(self) -> dict[str, Any]:
+        p: dict[str, Any] = {"multifd-channels": self.channels, "multifd-compression": self.method}
+        if self.method in ("zlib", "zstd", "qatzip"):
+            p[f"multifd-{self.method}-level"] = self.level
+        return p
+
+    def source_params(self) -> dict[str, Any]:
+        sp: dict[str, Any] = {"max-bandwidth": self.bandwidth if self.bandwidth > 0 else UNCAPPED}
+        if self.downtime_limit is not None:
+            sp["downtime-limit"] = self.downtime_limit
+        return sp
+
+
+@dataclass
+class Driven:
+    """What one driven migration reported: both sides' final ``query-migrate``, CPU seconds spent
+    by each process during the migration, wall seconds, loopback payload bytes (None outside a
+    namespace), and the QMP commands sent (``log``, name and arguments, in order)."""
+
+    info: dict[str, Any]
+    dinfo: dict[str, Any]
+    src_cpu_s: float
+    dst_cpu_s: float
+    wall_s: float
+    socket_bytes: int | None
+    source_status_before: Any
+    dst_vm_status: Any
+    log: list[str] = field(default_factory=list)
+
+
+class _Logged:
+    def __init__(self, conn: QmpConnection, side: str, log: list[str]) -> None:
+        self.conn, self.side, self.log = conn, side, log
+
+    def execute(self, command: str, arguments: dict[str, Any] | None = None) -> Any:
+        if command != "query-migrate" or not self.log or self.log[-1] != f"{self.side}: query-migrate":
+            self.log.append(f"{self.side}: {command}" + (f" {arguments}" if arguments else ""))
+        return self.conn.execute(command, arguments)
+
+    def await_final(self, deadline: float) -> dict[str, Any]:
+        """``query-migrate`` once a MIGRATION event with a final status arrived (or a check found
+        one); ``{}``-like unfinished info when ``deadline`` (monotonic s) passes first."""
+        info: dict[str, Any] = {}
+        while time.monotonic() < deadline:
+            ev = self.conn.next_event(min(RECHECK_S, max(0.0, deadline - time.monotonic())))
+            if ev is not None:
+                status = (ev.get("data") or {}).get("status")
+                if ev.get("event") != "MIGRATION" or status not in FINAL:
+                    continue
+                self.log.append(f"{self.side}: event MIGRATION {status}")
+            info = self.execute("query-migrate")
+            if info.get("status") in FINAL:
+                return info
+        return info
+
+
+def drive(src_conn: QmpConnection, dst_conn: QmpConnection, src_pid: int, dst_pid: int, plan: Plan,
+          netns: NetNamespace | None) -> Driven:
+    """Run one migration over QMP (see the module docstring). Raises BenchError (a QMP command
+    failed, or no final status within ``plan.timeout`` s: the migration is cancelled first)."""
+    log: list[str] = []
+    src, dst = _Logged(src_conn, "source", log), _Logged(dst_conn, "destination", log)
+    caps = {"capabilities": [{"capability": c, "state": True} for c in plan.capabilities]}
+    for c, endpoint in ((dst, "server"), (src, "client")):
+        c.execute("migrate-set-capabilities", caps)
+        params = plan.params()
+        if plan.tls_dir:
+            c.execute("object-add", {"qom-type": "tls-creds-x509", "id": "tls0", "dir": plan.tls_dir,
+                                     "endpoint": endpoint})
+            params["tls-creds"] = "tls0"
+        c.execute("migrate-set-parameters", params)
+    src.execute("migrate-set-parameters", plan.source_params())
+    dst.execute("migrate-incoming", {"uri": plan.uri})
+    time.sleep(plan.settle_s)
+    before = src.execute("query-status")
+    lo0 = netns.lo_counters() if netns else None
+    cpu0 = (cpu_seconds(src_pid), cpu_seconds(dst_pid))
+    t0 = time.monotonic()
+    src.execute("migrate", {"uri": plan.uri})
+    deadline = t0 + plan.timeout
+    info = src.await_final(deadline)
+    if info.get("status") not in FINAL:
+        src.execute("migrate_cancel")
+        raise BenchError(f"migration not finished after {plan.timeout:.0f} s: {info}")
+    # QEMU 7.2 sets "completed" before migration_calculate_complete() fills total-time, downtime
+    # and the whole-migration mbps: poll until they are there
+    settle = time.monotonic() + 5.0
+    while info.get("status") == "completed" and not info.get("total-time"):
+        if time.monotonic() > settle:
+            raise BenchError(f"completed but no total-time reported: {info}")
+        time.sleep(0.005)
+        info = src.execute("query-migrate")
+    src_cpu = cpu_seconds(src_pid)
+    dinfo = dst.await_final(deadline) if info.get("status") == "completed" else dst.execute("query-migrate")
+    dst_cpu = cpu_seconds(dst_pid)
+    lo1 = netns.lo_counters() if netns else None
+    wall = time.monotonic() - t0
+    socket_bytes = NetNamespace.payload(lo0, lo1) if lo0 is not None and lo1 is not None else None
+    return Driven(info, dinfo, src_cpu - cpu0[0], dst_cpu - cpu0[1], wall, socket_bytes, before,
+                  dst.execute("query-status"), log)
+
+
+def quit_all(clients: list[QmpConnection], procs: list[subprocess.Popen[Any]], logs: list[IO[str]]) -> None:
+    """``quit`` every VM over QMP, disconnect, give each process 5 s to exit, then stop whatever is
+    left (process group and descendants) and close the log files."""
+    for c in clients:
+        with contextlib.suppress(MigrationError):
+            c.execute("quit")
+        c.close()
+    for p in procs:
+        try:
+            p.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            stop(p)
+    for p in procs:
+        stop(p)
+    for log in logs:
+        log.close()
