@@ -45,6 +45,8 @@ def clean(text: str) -> str:
         (("--local", "--uuid", "x"), "--uuid 'x': expected a UUID"),
         (("--local", "--json", "/nonexistent/r.json"), "--json /nonexistent/r.json: directory /nonexistent does"),
         (("exec:cat",), "invalid migration address 'exec:cat'"),
+        (("tcp:nosuchhost.invalid:4444",), "destination 'tcp:nosuchhost.invalid:4444': cannot resolve host "
+                                           "'nosuchhost.invalid'"),
         (("--local", "--dump-ram", "/nonexistent/ram"), "--dump-ram /nonexistent/ram: expected a directory"),
     ],
 )

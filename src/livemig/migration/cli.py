@@ -17,6 +17,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import sys
 import tempfile
 import threading
@@ -26,7 +27,7 @@ from dataclasses import dataclass
 from typing import Any, TextIO
 
 from ..compress import create_method
-from ..errors import MigrationError, ParameterError
+from ..errors import MigrationError, ParameterError, os_reason
 from ..guest import GuestConfig, create_guest
 from ..params import MigrationParameters, check_option, parse_option
 from ..transport.address import Address, claim_unix_path, parse_address
@@ -144,6 +145,17 @@ def _check_common(args: argparse.Namespace) -> tuple[MigrationParameters, bytes]
     return params_from_args(args), _uuid(args.uuid)
 
 
+def resolve(address: Address, uri: str) -> None:
+    """Refuse a tcp: destination whose host does not resolve (socket.getaddrinfo), before a guest is
+    built and filled. Raises ParameterError naming the URI and the resolver's words."""
+    if address.scheme != "tcp":
+        return
+    try:
+        socket.getaddrinfo(address.host, address.port, address.family, socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as exc:
+        raise ParameterError(f"destination '{uri}': cannot resolve host '{address.host}': {os_reason(exc)}") from exc
+
+
 def check_migrate(args: argparse.Namespace) -> Checked:
     """Every option of ``livemig migrate``; ParameterError naming the first bad one."""
     _check_seconds(args)
@@ -156,6 +168,8 @@ def check_migrate(args: argparse.Namespace) -> Checked:
     if args.run_after and not args.local:
         raise ParameterError("--run-after needs --local (on two hosts, give --run-after to livemig incoming)")
     address = parse_address(args.uri) if args.uri else None
+    if address is not None:
+        resolve(address, args.uri)
     params, uuid = _check_common(args)
     tls = tls_from_args(args, True, address)
     return Checked(params, guest_config_from_args(args), address, uuid, tls,
