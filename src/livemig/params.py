@@ -65,7 +65,7 @@ class MigrationParameters:
         if self.max_bandwidth < 0:
             raise _expects("max_bandwidth", "an integer in the range of 0 to 18446744073709551615 bytes/second")
         if not 0 <= self.downtime_limit <= 2_000_000:
-            raise _expects("downtime_limit", "an integer in the range of 0 to 2000 seconds")
+            raise _expects("downtime_limit", "an integer in the range of 0 to 2000000 milliseconds (2000 s)")
         if self.zero_page_detection == "legacy":
             raise ParameterError(
                 "Parameter 'zero-page-detection' value 'legacy' (zero pages on the main channel, QEMU <= 8.2)"

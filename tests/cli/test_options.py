@@ -47,6 +47,8 @@ def one_error_line(r: object, prog: str, *needles: str) -> None:
         # negative values are values, checked in words
         (("--memory", "-5M"), ("--memory '-5M': expected a size like",)),
         (("--max-passes", "-1"), ("--max-passes -1: expected a value of 0 (never) or more",)),
+        (("--downtime-limit", "-1"), ("--downtime-limit -1: expected an integer in the range of 0 to 2000000 "
+                                      "milliseconds",)),
         (("--smp", "-2"), ("--smp -2: expected a number of vCPUs 1 or more",)),
         (("--multifd-compression", "foo"), ("--multifd-compression foo: not accepted (known: none",)),
         # seconds: finite, at least 0.1
@@ -83,6 +85,12 @@ def test_the_help_explains_the_guest_options() -> None:
         assert text in migrate, text
     assert "ignored here: the source's config replaces it" in incoming
     assert "must be the source's" in incoming
+    assert "with --local and --run-after the destination checks every value" in migrate
+
+
+def test_the_vm_help_mentions_only_its_own_options() -> None:
+    vm = " ".join(cli("vm", "--help").stdout.split())
+    assert "counter (each vCPU" in vm and "--run-after" not in vm and "--local" not in vm
 
 
 def test_an_image_larger_than_ram_is_refused_before_anything_starts(tmp_path: Path) -> None:

@@ -130,3 +130,50 @@ def test_not_converging_is_said_once() -> None:
     assert len(told) == 1 and told[0].endswith("see --max-passes or --downtime-limit"), lines
     after = lines[lines.index(told[0]) + 1:]
     assert after and all(line.endswith("ETA -  not converging") for line in after), lines
+
+
+def test_a_cancel_keeps_the_percent_transferred_and_shows_no_eta() -> None:
+    window = RateWindow()
+    running = window.snapshot(_stats(passes=3, remaining=28 * MIB, pages=40_000), now=1.0)
+    assert running.percent_text() == "78%"
+    # everything queued when the cancel came: what was queued did not reach the destination
+    for status in ("cancelled", "failed"):
+        end = window.snapshot(_stats(status=status, passes=3, remaining=0, pages=40_000), now=2.0)
+        assert end.percent_text() == "78%" and end.eta is None, status
+        assert "ETA" not in end.text() and "ETA" not in end.line(), end.line()
+
+
+def test_no_eta_once_not_converging_until_a_later_pass_is_slower_than_sending() -> None:
+    window = RateWindow(seconds=0.5)
+    t = 0.0
+    pages = 0
+
+    def step(passes: int, dirty: int, sent: int) -> Snapshot:
+        nonlocal t, pages
+        t, pages = t + 1.0, pages + sent
+        return window.snapshot(_stats(passes=passes, remaining=8 * MIB, pages=pages, dirty=dirty), now=t)
+
+    step(3, 50_000, 1000)
+    assert not step(3, 50_000, 1000).converging
+    # the send rate briefly above the dirty rate in the same pass: still not converging, no ETA
+    snap = step(3, 500, 10_000)
+    assert snap.eta is None and snap.text().endswith("ETA -  not converging"), snap.text()
+    # a later pass where the guest dirties slower than pages are sent: converging, ETA again
+    snap = step(4, 500, 10_000)
+    assert snap.converging and snap.eta is not None and "not conv" not in snap.text()
+
+
+def test_status_and_percent_stay_visible_at_80_columns() -> None:
+    out = io.StringIO()
+    stats = _stats(passes=12, remaining=8 * MIB, dirty=2_100_000, wire=32 << 30)
+    display = ProgressDisplay(lambda: stats, stream=out, tty=True, period=0.01)
+    display.console.width = 80
+    with display:
+        deadline = time.monotonic() + 30
+        while "no conv." not in out.getvalue() and time.monotonic() < deadline:
+            time.sleep(0.01)
+    plain = re.sub(r"\x1b\[[0-9;?]*[a-zA-Z]", "", out.getvalue())
+    frames = [f for line in plain.split("\n") for f in line.split("\r") if f.strip()]
+    bars = [f for f in frames if "no conv." in f]
+    assert bars and all(len(f.rstrip()) <= 80 for f in bars), frames
+    assert all(re.match(r"active\s+93%", f) and "ETA -" in f for f in bars), bars

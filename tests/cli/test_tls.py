@@ -44,11 +44,16 @@ def test_local_migration_over_tls(pki: Path, tmp_path: Path, channels: str) -> N
          "Python 3.11's ssl module has no TLS-PSK support"),
         (("--object", "tls-creds-x509,id=t,dir=/nonexistent", "--tls-creds", "t"),
          "/nonexistent/ca-cert.pem is missing"),
-        (("--tls-creds", "t"), "No TLS credentials with id 't'"),
+        (("--tls-creds", "t"), "error: --tls-creds t: no --object tls-creds-x509 with id 't'"),
         (("--object", "tls-creds-x509,id=t,dir=/tmp,endpoint=server", "--tls-creds", "t"),
-         "Expected TLS credentials for a client endpoint"),
+         "error: --tls-creds t: the --object tls-creds-x509 't' has endpoint=server; the source needs "
+         "endpoint=client"),
         (("--object", "tls-creds-x509,id=t,dir=/tmp,colour=blue", "--tls-creds", "t"),
-         "Property 'tls-creds-x509.colour' not found"),
+         "error: --object tls-creds-x509,id=t,dir=/tmp,colour=blue: property 'tls-creds-x509.colour' not found"),
+        (("--object", "tls-creds-x509,id=t,dir=/tmp", "--object", "tls-creds-x509,id=t,dir=/var", "--tls-creds", "t"),
+         "error: --object tls-creds-x509,id=t,dir=/var: duplicate id 't'"),
+        (("--object", "tls-creds-x509,id=t,dir=/nonexistent", "--tls-creds", "t"),
+         "error: --tls-creds t: tls-creds-x509 't': /nonexistent/ca-cert.pem is missing"),
         (("--tls-hostname", "h"), "--tls-hostname needs --tls-creds"),
     ],
 )
@@ -56,6 +61,7 @@ def test_bad_tls_options_exit_2_before_anything_starts(args: tuple[str, ...], me
     r = cli("migrate", "--local", *SMALL, *args, timeout=60)
     assert r.returncode == 2, r.stdout + r.stderr
     assert message in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.count("\n") == 1 and "container" not in r.stderr and "Expected" not in r.stderr, r.stderr
     assert "guest" not in r.stderr.split("error:")[0]  # nothing was created before the refusal
 
 

@@ -17,6 +17,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import sys
 import tempfile
 import threading
@@ -26,15 +27,16 @@ from dataclasses import dataclass
 from typing import Any, TextIO
 
 from ..compress import create_method
-from ..errors import MigrationError, ParameterError
+from ..errors import MigrationError, ParameterError, os_reason
 from ..guest import GuestConfig, create_guest
 from ..params import MigrationParameters, check_option, parse_option
 from ..transport.address import Address, claim_unix_path, parse_address
 from ..transport.secure import tls_connector, tls_listener
 from ..transport.tls import Tls
-from ..ui.errors import Terminated
+from ..ui.errors import OutcomeUnknown, Terminated
 from ..ui.progress import ProgressDisplay
 from ..units import format_size, plural
+from . import protocol
 from .destination import Destination
 from .guestopts import add_guest_options, guest_config_from_args
 from .local import LocalDestination, die_with_parent
@@ -143,6 +145,17 @@ def _check_common(args: argparse.Namespace) -> tuple[MigrationParameters, bytes]
     return params_from_args(args), _uuid(args.uuid)
 
 
+def resolve(address: Address, uri: str) -> None:
+    """Refuse a tcp: destination whose host does not resolve (socket.getaddrinfo), before a guest is
+    built and filled. Raises ParameterError naming the URI and the resolver's words."""
+    if address.scheme != "tcp":
+        return
+    try:
+        socket.getaddrinfo(address.host, address.port, address.family, socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as exc:
+        raise ParameterError(f"destination '{uri}': cannot resolve host '{address.host}': {os_reason(exc)}") from exc
+
+
 def check_migrate(args: argparse.Namespace) -> Checked:
     """Every option of ``livemig migrate``; ParameterError naming the first bad one."""
     _check_seconds(args)
@@ -155,6 +168,8 @@ def check_migrate(args: argparse.Namespace) -> Checked:
     if args.run_after and not args.local:
         raise ParameterError("--run-after needs --local (on two hosts, give --run-after to livemig incoming)")
     address = parse_address(args.uri) if args.uri else None
+    if address is not None:
+        resolve(address, args.uri)
     params, uuid = _check_common(args)
     tls = tls_from_args(args, True, address)
     return Checked(params, guest_config_from_args(args), address, uuid, tls,
@@ -247,7 +262,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         connector = tls_connector(address, chk.tls)
         src = Source(guest, connector, chk.params, uuid=chk.uuid, timeout=args.timeout, full_verify=args.full_verify,
                      dump_ram=args.dump_ram, wait_report=args.run_after if args.local else 0.0,
-                     log=lambda m: print(f"livemig: {m}", file=sys.stderr, flush=True))
+                     log=_source_log)
         say(f"migrating to {address}{' over TLS' if chk.tls else ''} on "
             f"{plural(chk.params.multifd_channels, 'channel')}, "
             f"{src.method.name}: {src.method.backend()}")
@@ -301,6 +316,19 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         shutil.rmtree(tmpdir, ignore_errors=True)
 
 
+#: what ``livemig migrate`` says of an unknown outcome: it is one process, so it cannot keep the paused
+#: guest for a later explicit resume (as QEMU's postmigrate source VM can); the destination decides
+UNKNOWN_ONE_SHOT = ("the source guest was kept paused (postmigrate) and is discarded with this process. The "
+                    "destination decides: if its guest runs, the migration completed; if not, the guest is lost, "
+                    "as both sides are gone")
+
+
+def _source_log(message: str) -> None:
+    """The source's handover messages; an unknown outcome is said once, by the error (:func:`_raise_failure`)."""
+    if message != protocol.UNKNOWN_ADVICE:
+        print(f"livemig: {message}", file=sys.stderr, flush=True)
+
+
 def _raise_failure(status: str, error: str, result: dict[str, Any], dres: dict[str, Any], terminated: bool) -> None:
     """Raise the failed or cancelled migration, with what was transferred and the guest's state as notes
     (a cancel: KeyboardInterrupt, or :class:`Terminated` when SIGTERM cancelled it)."""
@@ -310,6 +338,12 @@ def _raise_failure(status: str, error: str, result: dict[str, Any], dres: dict[s
     exc: BaseException
     if status == "cancelled":  # an interrupt after the commit point was answered too late: not a cancel
         exc = Terminated() if terminated else KeyboardInterrupt()
+    elif result.get("livemig", {}).get("handover") == "unknown":
+        cause = re.fullmatch(r"\((.*)\)", error.removeprefix(protocol.UNKNOWN_ADVICE).strip(), re.S)
+        exc = OutcomeUnknown("outcome unknown: the source committed but did not hear the destination resume"
+                             + (f" ({cause.group(1)})" if cause else ""))
+        exc.add_note(UNKNOWN_ONE_SHOT)
+        raise exc
     else:
         exc = MigrationError(f"migration failed: {error}")
         theirs = str(dres.get("error-desc", "")).removeprefix("destination: ")
@@ -324,6 +358,7 @@ def cmd_incoming(args: argparse.Namespace) -> int:
     chk = check_incoming(args)
     assert chk.address is not None
     guest = None
+    discarded: list[str] = []  # the handover discarded the guest (said once, with the failure)
     if chk.guest is not None:
         t0 = time.monotonic()
         guest = create_guest(chk.guest, incoming=True)
@@ -334,7 +369,7 @@ def cmd_incoming(args: argparse.Namespace) -> int:
         dst = Destination(listener, chk.params, guest=guest, uuid=chk.uuid, timeout=args.timeout,
                           run_after=args.run_after, dump_ram=args.dump_ram, full_verify=args.full_verify,
                           max_memory=chk.max_memory,
-                          log=lambda m: print(f"livemig incoming: {m}", file=sys.stderr, flush=True))
+                          log=_destination_log(discarded))
     except BaseException:
         if guest is not None:
             guest.close()
@@ -361,10 +396,15 @@ def cmd_incoming(args: argparse.Namespace) -> int:
         result = dst.run()
         signal.signal(signal.SIGINT, old_int)
         _write_json(args.json, result)
-        if stopped and stopped[0] in ("interrupted", "terminated") and result.get("status") != "completed":
-            raise Terminated if stopped[0] == "terminated" else KeyboardInterrupt
         if result.get("status") != "completed":
-            raise MigrationError(f"migration failed: {str(result.get('error-desc')).removeprefix('destination: ')}")
+            exc: BaseException
+            if stopped and stopped[0] in ("interrupted", "terminated"):
+                exc = Terminated() if stopped[0] == "terminated" else KeyboardInterrupt()
+            else:
+                exc = MigrationError(f"migration failed: {_unprefixed(str(result.get('error-desc')))}")
+            if discarded:
+                exc.add_note("guest discarded, never run")
+            raise exc
         workload = dst.guest.config.workload if dst.guest is not None else "idle"
         summary = destination_summary(result, workload).removeprefix("destination: ")
         print(f"livemig incoming: completed; {summary}", file=sys.stderr)
@@ -376,12 +416,35 @@ def cmd_incoming(args: argparse.Namespace) -> int:
             dst.guest.close()
 
 
+def _unprefixed(text: str) -> str:
+    """A destination reason without its ``destination:`` context: ``livemig incoming`` is the destination."""
+    return text.removeprefix("destination: ")
+
+
+def _destination_log(discarded: list[str]) -> Any:
+    """The destination's log for ``livemig incoming``: its own messages without a ``destination:`` context;
+    the handover's "guest discarded" line held back (appended to ``discarded``): the failure that caused it
+    is printed once, as the error, with the discard as its note."""
+    def log(message: str) -> None:
+        if message.startswith(DISCARDED):
+            discarded.append(_unprefixed(message.removeprefix(DISCARDED)))
+            return
+        print(f"livemig incoming: {_unprefixed(message)}", file=sys.stderr, flush=True)
+    return log
+
+
+#: how the destination's handover says it discarded the guest (migration/handover.py)
+DISCARDED = "guest discarded, never run: "
+
+
 def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     m = sub.add_parser("migrate", help="migrate a guest to a destination (source side)",
                        description="Start a guest and migrate it live to `livemig incoming` at URI. Progress on "
                                    "stderr, the result (statistics table, or --json) on stdout. Exit status: 0 "
-                                   "completed, 1 failed, 2 bad option, 130 interrupted (Ctrl-C), 143 terminated "
-                                   "(SIGTERM); after either the guest keeps running here.")
+                                   "completed, 1 failed, 2 bad option, 3 outcome unknown (the destination never "
+                                   "answered the commit: it decides, check it), 130 interrupted (Ctrl-C), 143 "
+                                   "terminated (SIGTERM); after 1, 130 or 143 the source guest was running again "
+                                   "when the command ended.")
     m.add_argument("uri", nargs="?", help=f"destination: {URI_FORMS}")
     m.add_argument("--local", action="store_true",
                    help="start the destination here as a separate process on a free loopback port (no URI)")
@@ -393,7 +456,8 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     m.add_argument("--quiet", action="store_true", help="no progress display (the result is still printed)")
     m.add_argument("--on-unknown", choices=["pause"], default="pause",
                    help="when the destination's answer to the commit never comes, keep the guest paused "
-                        "(postmigrate) until you checked the destination (the only choice, the default)")
+                        "(postmigrate), never resumed here, and exit with status 3: the guest is then discarded "
+                        "with this process and the destination decides (the only choice, the default)")
     add_guest_options(m, "migrate")
     _add_params(m, source=True)
     add_tls_options(m, source=True)

@@ -23,8 +23,11 @@ Role = Literal["migrate", "incoming", "vm"]
 
 WORKLOADS_HELP = ("what the vCPUs do: idle (nothing: RAM stays as filled, no progress counter), dirty (write "
                   "pages of the working set at --dirty-rate, the pages a migration must send again), counter "
-                  "(each vCPU steps a checkable chain of values through the working set at --dirty-rate; "
-                  "after --run-after the destination checks every value)")
+                  "(each vCPU steps a checkable chain of values through the working set at --dirty-rate")
+
+#: the end of the counter workload's help, by role: only options that command has
+_COUNTER_CHECK = {"migrate": "; with --local and --run-after the destination checks every value)",
+                  "vm": ")"}
 
 #: GuestConfig field -> its option
 _OPTIONS = {"kind": "--guest", "memory": "--memory", "smp": "--smp", "workload": "--workload",
@@ -61,7 +64,7 @@ def add_guest_options(p: argparse.ArgumentParser, role: Role) -> None:
         g.add_argument("--seed", type=int, default=0, help=ignored)
         return
     g.add_argument("--workload", choices=["idle", "dirty", "counter"], default="idle",
-                   help=WORKLOADS_HELP + " (default idle)")
+                   help=WORKLOADS_HELP + _COUNTER_CHECK[role] + " (default idle)")
     g.add_argument("--dirty-rate", type=int, default=20000, metavar="PAGES_PER_S",
                    help="pages per second the dirty and counter workloads write, all vCPUs together "
                         "(0 = as fast as they can; default 20000)")

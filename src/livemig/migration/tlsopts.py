@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import re
 
 from ..errors import ParameterError
 from ..transport.address import Address
-from ..transport.tls import Tls, TlsCredsX509, TlsError, resolve
+from ..transport.tls import Tls, TlsCredsX509, TlsError, parse_object, resolve
 
 
 def add_tls_options(p: argparse.ArgumentParser, source: bool) -> None:
@@ -43,8 +44,30 @@ def _checked(tls: Tls) -> Tls:
     try:
         tls.context()  # loads every file now: a missing or bad one is a bad option, not a failed migration
     except TlsError as exc:
-        raise ParameterError(str(exc)) from exc
+        raise ParameterError(f"--tls-creds {tls.creds.id}: {exc}") from exc
     return tls
+
+
+def _lower(text: str) -> str:
+    """QEMU's capitalised sentence in the option errors' lower-case style (``Property`` -> ``property``)."""
+    return text[:1].lower() + text[1:] if text[1:2].islower() else text
+
+
+def _option_error(exc: ParameterError, args: argparse.Namespace, side: str) -> ParameterError:
+    """``exc`` of :func:`livemig.transport.tls.resolve`, reworded to name the option that was typed:
+    ``--tls-creds tls9: no --object tls-creds-x509 with id 'tls9'``."""
+    text = str(exc)
+    if m := re.fullmatch(r"attempt to add duplicate property '(.*)' to object .*", text):
+        given = [o for o in args.object if re.search(rf"(?:^|,)id={re.escape(m.group(1))}(?:,|$)", o)]
+        return ParameterError(f"--object {given[-1] if given else m.group(1)}: duplicate id '{m.group(1)}'")
+    if m := re.fullmatch(r"No TLS credentials with id '(.*)'", text):
+        return ParameterError(f"--tls-creds {m.group(1)}: no --object tls-creds-x509 with id '{m.group(1)}'")
+    if m := re.fullmatch(r"Expected TLS credentials for a (\w+) endpoint: '(.*)' has endpoint=(\w+)", text):
+        return ParameterError(f"--tls-creds {m.group(2)}: the --object tls-creds-x509 '{m.group(2)}' has "
+                              f"endpoint={m.group(3)}; the {side} needs endpoint={m.group(1)}")
+    if m := re.fullmatch(r"No authz object with id '(.*)'", text):
+        return ParameterError(f"--tls-authz {m.group(1)}: no --object authz-simple with id '{m.group(1)}'")
+    return ParameterError(_lower(text))
 
 
 def tls_from_args(args: argparse.Namespace, source: bool, address: Address | None) -> Tls | None:
@@ -53,11 +76,18 @@ def tls_from_args(args: argparse.Namespace, source: bool, address: Address | Non
     ``address``: where the source migrates to (its host is the default ``--tls-hostname``; a unix
     socket has none, so verify-peer=on needs ``--tls-hostname``). ParameterError naming the problem.
     """
+    for text in args.object:  # each object alone first: an error names the --object it is in
+        try:
+            parse_object(text)
+        except ParameterError as exc:
+            raise ParameterError(f"--object {text}: {_lower(str(exc))}") from exc
     try:
         tls = resolve(args.object, args.tls_creds, getattr(args, "tls_hostname", None),
                       getattr(args, "tls_authz", None), endpoint="client" if source else "server")
     except TlsError as exc:  # tls-creds-psk
-        raise ParameterError(str(exc)) from exc
+        raise ParameterError(f"--tls-creds {args.tls_creds}: {exc}") from exc
+    except ParameterError as exc:
+        raise _option_error(exc, args, "source" if source else "destination") from exc
     if tls is None:
         return None
     if source and tls.creds.verify_peer and not tls.hostname and address is not None and address.scheme == "unix":

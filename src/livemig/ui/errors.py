@@ -3,8 +3,9 @@
 :func:`describe` turns an exception into words: no Python class names (not even an ``OSError:`` a
 lower layer wrote into its message), no ``[Errno N]``, no prefix said twice. :func:`report_error`
 prints it once on stderr, with its notes (``exc.add_note``) as further lines, and returns the exit
-status: 2 for a bad option or parameter (as argparse), 130 for an interrupt (Ctrl-C, as a shell
-reports SIGINT), 143 for SIGTERM (:class:`Terminated`), 1 for any other failure.
+status: 2 for a bad option or parameter (as argparse), 3 for an unknown outcome
+(:class:`OutcomeUnknown`), 130 for an interrupt (Ctrl-C, as a shell reports SIGINT), 143 for SIGTERM
+(:class:`Terminated`), 1 for any other failure.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from ..errors import Cancelled, MigrationError, ParameterError
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
+EXIT_UNKNOWN = 3
 EXIT_INTERRUPTED = 130
 EXIT_TERMINATED = 143
 
@@ -29,6 +31,11 @@ _TWICE = re.compile(r"(?<![\w-])([\w][\w .-]*?): (?:\1: )+")
 
 class Terminated(KeyboardInterrupt):
     """SIGTERM, handled as Ctrl-C is (the command cancels and cleans up), reported as ``terminated``."""
+
+
+class OutcomeUnknown(MigrationError):
+    """The source committed but never heard whether the destination resumed: not known to have failed.
+    Printed ``prog: outcome unknown: ...`` (no ``error:``), exit status 3."""
 
 
 def describe(exc: BaseException) -> str:
@@ -48,13 +55,16 @@ def describe(exc: BaseException) -> str:
 
 
 def exit_status(exc: BaseException) -> int:
-    """2 for a refused option or parameter, 143 for SIGTERM, 130 for an interrupt, 1 otherwise."""
+    """2 for a refused option or parameter, 3 for an unknown outcome, 143 for SIGTERM, 130 for an
+    interrupt, 1 otherwise."""
     if isinstance(exc, Terminated):
         return EXIT_TERMINATED
     if isinstance(exc, KeyboardInterrupt | Cancelled):
         return EXIT_INTERRUPTED
     if isinstance(exc, ParameterError):
         return EXIT_USAGE
+    if isinstance(exc, OutcomeUnknown):
+        return EXIT_UNKNOWN
     return EXIT_FAILED
 
 
@@ -63,7 +73,8 @@ def report_error(exc: BaseException, prog: str = "livemig", file: TextIO | None 
     and its notes; return the exit status."""
     out = file or sys.stderr
     text = describe(exc)
-    head = f"{prog}: {text}" if isinstance(exc, KeyboardInterrupt | Cancelled) else f"{prog}: error: {text}"
+    plain = isinstance(exc, KeyboardInterrupt | Cancelled | OutcomeUnknown)
+    head = f"{prog}: {text}" if plain else f"{prog}: error: {text}"
     lines = [head] + [f"{prog}: {_ERRNO.sub('', note)}" for note in getattr(exc, "__notes__", [])]
     print("\n".join(lines), file=out, flush=True)
     return exit_status(exc)

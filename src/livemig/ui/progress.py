@@ -17,7 +17,9 @@ ETA shows "-" until the migration completes. *rate* and
 *dirty* is ``dirty-pages-rate``; *ETA* = remaining pages / (pages/s - dirty pages/s), rounded up
 (never 0:00 while pages remain), "-" while RAM is dirtied as fast as it is sent or before the first
 pass has counted what remains. After :data:`CONVERGENCE_PASSES` passes with the guest dirtying pages
-at least as fast as they are sent, the migration is said not to converge, once, with what to change.
+at least as fast as they are sent, the migration is said not to converge, once, with what to change;
+the ETA then shows "-" until a later pass finds the guest dirtying slower than pages are sent. A
+cancelled or failed migration keeps the percent last shown while it ran, and has no ETA.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import TracebackType
 from typing import TextIO
 
@@ -77,24 +79,41 @@ class Snapshot:
     #: False when every page of the pass is queued but some may still be in flight (remaining 0 then
     #: means "unknown, small", not "done")
     settled: bool = True
+    #: the migration was found not converging and no later pass has shown the guest slower than the send
+    #: rate yet (:class:`RateWindow` decides it across snapshots)
+    stalled: bool = False
+    #: a cancelled or failed migration: at most the percent last shown while it ran (pages queued or in
+    #: flight when it ended did not reach the destination)
+    cap: float | None = None
+
+    @property
+    def ended(self) -> bool:
+        """Ended without completing (cancelled, failed): the figures are final, there is no ETA."""
+        return self.status not in RUNNING and self.status not in ("completed", "none")
+
+    @property
+    def dirtying_faster(self) -> bool:
+        """After :data:`CONVERGENCE_PASSES` passes, the guest dirties pages at least as fast as they are
+        sent (dirty-pages-rate >= pages/s)."""
+        return (self.status == "active" and self.passes >= CONVERGENCE_PASSES
+                and self.dirty_pages_rate > 0 and self.dirty_pages_rate >= self.pages_per_second)
 
     @property
     def converging(self) -> bool:
-        """False after :data:`CONVERGENCE_PASSES` passes while the guest dirties pages at least as fast
-        as they are sent (dirty-pages-rate >= pages/s)."""
-        return not (self.status == "active" and self.passes >= CONVERGENCE_PASSES
-                    and self.dirty_pages_rate > 0 and self.dirty_pages_rate >= self.pages_per_second)
+        """False while :attr:`dirtying_faster` or :attr:`stalled`."""
+        return not (self.dirtying_faster or (self.stalled and self.status == "active"))
 
     @property
     def percent(self) -> float | None:
         if self.remaining is None or not self.ram_total:
             return None
         share = 100.0 * (self.ram_total - self.remaining) / self.ram_total
-        return share if self.settled else min(share, 99.0)
+        share = share if self.settled else min(share, 99.0)
+        return share if self.cap is None else min(share, self.cap)
 
     @property
     def eta(self) -> float | None:
-        if self.remaining is None or not self.settled:
+        if self.remaining is None or not self.settled or self.ended or not self.converging:
             return None
         if self.remaining == 0:
             return 0.0
@@ -105,11 +124,27 @@ class Snapshot:
         """``42%``, or ``--%`` before the first pass counted what remains."""
         return "--%" if self.percent is None else f"{math.floor(self.percent):.0f}%"
 
-    def text(self) -> str:
-        """The figures after the bar: ``pass 1  1.00 Gbps  31.6k pages/s  dirty 0/s  ETA 0:07``."""
-        return (f"pass {self.passes}  {format_rate_bits(self.rate)}  {format_count(self.pages_per_second)} pages/s  "
-                f"dirty {format_count(self.dirty_pages_rate)}/s  ETA {format_eta(self.eta)}"
-                + ("" if self.converging else "  not converging"))
+    def text(self, width: int | None = None) -> str:
+        """The figures after the bar: ``pass 1  1.00 Gbps  31.6k pages/s  dirty 0/s  ETA 0:07``, then
+        ``not converging`` when it does not; no ETA once ended (cancelled, failed).
+
+        ``width``: at most this many characters; the pages/s, then the rate, then the pass are dropped
+        first and the suffix shortened to ``no conv.``, so the ETA and the suffix stay.
+        """
+        eta = [] if self.ended else [f"ETA {format_eta(self.eta)}"]
+        parts = {"pass": f"pass {self.passes}", "rate": format_rate_bits(self.rate),
+                 "pps": f"{format_count(self.pages_per_second)} pages/s",
+                 "dirty": f"dirty {format_count(self.dirty_pages_rate)}/s"}
+        suffix = [] if self.converging else ["not converging"]
+        text = "  ".join([*parts.values(), *eta, *suffix])
+        if suffix and width is not None and len(text) > width:
+            suffix = ["no conv."]
+        for drop in ("pps", "rate", "pass"):
+            text = "  ".join([*parts.values(), *eta, *suffix])
+            if width is None or len(text) <= width:
+                break
+            del parts[drop]
+        return "  ".join([*parts.values(), *eta, *suffix])
 
     def not_converging(self) -> str:
         """The one line that says why the migration does not converge and what to change."""
@@ -127,6 +162,10 @@ class RateWindow:
     def __init__(self, seconds: float = 2.0) -> None:
         self.seconds = seconds
         self.samples: deque[tuple[float, int, int]] = deque()
+        #: the pass in which the migration was found not converging (None: converging)
+        self._stalled_pass: int | None = None
+        #: the percent of the last snapshot while the migration ran
+        self._last_percent: float | None = None
 
     def snapshot(self, stats: MigrationStats, now: float | None = None) -> Snapshot:
         now = time.monotonic() if now is None else now
@@ -145,7 +184,7 @@ class RateWindow:
             remaining = 0
         elif remaining is not None and stats.passes <= 1:  # queued is not sent: what the channels sent
             remaining = max(remaining, stats.ram_total - pages * stats.page_size, 0)
-        return Snapshot(
+        snap = Snapshot(
             status=stats.status,
             passes=stats.passes,
             ram_total=stats.ram_total,
@@ -156,6 +195,16 @@ class RateWindow:
             page_size=stats.page_size,
             settled=not (remaining == 0 and stats.status in RUNNING),
         )
+        if snap.dirtying_faster and self._stalled_pass is None:
+            self._stalled_pass = snap.passes
+        elif self._stalled_pass is not None and snap.passes > self._stalled_pass and snap.status == "active" \
+                and not snap.dirtying_faster and snap.dirty_pages_rate < snap.pages_per_second:
+            self._stalled_pass = None  # a later pass with the guest slower than the send rate: ETA again
+        snap = replace(snap, stalled=self._stalled_pass is not None,
+                       cap=self._last_percent if snap.ended else None)
+        if snap.status in RUNNING and snap.percent is not None:
+            self._last_percent = snap.percent
+        return snap
 
 
 class ProgressDisplay:
@@ -201,7 +250,7 @@ class ProgressDisplay:
             self._progress = Progress(
                 TextColumn("{task.description:<9}"),
                 TextColumn("{task.fields[percent]:>4}"),
-                BarColumn(bar_width=max(10, min(40, self.console.width - 72))),
+                BarColumn(bar_width=self._bar_width()),
                 TextColumn("{task.fields[figures]}"),
                 console=self.console,
                 refresh_per_second=4,
@@ -246,4 +295,8 @@ class ProgressDisplay:
         done = None if snap.remaining is None else snap.ram_total - snap.remaining
         self._progress.update(self._task, description=snap.status, completed=done or 0,
                               total=None if done is None else snap.ram_total, percent=snap.percent_text(),
-                              figures=snap.text())
+                              figures=snap.text(self.console.width - 9 - 4 - self._bar_width() - 4))
+
+    def _bar_width(self) -> int:
+        """10 to 40 characters: what the terminal leaves after about 72 of status, percent and figures."""
+        return max(10, min(40, self.console.width - 72))
