@@ -122,16 +122,19 @@ def test_mismatched_guests_are_refused_in_words(tmp_path: Path) -> None:
     try:
         _wait_for(port_file)
         r = cli("migrate", f"tcp:127.0.0.1:{port_file.read_text()}", *SMALL, "--quiet")
+        time.sleep(0.3)
+        waiting = dst.poll() is None  # a refused source does not end the destination: it waits for another
+        dst.send_signal(signal.SIGTERM)
         _, dst_err = dst.communicate(timeout=60)
     finally:
         if dst.poll() is None:
             dst.kill()
             dst.wait()
-    assert r.returncode == 1 and dst.returncode == 1
+    assert r.returncode == 1 and waiting and dst.returncode != 0
     want = "guest differs: source has a portable guest with RAM pc.ram 4.00 MiB, destination a portable guest " \
            "with RAM pc.ram 8.00 MiB"
     assert want in r.stderr and r.stderr.count(want) == 1, r.stderr
-    assert dst_err.count("error:") == 1 and want in dst_err, dst_err
+    assert dst_err.count(want) == 1, dst_err
     clean(r.stderr + dst_err)
 
 

@@ -44,7 +44,8 @@ def _destination(params: MigrationParameters, timeout: float = 5,
 
 def _hello(port: int, params: MigrationParameters) -> tuple[socket.socket, ReturnPath]:
     main = socket.create_connection(("127.0.0.1", port))
-    cfg = {"protocol": protocol.VERSION, "guest": json.loads(GuestConfig(memory=MEM).to_json()), "page-size": 4096,
+    cfg = {"protocol": protocol.VERSION, "uuid": bytes(16).hex(),
+           "guest": json.loads(GuestConfig(memory=MEM).to_json()), "page-size": 4096,
            "multifd-channels": params.multifd_channels, "multifd-compression": params.multifd_compression,
            "blocks": [["pc.ram", MEM]]}
     main.sendall(stream.file_header() + stream.configuration(MACHINE_TYPE)

@@ -47,8 +47,8 @@ class _StateRefused(FakeGuest):
 def _migrate(params: MigrationParameters, memory: int = 8 << 20,
              before_sync: Callable[[FakeGuest, int], None] | None = None,
              dst_params: MigrationParameters | None = None, dst_kind: type[FakeGuest] = FakeGuest,
-             src_guest: FakeGuest | None = None, **source_kw: Any) -> tuple[MigrationStats, dict[str, Any],
-                                                                             FakeGuest, FakeGuest]:
+             src_guest: FakeGuest | None = None, waits_on: bool = False,
+             **source_kw: Any) -> tuple[MigrationStats, dict[str, Any], FakeGuest, FakeGuest]:
     cfg = GuestConfig(memory=memory, seed=3)
     if src_guest is None:
         src_guest = _Writing(cfg)
@@ -61,6 +61,10 @@ def _migrate(params: MigrationParameters, memory: int = 8 << 20,
     t.start()
     src_guest.start()
     stats = Source(src_guest, link, params, timeout=10, **source_kw).run()
+    if waits_on:  # a refused source: the destination waits for another one until cancelled
+        time.sleep(0.2)
+        assert t.is_alive()
+        dst.cancel()
     t.join(timeout=30)
     assert not t.is_alive()
     return stats, out, src_guest, dst_guest
@@ -99,7 +103,7 @@ def test_pages_written_during_migration_arrive() -> None:
 def test_method_mismatch_refused_before_ram_moves() -> None:
     params = MigrationParameters(multifd_channels=2, multifd_compression="zstd", max_bandwidth=0)
     other = MigrationParameters(multifd_channels=2, multifd_compression="zlib", max_bandwidth=0)
-    stats, dres, sg, dg = _migrate(params, dst_params=other)
+    stats, dres, sg, dg = _migrate(params, dst_params=other, waits_on=True)
     assert stats.status == "failed"
     assert "multifd-compression differs" in stats.error
     assert stats.multifd_bytes == 0
@@ -189,7 +193,7 @@ def test_many_channels_hold_the_cap_and_mbps_is_the_active_rate() -> None:
 def test_mbps_and_remaining_of_a_migration_refused_before_ram_moved() -> None:
     params = MigrationParameters(multifd_channels=2, multifd_compression="zlib", max_bandwidth=0)
     stats, dres, sg, dg = _migrate(params, memory=1 << 20,
-                                   dst_params=MigrationParameters(multifd_channels=2, max_bandwidth=0))
+                                   dst_params=MigrationParameters(multifd_channels=2, max_bandwidth=0), waits_on=True)
     assert stats.status == "failed"
     ram = stats.to_qapi()["ram"]
     assert ram["remaining"] == 1 << 20 and ram["total"] == 1 << 20

@@ -74,8 +74,9 @@ class Waiting:
         assert str(SECRET) not in text and SECRET.hex not in text
 
 
-def _config(memory: int, version: int = protocol.VERSION) -> bytes:
-    cfg = {"protocol": version, "guest": json.loads(GuestConfig(memory=memory).to_json()), "page-size": 4096,
+def _config(memory: int, version: int = protocol.VERSION, uuid: bytes = SECRET.bytes) -> bytes:
+    cfg = {"protocol": version, "uuid": uuid.hex(), "guest": json.loads(GuestConfig(memory=memory).to_json()),
+           "page-size": 4096,
            "multifd-channels": PARAMS.multifd_channels, "multifd-compression": "none",
            "blocks": [["pc.ram", memory]]}
     return (stream.file_header() + stream.configuration(MACHINE_TYPE) + stream.section_full(1, "livemig/config", 0, 1)
@@ -120,24 +121,43 @@ def test_a_dribbling_stranger_is_dropped_in_bounded_time() -> None:
     s.close()
 
 
-def test_a_main_channel_that_dribbles_its_configuration_fails_in_bounded_time() -> None:
+def test_a_main_channel_that_dribbles_its_configuration_is_dropped_in_bounded_time() -> None:
+    """Header and CONFIGURATION, then livemig/config a byte per 0.3 s: not the main channel yet, so the
+    greeting's deadline drops it and the destination keeps waiting."""
     w = Waiting(timeout=1.0)
     data = _config(MEM)
-    s = w.connect(data[:20])  # header and CONFIGURATION: this is the main channel now
+    s = w.connect(data[:20])
     t0 = time.monotonic()
-    for b in data[20:40]:
-        if not w.t.is_alive():
-            break
+    for b in data[20:30]:
         try:
             s.send(bytes([b]))
         except OSError:
             break
         time.sleep(0.3)
-    w.t.join(timeout=10)
-    assert time.monotonic() - t0 < 4
-    assert w.out["status"] == "failed" and w.out["resumed"] is False
-    assert "no progress from the source for 1 s" in w.out["error-desc"]
+    assert "sent only" in w.wait_log("livemig/config within 1 s")
+    assert time.monotonic() - t0 < 4 and w.t.is_alive()
+    w.migrate()
     s.close()
+
+
+def test_a_source_with_another_uuid_is_answered_refused_and_the_real_source_gets_in() -> None:
+    w = Waiting(timeout=1.0)
+    src = FakeGuest(GuestConfig(memory=MEM, seed=5))
+    stats = Source(src, parse_address(f"tcp:127.0.0.1:{w.d.port}"), PARAMS, uuid=bytes(16), timeout=5).run()
+    assert stats.status == "failed"
+    assert "destination refused the migration: the uuid differs from the destination's" in stats.error
+    w.wait_log("the uuid differs from the destination's")
+    assert w.t.is_alive() and not w.d.gate.main_ready.is_set()
+    w.migrate()
+    w.no_secret()
+
+
+def test_a_multifd_channel_before_the_main_channel_is_dropped() -> None:
+    w = Waiting(timeout=1.0)
+    early = w.connect(handshake.encode_init(SECRET.bytes, 0))  # valid, but no main channel yet
+    w.wait_log("multifd channel 0 connected before a main channel was admitted")
+    w.migrate()  # channel 0 is still free for the real source
+    early.close()
 
 
 def test_a_second_main_channel_is_refused_not_fatal() -> None:
@@ -150,7 +170,7 @@ def test_a_second_main_channel_is_refused_not_fatal() -> None:
     t.start()
     assert w.d.gate.main_ready.wait(5)
     second = w.connect(_config(MEM))
-    w.wait_log("a second main channel")
+    w.wait_log("destination busy: a migration is already in progress")
     t.join(timeout=20)
     w.t.join(timeout=10)
     assert stats[0].status == "completed" and w.out["resumed"] is True
@@ -160,16 +180,40 @@ def test_a_second_main_channel_is_refused_not_fatal() -> None:
 @pytest.mark.parametrize(("cfg", "words"), [
     (_config(384 << 20), "the source's guest needs 384.00 MiB of RAM, more than this destination's "
                          "--max-memory 64.00 MiB"),
-    (_config(MEM, version=2), "handover protocol version differs: source 2, destination 1"),
+    (_config(MEM, version=99), f"handover protocol version differs: source 99, destination {protocol.VERSION}"),
+    (_config(MEM, uuid=bytes(16)), "the uuid differs from the destination's"),
 ])
-def test_refused_configuration_allocates_nothing(cfg: bytes, words: str) -> None:
+def test_refused_configuration_allocates_nothing_and_the_destination_waits_on(cfg: bytes, words: str) -> None:
     w = Waiting(timeout=2.0, guest=False, max_memory=64 << 20)
     s = w.connect(cfg)
     answer = ReturnPath(s, "to-source", "destination").recv(5)
     assert isinstance(answer, protocol.Refused) and words in answer.error
+    w.wait_log(words)
+    assert w.d.guest is None and w.t.is_alive()
+    s.close()
+    time.sleep(0.2)
+    assert w.t.is_alive()  # waiting for the next source (test_a_source_with_another_uuid... migrates one)
+    w.d.cancel()
     w.t.join(timeout=10)
     assert w.d.guest is None and w.out["status"] == "failed" and w.out["resumed"] is False
-    s.close()
+
+
+def test_a_second_source_during_a_migration_is_told_the_destination_is_busy() -> None:
+    w = Waiting(timeout=5.0)
+    slow = MigrationParameters(multifd_channels=2, max_bandwidth=4 << 20)
+    stats: list[Any] = []
+    t = threading.Thread(target=lambda: stats.append(Source(FakeGuest(GuestConfig(memory=MEM, seed=5)),
+                                                            parse_address(f"tcp:127.0.0.1:{w.d.port}"), slow,
+                                                            uuid=SECRET.bytes, timeout=5).run()))
+    t.start()
+    assert w.d.gate.main_ready.wait(5)
+    second = Source(FakeGuest(GuestConfig(memory=MEM, seed=6)), parse_address(f"tcp:127.0.0.1:{w.d.port}"), PARAMS,
+                    uuid=SECRET.bytes, timeout=5).run()
+    assert second.status == "failed"
+    assert "destination busy: a migration is already in progress" in second.error
+    t.join(timeout=20)
+    w.t.join(timeout=10)
+    assert stats[0].status == "completed" and w.out["resumed"] is True
 
 
 def test_host_memory_limit_leaves_a_margin() -> None:

@@ -4,10 +4,15 @@ A waiting destination must not be stopped or stalled by a stranger. :class:`Gate
 connection its :class:`~livemig.transport.sockets.Listener` hands out and greets each on its own
 thread, with an absolute deadline for its first bytes (however slowly they dribble in):
 
-* ``QEVM``, the file version and a CONFIGURATION record with livemig's machine type make it *the*
-  main channel (docs/wire.md, "Main stream"); once one did, any other main channel is refused;
+* ``QEVM``, the file version, a CONFIGURATION record with livemig's machine type and a livemig/config
+  section that ``on_main`` accepts (the destination's uuid, protocol version, parameters, guest)
+  make it *the* main channel (docs/wire.md, "Main stream"); once one did, any other main channel is
+  refused. A main channel refused after its livemig/config (busy, wrong uuid, a configuration the
+  destination cannot take) is answered a :class:`~.protocol.Refused` line with the reason first, so
+  its source can say why;
 * the multifd magic and a valid MultiFDInit_t (version, the destination's uuid, an id below the
-  channel count and not taken yet) make it multifd channel *id* (docs/wire.md, "Multifd handshake");
+  channel count and not taken yet) make it multifd channel *id* (docs/wire.md, "Multifd handshake"),
+  but only once a main channel was admitted: livemig's source opens its channels after Ready;
 * anything else (nothing within the deadline, a probe that closes, ``GET / HTTP/1.0``, a wrong uuid,
   a second main channel) is logged with the peer's address and the reason, and closed; the
   destination keeps waiting. No reason quotes the destination's uuid.
@@ -22,12 +27,13 @@ import threading
 import time
 from collections.abc import Callable
 
-from ..errors import TransportError, WireError, os_reason
+from ..errors import MigrationError, TransportError, WireError, os_reason
 from ..transport.secure import secure_accepted
 from ..transport.sockets import Listener
 from ..transport.tls import TlsError
 from ..wire import handshake, stream
 from ..wire.constants import MULTIFD_MAGIC, QEMU_VM_FILE_MAGIC
+from . import protocol
 
 #: greeter threads at once; a connection beyond them is closed at once (and logged)
 MAX_GREETERS = 32
@@ -35,6 +41,14 @@ MAX_GREETERS = 32
 
 class _Refusal(Exception):
     """Why a connection is not a channel of this migration (logged, never raised to the caller)."""
+
+
+class MainRefusal(_Refusal):
+    """Why a main channel that sent its livemig/config is refused: answered to it as Refused, logged.
+    ``on_main`` raises it; the destination keeps waiting for another main channel."""
+
+#: seconds a refused main channel has to read its Refused line and close before it is closed
+ANSWER_GRACE = 1.0
 
 
 def _peer(sock: socket.socket) -> str:
@@ -52,15 +66,17 @@ class Gate:
 
     ``machine_type``: the CONFIGURATION machine type of a main channel; ``first_bytes``: seconds a
     connection has for its greeting; ``timeout``: the read timeout set on an admitted socket.
+    ``on_main(config)`` runs on the greeter thread with the livemig/config bytes of a would-be main
+    channel (one at a time); it raises :class:`MainRefusal` to refuse it, else the channel is admitted.
     ``on_channel(sock, id)`` runs on the greeter thread for each admitted multifd channel (it may
-    block a while, e.g. until the guest exists); an exception from it is the caller's to report.
+    block a while); an exception from it is the caller's to report.
     The main channel is :attr:`main` (with :attr:`main_reader`, which holds the bytes read past
     the CONFIGURATION) once :attr:`main_ready` is set. ``log(text)`` hears every refusal.
     """
 
     def __init__(self, listener: Listener, *, machine_type: str, uuid: bytes, channels: int,
                  first_bytes: float, timeout: float, log: Callable[[str], None],
-                 on_channel: Callable[[socket.socket, int], None]) -> None:
+                 on_main: Callable[[bytes], None], on_channel: Callable[[socket.socket, int], None]) -> None:
         self.listener = listener
         self.machine_type = machine_type
         self.uuid = uuid
@@ -68,6 +84,7 @@ class Gate:
         self.first_bytes = first_bytes
         self.timeout = timeout
         self.log = log
+        self.on_main = on_main
         self.on_channel = on_channel
         self.main: socket.socket | None = None
         self.main_reader: stream.StreamReader | None = None
@@ -75,6 +92,8 @@ class Gate:
         #: the last refusal's text ("" if none), for an error that would otherwise not say why
         self.last_refusal = ""
         self._ids: set[int] = set()
+        #: a main channel is being configured (on_main runs)
+        self._claimed = False
         self._lock = threading.Lock()
         self._slots = threading.BoundedSemaphore(MAX_GREETERS)
         self._closed = threading.Event()
@@ -124,20 +143,40 @@ class Gate:
             else:
                 raise _Refusal(f"not a migration channel (first bytes {head!r}, expected {QEMU_VM_FILE_MAGIC:#x} "
                                f"'QEVM' or the multifd magic {MULTIFD_MAGIC:#x})")
+        except MainRefusal as why:
+            self._answer(sock, str(why))
+            self._refuse(sock, peer, str(why))
         except _Refusal as why:
             self._refuse(sock, peer, str(why))
-        except (WireError, TlsError) as exc:
+        except (WireError, TlsError, MigrationError) as exc:
             self._refuse(sock, peer, str(exc))
         finally:
             self._slots.release()
 
-    def _read(self, sock: socket.socket, n: int, deadline: float, what: str) -> bytes:
-        """Exactly ``n`` bytes before ``deadline``; _Refusal naming what did not come."""
+    @staticmethod
+    def _answer(sock: socket.socket, reason: str) -> None:
+        """Tell a refused main channel why (a Refused line), then let it read that before the close:
+        half-close, and drain what it still sends for at most :data:`ANSWER_GRACE` seconds (closing
+        with unread bytes would reset the connection and lose the answer)."""
+        try:
+            sock.settimeout(ANSWER_GRACE)
+            sock.sendall(protocol.encode(protocol.Refused(reason)))
+            sock.shutdown(socket.SHUT_WR)
+            deadline = time.monotonic() + ANSWER_GRACE
+            while time.monotonic() < deadline and sock.recv(65536):
+                pass
+        except (OSError, ValueError):
+            pass
+
+    def _read(self, sock: socket.socket, n: int, deadline: float, what: str, already: int = 0) -> bytes:
+        """Exactly ``n`` bytes before ``deadline``; _Refusal naming what did not come (``already``:
+        bytes of it that came in earlier reads)."""
         out = bytearray()
         while len(out) < n:
             left = deadline - time.monotonic()
             if left <= 0:
-                sent = f"only {len(out)} bytes of {what}" if out else "nothing"
+                got = already + len(out)
+                sent = f"only {got} bytes of {what}" if got else "nothing"
                 raise _Refusal(f"sent {sent} within {self.first_bytes:g} s")
             try:
                 sock.settimeout(left)
@@ -154,22 +193,35 @@ class Gate:
     def _main(self, sock: socket.socket, head: bytes, deadline: float) -> None:
         reader = stream.StreamReader()
         reader.feed(head)
-        while True:
+        got = len(head)
+        config: bytes | None = None
+        while config is None:
             ev = reader.next_event()
             if ev is stream.NEED_DATA:
-                reader.feed(self._read(sock, 1, deadline, "a main-stream header and CONFIGURATION"))
-                continue
-            if isinstance(ev, stream.Configuration):
+                reader.feed(self._read(sock, 1, deadline, "a main-stream header, CONFIGURATION and livemig/config",
+                                       got))
+                got += 1
+            elif isinstance(ev, stream.Configuration):
                 if ev.machine_type != self.machine_type:
                     raise WireError("Machine type received", ev.machine_type, self.machine_type)
-                break
-            if not isinstance(ev, stream.Header):
-                raise _Refusal(f"main stream began with {type(ev).__name__}, not a CONFIGURATION")
+            elif isinstance(ev, stream.Blob):
+                if ev.idstr != "livemig/config":
+                    raise _Refusal(f"main stream began with section '{ev.idstr}', not livemig/config")
+                config = bytes(ev.data)
+            elif not isinstance(ev, stream.Header | stream.SectionFull):
+                raise _Refusal(f"main stream began with {type(ev).__name__}, not a CONFIGURATION and livemig/config")
         with self._lock:
-            if self.main is not None:
-                raise _Refusal("a second main channel (this migration has one already)")
-            sock.settimeout(self.timeout)
-            self.main, self.main_reader = sock, reader
+            if self.main is not None or self._claimed:
+                raise MainRefusal("destination busy: a migration is already in progress")
+            self._claimed = True
+        try:
+            self.on_main(config)
+            with self._lock:
+                sock.settimeout(self.timeout)
+                self.main, self.main_reader = sock, reader
+        finally:
+            with self._lock:
+                self._claimed = False
         self.main_ready.set()
 
     def _multifd(self, sock: socket.socket, head: bytes, deadline: float) -> int:
@@ -180,6 +232,11 @@ class Gate:
             if "uuid" in exc.what:
                 raise _Refusal(f"multifd channel {buf[24]}: the uuid differs from this destination's") from None
             raise
+        # livemig's source connects its main channel first and opens its multifd channels only after
+        # Ready; a channel before that is a stranger taking an id. (A QEMU source, once supported,
+        # may open its channels first: it would need them held until its main channel is admitted.)
+        if not self.main_ready.is_set():
+            raise _Refusal(f"multifd channel {init.channel_id} connected before a main channel was admitted")
         with self._lock:
             if init.channel_id in self._ids:
                 raise _Refusal(f"multifd channel {init.channel_id} is already connected")

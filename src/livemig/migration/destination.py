@@ -1,7 +1,10 @@
 """The destination side: accept the channels, apply RAM, check it, resume the guest on Commit.
 
 Connections are greeted by a :class:`~.accept.Gate` (one thread each, a deadline for the first
-bytes; strangers are logged and dropped). The main channel is read by a sans-IO
+bytes; strangers are logged and dropped). A main channel becomes *the* main channel only once its
+livemig/config is accepted (:meth:`Destination._configure`: uuid, protocol version, parameters,
+guest); a refused one is answered Refused and dropped, and the destination waits on, for its first
+main channel without a time limit (as QEMU's ``-incoming``), until cancelled. The main channel is read by a sans-IO
 :class:`~livemig.wire.stream.StreamReader`; each multifd channel has a receive thread
 (:class:`~livemig.migration.multifd.RecvChannel`) that validates every packet header before a single
 byte lands in guest RAM. SYNC packets meet the main stream's MULTIFD_FLUSH at a barrier, so a
@@ -27,7 +30,7 @@ import numpy as np
 import xxhash
 
 from ..compress import Method, create_method
-from ..errors import IntegrityError, MigrationError, TransportError, WireError, os_reason
+from ..errors import Cancelled, IntegrityError, MigrationError, TransportError, WireError, os_reason
 from ..guest import Guest, GuestConfig, create_guest
 from ..guest.base import RamBlock
 from ..params import MigrationParameters
@@ -38,7 +41,7 @@ from ..units import format_size
 from ..wire import stream
 from ..wire.constants import PAGE_SIZE
 from . import protocol, state
-from .accept import Gate
+from .accept import Gate, MainRefusal
 from .handover import DestinationHandover, ReturnPath
 from .multifd import PROGRESS_BYTES, RecvChannel, RecvContext
 from .source import MACHINE_TYPE
@@ -115,7 +118,7 @@ class Destination:
         )
         self.gate = Gate(self.listener, machine_type=MACHINE_TYPE, uuid=uuid, channels=params.multifd_channels,
                          first_bytes=min(timeout, FIRST_BYTES), timeout=timeout, log=self.log,
-                         on_channel=self._add_channel)
+                         on_main=self._configure, on_channel=self._add_channel)
         self.handover = DestinationHandover(lambda: self.guest, self._resumed_stats, self.log)
         self.main: socket.socket | None = None
         self.meter = ResourceMeter()
@@ -150,6 +153,11 @@ class Destination:
 
     def _check(self) -> None:
         self._failure.check()
+
+    def cancel(self, reason: str = "incoming migration cancelled") -> None:
+        """End :meth:`run` from any thread (it returns a failed result; a guest not yet resumed is
+        discarded). Before a source connected this is the only way the wait ends."""
+        self.fail(Cancelled(reason), "destination")
 
     def _watchdog(self) -> None:
         """Fail the migration when it made no progress (:meth:`_progress`) for ``timeout`` seconds: a
@@ -195,20 +203,18 @@ class Destination:
         self.gate.start()
         hasher = threading.Thread(target=self._hash_loop, name="digest", daemon=True)
         try:
-            deadline = time.monotonic() + self.timeout * 4
-            while not self.gate.main_ready.wait(0.05):
+            while not self.gate.main_ready.wait(0.05):  # no limit: a source may come any time
                 self._check()
-                if time.monotonic() > deadline:
-                    raise TransportError(f"no main channel connected within {self.timeout * 4:.0f} s"
-                                         + self._refused_note())
             self.main, reader = self.gate.main, self.gate.main_reader
             assert self.main is not None and reader is not None
             self.meter.start()
             self._t_first = time.monotonic()
             rp = self.handover.rp = ReturnPath(self.main, "to-destination", "source")
+            rp.send(protocol.Ready())
+            hasher.start()
             self._restart_timer()
             threading.Thread(target=self._watchdog, name="watchdog", daemon=True).start()
-            self._receive_main(reader, rp, hasher)
+            self._receive_main(reader)
             self._stream_done = True
             self.handover.await_commit(self.timeout)
             result = self._finish()
@@ -243,7 +249,7 @@ class Destination:
             sock.close()
             self.fail(exc, f"multifd channel {cid}")
 
-    def _receive_main(self, reader: stream.StreamReader, rp: ReturnPath, hasher: threading.Thread) -> None:
+    def _receive_main(self, reader: stream.StreamReader) -> None:
         """Read the main stream after its CONFIGURATION (the gate read that far) up to EOF, then
         verify RAM, load the state and answer Prepared. Progress counts the bytes read, as on the
         multifd channels (:meth:`_progress`): small records dribbled in never reset the watchdog."""
@@ -271,16 +277,12 @@ class Destination:
                 self._progress(n)
                 continue
             if isinstance(ev, stream.Blob):
-                if ev.idstr == "livemig/config":
-                    self._configure(ev.data, rp)
-                    hasher.start()
-                elif ev.idstr == "livemig/vcpu":
+                if ev.idstr == "livemig/vcpu":
                     state_blob = bytes(ev.data)
                 elif ev.idstr == "livemig/digest":
                     src_digests = self._source_digests(ev.data)
                 else:
-                    raise WireError("unknown livemig section", ev.idstr,
-                                    "livemig/config, livemig/vcpu or livemig/digest")
+                    raise WireError("unknown livemig section", ev.idstr, "livemig/vcpu or livemig/digest")
             elif isinstance(ev, stream.MemSize):
                 if not self._guest_ready.is_set():
                     raise WireError("RAM section before livemig/config", "ram", "livemig/config first")
@@ -336,20 +338,43 @@ class Destination:
                 raise TransportError(f"only {len(self.channels)} of {self.params.multifd_channels} multifd "
                                      f"channels connected" + self._refused_note())
 
-    def _refuse(self, rp: ReturnPath, err: str) -> None:
-        rp.send(protocol.Refused(err))
-        raise MigrationError(err)
-
-    def _configure(self, data: bytes | memoryview, rp: ReturnPath) -> None:
+    def _configure(self, data: bytes) -> None:
+        """A would-be main channel's livemig/config (on its greeter thread, one at a time): accept it
+        (create the guest from it when none was given, set up the receive state) or raise
+        MainRefusal with the reason. A refused config leaves nothing behind: a guest created from it
+        is closed and forgotten."""
+        created = self.guest is None
         try:
-            cfg = json.loads(bytes(data))
+            self._apply_config(data)
+        except BaseException:  # MainRefusal: the gate answers and logs it
+            self._forget(created)
+            raise
+
+    def _forget(self, created: bool) -> None:
+        if created and self.guest is not None:
+            self.guest.close()
+            self.guest = None
+        self.blocks.clear()
+        self.views.clear()
+        self.received.clear()
+        self.digests.clear()
+
+    def _apply_config(self, data: bytes) -> None:
+        try:
+            cfg = json.loads(data)
             gcfg = GuestConfig.from_json(json.dumps(cfg["guest"]))
             theirs = [(str(n), int(size)) for n, size in cfg.get("blocks", [])]
-        except (ValueError, KeyError, TypeError) as exc:
-            raise WireError(f"livemig/config section is malformed: {exc}") from exc
+        except (ValueError, KeyError, TypeError, MigrationError) as exc:
+            raise MainRefusal(f"livemig/config section is malformed: {exc}") from exc
         if cfg.get("protocol") != protocol.VERSION:
-            self._refuse(rp, f"handover protocol version differs: source {cfg.get('protocol')!r}, destination "
-                             f"{protocol.VERSION}; run the same livemig version on both sides")
+            raise MainRefusal(f"handover protocol version differs: source {cfg.get('protocol')!r}, destination "
+                              f"{protocol.VERSION}; run the same livemig version on both sides")
+        try:
+            same = bytes.fromhex(str(cfg.get("uuid"))) == self.uuid
+        except ValueError:
+            same = False
+        if not same:
+            raise MainRefusal("the uuid differs from the destination's")
         mine = {
             "multifd-channels": self.params.multifd_channels,
             "multifd-compression": self.params.multifd_compression,
@@ -357,26 +382,25 @@ class Destination:
         }
         for key, value in mine.items():
             if cfg.get(key) != value:
-                self._refuse(rp, f"{key} differs: source uses {cfg.get(key)!r}, destination {value!r}; "
-                                 "set the same on both sides")
+                raise MainRefusal(f"{key} differs: source uses {cfg.get(key)!r}, destination {value!r}; "
+                                  "set the same on both sides")
         if self.guest is None:
             need = max(gcfg.memory, sum(size for _, size in theirs))
             if need > self.max_memory:
-                self._refuse(rp, f"the source's guest needs {format_size(need)} of RAM, more than this "
-                                 f"destination's --max-memory {format_size(self.max_memory)}")
+                raise MainRefusal(f"the source's guest needs {format_size(need)} of RAM, more than this "
+                                  f"destination's --max-memory {format_size(self.max_memory)}")
             self.log(f"creating the {gcfg.kind} guest from the source's config ({format_size(gcfg.memory)})")
             try:
                 self.guest = create_guest(gcfg, incoming=True)
             except MigrationError as exc:
-                rp.send(protocol.Refused(str(exc)))
-                raise
+                raise MainRefusal(str(exc)) from exc
         else:
             ours = [(b.name, b.size) for b in self.guest.blocks]
             if theirs != ours or gcfg.kind != self.guest.config.kind:
                 def show(blocks: list[tuple[str, int]]) -> str:
                     return ", ".join(f"{name} {format_size(size)}" for name, size in blocks)
-                self._refuse(rp, f"guest differs: source has a {gcfg.kind} guest with RAM {show(theirs)}, "
-                                 f"destination a {self.guest.config.kind} guest with RAM {show(ours)}")
+                raise MainRefusal(f"guest differs: source has a {gcfg.kind} guest with RAM {show(theirs)}, "
+                                  f"destination a {self.guest.config.kind} guest with RAM {show(ours)}")
             self.guest.config = gcfg
         self._restart_timer()  # creating the guest may have taken a while
         for b in self.guest.blocks:
@@ -386,7 +410,6 @@ class Destination:
             self.digests[b.name] = ChunkDigest(self.views[b.name], self.page_size)
             self.digests[b.name].assume_zero()  # an incoming guest's RAM is zero (Guest contract)
         self._guest_ready.set()
-        rp.send(protocol.Ready())
 
     def _verify(self, src: dict[str, str]) -> dict[str, str]:
         """This side's digest of each RAM block, checked against the source's; IntegrityError if one differs."""

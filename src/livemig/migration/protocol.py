@@ -1,7 +1,8 @@
 """livemig's handover protocol: the commit point, its messages and both sides' outcome rules.
 
-Protocol version :data:`VERSION` (1). Every handover message carries it; a peer speaking another
-version is refused with an error naming both. A change to any message or rule bumps it.
+Protocol version :data:`VERSION` (2; 2 added the source's ``uuid`` to livemig/config). Every
+handover message carries it; a peer speaking another version is refused with an error naming both.
+A change to any message or rule bumps it.
 
 The whole migration, as it crosses the wire::
 
@@ -60,7 +61,7 @@ from typing import Any, ClassVar, Literal, TypeAlias
 
 from ..errors import IntegrityError, WireError
 
-VERSION = 1
+VERSION = 2
 #: longest handover line accepted, newline included (a Prepared for many RAM blocks fits easily)
 MAX_LINE = 1 << 20
 #: RAM digest algorithm of :mod:`livemig.ram.digest`

@@ -207,6 +207,7 @@ class Source:
         self.rp = self.handover.rp = ReturnPath(self.main, "to-source", "destination")
         config = {
             "protocol": protocol.VERSION,
+            "uuid": self.uuid.hex(),  # the destination admits only a main channel with its uuid
             "guest": json.loads(self.guest.config.to_json()),
             "page-size": self.page_size,
             "multifd-channels": self.params.multifd_channels,
