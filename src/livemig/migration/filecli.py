@@ -79,6 +79,9 @@ def cmd_migrate_file(args: argparse.Namespace) -> int:
     path = _path(args.uri, "destination", must_exist=False)
     _refuse_tls(args)
     params, _ = _check_common(args)
+    if params.multifd_compression != "none":
+        raise ParameterError(f"--multifd-compression {params.multifd_compression}: a mapped-ram file holds raw "
+                             "pages (QEMU: mapped-ram is incompatible with compression); use none")
     gcfg = guest_config_from_args(args)
     guest = create_guest(gcfg)
     try:
