@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from livemig.errors import IntegrityError, WireError
+from livemig.errors import IntegrityError, MigrationError, WireError
 from livemig.guest import GuestConfig, create_guest
 from livemig.migration.mapped_file import FileSave
 from livemig.migration.mapped_load import FileLoad, dump_name
@@ -95,6 +95,26 @@ def test_zero_pages_are_never_written(tmp_path: Path) -> None:
     load = cli("incoming", f"file:{snap}", "--dump-ram", str(tmp_path / "dst"))
     assert load.returncode == 0, load.stderr
     assert (tmp_path / "dst" / "dst-pc.ram.bin").read_bytes() == src.tobytes()
+
+
+def test_snapshot_restores_into_a_guest_made_ahead(tmp_path: Path) -> None:
+    """FileLoad restores into an incoming guest created beforehand (as a ``-incoming`` VM has one), and
+    refuses one whose RAM is not the snapshot's."""
+    snap = tmp_path / "snap.bin"
+    save_portable(snap)
+    for memory, ok in ((4 * MiB, True), (8 * MiB, False)):
+        guest = create_guest(GuestConfig(kind="portable", memory=memory), incoming=True)
+        load = FileLoad(str(snap), PARAMS, guest=guest, run_after=0.3)
+        try:
+            if ok:
+                res = load.run()
+                assert res["resumed"] and res["workload_check"] == "ok" and load.guest is guest
+            else:
+                with pytest.raises(MigrationError, match="the guest comes from the file"):
+                    load.run()
+        finally:
+            load.close()
+            guest.close()
 
 
 # --- malformed files ---------------------------------------------------------------------------------

@@ -47,10 +47,14 @@ class FileLoad:
     """Loads the mapped-ram file ``path``; :meth:`run` returns the result dict (``status``,
     ``kind``: ``livemig`` or ``qemu``, ``machine-type``, ``blocks``, ``pages``, ``resumed`` ...) or
     raises MigrationError naming what is wrong with the file (WireError), the RAM (IntegrityError)
-    or the guest (GuestError). ``guest_config``, when given (``--memory``), must be the snapshot's.
+    or the guest (GuestError). ``guest_config``, when given (``--memory``), must be the snapshot's;
+    ``guest``, when given (an incoming guest created ahead, as ``livemig vm --incoming`` has), is the
+    one restored instead of a new one, and its kind, RAM and vCPUs must be the snapshot's (it is
+    not closed by :meth:`close`).
     """
 
-    def __init__(self, path: str, params: MigrationParameters, *, guest_config: GuestConfig | None = None,
+    def __init__(self, path: str, params: MigrationParameters, *, guest: Guest | None = None,
+                 guest_config: GuestConfig | None = None,
                  run_after: float = 0.0, dump_ram: str | None = None, max_memory: int | None = None,
                  log: Callable[[str], None] | None = None) -> None:
         params.check()
@@ -61,7 +65,10 @@ class FileLoad:
         self.max_memory = host_memory_limit() if max_memory is None else max_memory
         self.log = log or (lambda _m: None)
         self.page_size = PAGE_SIZE
-        self.guest: Guest | None = None
+        self.guest: Guest | None = guest
+        self._own_guest = guest is None
+        if guest is not None and guest_config is None:
+            self.guest_config = guest.config
         self._buffers: list[mmap.mmap] = []
 
     def run(self) -> dict[str, Any]:
@@ -97,7 +104,7 @@ class FileLoad:
         return result
 
     def close(self) -> None:
-        if self.guest is not None:
+        if self.guest is not None and self._own_guest:
             self.guest.close()
             self.guest = None
         for buf in self._buffers:
@@ -117,11 +124,14 @@ class FileLoad:
             raise MigrationError(f"the snapshot holds a {gcfg.kind} guest of {format_size(gcfg.memory)} and "
                                  f"{gcfg.smp} vCPU(s), not the {mine.kind} guest of {format_size(mine.memory)} and "
                                  f"{mine.smp} vCPU(s) the options ask for (the guest comes from the file)")
-        if gcfg.memory > self.max_memory:
+        if self.guest is None and gcfg.memory > self.max_memory:
             raise MigrationError(f"the snapshot's guest needs {format_size(gcfg.memory)} of RAM, more than "
                                  f"--max-memory {format_size(self.max_memory)}")
-        self.log(f"creating the {gcfg.kind} guest of the snapshot ({format_size(gcfg.memory)})")
-        self.guest = create_guest(gcfg, incoming=True)
+        if self.guest is None:
+            self.log(f"creating the {gcfg.kind} guest of the snapshot ({format_size(gcfg.memory)})")
+            self.guest = create_guest(gcfg, incoming=True)
+        else:
+            self.guest.config = gcfg  # its workload and fill are the snapshot's, as on a socket
         ours = [(b.name, b.size) for b in self.guest.blocks]
         theirs = [(b.name, b.length) for b in info.blocks]
         if ours != theirs:
