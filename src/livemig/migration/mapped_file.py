@@ -298,7 +298,9 @@ class FileSave:
     def _job(self, counters: ChannelCounters, name: str, idx: np.ndarray) -> None:
         ps = self.page_size
         if self.pages64 is not None:
-            nonzero = nonzero_pages(self.pages64[name][idx])
+            first, n = int(idx[0]), int(idx.size)
+            p64 = self.pages64[name]
+            nonzero = nonzero_pages(p64[first : first + n] if int(idx[-1]) - first + 1 == n else p64[idx])
             normal, zero = idx[nonzero], idx[~nonzero]
         else:
             normal, zero = idx, idx[:0]
