@@ -24,7 +24,7 @@ from livemig.guest import GuestConfig, create_guest
 from livemig.migration.mapped_file import FileSave
 from livemig.migration.mapped_load import FileLoad, dump_name
 from livemig.params import MigrationParameters
-from livemig.wire import mapped_ram
+from livemig.wire import mapped_ram, stream
 from support.migrate import cli
 from support.qemu import DEFAULT_MEMORY, MiB, Qemu, known_ram, qemu_or_skip
 
@@ -47,6 +47,39 @@ def save_portable(path: Path, memory: int = 4 * MiB, fill: str = "random") -> No
         assert stats.status == "completed", stats.error
     finally:
         guest.close()
+
+
+# --- the bytes, against QEMU's ----------------------------------------------------------------------
+#: the first 139 bytes of a file QEMU 10.0.13 wrote (q35, -nodefaults, 64 MiB, mapped-ram + multifd):
+#: header, configuration with its capabilities, SECTION_START ram (id 1), MEM_SIZE, pc.ram, its header
+QEMU10_PREFIX = bytes.fromhex(
+    "5145564d00000003070000000b70632d7133352d31302e30051a636f6e66696775726174696f6e2f6361706162696c69"
+    "7469657300000001000000010a6d61707065642d72616d01000000010372616d00000000000000040000000004082004"
+    "0670632e72616d0000000004000000000000010000000000001000000000000000008b0000000000100000"
+)
+#: that file's blocks, and where QEMU put each one's bitmap and pages
+QEMU10_BLOCKS = [("pc.ram", 0x4000000, 139, 0x100000), ("/rom@etc/acpi/tables", 0x20000, 68157497, 0x4200000),
+                 ("pc.bios", 0x40000, 69337132, 0x4300000), ("pc.rom", 0x20000, 70516779, 0x4400000),
+                 ("/rom@etc/table-loader", 0x1000, 71434298, 0x4500000),
+                 ("/rom@etc/acpi/rsdp", 0x1000, 72355895, 0x4600000)]
+
+
+def test_layout_is_qemus_byte_for_byte() -> None:
+    """For QEMU's machine and blocks, livemig's writers produce QEMU's bytes and QEMU's offsets."""
+    head = stream.file_header() + mapped_ram.configuration("pc-q35-10.0")
+    blocks = [(name, size) for name, size, _, _ in QEMU10_BLOCKS]
+    pieces, layouts, end = mapped_ram.ram_setup(len(head), 1, blocks, 4096)
+    assert head + pieces[0][1] == QEMU10_PREFIX
+    assert [(lay.name, lay.length, lay.bitmap_offset, lay.pages_offset) for lay in layouts] == QEMU10_BLOCKS
+    assert end == 0x4600000 + 0x1000
+    # and the parser reads it back (a file of just the setup, sparse pages, EOS, footer, EOF)
+    raw = bytearray(end)
+    for at, data in [(0, head), *pieces]:
+        raw[at : at + len(data)] = data
+    raw += stream.ram_eos() + stream.section_footer(1) + stream.eof()
+    info = mapped_ram.parse(lambda at, n: bytes(raw[at : at + n]), len(raw), 4096)
+    assert (info.machine_type, info.capabilities) == ("pc-q35-10.0", ["mapped-ram"])
+    assert [(b.name, b.length, b.bitmap_offset, b.pages_offset) for b in info.blocks] == QEMU10_BLOCKS
 
 
 # --- livemig -> livemig ----------------------------------------------------------------------------
