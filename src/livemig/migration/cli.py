@@ -46,7 +46,7 @@ from .tlsopts import add_tls_options, is_loopback, local_server_args, tls_from_a
 #: the shortest --timeout: below it, scheduling delays of a loaded host alone would fail a migration
 MIN_TIMEOUT = 0.1
 
-URI_FORMS = "tcp:HOST:PORT (HOST may be [IPv6]) or unix:PATH (a Unix socket file)"
+URI_FORMS = "tcp:HOST:PORT (HOST may be [IPv6]), unix:PATH (a Unix socket file) or file:PATH (a mapped-ram file)"
 
 
 def _add_params(p: argparse.ArgumentParser, source: bool) -> None:
@@ -232,6 +232,9 @@ def destination_summary(d: dict[str, Any], workload: str) -> str:
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
+    if args.uri and args.uri.startswith("file:"):  # mapped-ram files: migration/filecli.py
+        from .filecli import cmd_migrate_file
+        return cmd_migrate_file(args)
     chk = check_migrate(args)
     gcfg = chk.guest
     assert gcfg is not None
@@ -355,6 +358,9 @@ def _raise_failure(status: str, error: str, result: dict[str, Any], dres: dict[s
 
 def cmd_incoming(args: argparse.Namespace) -> int:
     die_with_parent()  # started by migrate --local: end with it
+    if args.uri.startswith("file:"):  # mapped-ram files: migration/filecli.py
+        from .filecli import cmd_incoming_file
+        return cmd_incoming_file(args)
     chk = check_incoming(args)
     assert chk.address is not None
     guest = None
@@ -461,6 +467,8 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     add_guest_options(m, "migrate")
     _add_params(m, source=True)
     add_tls_options(m, source=True)
+    from .filecli import add_file_options
+    add_file_options(m)
     m.set_defaults(func=cmd_migrate)
 
     i = sub.add_parser("incoming", help="wait for a migration (destination side)",

@@ -62,6 +62,21 @@ SECTION_VCPU = 3
 SECTION_DIGEST = 4
 
 
+def livemig_config(guest: Guest, params: MigrationParameters, uuid: bytes) -> dict[str, Any]:
+    """The livemig/config section's JSON object: the guest's description and the parameters both
+    sides must share (docs/wire.md, "Main stream")."""
+    return {
+        "protocol": protocol.VERSION,
+        "uuid": uuid.hex(),  # the destination admits only a main channel with its uuid
+        "guest": json.loads(guest.config.to_json()),
+        "page-size": guest.page_size,
+        "multifd-channels": params.multifd_channels,
+        "multifd-compression": params.multifd_compression,
+        "zero-page-detection": params.zero_page_detection,
+        "blocks": [[b.name, b.size] for b in guest.blocks],
+    }
+
+
 def _warm_numpy() -> None:
     """numpy loads some functions (np.unique among them) lazily: ~20 ms on first call. Pay that before
     the guest is paused, not during downtime."""
@@ -205,16 +220,7 @@ class Source:
     def _setup(self) -> None:
         self.main = self.connector.connect(self.timeout)
         self.rp = self.handover.rp = ReturnPath(self.main, "to-source", "destination")
-        config = {
-            "protocol": protocol.VERSION,
-            "uuid": self.uuid.hex(),  # the destination admits only a main channel with its uuid
-            "guest": json.loads(self.guest.config.to_json()),
-            "page-size": self.page_size,
-            "multifd-channels": self.params.multifd_channels,
-            "multifd-compression": self.params.multifd_compression,
-            "zero-page-detection": self.params.zero_page_detection,
-            "blocks": [[b.name, b.size] for b in self.guest.blocks],
-        }
+        config = livemig_config(self.guest, self.params, self.uuid)
         self._main_write(
             stream.file_header()
             + stream.configuration(MACHINE_TYPE)
