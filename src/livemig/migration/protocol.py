@@ -2,9 +2,8 @@
 
 Protocol version :data:`VERSION` (3; 2 added the source's ``uuid`` to livemig/config, 3 lets an
 :class:`Abort` come before the stream's EOF and has the destination answer :class:`Failed` when
-it gives up on its own). Every
-handover message carries it; a peer speaking another version is refused with an error naming both.
-A change to any message or rule bumps it.
+it gives up on its own). Every handover message carries it; a peer speaking another version is
+refused with an error naming both. A change to any message or rule bumps it.
 
 The whole migration, as it crosses the wire::
 
@@ -13,7 +12,7 @@ The whole migration, as it crosses the wire::
       |<------------------------------------- return: Ready | Refused  |
       | chans:  MultiFDInit_t, packets on each of N channels ========> |
       | main:   RAM sections per pass, MULTIFD_FLUSH, EOS  ----------->|
-      |   (a cancel or failure until the commit point: Abort ----->|  discard at once)
+      |   (a cancel or failure before the commit point: Abort ------->|  discard at once)
       |   -- guest paused (source: paused) --                          |
       | main:   END ram, livemig/vcpu, livemig/digest, EOF ----------->|
       |                                      verify RAM digests, load state
@@ -31,10 +30,10 @@ QEMU's main stream up to its ``QEMU_VM_EOF``; after that EOF, the same direction
 *control* messages (:class:`Commit`, :class:`Abort`) as JSON lines. An :class:`Abort` may also
 come earlier, in place of the stream's next record (a ``{`` where a record type byte or a RAM
 record header is due: neither can start with 0x7b, see docs/wire.md, "Return path"); the stream
-ends there. The *return path* is the
-destination -> source direction of the same connection, JSON lines from the first byte. Putting
-Commit on the main channel (not a separate socket) keeps it ordered after the stream it commits:
-the destination cannot see a Commit for a stream it has not finished reading.
+ends there. The *return path* is the destination -> source direction of the same connection,
+JSON lines from the first byte. Putting Commit on the main channel (not a separate socket) keeps
+it ordered after the stream it commits: the destination cannot see a Commit for a stream it has
+not finished reading.
 
 Rules, for every failure at every step (a lost or delayed message in either direction, a kill of
 either side, a cut link, a cancel):
