@@ -52,26 +52,29 @@ def _runs(guests: tuple[Guest, Guest]) -> tuple[bool, bool]:
 
 
 def _migrate(up: Tap | None = None, down: Tap | None = None, timeout: float = 1.0,
-             cancel_when: Callable[[], bool] | None = None) -> Outcome:
-    sg = create_guest(CONFIG)
-    dg = create_guest(CONFIG, incoming=True)
+             cancel_when: Callable[[Source], bool] | None = None, src_timeout: float | None = None,
+             params: MigrationParameters = PARAMS, config: GuestConfig = CONFIG) -> Outcome:
+    """One migration through a relay with taps ``up``/``down``; ``timeout`` is the destination's
+    (and the source's, unless ``src_timeout``). ``cancel_when(source)`` cancels the source once true."""
+    sg = create_guest(config)
+    dg = create_guest(config, incoming=True)
     try:
-        d = Destination(parse_address("tcp:127.0.0.1:0"), PARAMS, guest=dg, timeout=timeout)
+        d = Destination(parse_address("tcp:127.0.0.1:0"), params, guest=dg, timeout=timeout)
         out: dict[str, Any] = {}
         t = threading.Thread(target=lambda: out.update(d.run()))
         t.start()
         sg.start()
         with Relay(("127.0.0.1", d.port), up=up, down=down) as relay:
-            src = Source(sg, parse_address(relay.uri), PARAMS, timeout=timeout)
+            src = Source(sg, parse_address(relay.uri), params, timeout=src_timeout or timeout)
             if cancel_when is not None:
                 def watch() -> None:
                     deadline = time.monotonic() + 30
-                    while not cancel_when() and time.monotonic() < deadline:
+                    while not cancel_when(src) and time.monotonic() < deadline:
                         time.sleep(0.005)
                     src.cancel()
                 threading.Thread(target=watch, daemon=True).start()
             stats = src.run()
-            t.join(timeout=timeout * 4 + 10)
+            t.join(timeout=max(timeout, src_timeout or 0) * 4 + 10)
             assert not t.is_alive()
         src_runs, dst_runs = _runs((sg, dg))
         assert not (src_runs and dst_runs), "both copies of the guest run"
@@ -85,11 +88,14 @@ def _migrate(up: Tap | None = None, down: Tap | None = None, timeout: float = 1.
         dg.close()
 
 
-def _seen(tap: Tap, kind: bytes) -> Callable[[], bool]:
-    return lambda: any(kind in line for line in tap.lines)
+def _seen(tap: Tap, kind: bytes) -> Callable[[Source], bool]:
+    return lambda _src: any(kind in line for line in tap.lines)
 
 
 RESUMED, PREPARED, COMMIT, READY = b'"type":"resumed"', b'"type":"prepared"', b'"type":"commit"', b'"type":"ready"'
+ABORT, FAILED = b'"type":"abort"', b'"type":"failed"'
+#: what a destination that read the source's Abort says
+ABORTED = "the source aborted the migration: migration cancelled"
 
 
 def test_clean_handover_runs_the_destination_only() -> None:
@@ -158,11 +164,62 @@ def test_cancel_while_resumed_is_in_flight_is_too_late() -> None:
     assert o.dst_runs and not o.src_runs
 
 
-def test_cancel_while_prepared_is_in_flight_resumes_the_source() -> None:
-    down = Tap(delay=(PREPARED, 0.8))
-    o = _migrate(down=down, timeout=2.0, cancel_when=_seen(down, PREPARED))
-    assert o.stats.status == "cancelled" and o.stats.handover == protocol.S_CANCELLED
+def _cancelled_and_aborted(o: Outcome) -> None:
+    """The source was cancelled and runs; the destination discarded its guest because of the Abort
+    (its timeout, 30 s, was far away: without the Abort it would have said so)."""
+    assert o.stats.status == "cancelled" and o.stats.handover == protocol.S_CANCELLED, o.stats.error
     assert o.src_runs and not o.dst_runs
+    assert o.dst["handover"] == protocol.D_DISCARDED and ABORTED in o.dst["error-desc"], o.dst
+
+
+@pytest.mark.parametrize("step", [READY, PREPARED], ids=["waiting-for-ready", "waiting-for-prepared"])
+def test_a_cancel_while_the_source_waits_aborts_and_the_destination_discards_at_once(step: bytes) -> None:
+    """The relay holds the destination's answer; the cancel comes while the source waits for it."""
+    down = Tap(delay=(step, 0.8))
+    _cancelled_and_aborted(_migrate(down=down, timeout=30.0, cancel_when=_seen(down, step)))
+
+
+def test_a_cancel_during_the_ram_passes_aborts_between_two_records() -> None:
+    """32 MiB at 8 MiB/s on 2 channels: the cancel lands in a pass, in the middle of a RAM section;
+    the Abort goes where the stream's next record was due."""
+    config = GuestConfig(kind="portable", memory=32 << 20, workload="counter", fill="random", seed=3)
+    params = MigrationParameters(multifd_channels=2, max_bandwidth=8 << 20)
+
+    def mid_ram(src: Source) -> bool:
+        return src.stats.status == "active" and src.channels.wire_bytes() > 1 << 20
+
+    o = _migrate(timeout=30.0, cancel_when=mid_ram, params=params, config=config)
+    _cancelled_and_aborted(o)
+    assert 0 < o.stats.multifd_bytes < 24 << 20 and o.stats.passes == 1
+
+
+@pytest.mark.parametrize("up", [Tap(drop=ABORT), Tap(delay=(ABORT, 0.3))], ids=["dropped", "late"])
+def test_a_lost_or_late_abort_still_discards(up: Tap) -> None:
+    """The relay swallows or holds the Abort: the source waits up to 1 s for the destination to
+    close, then closes its channels itself. A late Abort (0.3 s) is still what the destination
+    discards for; a lost one leaves it the lost link."""
+    down = Tap(delay=(PREPARED, 0.5))
+    o = _migrate(up=up, down=down, timeout=30.0, cancel_when=_seen(down, PREPARED))
+    assert o.stats.status == "cancelled" and o.src_runs and not o.dst_runs
+    assert o.dst["handover"] == protocol.D_DISCARDED
+    assert (ABORTED in o.dst["error-desc"]) == (up.drop is None), o.dst
+
+
+@pytest.mark.parametrize(("up", "down", "handover", "told"), [
+    (None, Tap(drop=PREPARED), protocol.S_FAILED, True),
+    (Tap(drop=COMMIT), None, protocol.S_UNKNOWN, True),
+    (Tap(drop=COMMIT), Tap(drop=FAILED), protocol.S_UNKNOWN, False),
+], ids=["prepared-lost", "commit-lost", "commit-lost-and-failed-lost"])
+def test_a_destination_that_gives_up_tells_the_source_why(up: Tap | None, down: Tap | None, handover: str,
+                                                          told: bool) -> None:
+    """The destination (timeout 1 s) waits for a Commit that does not come, gives up first (its
+    own wait or its idle channel times out) and answers Failed with its reason; the source (timeout
+    3 s) reports that reason, not its own "no answer" (unless the relay swallows the Failed too).
+    Before the commit point its guest runs on; after it, it stays paused."""
+    o = _migrate(up=up, down=down, timeout=1.0, src_timeout=3.0)
+    assert o.stats.handover == handover and o.src_runs == (handover == protocol.S_FAILED) and not o.dst_runs
+    assert ("destination failed: " in o.stats.error) == told, o.stats.error
+    assert ("within 1 s" in o.stats.error or "timed out" in o.stats.error) == told, o.stats.error
 
 
 @pytest.mark.parametrize(("line", "words"), [

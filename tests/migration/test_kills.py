@@ -254,3 +254,42 @@ def test_source_killed_right_after_commit_the_destination_runs(tmp_path: Path) -
     assert d["resumed"] is True and d["handover"] == protocol.D_RUNNING and d["guest"] == "running"
     assert d["progress_after"] > d["progress_at_resume"] > 0 and d["workload_check"] == "ok"
     assert "completed; guest resumed" in (tmp_path / "incoming.err").read_text()
+
+
+# --- the source cancelled by a signal -------------------------------------------------------------
+@pytest.mark.parametrize(("sig", "code", "said"), [(signal.SIGINT, 130, b"interrupted"),
+                                                   (signal.SIGTERM, 143, b"terminated")], ids=["SIGINT", "SIGTERM"])
+def test_source_interrupted_mid_ram_aborts_and_the_destination_discards(tmp_path: Path, sig: int, code: int,
+                                                                         said: bytes) -> None:
+    """Ctrl-C (or SIGTERM) reaches ``livemig migrate`` while its 16 MiB move at 2 MiB/s: it sends
+    Abort on the main channel and exits cancelled, its guest running to the end; the destination
+    discards its guest because of the Abort (not of a closed link) and exits."""
+    djson = tmp_path / "d.json"
+    dst, port = _incoming(tmp_path, "--json", str(djson), "--memory", "16M")
+    src: subprocess.Popen[bytes] | None = None
+    down = Tap()
+    try:
+        with Relay(("127.0.0.1", port), down=down) as relay:
+            src = subprocess.Popen([sys.executable, "-m", "livemig.cli", "migrate", relay.uri, "--guest", "portable",
+                                    "--memory", "16M", "--multifd-channels", "1", "--timeout", str(TIMEOUT),
+                                    "--workload", "counter", "--max-bandwidth", "2MiB/s", "--quiet"],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            deadline = time.monotonic() + 30
+            while not _seen(down, READY)():
+                assert time.monotonic() < deadline and src.poll() is None, "no Ready"
+                time.sleep(0.01)
+            time.sleep(1.0)  # an eighth of the way through the RAM
+            src.send_signal(sig)
+            _, err = src.communicate(timeout=30)
+            assert src.returncode == code, err
+            assert _reap(dst) == 1
+    finally:
+        for proc in (src, dst):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert said in err and b"the source guest is running" in err and b"Traceback" not in err, err
+    assert b" MiB transferred" in err and b"16.0" not in err, err  # stopped mid-RAM
+    d = json.loads(djson.read_text())
+    assert d["resumed"] is False and d["handover"] == protocol.D_DISCARDED
+    assert "the source aborted the migration: migration cancelled" in d["error-desc"], d

@@ -142,6 +142,11 @@ def test_destination_rules() -> None:
     assert resumers == [(p.D_PREPARED, "commit")]
     assert d.step(p.D_DISCARDED, "commit") == p.Transition(p.D_DISCARDED, (p.SEND_FAILED,))
     assert d.step(p.D_RUNNING, "abort") == p.Transition(p.D_RUNNING, (p.ANSWER_TOO_LATE,))
+    # giving up on its own before a Commit, it tells the source why; after an Abort it need not
+    for state in (p.D_RECEIVING, p.D_PREPARED):
+        for event in ("timeout", "link-lost", "error"):
+            assert d.step(state, event) == p.Transition(p.D_DISCARDED, (p.SEND_FAILED, p.DISCARD_GUEST))
+        assert d.step(state, "abort") == p.Transition(p.D_DISCARDED, (p.DISCARD_GUEST,))
     assert d.waiting == {p.D_RECEIVING, p.D_PREPARED}
 
 

@@ -217,3 +217,35 @@ def test_vectored_io_peek_and_shutdown_on_tls_sockets(pki: Path) -> None:
     assert cs.recv(7) == b"failed\n"
     ss.close()
     cs.close()
+
+
+def test_a_cancel_during_ram_over_tls_aborts_and_the_destination_discards(pki: Path) -> None:
+    """The Abort goes on the TLS main channel between two records; the destination discards its
+    guest because of it (its 30 s timeout is far away) and the source's guest runs on."""
+    params = MigrationParameters(multifd_channels=2, max_bandwidth=8 << 20)
+    addr = parse_address("tcp:127.0.0.1:0")
+    config = GuestConfig(kind="portable", memory=32 << 20, workload="counter", fill="random")
+    dg = create_guest(config, incoming=True)
+    dst = Destination(tls_listener(addr, server(pki), 2), params, guest=dg, timeout=30)
+    out: dict[str, Any] = {}
+    t = threading.Thread(target=lambda: out.update(dst.run()), daemon=True)
+    t.start()
+    guest = create_guest(config)
+    try:
+        guest.start()
+        src = Source(guest, tls_connector(addr.with_port(dst.port), client(pki)), params, timeout=30)
+
+        def cancel_mid_ram() -> None:
+            while not (src.stats.status == "active" and src.channels.wire_bytes() > 1 << 20):
+                time.sleep(0.005)
+            src.cancel()
+
+        threading.Thread(target=cancel_mid_ram, daemon=True).start()
+        stats = src.run()
+        t.join(timeout=20)
+        assert stats.status == "cancelled" and guest.running and stats.multifd_bytes < 24 << 20
+        assert out["handover"] == "discarded" and not out["resumed"]
+        assert "the source aborted the migration: migration cancelled" in out["error-desc"], out
+    finally:
+        guest.close()
+        dg.close()

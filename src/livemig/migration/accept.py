@@ -191,7 +191,7 @@ class Gate:
         return bytes(out)
 
     def _main(self, sock: socket.socket, head: bytes, deadline: float) -> None:
-        reader = stream.StreamReader()
+        reader = stream.StreamReader(control_lines=True)  # the source may Abort between two records
         reader.feed(head)
         got = len(head)
         config: bytes | None = None

@@ -308,6 +308,8 @@ class Destination:
                 self.digests[ev.block].mark_pages(np.array([p]))
             elif isinstance(ev, stream.Eof):
                 break
+            elif isinstance(ev, stream.ControlLine):  # the source's Abort, before the stream's end
+                self.handover.control(ev.data, self.timeout)
         if not ram_seen or state_blob is None or src_digests is None:
             raise WireError("incomplete migration stream", "EOF", "RAM, livemig/vcpu and livemig/digest sections")
         if reader.buffered:

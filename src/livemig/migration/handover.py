@@ -14,12 +14,19 @@ from __future__ import annotations
 import socket
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 
 from ..errors import Cancelled, IntegrityError, MigrationError, TransportError, WireError, os_reason
 from ..guest import Guest
 from ..transport.sockets import send_buffers
 from . import protocol as p
+
+#: how often a wait for the peer looks for a cancel, seconds
+POLL = 0.05
+#: how long a source that sent Abort waits for the destination to close the main channel (its
+#: acknowledgement: it read the Abort and discarded its guest) before it closes the channels
+ABORT_ACK = 1.0
 
 
 class HandoverTimeout(TransportError):
@@ -36,7 +43,8 @@ class ReturnPath:
     ``peer`` names the other side in errors ("destination" / "source"). A read raises
     HandoverTimeout when no whole line came within its deadline (however the bytes dribble in),
     TransportError when the link failed or closed, WireError for a malformed line (see
-    :func:`.protocol.decode`).
+    :func:`.protocol.decode`), Cancelled when its ``cancelled()`` became true (checked every
+    :data:`POLL` s).
     """
 
     def __init__(self, sock: socket.socket, receives: p.Direction, peer: str) -> None:
@@ -48,10 +56,25 @@ class ReturnPath:
     def send(self, msg: p.Message) -> None:
         send_buffers(self.sock, [p.encode(msg)], f"handover message '{msg.TYPE}'")
 
-    def recv(self, timeout: float) -> p.Message:
-        deadline = time.monotonic() + timeout
+    def prime(self, data: bytes) -> None:
+        """Bytes of the next lines that were already read from the socket (by the stream reader)."""
+        self._buf[:0] = data
+
+    @contextmanager
+    def _own_timeouts(self) -> Iterator[None]:
+        """Set socket timeouts freely inside; the socket's own is restored after."""
         old = self.sock.gettimeout()
         try:
+            yield
+        finally:
+            try:
+                self.sock.settimeout(old)
+            except OSError:
+                pass
+
+    def recv(self, timeout: float, cancelled: Callable[[], bool] | None = None) -> p.Message:
+        deadline = time.monotonic() + timeout
+        with self._own_timeouts():
             while b"\n" not in self._buf:
                 if len(self._buf) > p.MAX_LINE:
                     raise WireError(f"handover message from the {self.peer}", "longer line",
@@ -59,6 +82,10 @@ class ReturnPath:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise HandoverTimeout(f"no answer from the {self.peer} within {timeout:g} s")
+                if cancelled is not None:
+                    if cancelled():
+                        raise Cancelled("migration cancelled")
+                    left = min(left, POLL)
                 self.sock.settimeout(left)
                 try:
                     chunk = self.sock.recv(65536)
@@ -69,14 +96,25 @@ class ReturnPath:
                 if not chunk:
                     raise TransportError(f"the {self.peer} closed the connection")
                 self._buf += chunk
-        finally:
-            try:
-                self.sock.settimeout(old)
-            except OSError:
-                pass
         line, _, rest = bytes(self._buf).partition(b"\n")
         self._buf = bytearray(rest)
         return p.decode(line, self.receives)
+
+    def wait_closed(self, timeout: float) -> bool:
+        """Drop whatever comes until the peer closes or the link fails (True) or ``timeout`` s pass
+        (False)."""
+        deadline = time.monotonic() + timeout
+        with self._own_timeouts():
+            while (left := deadline - time.monotonic()) > 0:
+                self.sock.settimeout(left)
+                try:
+                    if not self.sock.recv(65536):
+                        return True
+                except TimeoutError:
+                    return False
+                except (OSError, ValueError):  # ValueError: a TLS socket closed under us
+                    return True
+        return False
 
 
 def _lost(exc: BaseException) -> str:
@@ -124,6 +162,11 @@ class SourceHandover:
         self.cancelled = False
         #: a cancel arrived after it (answered too late)
         self.too_late = False
+        #: the main stream ends at a record boundary, so an Abort may follow it (False once a write
+        #: failed midway: the destination then learns from the broken link instead)
+        self.at_boundary = True
+        #: the Abort went out
+        self.abort_sent = False
 
     @property
     def state(self) -> str:
@@ -148,7 +191,8 @@ class SourceHandover:
             elif action == p.SEND_COMMIT:
                 assert self.rp is not None
                 self.rp.send(p.Commit())
-            elif action == p.SEND_ABORT and self.rp is not None:
+            elif action == p.SEND_ABORT and self.rp is not None and self.at_boundary and not self.abort_sent:
+                self.abort_sent = True
                 try:  # best effort: a destination that does not hear it discards its guest anyway
                     self.rp.send(p.Abort(reason or "the source gave up"))
                 except MigrationError:
@@ -173,9 +217,13 @@ class SourceHandover:
             self.cancelled = True
             return True
 
+    def is_cancelled(self) -> bool:
+        """A cancel arrived before the commit point (a wait for the destination polls this)."""
+        return self.cancelled
+
     def _answer(self, timeout: float, want: type[p.Message]) -> p.Message:
         assert self.rp is not None
-        msg = self.rp.recv(timeout)
+        msg = self.rp.recv(timeout, self.is_cancelled)
         if isinstance(msg, p.Refused | p.Failed):
             raise PeerFailed(f"destination failed: {msg.error.removeprefix('destination: ')}")
         if not isinstance(msg, want):
@@ -197,6 +245,12 @@ class SourceHandover:
                 raise Cancelled("migration cancelled")
             actions = self.h.step("prepared")
         self._do(actions)
+
+    def await_abort_ack(self) -> bool:
+        """After an Abort, give the destination :data:`ABORT_ACK` s to read it and close the main
+        channel (True if it did), so that it learns of the abort from the Abort itself, not from
+        channels closing under it."""
+        return self.abort_sent and self.rp is not None and self.rp.wait_closed(ABORT_ACK)
 
     def peer_reason(self, exc: BaseException, wait: float = 1.0) -> str:
         """The destination's own account of the failure ``exc``, if it sent one (Failed or Refused)
@@ -284,6 +338,14 @@ class DestinationHandover:
         """The stream is complete and verified: answer Prepared and wait for the commit."""
         self._prepared = p.Prepared(digests, state)
         self._do(self.h.step("verified"))
+
+    def control(self, data: bytes, timeout: float) -> None:
+        """A control line where the stream's next record was due (``data``: the bytes from its
+        ``{`` on; see :class:`~livemig.wire.events.ControlLine`). Only an Abort may come there: it
+        discards the guest and raises MigrationError; anything else raises WireError."""
+        assert self.rp is not None
+        self.rp.prime(data)
+        self.await_commit(timeout)
 
     def await_commit(self, timeout: float) -> None:
         """Wait for Commit (resume, answer Resumed) or Abort (discard); raises on anything else."""

@@ -1,8 +1,9 @@
 """livemig's handover protocol: the commit point, its messages and both sides' outcome rules.
 
-Protocol version :data:`VERSION` (2; 2 added the source's ``uuid`` to livemig/config). Every
-handover message carries it; a peer speaking another version is refused with an error naming both.
-A change to any message or rule bumps it.
+Protocol version :data:`VERSION` (3; 2 added the source's ``uuid`` to livemig/config, 3 lets an
+:class:`Abort` come before the stream's EOF and has the destination answer :class:`Failed` when
+it gives up on its own). Every handover message carries it; a peer speaking another version is
+refused with an error naming both. A change to any message or rule bumps it.
 
 The whole migration, as it crosses the wire::
 
@@ -11,6 +12,7 @@ The whole migration, as it crosses the wire::
       |<------------------------------------- return: Ready | Refused  |
       | chans:  MultiFDInit_t, packets on each of N channels ========> |
       | main:   RAM sections per pass, MULTIFD_FLUSH, EOS  ----------->|
+      |   (a cancel or failure before the commit point: Abort ------->|  discard at once)
       |   -- guest paused (source: paused) --                          |
       | main:   END ram, livemig/vcpu, livemig/digest, EOF ----------->|
       |                                      verify RAM digests, load state
@@ -25,17 +27,21 @@ The whole migration, as it crosses the wire::
 
 Channels. The *main* channel is one TCP (or unix) connection. Source -> destination it carries
 QEMU's main stream up to its ``QEMU_VM_EOF``; after that EOF, the same direction carries the
-*control* messages (:class:`Commit`, :class:`Abort`) as JSON lines. The *return path* is the
-destination -> source direction of the same connection, JSON lines from the first byte. Putting
-Commit on the main channel (not a separate socket) keeps it ordered after the stream it commits:
-the destination cannot see a Commit for a stream it has not finished reading.
+*control* messages (:class:`Commit`, :class:`Abort`) as JSON lines. An :class:`Abort` may also
+come earlier, in place of the stream's next record (a ``{`` where a record type byte or a RAM
+record header is due: neither can start with 0x7b, see docs/wire.md, "Return path"); the stream
+ends there. The *return path* is the destination -> source direction of the same connection,
+JSON lines from the first byte. Putting Commit on the main channel (not a separate socket) keeps
+it ordered after the stream it commits: the destination cannot see a Commit for a stream it has
+not finished reading.
 
 Rules, for every failure at every step (a lost or delayed message in either direction, a kill of
 either side, a cut link, a cancel):
 
 1. At most one copy of the guest ever runs.
 2. The destination resumes only after it received the source's :class:`Commit`. A destination that
-   loses the source before that (timeout, closed link, :class:`Abort`) discards its guest.
+   loses the source before that (timeout, closed link, :class:`Abort`) discards its guest, and
+   unless the source aborted it says why with :class:`Failed` (best effort: the link may be down).
 3. The source commits only after a :class:`Prepared` whose digests equal its own; before the
    commit point every failure or cancel resumes the source's guest (the destination cannot run).
 4. After the commit the source never resumes on its own. When it cannot know the outcome (the
@@ -61,7 +67,7 @@ from typing import Any, ClassVar, Literal, TypeAlias
 
 from ..errors import IntegrityError, WireError
 
-VERSION = 2
+VERSION = 3
 #: longest handover line accepted, newline included (a Prepared for many RAM blocks fits easily)
 MAX_LINE = 1 << 20
 #: RAM digest algorithm of :mod:`livemig.ram.digest`
@@ -359,12 +365,13 @@ D_DISCARDED = "discarded"          # gave up before a Commit: the guest never ra
 DESTINATION = Rules(
     "destination", D_RECEIVING,
     {
+        # giving up on its own, the destination tells the source why (Failed, best effort: the
+        # return path may be down too); after an Abort the source knows, so nothing is sent
         (D_RECEIVING, "verified"): _t(D_PREPARED, SEND_PREPARED),
-        **{(D_RECEIVING, e): _t(D_DISCARDED, SEND_FAILED, DISCARD_GUEST) for e in ("invalid", "error")},
-        **{(D_RECEIVING, e): _t(D_DISCARDED, DISCARD_GUEST) for e in ("timeout", "link-lost", "abort")},
+        **{(D_RECEIVING, e): _t(D_DISCARDED, SEND_FAILED, DISCARD_GUEST) for e in (*_LOST, "invalid")},
+        **{(s, "abort"): _t(D_DISCARDED, DISCARD_GUEST) for s in (D_RECEIVING, D_PREPARED)},
         (D_PREPARED, "commit"): _t(D_RUNNING, RESUME_GUEST, SEND_RESUMED),
-        (D_PREPARED, "error"): _t(D_DISCARDED, SEND_FAILED, DISCARD_GUEST),
-        **{(D_PREPARED, e): _t(D_DISCARDED, DISCARD_GUEST) for e in ("timeout", "link-lost", "abort")},
+        **{(D_PREPARED, e): _t(D_DISCARDED, SEND_FAILED, DISCARD_GUEST) for e in _LOST},
         # committed: nothing the source says can stop the guest now
         (D_RUNNING, "abort"): _t(D_RUNNING, ANSWER_TOO_LATE),
         # late control messages after giving up: a Commit is answered Failed, so that the source

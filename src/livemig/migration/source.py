@@ -60,6 +60,9 @@ SECTION_CONFIG = 1
 SECTION_RAM = 2
 SECTION_VCPU = 3
 SECTION_DIGEST = 4
+#: seconds after a cancel before its sockets are shut down for a migration thread that did not get
+#: to it (stuck in a write): time for the Abort and its acknowledgement (handover.ABORT_ACK)
+CANCEL_GRACE = 2.0
 
 
 def livemig_config(guest: Guest, params: MigrationParameters, uuid: bytes) -> dict[str, Any]:
@@ -186,6 +189,14 @@ class Source:
         self._cancel.set()
         self._stop.set()
         if self.status.try_step(state.CANCELLING):
+            # the migration thread sees the cancel within a poll, sends Abort on the main channel
+            # and then closes every socket; if it is stuck in a write, this closes them for it
+            guard = threading.Timer(CANCEL_GRACE, self._cancel_guard)
+            guard.daemon = True
+            guard.start()
+
+    def _cancel_guard(self) -> None:
+        if not self._done.is_set():
             self._shutdown_sockets()
 
     def channel_failed(self, cid: int, exc: BaseException) -> None:
@@ -229,7 +240,7 @@ class Source:
             + stream.section_footer(SECTION_CONFIG),
             ram=False,
         )
-        answer = self.rp.recv(self.timeout)
+        answer = self.rp.recv(self.timeout, self.handover.is_cancelled)
         if isinstance(answer, protocol.Refused):
             raise PeerFailed(f"destination refused the migration: {answer.error}")
         if not isinstance(answer, protocol.Ready):
@@ -362,7 +373,11 @@ class Source:
         assert self.main is not None
         self._check()
         self.limiter.acquire(len(data))
-        n = send_buffers(self.main, [data], "main channel")
+        try:
+            n = send_buffers(self.main, [data], "main channel")
+        except MigrationError:
+            self.handover.at_boundary = False  # a record went out in part: no Abort may follow it
+            raise
         self.stats.main_bytes += n
         if ram:
             if self._running_bytes:
@@ -412,6 +427,8 @@ class Source:
             self.status.try_step(state.CANCELLED)
         else:
             self.status.try_step(state.FAILED)
+        if cancelled:
+            self.handover.await_abort_ack()
         self._shutdown_sockets()
 
     def _note(self, text: str) -> None:

@@ -18,7 +18,7 @@ import socket
 import ssl
 import threading
 from collections.abc import Callable, Sequence
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from ..errors import TransportError, os_reason
 from .address import Address, claim_unix_path
@@ -195,6 +195,12 @@ def _consume(views: list[memoryview], k: int) -> None:
             k = 0
 
 
+def _tls_reader(sock: ssl.SSLSocket) -> Callable[[int, memoryview], int]:
+    """``read(n, buffer)`` for a TLS socket: :meth:`~.tls.ChannelSocket.bulk_reader` where it has one."""
+    bulk = getattr(sock, "bulk_reader", None)
+    return cast(Callable[[int, memoryview], int], bulk()) if bulk else lambda n, buffer: sock.recv_into(buffer, n)
+
+
 def recv_into_buffers(sock: socket.socket, bufs: list[memoryview], what: str, alive: Alive = None,
                       eof_ok: bool = False) -> bool:
     """Scatter-read exactly the total length of ``bufs`` into them (zero-copy into guest RAM).
@@ -205,10 +211,10 @@ def recv_into_buffers(sock: socket.socket, bufs: list[memoryview], what: str, al
     views = [b for b in bufs if b.nbytes]
     want = sum(v.nbytes for v in views)
     got = 0
-    tls = isinstance(sock, ssl.SSLSocket)
+    read = _tls_reader(sock) if isinstance(sock, ssl.SSLSocket) else None
     while views:
         try:
-            k = sock.recv_into(views[0]) if tls else sock.recvmsg_into(views[:512])[0]
+            k = read(views[0].nbytes, views[0]) if read else sock.recvmsg_into(views[:512])[0]
         except TimeoutError as exc:
             if alive is not None and alive():
                 continue

@@ -374,6 +374,15 @@ class ChannelSocket(ssl.SSLSocket):
             return n
         return cast(int, self._first_read(lambda: super(ChannelSocket, self).recv_into(buffer, nbytes)))
 
+    def bulk_reader(self) -> Callable[[int, memoryview], int]:
+        """``read(n, buffer) -> bytes read`` (0 at the end) for bulk data: the session's own read,
+        without the Python layers of ``recv_into`` on every TLS record (at most 16 KiB each), once
+        nothing peeked is pending and the client's first read was checked; else ``recv_into``."""
+        sslobj = getattr(self, "_sslobj", None)  # SSLSocket's session (CPython's _ssl), None once closed
+        if self._ahead or not (self.server_side or self._answered) or sslobj is None:
+            return lambda n, buffer: self.recv_into(buffer, n)
+        return cast(Callable[[int, memoryview], int], sslobj.read)
+
     def shutdown(self, how: int) -> None:
         socket.socket.shutdown(self, how)
 

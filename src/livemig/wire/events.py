@@ -132,6 +132,15 @@ class Closed:
     """The peer closed the stream (``feed(b"")``) at a point where that is allowed: after Eof."""
 
 
+@dataclass(frozen=True)
+class ControlLine:
+    """A livemig control line where the next record was due (only with ``control_lines=True``):
+    ``data`` is every byte buffered from its ``{`` on; the stream ends there (docs/wire.md,
+    "Return path": the source's Abort before the EOF)."""
+
+    data: bytes
+
+
 Event: TypeAlias = (
     Header
     | Configuration
@@ -150,6 +159,7 @@ Event: TypeAlias = (
     | Eof
     | VmDescription
     | Closed
+    | ControlLine
 )
 
 

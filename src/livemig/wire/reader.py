@@ -55,6 +55,7 @@ from livemig.wire.events import (
     Closed,
     Command,
     Configuration,
+    ControlLine,
     Eof,
     Eos,
     Event,
@@ -110,6 +111,8 @@ _RAM_REFUSED: Final = {
 }
 #: QEMU's words for a flag word it cannot parse (ram.c, ram_load_precopy)
 _QEMU_UNKNOWN_FLAGS: Final = "Unknown combination of migration flags"
+#: first byte of a livemig control line (a JSON object): b"{"
+CONTROL_LINE_START: Final = 0x7B
 
 
 class _State(enum.Enum):
@@ -151,13 +154,16 @@ class StreamReader:
     Raises :class:`~livemig.errors.WireError` for anything outside the grammar, or a close in the
     middle of a record; from then on every call raises again. ``page_size`` is the target page
     size (RAM flags live below it; LocalWireError unless a power of two >= 1024); ``max_blob``
-    bounds livemig blobs.
+    bounds livemig blobs. ``control_lines``: a ``{`` where a top-level record or a RAM record is
+    due is a livemig control line, returned as :class:`~livemig.wire.events.ControlLine` (no
+    record type starts with 0x7b, and no RAM record header: its first byte is the offset's top).
     """
 
-    def __init__(self, *, page_size: int = PAGE_SIZE, max_blob: int = MAX_BLOB) -> None:
+    def __init__(self, *, page_size: int = PAGE_SIZE, max_blob: int = MAX_BLOB, control_lines: bool = False) -> None:
         check_page_size(page_size)
         self.page_size = page_size
         self.max_blob = max_blob
+        self.control_lines = control_lines
         self._rx = ReceiveBuffer()
         self._error: WireError | None = None
         self._state = _State.HEADER
@@ -252,6 +258,8 @@ class StreamReader:
         if not self._rx:
             return None
         kind = self._rx.byte()
+        if kind == CONTROL_LINE_START and self.control_lines:
+            return self._control_line()
         if kind == QEMU_VM_CONFIGURATION:
             event: Event | None = self._read_configuration()
         elif kind in (QEMU_VM_SECTION_START, QEMU_VM_SECTION_FULL):
@@ -274,6 +282,11 @@ class StreamReader:
         if event is not None:
             self._records += 1
         return event
+
+    def _control_line(self) -> Event:
+        """Hand over every buffered byte as a ControlLine; nothing may follow in the stream."""
+        self._state = _State.DONE
+        return ControlLine(self._rx.take(len(self._rx)))
 
     def _read_configuration(self) -> Event | None:
         if self._records:
@@ -430,6 +443,8 @@ class StreamReader:
         avail = len(self._rx)
         if avail < BE64.size:
             return None
+        if self.control_lines and self._rx.byte() == CONTROL_LINE_START:
+            return self._control_line()
         (word,) = self._rx.unpack(BE64)
         flags = word & (self.page_size - 1)
         addr = word & ~(self.page_size - 1)
