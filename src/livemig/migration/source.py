@@ -148,6 +148,7 @@ class Source:
                 pages64={b.name: b.pages.view(np.uint64) for b in guest.blocks} if zero_detect else None,
                 limiter=self.limiter,
                 failed=self.channel_failed,
+                digests=self.digests,
             ),
             self._check,
             timeout,
@@ -251,6 +252,11 @@ class Source:
             moved += self._send_dirty(dirty)
             self._flush_round()
             self._main_write(stream.ram_eos() + stream.section_footer(SECTION_RAM))
+            # the switchover's fixed cost, counted in the estimate: how far the destination lagged
+            # behind what was written (waited out here, before the pause, not during the downtime)
+            t_fixed = time.monotonic()
+            self.channels.drain(self.params.downtime_limit / 1000)
+            fixed_ms = (time.monotonic() - t_fixed) * 1000
             dirty = self._sync_dirty()
             now = time.monotonic()
             npages = sum(int(d.size) for d in dirty.values())
@@ -258,9 +264,9 @@ class Source:
             last_sync = now
             self.stats.remaining = npages * self.page_size
             rate = moved / max(1e-6, now - active_start)
-            self.stats.expected_downtime_ms = Convergence.expected_downtime_ms(npages, rate)
+            self.stats.expected_downtime_ms = Convergence.expected_downtime_ms(npages, rate, fixed_ms)
             self.meter.sample()
-            if policy.should_switch(npages, rate, self.stats.passes):
+            if policy.should_switch(npages, rate, self.stats.passes, fixed_ms):
                 self._pending = dirty
                 return
 
