@@ -171,8 +171,12 @@ class SendChannel(threading.Thread):
         written to the socket (progress and ``remaining`` read them), not what was queued."""
         bufs: list[Buffer] = []
         normal = zero = plen = 0
+        nonzero = self._nonzero(job)
+        k = 0
         for idx, num in job.packets:
-            pkt, n, z, size = self._packet(job.block, idx, num)
+            nz = None if nonzero is None else nonzero[k : k + idx.size]
+            k += idx.size
+            pkt, n, z, size = self._packet(job.block, idx, num, nz)
             bufs += pkt
             normal, zero, plen = normal + n, zero + z, plen + size
         self._write(bufs, "packets")
@@ -182,22 +186,31 @@ class SendChannel(threading.Thread):
         c.zero += zero
         c.payload_bytes += plen
 
-    def _packet(self, block: str, idx: np.ndarray, num: int) -> tuple[list[Buffer], int, int, int]:
+    def _nonzero(self, job: _Pages) -> np.ndarray | None:
+        """Zero-page detection for all the job's pages at once (bool per page, True = not zero), or
+        None when it is off (every page is sent as normal)."""
+        if self.ctx.pages64 is None:
+            return None
+        p64 = self.ctx.pages64[job.block]
+        first, last = int(job.packets[0][0][0]), int(job.packets[-1][0][-1])
+        n = sum(int(idx.size) for idx, _ in job.packets)
+        if last - first + 1 == n:  # consecutive pages: a view, no gather
+            return nonzero_pages(p64[first : last + 1])
+        return nonzero_pages(p64[np.concatenate([idx for idx, _ in job.packets])])
+
+    def _packet(self, block: str, idx: np.ndarray, num: int,
+                nonzero: np.ndarray | None) -> tuple[list[Buffer], int, int, int]:
         """Header and payload buffers of one packet, its normal and zero page counts and its payload
-        size in bytes."""
+        size in bytes. ``nonzero``: bool per page of ``idx`` (None: all are sent as normal)."""
         ctx = self.ctx
         ps = ctx.page_size
         first, n = int(idx[0]), int(idx.size)
-        contiguous = int(idx[-1]) - first + 1 == n
-        if ctx.pages64 is not None:
-            p64 = ctx.pages64[block]
-            nonzero = nonzero_pages(p64[first : first + n] if contiguous else p64[idx])
-            normal = idx[nonzero]
-            zero = idx[~nonzero]
-        else:
+        if nonzero is None or nonzero.all():
             normal, zero = idx, idx[:0]
+        else:
+            normal, zero = idx[nonzero], idx[~nonzero]
         mv = ctx.views[block]
-        if normal.size == n and contiguous:
+        if normal.size == n and int(idx[-1]) - first + 1 == n:
             page_runs = [mv[first * ps : (first + n) * ps]]
         else:
             page_runs = [mv[f * ps : (f + c) * ps] for f, c in runs(normal)]
@@ -424,8 +437,8 @@ class RecvChannel(threading.Thread):
                 if block is None:
                     raise WireError("multifd: unknown ram block", hdr.ramblock, f"one of {sorted(ctx.blocks)}")
                 packet.check_packet(hdr, method_flag=ctx.method.flag, block_size=block.size, page_size=ps)
-                normal = (hdr.normal_offsets // ps).astype(np.int64)
-                zero = (hdr.zero_offsets // ps).astype(np.int64)
+                pages = (hdr.offsets // ps).astype(np.int64)  # offsets checked: inside the block
+                normal, zero = pages[: hdr.normal_pages], pages[hdr.normal_pages :]
                 received = ctx.received[block.name]
                 if normal.size:
                     self._normal(hdr, block, normal, pbuf)

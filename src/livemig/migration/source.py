@@ -376,9 +376,11 @@ class Source:
             raise Cancelled("migration cancelled")
 
     def _hash_loop(self) -> None:
-        """Keep chunk digests fresh while the migration runs, a slice at a time."""
+        """Keep chunk digests fresh while the migration runs, a slice at a time: the chunks the dirty
+        log marked. Not during the first pass: its packets cover every chunk whole, and the channels
+        hash each as they send it (:meth:`~livemig.ram.digest.ChunkDigest.cover`)."""
         while not self._done.is_set() and self.status.state in (state.ACTIVE, state.SETUP):
-            did = sum(d.refresh(limit=16) for d in self.digests.values())
+            did = sum(d.refresh(limit=16) for d in self.digests.values()) if self.stats.passes > 1 else 0
             time.sleep(0.002 if did else 0.05)
 
     def _on_status(self, new: str) -> None:

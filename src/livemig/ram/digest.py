@@ -118,29 +118,29 @@ class ChunkDigest:
             return 0
         c0, c1 = int(pages.min()) // cp, int(pages.max()) // cp
         if c0 == c1:  # the usual packet: one chunk, whole when it lists as many pages as the chunk has
-            chunks = np.array([c0], dtype=np.int64)
-            whole = np.array([pages.size == self._chunk_len(c0)])
+            whole, part = ([c0], []) if pages.size == self._chunk_len(c0) else ([], [c0])
         else:
             chunks, counts = np.unique(pages // cp, return_counts=True)
-            whole = counts == np.minimum(cp, self.npages - chunks * cp)
+            full = counts == np.minimum(cp, self.npages - chunks * cp)
+            whole, part = chunks[full].tolist(), chunks[~full].tolist()
         out: list[tuple[int, bytes]] = []
         hashed = 0
-        for c in chunks[whole].tolist():
-            if zero.size == pages.size or (zero.size and not np.any(normal // cp == c)):
+        for c in whole:
+            if not normal.size or (zero.size and not np.any(normal // cp == c)):
                 out.append((c, self._zero_digest(c)))
             else:
                 out.append((c, self._hash(c)))
                 hashed += 1
-        rest = chunks[~whole] if mark_rest else chunks[:0]
         with self._lock:
             for c, h in out:
                 self._gen[c] += 1
                 self.hashes[c] = np.frombuffer(h, dtype=np.uint8)
                 self.dirty[c] = False
-            if rest.size:
-                self._gen[rest] += 1
-                self.dirty[rest] = True
-                self._marked = True
+            if mark_rest:
+                for c in part:
+                    self._gen[c] += 1
+                    self.dirty[c] = True
+                    self._marked = True
             self.hashed += hashed
         return hashed
 
