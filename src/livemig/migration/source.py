@@ -285,7 +285,8 @@ class Source:
         marks.append(("sync", time.monotonic()))
         self._main_write(stream.section_end(SECTION_RAM))
         npages = self._send_dirty(final)
-        self._flush_round()
+        if npages:  # nothing sent: the last pass's flush already ordered every page, skip the SYNC round
+            self._flush_round()
         self._main_write(stream.ram_eos() + stream.section_footer(SECTION_RAM))
         marks.append((f"send {npages} pages", time.monotonic()))
         blob = self.guest.save_state()
