@@ -176,3 +176,11 @@ def test_os_errors_in_words_without_errno() -> None:
     pipe = BrokenPipeError(errno.EPIPE, "Broken pipe")
     assert str(state.in_context("multifd channel 1", pipe)) == "multifd channel 1: Broken pipe"
     assert os_reason(pipe) == "Broken pipe" and os_reason(ValueError("x")) == "x"
+
+
+def test_convergence_counts_the_switchover_fixed_cost() -> None:
+    p = Convergence(downtime_limit_ms=300)
+    assert Convergence.expected_downtime_ms(1000, 10_000, fixed_ms=50) == pytest.approx(150.0)
+    assert p.should_switch(1000, 10_000, passes=1, fixed_ms=150)
+    assert not p.should_switch(1000, 10_000, passes=1, fixed_ms=250)  # 100 ms of pages + 250 fixed
+    assert p.should_switch(0, 10_000, passes=1, fixed_ms=1000)  # nothing dirty: another pass cannot help

@@ -24,8 +24,11 @@ Destination object.
 
 from __future__ import annotations
 
+import fcntl
 import queue
 import socket
+import struct
+import termios
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -39,7 +42,7 @@ from ..guest.base import RamBlock
 from ..ram.digest import ChunkDigest
 from ..ram.pages import chunks, nonzero_pages, runs
 from ..transport.ratelimit import RateLimiter
-from ..transport.sockets import recv_exact_into, recv_into_buffers, send_buffers
+from ..transport.sockets import kernel_timeouts, recv_exact_into, recv_into_buffers, send_buffers
 from ..wire import handshake, packet
 from .stats import ChannelCounters
 
@@ -52,10 +55,13 @@ PROGRESS_BYTES = 4096
 #: a capped channel writes in pieces of this many seconds of the rate (at least PROGRESS_BYTES), so
 #: its byte counter moves while a large packet crawls through the cap
 PIECE_SECONDS = 0.1
-#: a receive channel reads a payload in chunks of at most this many bytes, reporting each one
-RECV_CHUNK_MAX = 256 << 10
-#: ... adapted so that a chunk takes about this many seconds (see RecvChannel._recv)
-RECV_CHUNK_SECONDS = 0.05
+#: a receive channel's read returns at least this often (seconds; the kernel's SO_RCVTIMEO) with the
+#: bytes that came, so progress shows while a packet crawls through a slow cap
+RECV_WAKE = 0.1
+#: a receive channel's socket buffer (SO_RCVBUF, bytes; the kernel doubles it): bounds what can be in
+#: flight to a destination that is behind (Linux's autotuning lets it grow to tcp_rmem's maximum, tens
+#: of MiB per channel), so the source's view of what moved stays close to what landed
+RECV_BUFFER = 1 << 20
 
 
 @dataclass
@@ -92,6 +98,8 @@ class SendContext:
     limiter: RateLimiter
     #: called from the channel thread with (channel id, exception) when the channel fails
     failed: Callable[[int, BaseException], None]
+    #: block name -> its chunk digests: a chunk a packet covers whole is hashed as it is sent
+    digests: dict[str, ChunkDigest] = field(default_factory=dict)
 
 
 def pieces(bufs: Sequence[Buffer], size: int) -> list[list[memoryview]]:
@@ -129,6 +137,9 @@ class SendChannel(threading.Thread):
 
     def run(self) -> None:
         try:
+            timeout = self.sock.gettimeout()
+            if timeout:  # one blocking vectored write per job, the timeout kept by the kernel
+                kernel_timeouts(self.sock, timeout, timeout)
             self._write([handshake.encode_init(self.ctx.uuid, self.cid)], "the handshake")
             while True:
                 job = self.q.get()
@@ -160,8 +171,12 @@ class SendChannel(threading.Thread):
         written to the socket (progress and ``remaining`` read them), not what was queued."""
         bufs: list[Buffer] = []
         normal = zero = plen = 0
+        nonzero = self._nonzero(job)
+        k = 0
         for idx, num in job.packets:
-            pkt, n, z, size = self._packet(job.block, idx, num)
+            nz = None if nonzero is None else nonzero[k : k + idx.size]
+            k += idx.size
+            pkt, n, z, size = self._packet(job.block, idx, num, nz)
             bufs += pkt
             normal, zero, plen = normal + n, zero + z, plen + size
         self._write(bufs, "packets")
@@ -171,28 +186,40 @@ class SendChannel(threading.Thread):
         c.zero += zero
         c.payload_bytes += plen
 
-    def _packet(self, block: str, idx: np.ndarray, num: int) -> tuple[list[Buffer], int, int, int]:
+    def _nonzero(self, job: _Pages) -> np.ndarray | None:
+        """Zero-page detection for all the job's pages at once (bool per page, True = not zero), or
+        None when it is off (every page is sent as normal)."""
+        if self.ctx.pages64 is None:
+            return None
+        p64 = self.ctx.pages64[job.block]
+        first, last = int(job.packets[0][0][0]), int(job.packets[-1][0][-1])
+        n = sum(int(idx.size) for idx, _ in job.packets)
+        if last - first + 1 == n:  # consecutive pages: a view, no gather
+            return nonzero_pages(p64[first : last + 1])
+        return nonzero_pages(p64[np.concatenate([idx for idx, _ in job.packets])])
+
+    def _packet(self, block: str, idx: np.ndarray, num: int,
+                nonzero: np.ndarray | None) -> tuple[list[Buffer], int, int, int]:
         """Header and payload buffers of one packet, its normal and zero page counts and its payload
-        size in bytes."""
+        size in bytes. ``nonzero``: bool per page of ``idx`` (None: all are sent as normal)."""
         ctx = self.ctx
         ps = ctx.page_size
         first, n = int(idx[0]), int(idx.size)
-        contiguous = int(idx[-1]) - first + 1 == n
-        if ctx.pages64 is not None:
-            p64 = ctx.pages64[block]
-            nonzero = nonzero_pages(p64[first : first + n] if contiguous else p64[idx])
-            normal = idx[nonzero]
-            zero = idx[~nonzero]
-        else:
+        if nonzero is None or nonzero.all():
             normal, zero = idx, idx[:0]
+        else:
+            normal, zero = idx[nonzero], idx[~nonzero]
         mv = ctx.views[block]
-        if normal.size == n and contiguous:
+        if normal.size == n and int(idx[-1]) - first + 1 == n:
             page_runs = [mv[first * ps : (first + n) * ps]]
         else:
             page_runs = [mv[f * ps : (f + c) * ps] for f, c in runs(normal)]
         t0 = time.thread_time()
         payload = self.comp.compress(page_runs) if normal.size else []
         self.counters.codec_seconds += time.thread_time() - t0
+        digest = ctx.digests.get(block)
+        if digest is not None:  # the pages were just read: hash their chunk while it is in cache
+            digest.cover(normal, zero, mark_rest=False)
         plen = sum(len(b) for b in payload)
         hdr = packet.encode_packet(
             flags=ctx.method.flag,
@@ -301,6 +328,26 @@ class SendChannels:
                         f"(channel {ch.cid} still owes its SYNC)"
                     )
 
+    def unsent(self) -> int:
+        """Bytes written to the channels' sockets that the destination's kernel has not acknowledged
+        yet (``SIOCOUTQ``, summed over the channels)."""
+        total = 0
+        for ch in self.channels:
+            try:
+                total += struct.unpack("@i", fcntl.ioctl(ch.sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0"))[0]
+            except OSError:
+                pass
+        return total
+
+    def drain(self, limit: float) -> float:
+        """Wait (at most ``limit`` seconds) until the destination holds everything written, so it is
+        not behind when the guest pauses; returns the seconds waited."""
+        t0 = time.monotonic()
+        while self.unsent() and time.monotonic() - t0 < limit:
+            self.check()
+            time.sleep(0.001)
+        return time.monotonic() - t0
+
     def shutdown(self) -> None:
         """Shut every channel's socket down (wakes blocked writes)."""
         for ch in self.channels:
@@ -359,8 +406,6 @@ class RecvChannel(threading.Thread):
         self.counters = ChannelCounters()
         self.counters.wire_bytes += handshake.INIT_SIZE
         self.current: int | None = None
-        #: bytes per payload read (see :meth:`_recv`), adapted to the rate data arrives at
-        self.chunk = 4 * PROGRESS_BYTES
 
     def run(self) -> None:
         try:
@@ -378,11 +423,13 @@ class RecvChannel(threading.Thread):
         plen = packet.packet_len(ps)
         hbuf = memoryview(bytearray(plen))
         pbuf = memoryview(bytearray(MAX_PAYLOAD))
+        kernel_timeouts(self.sock, RECV_WAKE, RECV_WAKE)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECV_BUFFER)
         while True:
             self.current = None
-            if not recv_exact_into(self.sock, hbuf, "packet header", eof_ok=True, alive=ctx.alive):
+            if not recv_exact_into(self.sock, hbuf, "packet header", eof_ok=True, alive=ctx.alive,
+                                   progress=ctx.progress):
                 return
-            ctx.progress(plen)
             hdr = packet.decode_packet(hbuf, ps)
             self.current = hdr.packet_num
             if hdr.has_data:
@@ -390,8 +437,8 @@ class RecvChannel(threading.Thread):
                 if block is None:
                     raise WireError("multifd: unknown ram block", hdr.ramblock, f"one of {sorted(ctx.blocks)}")
                 packet.check_packet(hdr, method_flag=ctx.method.flag, block_size=block.size, page_size=ps)
-                normal = (hdr.normal_offsets // ps).astype(np.int64)
-                zero = (hdr.zero_offsets // ps).astype(np.int64)
+                pages = (hdr.offsets // ps).astype(np.int64)  # offsets checked: inside the block
+                normal, zero = pages[: hdr.normal_pages], pages[hdr.normal_pages :]
                 received = ctx.received[block.name]
                 if normal.size:
                     self._normal(hdr, block, normal, pbuf)
@@ -403,8 +450,7 @@ class RecvChannel(threading.Thread):
                     if again.size:
                         block.pages[again] = 0
                     received[zero] = True
-                touched = np.concatenate((normal, zero)) if zero.size else normal
-                ctx.digests[block.name].mark_pages(touched)
+                ctx.digests[block.name].cover(normal, zero, mark_rest=True)
                 c = self.counters
                 c.packets += 1
                 c.normal += int(normal.size)
@@ -440,18 +486,7 @@ class RecvChannel(threading.Thread):
         ctx.received[block.name][normal] = True
 
     def _recv(self, bufs: list[memoryview], what: str) -> None:
-        """Fill ``bufs`` in chunks, reporting each chunk's bytes to ``ctx.progress`` as it lands, so a
-        packet crawling in under a low cap shows progress. The chunk adapts to the rate: a chunk
-        that took longer than ``RECV_CHUNK_SECONDS`` shrinks the next to what would have taken that
-        long (at least :data:`PROGRESS_BYTES`); one that took less than half doubles it (at most
-        :data:`RECV_CHUNK_MAX`). Few reads at full speed, about one page per report at 16 KiB/s."""
-        for part in pieces(bufs, self.chunk):
-            t0 = time.monotonic()
-            recv_into_buffers(self.sock, part, what, alive=self.ctx.alive)
-            n = sum(b.nbytes for b in part)
-            self.ctx.progress(n)
-            took = time.monotonic() - t0
-            if took > RECV_CHUNK_SECONDS:
-                self.chunk = max(PROGRESS_BYTES, int(n * RECV_CHUNK_SECONDS / took))
-            elif took < RECV_CHUNK_SECONDS / 2:
-                self.chunk = min(RECV_CHUNK_MAX, self.chunk * 2)
+        """Fill ``bufs``: one blocking read at full speed; under a slow cap the kernel's receive
+        timeout (:data:`RECV_WAKE`) returns what came so far, reported to ``ctx.progress``, so a
+        packet crawling in shows progress about every RECV_WAKE seconds."""
+        recv_into_buffers(self.sock, bufs, what, alive=self.ctx.alive, progress=self.ctx.progress)

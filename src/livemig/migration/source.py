@@ -166,6 +166,7 @@ class Source:
                 pages64={b.name: b.pages.view(np.uint64) for b in guest.blocks} if zero_detect else None,
                 limiter=self.limiter,
                 failed=self.channel_failed,
+                digests=self.digests,
             ),
             self._check,
             timeout,
@@ -268,6 +269,11 @@ class Source:
             moved += self._send_dirty(dirty)
             self._flush_round()
             self._main_write(stream.ram_eos() + stream.section_footer(SECTION_RAM))
+            # the switchover's fixed cost, counted in the estimate: how far the destination lagged
+            # behind what was written (waited out here, before the pause, not during the downtime)
+            t_fixed = time.monotonic()
+            self.channels.drain(self.params.downtime_limit / 1000)
+            fixed_ms = (time.monotonic() - t_fixed) * 1000
             dirty = self._sync_dirty()
             now = time.monotonic()
             npages = sum(int(d.size) for d in dirty.values())
@@ -275,9 +281,9 @@ class Source:
             last_sync = now
             self.stats.remaining = npages * self.page_size
             rate = moved / max(1e-6, now - active_start)
-            self.stats.expected_downtime_ms = Convergence.expected_downtime_ms(npages, rate)
+            self.stats.expected_downtime_ms = Convergence.expected_downtime_ms(npages, rate, fixed_ms)
             self.meter.sample()
-            if policy.should_switch(npages, rate, self.stats.passes):
+            if policy.should_switch(npages, rate, self.stats.passes, fixed_ms):
                 self._pending = dirty
                 return
 
@@ -296,7 +302,8 @@ class Source:
         marks.append(("sync", time.monotonic()))
         self._main_write(stream.section_end(SECTION_RAM))
         npages = self._send_dirty(final)
-        self._flush_round()
+        if npages:  # nothing sent: the last pass's flush already ordered every page, skip the SYNC round
+            self._flush_round()
         self._main_write(stream.ram_eos() + stream.section_footer(SECTION_RAM))
         marks.append((f"send {npages} pages", time.monotonic()))
         blob = self.guest.save_state()
@@ -391,9 +398,11 @@ class Source:
             raise Cancelled("migration cancelled")
 
     def _hash_loop(self) -> None:
-        """Keep chunk digests fresh while the migration runs, a slice at a time."""
+        """Keep chunk digests fresh while the migration runs, a slice at a time: the chunks the dirty
+        log marked. Not during the first pass: its packets cover every chunk whole, and the channels
+        hash each as they send it (:meth:`~livemig.ram.digest.ChunkDigest.cover`)."""
         while not self._done.is_set() and self.status.state in (state.ACTIVE, state.SETUP):
-            did = sum(d.refresh(limit=16) for d in self.digests.values())
+            did = sum(d.refresh(limit=16) for d in self.digests.values()) if self.stats.passes > 1 else 0
             time.sleep(0.002 if did else 0.05)
 
     def _on_status(self, new: str) -> None:

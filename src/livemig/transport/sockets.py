@@ -16,6 +16,7 @@ import os
 import queue
 import socket
 import ssl
+import struct
 import threading
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol, cast
@@ -202,20 +203,24 @@ def _tls_reader(sock: ssl.SSLSocket) -> Callable[[int, memoryview], int]:
 
 
 def recv_into_buffers(sock: socket.socket, bufs: list[memoryview], what: str, alive: Alive = None,
-                      eof_ok: bool = False) -> bool:
+                      eof_ok: bool = False, progress: Callable[[int], None] | None = None) -> bool:
     """Scatter-read exactly the total length of ``bufs`` into them (zero-copy into guest RAM).
 
     Returns False on EOF before the first byte if ``eof_ok`` (a peer that closed between packets).
-    On a TLS socket (no ``recvmsg_into``) each buffer is filled by ``recv_into`` in turn.
+    ``progress(n)`` hears each read's byte count as it lands. On a blocking socket (see
+    :func:`kernel_timeouts`) each read waits for all of ``bufs`` (``MSG_WAITALL``: one system call
+    per payload at full speed) or until the kernel's receive timeout, then returns what came. On a
+    TLS socket (no ``recvmsg_into``) each buffer is filled by ``recv_into`` in turn.
     """
     views = [b for b in bufs if b.nbytes]
     want = sum(v.nbytes for v in views)
     got = 0
     read = _tls_reader(sock) if isinstance(sock, ssl.SSLSocket) else None
+    flags = socket.MSG_WAITALL if read is None and sock.gettimeout() is None else 0
     while views:
         try:
-            k = read(views[0].nbytes, views[0]) if read else sock.recvmsg_into(views[:512])[0]
-        except TimeoutError as exc:
+            k = read(views[0].nbytes, views[0]) if read else sock.recvmsg_into(views[:512], 0, flags)[0]
+        except (TimeoutError, BlockingIOError) as exc:  # BlockingIOError: the kernel's timeout
             if alive is not None and alive():
                 continue
             raise TransportError(f"timed out reading {what}") from exc
@@ -226,14 +231,32 @@ def recv_into_buffers(sock: socket.socket, bufs: list[memoryview], what: str, al
                 return False
             raise TransportError(f"connection closed after {got} of {want} bytes of {what}")
         got += k
+        if progress is not None:
+            progress(k)
+        if k == views[0].nbytes and len(views) == 1:
+            return True
         _consume(views, k)
     return True
 
 
 def recv_exact_into(sock: socket.socket, buf: memoryview, what: str, eof_ok: bool = False,
-                    alive: Alive = None) -> bool:
+                    alive: Alive = None, progress: Callable[[int], None] | None = None) -> bool:
     """Fill ``buf`` from ``sock``. Returns False on EOF before the first byte if ``eof_ok``."""
-    return recv_into_buffers(sock, [buf], what, alive, eof_ok)
+    return recv_into_buffers(sock, [buf], what, alive, eof_ok, progress)
+
+
+def kernel_timeouts(sock: socket.socket, recv: float, send: float) -> None:
+    """Make a plain socket blocking, with the kernel's ``SO_RCVTIMEO`` / ``SO_SNDTIMEO`` (seconds)
+    instead of Python's timeout: a read or write is then one system call that returns when done or
+    when the kernel's timeout passes (with what moved so far; nothing moved: ``BlockingIOError``,
+    which :func:`recv_into_buffers` and :func:`send_buffers` treat as a timeout). A TLS socket is
+    left as it is (its reads and writes go through ``ssl``)."""
+    if isinstance(sock, ssl.SSLSocket):
+        return
+    for opt, seconds in ((socket.SO_RCVTIMEO, recv), (socket.SO_SNDTIMEO, send)):
+        sec = int(seconds)
+        sock.setsockopt(socket.SOL_SOCKET, opt, struct.pack("@ll", sec, int((seconds - sec) * 1e6)))
+    sock.settimeout(None)
 
 
 #: on a TLS socket, buffers smaller than this are joined before they are written (each write is at
@@ -271,7 +294,7 @@ def send_buffers(sock: socket.socket, bufs: Sequence[bytes | bytearray | memoryv
         else:
             while views:
                 _consume(views, sock.sendmsg(views[:512]))
-    except TimeoutError as exc:
+    except (TimeoutError, BlockingIOError) as exc:  # BlockingIOError: the kernel's timeout
         raise TransportError(f"timed out writing {what}") from exc
     except (OSError, ValueError) as exc:  # ValueError: a TLS socket closed under us
         raise TransportError(f"connection failed while writing {what}: {os_reason(exc)}") from exc
