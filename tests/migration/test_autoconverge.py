@@ -14,8 +14,11 @@ from hypothesis import strategies as st
 from livemig.errors import ParameterError
 from livemig.guest import GuestConfig, create_guest
 from livemig.migration.convergence import AutoConverge
+from livemig.migration.stats import MigrationStats
 from livemig.monitor import CommandTable, Session, version_info
+from livemig.monitor.hmp import HMP, format_info_migrate
 from livemig.params import MigrationParameters
+from livemig.ui.progress import RateWindow
 from livemig.vm import commands
 from livemig.vm.machine import VM
 from support.migrate import cli, migrate_local
@@ -84,6 +87,22 @@ def test_throttle_down_rises_by_at_most_the_increment_up_to_the_max(current: int
         assert new == min(current + inc, maximum)
 
 
+def test_query_migrate_progress_and_table_show_the_throttle() -> None:
+    stats = MigrationStats(status="active", ram_total=1 << 20, auto_converge=True, cpu_throttle_percentage=30,
+                           cpu_throttle_peak=30, passes=3)
+    info = stats.to_qapi()
+    assert info["cpu-throttle-percentage"] == 30
+    assert "cpu throttle percentage: 30\n" in format_info_migrate(info)
+    assert "throttle 30%" in RateWindow().snapshot(stats).text()
+    stats.status, stats.cpu_throttle_percentage, stats.cpu_throttle_held_s = "completed", 0, 2.5
+    done = stats.to_qapi()
+    assert "cpu-throttle-percentage" not in done  # QEMU: only while the throttle is on
+    assert done["livemig"]["auto-converge"] == {"cpu-throttle-peak": 30, "cpu-throttle-held-s": 2.5}
+    assert "auto-converge: cpu throttle reached 30 %, held each vCPU 2.5 s" in stats.table()
+    assert "throttle" not in RateWindow().snapshot(stats).text()
+    assert "auto-converge" not in MigrationStats(status="completed").to_qapi()["livemig"]
+
+
 # --- the parameters -----------------------------------------------------------------------------
 RANGES = [("cpu-throttle-initial", 1, 99, 20), ("cpu-throttle-increment", 1, 99, 10),
           ("max-cpu-throttle", 1, 99, 99), ("throttle-trigger-threshold", 1, 100, 50)]
@@ -121,18 +140,18 @@ def test_command_line_refuses_out_of_range_in_qemus_words(option: str, value: st
     assert r.stderr.count("expected") == 1
 
 
-def _qmp(vm: VM) -> Session:
+def _qmp(vm: VM) -> tuple[Session, CommandTable]:
     table = CommandTable()
     commands.register(table, vm)
     session = Session(table, version_info())
     assert session.handle({"execute": "qmp_capabilities"}) == {"return": {}}
-    return session
+    return session, table
 
 
 def test_qmp_capability_and_parameters() -> None:
     vm = VM(create_guest(GuestConfig(kind="portable", memory=8 << 20)), timeout=5)
     try:
-        s = _qmp(vm)
+        s, table = _qmp(vm)
 
         def run(name: str, **args: Any) -> dict[str, Any]:
             out: dict[str, Any] = s.handle({"execute": name, "arguments": args})
@@ -158,6 +177,13 @@ def test_qmp_capability_and_parameters() -> None:
         ]:
             assert run("migrate-set-parameters", **args)["error"] == {"class": "GenericError", "desc": desc}
         assert run("query-migrate-parameters")["return"] == got
+        hmp = HMP(table)
+        assert "\ncpu-throttle-tailslow: on\n" in hmp.run("info migrate_parameters").output
+        hmp.run("migrate_set_parameter cpu-throttle-tailslow off")
+        hmp.run("migrate_set_parameter max-cpu-throttle 70")
+        out = hmp.run("info migrate_parameters").output
+        assert "\ncpu-throttle-tailslow: off\n" in out and "\nmax-cpu-throttle: 70\n" in out
+        assert "auto-converge: on" in hmp.run("info migrate_capabilities").output
     finally:
         vm.guest.close()
 
