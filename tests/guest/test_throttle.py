@@ -79,13 +79,16 @@ def _rate(g: Guest, seconds: float) -> float:
 
 
 def _throttled(kind: str, rate: int) -> tuple[float, float, float, int]:
-    """(rate unthrottled, rate at 60 %, seconds held, holds) of a counter guest of ``kind``."""
+    """(rate unthrottled, rate at 95 %, seconds held, holds) of a counter guest of ``kind``.
+
+    95 % leaves the vCPU 5 % of its time: the rate falls to a small fraction of the free one even when
+    other work on the host changes how fast the guest runs between the two measurements."""
     g = create_guest(GuestConfig(kind=kind, memory=32 << 20, workload="counter", dirty_rate=rate, fill="zero"))
     try:
         g.start()
         time.sleep(0.3)
         free = _rate(g, 1.0)
-        g.throttle.set(60)
+        g.throttle.set(95)
         time.sleep(0.1)
         held0 = g.throttle.held_seconds[0]
         slowed = _rate(g, 1.5)
@@ -101,18 +104,16 @@ def _throttled(kind: str, rate: int) -> tuple[float, float, float, int]:
 
 def test_portable_guest_is_held_back() -> None:
     free, slowed, held, holds = _throttled("portable", 40000)
-    assert slowed < 0.8 * free, (free, slowed)
-    assert held > 0.4 and holds > 10, (held, holds)  # 60 %: ~0.9 s of 1.5 s
+    assert slowed < 0.5 * free, (free, slowed)
+    assert held > 0.7 and holds > 4, (held, holds)  # 95 %: ~1.4 s of 1.5 s, a 190 ms sleep per tick
 
 
 @pytest.mark.kvm
 @pytest.mark.parametrize("rate", [40000, 0], ids=["paced", "unpaced"])
 def test_kvm_guest_is_held_back(rate: int) -> None:
     free, slowed, held, holds = _throttled("kvm", rate)
-    if rate:  # paced far below what the vCPU can do: the rate follows the vCPU time left (~40 %)
-        assert slowed < 0.8 * free, (free, slowed)
-    # unpaced, the rate also depends on what else runs on the host: the time held says it
-    assert held > 0.4 and holds > 10, (held, holds)
+    assert slowed < 0.5 * free, (free, slowed)
+    assert held > 0.7 and holds > 4, (held, holds)
 
 
 def test_pause_does_not_wait_for_a_throttle_sleep() -> None:
