@@ -140,6 +140,13 @@ def test_command_line_refuses_out_of_range_in_qemus_words(option: str, value: st
     assert r.stderr.count("expected") == 1
 
 
+def test_bench_options_are_checked_before_anything_runs() -> None:
+    r = cli("bench", "--workload", "dirty", "--dirty-rate", "-5", "--auto-converge")
+    assert r.returncode == 2 and "--dirty-rate -5: expected pages per second 0 or more" in r.stderr, r.stderr
+    r = cli("bench", "--working-set", "x")
+    assert r.returncode == 2 and "--working-set" in r.stderr
+
+
 def _qmp(vm: VM) -> tuple[Session, CommandTable]:
     table = CommandTable()
     commands.register(table, vm)
