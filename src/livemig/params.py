@@ -44,6 +44,17 @@ class MigrationParameters:
     zero_page_detection: str = "multifd"
     #: stop iterating and switch over anyway after this many dirty-sync passes (0 = never)
     max_passes: int = 0
+    # auto-converge (capability ``auto-converge``; docs/wire.md, "Convergence"): QEMU's defaults
+    #: percent of vCPU time taken away when throttling starts
+    cpu_throttle_initial: int = 20
+    #: percent added each time the guest still dirties too fast
+    cpu_throttle_increment: int = 10
+    #: increase by less than the increment as the throttle nears what is needed (QEMU's tailslow)
+    cpu_throttle_tailslow: bool = False
+    #: the most percent of vCPU time auto-converge takes away
+    max_cpu_throttle: int = 99
+    #: throttle when the bytes dirtied in a period exceed this percent of the bytes sent in it
+    throttle_trigger_threshold: int = 50
 
     def check(self) -> None:
         """Raise ParameterError, in QEMU's words, for the first value out of range."""
@@ -77,6 +88,11 @@ class MigrationParameters:
             )
         if self.max_passes < 0:
             raise _expects("max_passes", "a value of 0 (never) or more")
+        if not 1 <= self.throttle_trigger_threshold <= 100:
+            raise _expects("throttle_trigger_threshold", "an integer in the range of 1 to 100")
+        for name in ("cpu_throttle_initial", "cpu_throttle_increment", "max_cpu_throttle"):
+            if not 1 <= getattr(self, name) <= 99:
+                raise _expects(name, "an integer in the range of 1 to 99")
 
     def level(self) -> int:
         """The level of the selected method (0 for methods without one)."""
@@ -91,6 +107,10 @@ class MigrationParameters:
         if attr == "max_bandwidth":
             # HMP: a bare number is MiB/s, as QEMU's hmp_migrate_set_parameter
             v: Any = parse_rate(f"{value}M" if str(value).isdigit() else str(value))
+        elif fields[attr].type in ("bool", bool):
+            if str(value).lower() not in ("on", "off", "true", "false"):
+                raise ParameterError(f"Parameter '{name}' expects 'on' or 'off'")
+            v = str(value).lower() in ("on", "true")
         elif fields[attr].type in ("int", int):
             try:
                 v = int(value)

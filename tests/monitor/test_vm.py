@@ -146,7 +146,8 @@ def test_parameters_and_capabilities(pair: tuple[Monitor, Monitor]) -> None:
     src("migrate-set-capabilities", capabilities=[{"capability": "events", "state": True},
                                                   {"capability": "pause-before-switchover", "state": True}])
     caps = {c["capability"]: c["state"] for c in src("query-migrate-capabilities")}
-    assert caps == {"multifd": True, "return-path": True, "events": True, "pause-before-switchover": True}
+    assert caps == {"multifd": True, "return-path": True, "events": True, "pause-before-switchover": True,
+                    "auto-converge": False}
     assert src.error("migrate-set-capabilities", capabilities=[{"capability": "postcopy-ram", "state": True}]) == \
         "Parameter 'capability' does not accept value 'postcopy-ram'"
 

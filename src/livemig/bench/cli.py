@@ -110,6 +110,13 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:  # type: ignor
     p.add_argument("--guest", choices=["kvm", "portable"], help="guest kind (default: kvm where it works)")
     p.add_argument("--smp", type=int, default=1, help="vCPUs (default 1)")
     p.add_argument("--workload", default="idle", choices=["idle", "dirty", "counter"], help="vCPU workload")
+    p.add_argument("--dirty-rate", type=int, metavar="PAGES_PER_S",
+                   help="pages per second the dirty and counter workloads write (default: livemig migrate's, 20000)")
+    p.add_argument("--working-set", type=int, metavar="PAGES",
+                   help="pages those workloads write over and over (default 0 = all RAM)")
+    p.add_argument("--auto-converge", action="store_true",
+                   help="capability auto-converge on every livemig row (QEMU's default throttle parameters); "
+                        "the footer gives the throttle each row reached")
     p.add_argument("--level", type=int, default=1, help="level: zlib 0-9, zstd 0-20, qatzip 1-9 (default 1)")
     p.add_argument("--downtime-limit", type=int, help="downtime-limit in ms (default: the engine's, 300)")
     p.add_argument("--repeat", type=int, default=1, help="runs per method; the table shows medians")
@@ -168,7 +175,8 @@ def run_bench(config: BenchConfig, children: Children) -> Bench:
         )
     _progress("bench: measuring codec speeds on a data sample ...")
     _measure_data(b)
-    exp = Experiment(c.guest, c.memory, c.workload, c.fill, c.smp, c.level, c.downtime_limit, c.timeout)
+    exp = Experiment(c.guest, c.memory, c.workload, c.fill, c.smp, c.level, c.downtime_limit, c.timeout,
+                     c.migrate_args())
     workdir = tempfile.mkdtemp(prefix="livemig-bench-")
     tls_exp = tls_experiment(exp, workdir) if c.tls else None
     netns: NetNamespace | None = None

@@ -78,6 +78,22 @@ class BenchConfig:
     guest_na: str | None = None
     #: run each row again over TLS (x509 made on the fly), labelled METHOD+tls
     tls: bool = False
+    #: the dirty/counter workload's pages per second and working set in pages (None: migrate's defaults)
+    dirty_rate: int | None = None
+    working_set: int | None = None
+    #: capability auto-converge on every livemig row
+    auto_converge: bool = False
+
+    def migrate_args(self) -> tuple[str, ...]:
+        """``livemig migrate`` options for the workload and convergence options (rows run through it)."""
+        out: list[str] = []
+        if self.dirty_rate is not None:
+            out += ["--dirty-rate", str(self.dirty_rate)]
+        if self.working_set is not None:
+            out += ["--working-set", str(self.working_set)]
+        if self.auto_converge:
+            out.append("--auto-converge")
+        return tuple(out)
 
     def method_na(self, method: str) -> str | None:
         """Why ``method``'s livemig runs are n/a here (method or guest missing), else None."""
@@ -184,6 +200,9 @@ def parse_options(args: argparse.Namespace) -> BenchConfig:
     check_option("--repeat", args.repeat, minimum=1, what="a number of runs")
     check_option("--smp", args.smp, minimum=1, what="a number of vCPUs")
     check_option("--timeout", args.timeout, minimum=0, above=True, what="a number of seconds")
+    for option, value in (("--dirty-rate", args.dirty_rate), ("--working-set", args.working_set)):
+        if value is not None:
+            check_option(option, value, what="pages per second" if option == "--dirty-rate" else "a number of pages")
     channels = [args.multifd_channels, *(MEMORY_TABLE_CHANNELS if args.memory_table else ())]
     for m in methods:
         for bw in bandwidths:
@@ -221,6 +240,9 @@ def parse_options(args: argparse.Namespace) -> BenchConfig:
         unavailable=tuple((m, unavailable[m]) for m in methods),
         guest_na=guest_na,
         tls=bool(getattr(args, "tls", False)),
+        dirty_rate=args.dirty_rate,
+        working_set=args.working_set,
+        auto_converge=args.auto_converge,
     )
 
 

@@ -17,6 +17,7 @@ from ..units import format_rate_bits, format_size, plural
 from .model import TLS_SUFFIX, Row, aggregate, ratio_row
 
 if TYPE_CHECKING:
+    from .config import BenchConfig
     from .results import Bench
 
 
@@ -265,7 +266,7 @@ def header(b: Bench) -> str:
     lines = [
         f"Host: {h['cores']} cores, {h['cpu-model']}, Linux {h['kernel']}{load}",
         f"VM Configuration: {c.guest} guest, {plural(c.smp, 'vCPU')}, {format_size(c.memory)} memory",
-        f"VM Workload: vCPUs {c.workload}; memory filled with {c.fill_label}{data}",
+        f"VM Workload: vCPUs {c.workload}{_workload_detail(c)}; memory filled with {c.fill_label}{data}",
         f"Link: {plural(c.channels, 'multifd channel')} over loopback, max-bandwidth "
         + ", ".join(bandwidth_label(x) for x in c.bandwidths),
     ]
@@ -287,6 +288,27 @@ def header(b: Bench) -> str:
         else:
             lines.append(f"Peer: {p['version']}, accel={p['accel']}; guest: {p['guest']}")
     return "\n".join(lines)
+
+
+def _workload_detail(c: BenchConfig) -> str:
+    """`` at 100000 pages/s over 131072 pages, auto-converge`` for the options given, else ``""``."""
+    out = ""
+    if c.workload != "idle" and c.dirty_rate is not None:
+        out += f" at {c.dirty_rate} pages/s"
+    if c.workload != "idle" and c.working_set:
+        out += f" over {c.working_set} pages"
+    return out + (", auto-converge" if c.auto_converge else "")
+
+
+def throttle_lines(b: Bench) -> list[str]:
+    """Per auto-converge run: the vCPU throttle it reached and how long it held each vCPU."""
+    out = []
+    for r in b.runs:
+        ac = (r.result or {}).get("livemig", {}).get("auto-converge")
+        if r.peer == "livemig" and ac is not None:
+            out.append(f"auto-converge, {r.method} {bandwidth_label(r.bandwidth)} run {r.repeat + 1}: cpu throttle "
+                       f"reached {ac['cpu-throttle-peak']} %, held each vCPU {ac['cpu-throttle-held-s']:.1f} s")
+    return out
 
 
 def footer(b: Bench) -> str:
@@ -311,6 +333,7 @@ def footer(b: Bench) -> str:
         )
     for m, e in b.codec_errors.items():
         lines.append(f"{m}: codec not measured: {e}")
+    lines += throttle_lines(b)
     if b.peer_info and not b.peer_info.get("unavailable"):
         lines.append(
             "QEMU rows: CPU % from /proc/<pid>/stat over QEMU's total time; QEMU 7.2's throughput and"

@@ -27,6 +27,7 @@ import numpy as np
 
 from ..errors import GuestError
 from ..wire.constants import PAGE_SIZE as PAGE_SIZE
+from .throttle import CpuThrottle
 
 
 @dataclass
@@ -168,6 +169,8 @@ class Guest(ABC):
         self.config = config
         self.page_size = PAGE_SIZE
         self.blocks: list[RamBlock] = []
+        #: the vCPU throttle auto-converge sets (:mod:`livemig.guest.throttle`); the kinds hold their vCPUs
+        self.throttle = CpuThrottle(max(1, int(config.smp)))
 
     # --- RAM -------------------------------------------------------------------------------------
     def block(self, name: str) -> RamBlock:

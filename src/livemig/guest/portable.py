@@ -86,9 +86,8 @@ class PortableGuest(Guest):
         ram = RamBlock(BLOCK_NAME, config.memory, self.page_size)
         self.blocks = [ram]
         self._ram = ram
-        npages = ram.npages
+        npages = self._npages = ram.npages
         self._ws_start = 1
-        self._ws = config.working_set or npages - 1
         if config.workload != "idle" and self._ws_start + self._ws > npages:
             ram.close()
             raise GuestError(f"working_set {config.working_set} pages does not fit in {npages} pages of RAM "
@@ -126,7 +125,16 @@ class PortableGuest(Guest):
         self._threads: list[threading.Thread] = []
         self._errors: list[str] = []
         self._closed = False
-        self._rate = float(config.dirty_rate) / config.smp
+
+    @property
+    def _ws(self) -> int:
+        """Pages in the working set, from the current config (a destination's is replaced by the source's)."""
+        return self.config.working_set or self._npages - 1
+
+    @property
+    def _rate(self) -> float:
+        """Each vCPU's share of ``dirty_rate``, from the current config."""
+        return float(self.config.dirty_rate) / self.config.smp
 
     # --- vCPUs -----------------------------------------------------------------------------------
     def start(self) -> None:
@@ -154,6 +162,7 @@ class PortableGuest(Guest):
         """Stop every vCPU; returns once none is inside a batch (so RAM and log are complete)."""
         with self._cond:
             self._want_run = False
+            self.throttle.interrupt()  # a vCPU sleeping for the throttle stops sleeping
             while self._active:
                 self._cond.wait()
 
@@ -279,6 +288,7 @@ class PortableGuest(Guest):
             self._stop = True
             self._want_run = False
             self._cond.notify_all()
+        self.throttle.close()
         for t in self._threads:
             t.join(timeout=5)
         self._closed = True
@@ -350,7 +360,12 @@ class PortableGuest(Guest):
                 self._active -= 1
                 if not self._want_run:
                     self._cond.notify_all()
+            t0 += self.throttle.hold(cpu, self._stopping)  # pacing counts vCPU time, not time held
             time.sleep(BATCH_INTERVAL if paced else 0)
+
+    def _stopping(self) -> bool:
+        """A throttle sleep ends: the guest is pausing or closing."""
+        return not self._want_run or self._stop
 
     def _dirty_batch(self, pages: np.ndarray, cpu: int, k: int) -> np.ndarray:
         w = wl.words(pages)

@@ -65,6 +65,7 @@ def _add_params(p: argparse.ArgumentParser, source: bool) -> None:
     g.add_argument("--zero-page-detection", default="multifd", choices=["multifd", "none"])
     g.add_argument("--max-passes", type=int, default=0, metavar="N",
                    help=f"switch over after N passes even if the downtime limit is not met (0 = never){only}")
+    add_throttle_options(p, only)
     p.add_argument("--timeout", type=float, default=30.0, metavar="S",
                    help=f"seconds without progress on a channel before the migration fails ({MIN_TIMEOUT:g} or "
                         "more, finite; default 30)")
@@ -73,6 +74,25 @@ def _add_params(p: argparse.ArgumentParser, source: bool) -> None:
                    help="hash all of RAM at switchover (also catches writes the dirty log missed; adds downtime)")
     p.add_argument("--json", metavar="FILE", help="write the result as JSON to FILE ('-' = stdout)")
     p.add_argument("--dump-ram", metavar="DIR", help="write RAM at switchover into DIR (for tests)")
+
+
+def add_throttle_options(p: argparse.ArgumentParser, only: str = "") -> None:
+    """``--auto-converge`` and QEMU's throttle parameters (docs/wire.md, "Convergence"), checked by
+    :meth:`MigrationParameters.check`; shared by ``livemig migrate``, ``incoming`` and ``bench``."""
+    g = p.add_argument_group("auto-converge (QEMU's capability and parameters)")
+    g.add_argument("--auto-converge", action="store_true",
+                   help=f"throttle the guest's vCPUs while it dirties memory faster than it is sent{only}")
+    g.add_argument("--cpu-throttle-initial", type=int, default=20, metavar="PCT",
+                   help="percent of vCPU time taken away when throttling starts: 1..99 (default 20)")
+    g.add_argument("--cpu-throttle-increment", type=int, default=10, metavar="PCT",
+                   help="percent added each time the guest still dirties too fast: 1..99 (default 10)")
+    g.add_argument("--cpu-throttle-tailslow", action="store_true",
+                   help="near the end, add only what brings the dirty rate to the threshold (default off)")
+    g.add_argument("--max-cpu-throttle", type=int, default=99, metavar="PCT",
+                   help="the most percent of vCPU time taken away: 1..99 (default 99)")
+    g.add_argument("--throttle-trigger-threshold", type=int, default=50, metavar="PCT",
+                   help="throttle when the bytes dirtied in a period exceed PCT percent of the bytes sent in it: "
+                        "1..100 (default 50)")
 
 
 def params_from_args(args: argparse.Namespace) -> MigrationParameters:
@@ -87,6 +107,11 @@ def params_from_args(args: argparse.Namespace) -> MigrationParameters:
         downtime_limit=args.downtime_limit,
         zero_page_detection=args.zero_page_detection,
         max_passes=args.max_passes,
+        cpu_throttle_initial=args.cpu_throttle_initial,
+        cpu_throttle_increment=args.cpu_throttle_increment,
+        cpu_throttle_tailslow=args.cpu_throttle_tailslow,
+        max_cpu_throttle=args.max_cpu_throttle,
+        throttle_trigger_threshold=args.throttle_trigger_threshold,
     )
     try:
         p.check()
@@ -265,7 +290,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         connector = tls_connector(address, chk.tls)
         src = Source(guest, connector, chk.params, uuid=chk.uuid, timeout=args.timeout, full_verify=args.full_verify,
                      dump_ram=args.dump_ram, wait_report=args.run_after if args.local else 0.0,
-                     log=_source_log)
+                     auto_converge=args.auto_converge, log=_source_log)
         say(f"migrating to {address}{' over TLS' if chk.tls else ''} on "
             f"{plural(chk.params.multifd_channels, 'channel')}, "
             f"{src.method.name}: {src.method.backend()}")

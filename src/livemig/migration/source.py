@@ -50,7 +50,7 @@ from ..transport.ratelimit import RateLimiter
 from ..transport.sockets import AddressConnector, Connector, send_buffers
 from ..wire import packet, stream
 from . import protocol, state
-from .convergence import Convergence
+from .convergence import AutoConverge, Convergence
 from .handover import PeerFailed, ReturnPath, SourceHandover, failure_text
 from .multifd import SendChannels, SendContext
 from .stats import MigrationStats, ResourceMeter
@@ -116,6 +116,7 @@ class Source:
         full_verify: bool = False,
         dump_ram: str | None = None,
         wait_report: float = 0.0,
+        auto_converge: bool = False,
         on_progress: Callable[[MigrationStats], None] | None = None,
         log: Callable[[str], None] | None = None,
     ) -> None:
@@ -179,6 +180,10 @@ class Source:
         self._running_bytes = True
         #: pages found dirty by the last sync before switchover, still to be sent
         self._pending: dict[str, np.ndarray] = {}
+        self._held0 = self._held_seconds()
+        #: capability auto-converge: the policy that throttles the guest's vCPUs (None: off)
+        self.autoconv = AutoConverge.of(params) if auto_converge else None
+        self.stats.auto_converge = auto_converge
 
     # --- public ----------------------------------------------------------------------------------
     def cancel(self) -> None:
@@ -251,6 +256,9 @@ class Source:
             self.channels.add(self.connector.connect(self.timeout))
         self.stats.channels = [c.counters for c in self.channels.channels]
         self.guest.start_dirty_log()
+        if self.autoconv is not None:
+            self.autoconv.begin(time.monotonic(), self.stats.transferred)
+            self._held0 = self._held_seconds()
         blocks = [(b.name, b.size) for b in self.guest.blocks]
         self._main_write(stream.section_start(SECTION_RAM, "ram", 0, 4) + stream.ram_mem_size(blocks))
         self._flush_round()
@@ -282,6 +290,7 @@ class Source:
             self.stats.remaining = npages * self.page_size
             rate = moved / max(1e-6, now - active_start)
             self.stats.expected_downtime_ms = Convergence.expected_downtime_ms(npages, rate, fixed_ms)
+            self._auto_converge(now, npages)
             self.meter.sample()
             if policy.should_switch(npages, rate, self.stats.passes, fixed_ms):
                 self._pending = dirty
@@ -293,6 +302,7 @@ class Source:
         self.stats.end_active()
         t_pause = time.monotonic()
         self.handover.switchover()
+        self._stop_throttle()
         self._running_bytes = False
         self.limiter.set_rate(0)  # as QEMU: no bandwidth cap while the guest is stopped
         marks.append(("pause", time.monotonic()))
@@ -376,6 +386,31 @@ class Source:
             self.digests[name].mark_pages(idx)
         return dirty
 
+    def _auto_converge(self, now: float, npages: int) -> None:
+        """After a dirty sync: let :class:`AutoConverge` raise the guest's vCPU throttle (docs/wire.md,
+        "Convergence")."""
+        if self.autoconv is None:
+            return
+        throttle = self.guest.throttle
+        pct = self.autoconv.on_sync(now, npages, self.page_size, self.stats.transferred, throttle.percentage)
+        if pct is not None:
+            throttle.set(pct)
+            self.stats.cpu_throttle_percentage = throttle.percentage
+            self.stats.cpu_throttle_peak = max(self.stats.cpu_throttle_peak, throttle.percentage)
+
+    def _held_seconds(self) -> float:
+        """Seconds the throttle held each vCPU, on average, since the guest started."""
+        held = self.guest.throttle.held_seconds
+        return sum(held) / max(1, len(held))
+
+    def _stop_throttle(self) -> None:
+        """The throttle ends with the iterations (switchover, failure, cancel), as QEMU's cpu_throttle_stop."""
+        if self.autoconv is None:
+            return
+        self.guest.throttle.stop()
+        self.stats.cpu_throttle_percentage = 0
+        self.stats.cpu_throttle_held_s = self._held_seconds() - self._held0
+
     def _main_write(self, data: bytes, ram: bool = True) -> None:
         assert self.main is not None
         self._check()
@@ -454,6 +489,7 @@ class Source:
                 pass
 
     def _teardown(self) -> None:
+        self._stop_throttle()
         self.channels.stop()
         if self.status.state != state.COMPLETED:
             self._shutdown_sockets()

@@ -158,6 +158,12 @@ class MigrationStats:
     source_guest: str = "running"
     #: what the operator must know (a cancel answered too late, an unknown outcome)
     notes: list[str] = field(default_factory=list)
+    #: capability auto-converge; the vCPU throttle now (0 = off), the highest it reached, and the
+    #: seconds it held each vCPU (on average) during the migration
+    auto_converge: bool = False
+    cpu_throttle_percentage: int = 0
+    cpu_throttle_peak: int = 0
+    cpu_throttle_held_s: float = 0.0
 
     # --- sums over channels ----------------------------------------------------------------------
     @property
@@ -258,6 +264,8 @@ class MigrationStats:
             "multifd-bytes": self.multifd_bytes,
             "page-size": self.page_size,
         }
+        if self.cpu_throttle_percentage:  # as QEMU: only while the throttle is on
+            out["cpu-throttle-percentage"] = self.cpu_throttle_percentage
         return self._with_livemig(out)
 
     def _with_livemig(self, out: dict[str, Any]) -> dict[str, Any]:
@@ -281,6 +289,9 @@ class MigrationStats:
             "handover": self.handover,
             "source-guest": self.source_guest,
         }
+        if self.auto_converge:
+            out["livemig"]["auto-converge"] = {"cpu-throttle-peak": self.cpu_throttle_peak,
+                                               "cpu-throttle-held-s": round(self.cpu_throttle_held_s, 3)}
         if self.notes:
             out["livemig"]["notes"] = list(self.notes)
         if self.destination:
@@ -323,6 +334,12 @@ class MigrationStats:
                 f"multifd bytes: {ram['multifd-bytes'] // 1024} kbytes",
                 f"pages-per-second: {ram['pages-per-second']}",
             ]
+        if "cpu-throttle-percentage" in q:
+            lines.append(f"cpu throttle percentage: {q['cpu-throttle-percentage']}")
+        if "auto-converge" in lm:
+            ac = lm["auto-converge"]
+            lines.append(f"auto-converge: cpu throttle reached {ac['cpu-throttle-peak']} %, "
+                         f"held each vCPU {ac['cpu-throttle-held-s']:.1f} s")
         lines += [
             f"method: {lm['method']}{'' if self.level is None else f' (level {self.level})'} "
             f"on {plural(lm['channels'], 'channel')}: {lm['backend']}",

@@ -74,6 +74,8 @@ def format_info_migrate(info: dict[str, Any]) -> str:
                            ("postcopy-bytes", "postcopy ram")):
             if ram.get(key):
                 lines.append(f"{label}: {ram[key] >> 10} kbytes")
+    if "cpu-throttle-percentage" in info:
+        lines.append(f"cpu throttle percentage: {info['cpu-throttle-percentage']}")
     for addr in info.get("socket-address", []):
         where = addr.get("path") or f"tcp:{addr.get('host')}:{addr.get('port')}"
         lines += ["socket address: [", f"\t{'unix:' if 'path' in addr else ''}{where}", "]"]
@@ -85,7 +87,8 @@ _PARAM_UNITS = {"max-bandwidth": " bytes/second", "downtime-limit": " ms"}
 
 def format_info_parameters(params: dict[str, Any]) -> str:
     """``info migrate_parameters``: ``name: value[ unit]`` per parameter."""
-    return "".join(f"{k}: {v}{_PARAM_UNITS.get(k, '')}\n" for k, v in params.items())
+    shown = {k: ("on" if v else "off") if isinstance(v, bool) else v for k, v in params.items()}
+    return "".join(f"{k}: {v}{_PARAM_UNITS.get(k, '')}\n" for k, v in shown.items())
 
 
 def format_info_capabilities(caps: list[dict[str, Any]]) -> str:

@@ -85,6 +85,8 @@ class Snapshot:
     #: a cancelled or failed migration: at most the percent last shown while it ran (pages queued or in
     #: flight when it ended did not reach the destination)
     cap: float | None = None
+    #: auto-converge's vCPU throttle, percent (0 = off: not shown)
+    throttle: int = 0
 
     @property
     def ended(self) -> bool:
@@ -125,7 +127,8 @@ class Snapshot:
         return "--%" if self.percent is None else f"{math.floor(self.percent):.0f}%"
 
     def text(self, width: int | None = None) -> str:
-        """The figures after the bar: ``pass 1  1.00 Gbps  31.6k pages/s  dirty 0/s  ETA 0:07``, then
+        """The figures after the bar: ``pass 1  1.00 Gbps  31.6k pages/s  dirty 0/s  ETA 0:07`` (with
+        ``throttle 30%`` after the dirty rate while auto-converge throttles the vCPUs), then
         ``not converging`` when it does not; no ETA once ended (cancelled, failed).
 
         ``width``: at most this many characters; the pages/s, then the rate, then the pass are dropped
@@ -135,6 +138,8 @@ class Snapshot:
         parts = {"pass": f"pass {self.passes}", "rate": format_rate_bits(self.rate),
                  "pps": f"{format_count(self.pages_per_second)} pages/s",
                  "dirty": f"dirty {format_count(self.dirty_pages_rate)}/s"}
+        if self.throttle:
+            parts["throttle"] = f"throttle {self.throttle}%"
         suffix = [] if self.converging else ["not converging"]
         text = "  ".join([*parts.values(), *eta, *suffix])
         if suffix and width is not None and len(text) > width:
@@ -193,6 +198,7 @@ class RateWindow:
             pages_per_second=pps,
             dirty_pages_rate=stats.dirty_pages_rate,
             page_size=stats.page_size,
+            throttle=stats.cpu_throttle_percentage,
             settled=not (remaining == 0 and stats.status in RUNNING),
         )
         if snap.dirtying_faster and self._stalled_pass is None:

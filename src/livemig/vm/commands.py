@@ -27,6 +27,8 @@ MIGRATION_STATUSES = ("none", "setup", "cancelling", "cancelled", "active", "pre
 _PARAM_TYPES: dict[str, Type] = {
     "multifd-channels": UINT8, "multifd-zlib-level": UINT8, "multifd-zstd-level": UINT8,
     "multifd-qatzip-level": UINT8, "max-bandwidth": UINT64, "downtime-limit": UINT64,
+    "cpu-throttle-initial": UINT8, "cpu-throttle-increment": UINT8, "max-cpu-throttle": UINT8,
+    "throttle-trigger-threshold": UINT8,
 }
 
 

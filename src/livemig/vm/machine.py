@@ -35,7 +35,7 @@ from .tlsobjects import TLS_PARAMETERS, TlsObjects
 #: capability -> default. livemig moves RAM over multifd channels with a return path only, so those
 #: two default on (QEMU: off) and a migration with either turned off is refused.
 CAPABILITIES: dict[str, bool] = {"multifd": True, "return-path": True, "events": False,
-                                 "pause-before-switchover": False}
+                                 "pause-before-switchover": False, "auto-converge": False}
 REQUIRED_CAPABILITIES = ("multifd", "return-path")
 RUNNING_STATUSES = ("setup", "active", "pre-switchover", "device", "cancelling")
 
@@ -170,7 +170,7 @@ class VM:
             try:
                 connector = tls_connector(address, self.tls.resolve(server=False))
                 src = Source(self.guest, connector, copy.copy(self.params), uuid=self.uuid, timeout=self.timeout,
-                             on_progress=self._on_source_status)
+                             auto_converge=self.caps["auto-converge"], on_progress=self._on_source_status)
             except MigrationError as exc:
                 raise QMPError(str(exc)) from exc
             self.source, self._stats = src, src.stats

@@ -123,7 +123,9 @@ class KvmGuest(Guest):
         self.incoming = incoming
         self._state_loaded = not incoming
         self._fill_desc = ""
-        self._runner = VcpuRunner([], {pr.PORT_BUDGET: self._grant, pr.PORT_REPORT: self._report})
+        self._runner = VcpuRunner([], {pr.PORT_BUDGET: self._grant, pr.PORT_REPORT: self._report},
+                                  self.throttle)
+        self.throttle.kick = self._runner.throttle_kick
         self._kvm = open_kvm(kvm_path)
         self._vm: b.VmFd | None = None
         try:
@@ -353,6 +355,7 @@ class KvmGuest(Guest):
     # --- teardown --------------------------------------------------------------------------------
     def close(self) -> None:
         """Stop the vCPU threads, close vCPU and VM fds, release RAM. Idempotent."""
+        self.throttle.close()
         self._runner.close()
         if self._vm is not None:
             self._vm.close()

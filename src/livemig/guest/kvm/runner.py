@@ -24,6 +24,7 @@ import threading
 from collections.abc import Callable
 
 from ...errors import GuestError
+from ..throttle import CpuThrottle
 from . import binding as b
 from .protocol import ReportPort
 
@@ -69,11 +70,17 @@ PortHandler = Callable[[Vcpu, int], None]
 
 
 class VcpuRunner:
-    """The threads of ``vcpus``, started parked; ``ports`` maps I/O port numbers to handlers."""
+    """The threads of ``vcpus``, started parked; ``ports`` maps I/O port numbers to handlers.
 
-    def __init__(self, vcpus: list[Vcpu], ports: dict[int, PortHandler]) -> None:
+    ``throttle``: the guest's :class:`~livemig.guest.throttle.CpuThrottle`; each vCPU takes its
+    scheduled sleep between two ``KVM_RUN`` (:meth:`throttle_kick` brings it out of one).
+    """
+
+    def __init__(self, vcpus: list[Vcpu], ports: dict[int, PortHandler],
+                 throttle: CpuThrottle | None = None) -> None:
         self.vcpus = vcpus
         self.ports = ports
+        self.throttle = throttle
         self.cv = threading.Condition()
         self.want_run = False
         self.closing = False
@@ -94,6 +101,8 @@ class VcpuRunner:
                 for v in self.vcpus:
                     v.fd.immediate_exit = True
                 self.cv.notify_all()
+        if self.throttle is not None:
+            self.throttle.interrupt()  # a vCPU sleeping for the throttle stops sleeping
         self.kick()
         with self.cv:
             stopped = self.cv.wait_for(lambda: all(v.parked for v in self.vcpus), timeout=PAUSE_TIMEOUT)
@@ -112,6 +121,19 @@ class VcpuRunner:
                 v.next_t = None
             self.want_run = True
             self.cv.notify_all()
+
+    def throttle_kick(self) -> None:
+        """Bring every running vCPU out of ``KVM_RUN`` to take its throttle sleep (the throttle's tick):
+        ``immediate_exit`` and SIGUSR1, as a pause does, but the vCPUs go on after their sleep."""
+        with self.cv:
+            if not self.want_run or self.closing:
+                return
+            for v in self.vcpus:
+                v.fd.immediate_exit = True
+        self.kick()
+
+    def _stopping(self) -> bool:
+        return not self.want_run or self.closing
 
     def sleep(self, seconds: float) -> None:
         """Sleep up to ``seconds`` in a vCPU thread, waking at once when paused or closed."""
@@ -179,6 +201,15 @@ class VcpuRunner:
                     if self.closing:
                         return
                     v.parked = False
+            throttle = self.throttle
+            if throttle is not None and throttle.pending(v.index):
+                held = throttle.hold(v.index, self._stopping)
+                if v.next_t is not None:
+                    v.next_t += held  # pacing counts vCPU time, not time held
+            if fd.immediate_exit:  # left from a throttle kick (a pause clears want_run first)
+                with cv:
+                    if self.want_run and not self.closing:
+                        fd.immediate_exit = False
             exit_ = fd.run()
             self._handle_exit(v, exit_)
             if not self.want_run:
