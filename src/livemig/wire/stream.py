@@ -20,7 +20,9 @@ the record layouts are in docs/wire.md, "Main stream")::
 The payload of a section is RAM records for the section whose idstr is "ram" (version 4,
 instance 0), and exactly one :func:`blob` (be32 length + bytes) for livemig's own sections, whose
 idstr starts with "livemig/". Any other section is refused: without a vmstate description its
-payload cannot even be skipped.
+payload cannot even be skipped; except, from a QEMU source (:meth:`StreamReader.expect_qemu`),
+the device sections after RAM, read whole up to the VMDESCRIPTION that describes them
+(:mod:`livemig.wire.qemu`).
 
 The code lives in small modules, as h11 splits its protocol; this one re-exports their public
 names so callers write ``stream.section_full(...)``, ``stream.StreamReader()``, ``stream.Blob``:
@@ -43,7 +45,10 @@ from livemig.wire.events import (
     Blob,
     Closed,
     Command,
+    ConfigSubsection,
     Configuration,
+    DeviceSection,
+    DeviceSections,
     Eof,
     Eos,
     Event,
@@ -94,6 +99,9 @@ __all__ = [
     "Closed",
     "Command",
     "Configuration",
+    "ConfigSubsection",
+    "DeviceSection",
+    "DeviceSections",
     "Eof",
     "Eos",
     "Event",
