@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 
 from livemig.bench.qemu_peer import idle_firmware
+from livemig.migration.from_qemu import block_file
 from support.qemu import Qemu, QemuBinary, find_qemu, known_ram, qemu_or_skip
 
 pytestmark = pytest.mark.slow
@@ -106,7 +107,7 @@ def test_qemu_source_ram_lands_byte_exact(tmp_path: Path, kind: str, method: str
     # the firmware block holds the -bios image; every block has its file, of its size
     assert (dump / "pc.bios.bin").read_bytes() == idle_firmware()
     for name, b in blocks.items():
-        path = dump / (name.replace("/", "%2F").replace("@", "%40") + ".bin")
+        path = dump / block_file(name)
         assert path.stat().st_size == b["used"], name
     result = json.loads(result_file.read_text())
     assert (result["status"], result["resumed"], result["guest"]) == ("completed", False, "not-run")
