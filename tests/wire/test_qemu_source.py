@@ -126,3 +126,25 @@ def test_stale_next_packet_size_is_refused_from_a_livemig_source() -> None:
     a.close()
     ch.join(timeout=10)
     assert isinstance(failures[0], WireError) and "next_packet_size of an empty packet" in str(failures[0])
+
+
+def test_a_failure_is_told_to_a_qemu_source_with_shut_1(tmp_path: Path) -> None:
+    """A packet flagged zlib into a ``none`` destination fails the migration: QEMU hears SHUT(1) on
+    its return path at once, and the result names the field."""
+    dst = Destination(parse_address("tcp:127.0.0.1:0"), MigrationParameters(multifd_channels=1), timeout=10)
+    result: dict[str, Any] = {}
+    t = threading.Thread(target=lambda: result.update(dst.run()))
+    t.start()
+    main = socket.create_connection(("127.0.0.1", dst.port))
+    chan = socket.create_connection(("127.0.0.1", dst.port))
+    chan.sendall(encode_init(bytes(16), 0) + encode_packet(flags=0x02, packet_num=0, ramblock="pc.ram", normal=[0],
+                                                           zero=[], next_packet_size=10) + bytes(10))
+    main.sendall(config_part() + open_return_path() + ping(7) + ram_setup(False))
+    answer = recv_all(main)
+    t.join(timeout=30)
+    main.close()
+    chan.close()
+    assert answer == bytes.fromhex("0002 0004 00000007") + bytes.fromhex("0001 0004 00000001")  # PONG 7, SHUT 1
+    assert (result["status"], result["resumed"], result["guest"]) == ("failed", False, "not-run")
+    assert "multifd channel 0, packet 0: multifd: packet compression flags: received 0x2, expected 0x0" in (
+        result["error-desc"])

@@ -226,9 +226,11 @@ class Destination:
         except BaseException as exc:  # noqa: BLE001 - every failure ends in a result
             self.fail(exc, "destination")
             err = self._failure.error or exc
-            if self.gate.qemu_machine is None:  # a QEMU source has no guest here to discard
-                self.handover.fail(err)
             result = {"status": "failed", "error-desc": str(err)}
+            if self.gate.qemu_machine is None:
+                self.handover.fail(err)
+            else:  # a QEMU source: there is no guest here to discard
+                result.update(source="qemu", resumed=False, guest="not-run")
         finally:
             self._done.set()
             self._close()

@@ -97,19 +97,28 @@ class QemuIncoming:
         dst._restart_timer()
         threading.Thread(target=dst._watchdog, name="watchdog", daemon=True).start()
         try:
-            self._receive()
-        except BaseException:
-            self._shut(failed=True)
-            raise
+            try:
+                self._receive()
+            except BaseException:
+                self._shut(failed=True)
+                raise
+            finally:
+                dst._stream_done = True
+            self._shut(failed=False)
+            if dst.dump_ram:
+                self._dump(dst.dump_ram)
+            return self._result()
         finally:
-            dst._stream_done = True
-        self._shut(failed=False)
-        if dst.dump_ram:
-            self._dump(dst.dump_ram)
-        result = self._result()
-        for b in dst.blocks.values():
+            self._release()
+
+    def _release(self) -> None:
+        """Drop the RAM blocks (a channel thread still holding a view keeps its mapping alive)."""
+        dst = self.dst
+        blocks = list(dst.blocks.values())
+        for table in (dst.views, dst.digests, dst.received, dst.blocks):
+            table.clear()
+        for b in blocks:
             b.close()
-        return result
 
     def _receive(self) -> None:
         dst = self.dst
