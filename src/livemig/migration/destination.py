@@ -42,7 +42,7 @@ from ..wire import stream
 from ..wire.constants import PAGE_SIZE
 from . import protocol, state
 from .accept import Gate, MainRefusal
-from .from_qemu import QemuIncoming
+from .from_qemu import QemuIncoming, admit_qemu
 from .handover import DestinationHandover, ReturnPath
 from .multifd import PROGRESS_BYTES, RecvChannel, RecvContext
 from .source import MACHINE_TYPE
@@ -119,7 +119,8 @@ class Destination:
         )
         self.gate = Gate(self.listener, machine_type=MACHINE_TYPE, uuid=uuid, channels=params.multifd_channels,
                          first_bytes=min(timeout, FIRST_BYTES), timeout=timeout, log=self.log,
-                         on_main=self._configure, on_channel=self._add_channel, on_qemu=self._admit_qemu)
+                         on_main=self._configure, on_channel=self._add_channel,
+                         on_qemu=lambda machine: admit_qemu(self, machine))
         self.handover = DestinationHandover(lambda: self.guest, self._resumed_stats, self.log)
         self.main: socket.socket | None = None
         self.meter = ResourceMeter()
@@ -358,16 +359,6 @@ class Destination:
             if time.monotonic() > deadline:
                 raise TransportError(f"only {len(self.channels)} of {self.params.multifd_channels} multifd "
                                      f"channels connected" + self._refused_note())
-
-    def _admit_qemu(self, machine_type: str) -> None:
-        """A QEMU source's main channel (on its greeter thread): it brings its own RAM blocks, so a
-        destination started with a guest of its own refuses it (MainRefusal)."""
-        if self.guest is not None:
-            raise MainRefusal(f"a QEMU source (machine type '{machine_type}') brings its own RAM blocks: start "
-                              "livemig incoming without --memory to receive it")
-        self._recv.stale_empty_size = True
-        self.log(f"a QEMU source (machine type '{machine_type}'): receiving its RAM; its CPU and devices "
-                 "cannot run here")
 
     def _configure(self, data: bytes) -> None:
         """A would-be main channel's livemig/config (on its greeter thread, one at a time): accept it

@@ -38,6 +38,7 @@ from ..ram.digest import ChunkDigest
 from ..units import format_size
 from ..wire import qemu, stream
 from ..wire.constants import MIG_CMD_OPEN_RETURN_PATH, MIG_CMD_PING
+from .accept import MainRefusal
 
 if TYPE_CHECKING:
     from .destination import Destination
@@ -56,6 +57,16 @@ def block_file(name: str) -> str:
     """The ``--dump-ram`` file name of RAM block ``name``: the name %-escaped (``/`` included),
     then ``.bin`` (``ram0.bin``, ``%2From%40etc%2Facpi%2Ftables.bin``)."""
     return urllib.parse.quote(name, safe="") + ".bin"
+
+
+def admit_qemu(dst: Destination, machine_type: str) -> None:
+    """The gate's ``on_qemu``: a QEMU source's main channel, on its greeter thread. It brings its own
+    RAM blocks, so a destination started with a guest of its own refuses it (MainRefusal)."""
+    if dst.guest is not None:
+        raise MainRefusal(f"a QEMU source (machine type '{machine_type}') brings its own RAM blocks: start "
+                          "livemig incoming without --memory to receive it")
+    dst._recv.stale_empty_size = True
+    dst.log(f"a QEMU source (machine type '{machine_type}'): receiving its RAM; its CPU and devices cannot run here")
 
 
 class QemuIncoming:

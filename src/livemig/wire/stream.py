@@ -34,6 +34,7 @@ names so callers write ``stream.section_full(...)``, ``stream.StreamReader()``, 
   (``feed(b"")`` = the peer closed), then call ``next_event()`` until it returns :data:`NEED_DATA`.
   Bad input raises :class:`~livemig.errors.WireError` naming the field, the value received and the
   value expected; after that the reader refuses further use.
+* :mod:`livemig.wire.ramrecords`: the RAM section's records, parsed for the reader.
 * :mod:`livemig.wire.buffer`: the reader's receive buffer.
 * :mod:`livemig.wire.layout`: the records' ``struct`` layouts and the reader's size limits.
 """
