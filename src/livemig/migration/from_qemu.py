@@ -148,12 +148,12 @@ class QemuIncoming:
                 self._create_blocks(ev.blocks)
             elif isinstance(ev, stream.MultifdFlush):
                 self.flush_seen = True
-                dst.meet_channels()
+                self._sync()
             elif isinstance(ev, stream.Eos):
                 if self.eos_syncs is None:
                     self.eos_syncs = not self.flush_seen
                 if self.eos_syncs:
-                    dst.meet_channels()
+                    self._sync()
             elif isinstance(ev, stream.ZeroPage | stream.Page):
                 dst.apply_page(ev)
                 self.main_pages["zero" if isinstance(ev, stream.ZeroPage) else "normal"] += 1
@@ -168,6 +168,15 @@ class QemuIncoming:
             raise WireError("QEMU stream without a RAM section", "EOF", "a RAM section with MEM_SIZE")
         if self.eos_syncs is None:
             raise WireError("QEMU stream: RAM section never ended (no EOS)")
+
+    def _sync(self) -> None:
+        try:
+            self.dst.meet_channels()
+        except TransportError as exc:
+            if len(self.dst.channels) < self.dst.params.multifd_channels:
+                raise TransportError(f"{exc}: the QEMU source needs the multifd capability on and "
+                                     "multifd-channels equal to --multifd-channels") from exc
+            raise
 
     def _config_subsection(self, ev: stream.ConfigSubsection) -> None:
         if ev.name == "configuration/capabilities":
