@@ -21,6 +21,7 @@ import pytest
 from livemig.compress import create_method
 from livemig.errors import WireError
 from livemig.migration.destination import Destination
+from livemig.migration.from_qemu import summary
 from livemig.migration.multifd import RecvChannel, RecvContext
 from livemig.params import MigrationParameters
 from livemig.transport.address import parse_address
@@ -104,6 +105,9 @@ def test_a_qemu_stream_lands_ram_and_names_its_devices(tmp_path: Path, modern: b
     assert q["multifd-sync"].startswith("MULTIFD_FLUSH" if modern else "EOS")
     assert (q["main-zero-pages"], q["main-normal-pages"], q["return-path"]) == (1, 1, return_path)
     assert [d["name"] for d in q["devices-not-applied"]] == ["timer", "cpu", "globalstate"]
+    said = summary(result)
+    assert "3 device sections received, not applied" in said and "timer, cpu, globalstate" in said
+    assert "guest NOT started: livemig cannot run QEMU's CPU and device state" in said
     ram = (tmp_path / "pc.ram.bin").read_bytes()
     want = bytearray(BLOCKS[0][1])
     for p in (0, 2, 4, 5):
