@@ -135,12 +135,15 @@ def test_a_destination_with_its_own_guest_refuses_a_qemu_source(tmp_path: Path) 
     binary = found if isinstance(found, QemuBinary) else qemu_or_skip("10.0")
     proc, port = start_incoming(tmp_path, 1, "none", "--memory", "16M", "--guest", "portable")
     with Qemu(binary) as src:
-        src.set_capabilities(multifd=True)
+        # with the return path QEMU hears that it was refused (without it, a QEMU source whose
+        # stream fits the socket buffers calls itself completed: it needs no answer)
+        src.set_capabilities(multifd=True, return_path=True)
         src.set_parameters(multifd_channels=1)
         src.migrate(f"tcp:127.0.0.1:{port}")
         info = src.wait_migration(timeout=60)
         assert info["status"] == "failed"
     time.sleep(0.5)
-    proc.terminate()  # a refused source is dropped and the destination waits on
+    assert proc.poll() is None  # a refused source is dropped and the destination waits on
+    proc.terminate()
     _, output = finish(proc)
     assert "brings its own RAM blocks: start livemig incoming without --memory to receive it" in output
