@@ -120,13 +120,15 @@ class Qemu:
     (or call :meth:`start` and :meth:`close`); everything it made is removed by :meth:`close`.
 
     ``loads`` become ``-device loader`` images; ``incoming`` starts it paused (``-S``) with
-    ``-incoming defer``; ``extra`` is appended to the command line."""
+    ``-incoming defer``; ``machine`` is the q35 machine type (``q35``: the newest this QEMU has, or
+    a versioned one such as ``pc-q35-7.2``); ``extra`` is appended to the command line."""
 
     binary: QemuBinary
     memory: int = DEFAULT_MEMORY
     loads: list[Load] = field(default_factory=list)
     incoming: bool = False
     name: str = "livemig-test"
+    machine: str = "q35"
     extra: list[str] = field(default_factory=list)
     workdir: str = ""
     proc: subprocess.Popen[bytes] | None = None
@@ -147,7 +149,7 @@ class Qemu:
         argv = [
             self.binary.path,
             "-name", self.name,
-            "-machine", f"q35,accel={accel},memory-backend=ram0",
+            "-machine", f"{self.machine},accel={accel},memory-backend=ram0",
             "-cpu", "qemu64,-kvmclock",
             "-object", f"memory-backend-file,id=ram0,size={self.memory},mem-path={self.ram_path},share=on",
             "-m", f"{self.memory // MiB}M",

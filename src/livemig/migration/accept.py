@@ -10,9 +10,14 @@ thread, with an absolute deadline for its first bytes (however slowly they dribb
   refused. A main channel refused after its livemig/config (busy, wrong uuid, a configuration the
   destination cannot take) is answered a :class:`~.protocol.Refused` line with the reason first, so
   its source can say why;
+* a CONFIGURATION with any other machine type is a QEMU source (docs/qemu.md, "QEMU as the
+  source"): ``on_qemu(machine_type)`` accepts it (or raises MainRefusal) and it becomes the main
+  channel at once, :attr:`qemu_machine` naming its machine type;
 * the multifd magic and a valid MultiFDInit_t (version, the destination's uuid, an id below the
   channel count and not taken yet) make it multifd channel *id* (docs/wire.md, "Multifd handshake"),
-  but only once a main channel was admitted: livemig's source opens its channels after Ready;
+  but only once a main channel was admitted: livemig's source opens its channels after Ready, a
+  QEMU source at the same time as its main channel, so a channel waits for the main channel's
+  admission until its first-bytes deadline;
 * anything else (nothing within the deadline, a probe that closes, ``GET / HTTP/1.0``, a wrong uuid,
   a second main channel) is logged with the peer's address and the reason, and closed; the
   destination keeps waiting. No reason quotes the destination's uuid.
@@ -68,6 +73,7 @@ class Gate:
     connection has for its greeting; ``timeout``: the read timeout set on an admitted socket.
     ``on_main(config)`` runs on the greeter thread with the livemig/config bytes of a would-be main
     channel (one at a time); it raises :class:`MainRefusal` to refuse it, else the channel is admitted.
+    ``on_qemu(machine_type)`` does the same for a QEMU source (which sends no livemig/config).
     ``on_channel(sock, id)`` runs on the greeter thread for each admitted multifd channel (it may
     block a while); an exception from it is the caller's to report.
     The main channel is :attr:`main` (with :attr:`main_reader`, which holds the bytes read past
@@ -76,7 +82,8 @@ class Gate:
 
     def __init__(self, listener: Listener, *, machine_type: str, uuid: bytes, channels: int,
                  first_bytes: float, timeout: float, log: Callable[[str], None],
-                 on_main: Callable[[bytes], None], on_channel: Callable[[socket.socket, int], None]) -> None:
+                 on_main: Callable[[bytes], None], on_channel: Callable[[socket.socket, int], None],
+                 on_qemu: Callable[[str], None]) -> None:
         self.listener = listener
         self.machine_type = machine_type
         self.uuid = uuid
@@ -86,6 +93,9 @@ class Gate:
         self.log = log
         self.on_main = on_main
         self.on_channel = on_channel
+        self.on_qemu = on_qemu
+        #: the machine type of an admitted QEMU source's main channel (None: a livemig source)
+        self.qemu_machine: str | None = None
         self.main: socket.socket | None = None
         self.main_reader: stream.StreamReader | None = None
         self.main_ready = threading.Event()
@@ -195,7 +205,8 @@ class Gate:
         reader.feed(head)
         got = len(head)
         config: bytes | None = None
-        while config is None:
+        qemu: str | None = None
+        while config is None and qemu is None:
             ev = reader.next_event()
             if ev is stream.NEED_DATA:
                 reader.feed(self._read(sock, 1, deadline, "a main-stream header, CONFIGURATION and livemig/config",
@@ -203,7 +214,8 @@ class Gate:
                 got += 1
             elif isinstance(ev, stream.Configuration):
                 if ev.machine_type != self.machine_type:
-                    raise WireError("Machine type received", ev.machine_type, self.machine_type)
+                    qemu = ev.machine_type  # a QEMU source: no livemig/config follows
+                    reader.expect_qemu()
             elif isinstance(ev, stream.Blob):
                 if ev.idstr != "livemig/config":
                     raise _Refusal(f"main stream began with section '{ev.idstr}', not livemig/config")
@@ -215,10 +227,14 @@ class Gate:
                 raise MainRefusal("destination busy: a migration is already in progress")
             self._claimed = True
         try:
-            self.on_main(config)
+            if qemu is not None:
+                self.on_qemu(qemu)
+            else:
+                assert config is not None
+                self.on_main(config)
             with self._lock:
                 sock.settimeout(self.timeout)
-                self.main, self.main_reader = sock, reader
+                self.main, self.main_reader, self.qemu_machine = sock, reader, qemu
         finally:
             with self._lock:
                 self._claimed = False
@@ -232,11 +248,12 @@ class Gate:
             if "uuid" in exc.what:
                 raise _Refusal(f"multifd channel {buf[24]}: the uuid differs from this destination's") from None
             raise
-        # livemig's source connects its main channel first and opens its multifd channels only after
-        # Ready; a channel before that is a stranger taking an id. (A QEMU source, once supported,
-        # may open its channels first: it would need them held until its main channel is admitted.)
-        if not self.main_ready.is_set():
-            raise _Refusal(f"multifd channel {init.channel_id} connected before a main channel was admitted")
+        # livemig's source opens its multifd channels only after Ready; a QEMU source opens them with
+        # its main channel, whose CONFIGURATION may come a little later: wait for it until the
+        # first-bytes deadline. A channel with no main channel by then is a stranger taking an id.
+        if not self.main_ready.wait(max(0.0, deadline - time.monotonic())):
+            raise _Refusal(f"multifd channel {init.channel_id} connected before a main channel was admitted "
+                           f"(none within {self.first_bytes:g} s)")
         with self._lock:
             if init.channel_id in self._ids:
                 raise _Refusal(f"multifd channel {init.channel_id} is already connected")

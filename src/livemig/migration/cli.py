@@ -36,7 +36,7 @@ from ..transport.tls import Tls
 from ..ui.errors import OutcomeUnknown, Terminated
 from ..ui.progress import ProgressDisplay
 from ..units import format_size, plural
-from . import protocol
+from . import from_qemu, protocol
 from .destination import Destination
 from .guestopts import add_guest_options, guest_config_from_args
 from .local import LocalDestination, die_with_parent
@@ -73,7 +73,9 @@ def _add_params(p: argparse.ArgumentParser, source: bool) -> None:
     p.add_argument("--full-verify", action="store_true",
                    help="hash all of RAM at switchover (also catches writes the dirty log missed; adds downtime)")
     p.add_argument("--json", metavar="FILE", help="write the result as JSON to FILE ('-' = stdout)")
-    p.add_argument("--dump-ram", metavar="DIR", help="write RAM at switchover into DIR (for tests)")
+    p.add_argument("--dump-ram", metavar="DIR",
+                   help="write RAM at switchover into DIR, one file per RAM block (for tests; from a QEMU "
+                        "source: NAME.bin, the block's name %%-escaped)")
 
 
 def add_throttle_options(p: argparse.ArgumentParser, only: str = "") -> None:
@@ -436,6 +438,10 @@ def cmd_incoming(args: argparse.Namespace) -> int:
             if discarded:
                 exc.add_note("guest discarded, never run")
             raise exc
+        if result.get("source") == "qemu":
+            for line in from_qemu.summary(result).splitlines():
+                print(f"livemig incoming: {line}", file=sys.stderr)
+            return 0
         workload = dst.guest.config.workload if dst.guest is not None else "idle"
         summary = destination_summary(result, workload).removeprefix("destination: ")
         print(f"livemig incoming: completed; {summary}", file=sys.stderr)
@@ -497,9 +503,12 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     m.set_defaults(func=cmd_migrate)
 
     i = sub.add_parser("incoming", help="wait for a migration (destination side)",
-                       description="Listen at URI, receive a migration, resume the guest. Exit status: 0 "
-                                   "completed, 1 failed, 2 bad option, 130 interrupted (Ctrl-C), 143 terminated "
-                                   "(SIGTERM).")
+                       description="Listen at URI, receive a migration, resume the guest. From a QEMU source "
+                                   "(recognised by its machine type; give no --memory: the RAM blocks are "
+                                   "QEMU's) only RAM is received: no guest is started, its device sections are "
+                                   "listed as not applied, --dump-ram DIR writes one file per block. Exit "
+                                   "status: 0 completed (QEMU: RAM received), 1 failed, 2 bad option, 130 "
+                                   "interrupted (Ctrl-C), 143 terminated (SIGTERM).")
     i.add_argument("uri", help=f"where to listen: {URI_FORMS}; HOST empty or 0 = every address, PORT 0 = any "
                                 "free port")
     i.add_argument("--port-file", help="write the listening port to this file once ready")

@@ -42,6 +42,7 @@ from ..wire import stream
 from ..wire.constants import PAGE_SIZE
 from . import protocol, state
 from .accept import Gate, MainRefusal
+from .from_qemu import QemuIncoming, admit_qemu
 from .handover import DestinationHandover, ReturnPath
 from .multifd import PROGRESS_BYTES, RecvChannel, RecvContext
 from .source import MACHINE_TYPE
@@ -118,7 +119,8 @@ class Destination:
         )
         self.gate = Gate(self.listener, machine_type=MACHINE_TYPE, uuid=uuid, channels=params.multifd_channels,
                          first_bytes=min(timeout, FIRST_BYTES), timeout=timeout, log=self.log,
-                         on_main=self._configure, on_channel=self._add_channel)
+                         on_main=self._configure, on_channel=self._add_channel,
+                         on_qemu=lambda machine: admit_qemu(self, machine))
         self.handover = DestinationHandover(lambda: self.guest, self._resumed_stats, self.log)
         self.main: socket.socket | None = None
         self.meter = ResourceMeter()
@@ -133,6 +135,7 @@ class Destination:
         self._progress_lock = threading.Lock()
         self._t_first = time.monotonic()
         self._stream_done = False
+        self._main_view = memoryview(bytearray(1 << 16))
 
     # --- errors ----------------------------------------------------------------------------------
     def fail(self, exc: BaseException, where: str) -> None:
@@ -209,6 +212,9 @@ class Destination:
             assert self.main is not None and reader is not None
             self.meter.start()
             self._t_first = time.monotonic()
+            if self.gate.qemu_machine is not None:  # a QEMU source: RAM only, no guest resumes
+                result = QemuIncoming(self, reader, self.gate.qemu_machine).run()
+                return result
             rp = self.handover.rp = ReturnPath(self.main, "to-destination", "source")
             rp.send(protocol.Ready())
             hasher.start()
@@ -221,14 +227,17 @@ class Destination:
         except BaseException as exc:  # noqa: BLE001 - every failure ends in a result
             self.fail(exc, "destination")
             err = self._failure.error or exc
-            self.handover.fail(err)
             result = {"status": "failed", "error-desc": str(err)}
+            if self.gate.qemu_machine is None:
+                self.handover.fail(err)
+            else:  # a QEMU source: there is no guest here to discard
+                result.update(source="qemu", resumed=False, guest="not-run")
         finally:
             self._done.set()
             self._close()
-        result["resumed"] = self.handover.running
-        result["handover"] = self.handover.h.state
-        result["guest"] = self.handover.h.guest
+            result.setdefault("resumed", self.handover.running)
+            result.setdefault("handover", self.handover.h.state)
+            result.setdefault("guest", self.handover.h.guest)
         return result
 
     def _refused_note(self) -> str:
@@ -253,29 +262,11 @@ class Destination:
         """Read the main stream after its CONFIGURATION (the gate read that far) up to EOF, then
         verify RAM, load the state and answer Prepared. Progress counts the bytes read, as on the
         multifd channels (:meth:`_progress`): small records dribbled in never reset the watchdog."""
-        assert self.main is not None
-        buf = bytearray(1 << 16)
-        view = memoryview(buf)
         state_blob: bytes | None = None
         src_digests: dict[str, str] | None = None
         ram_seen = False
         while True:
-            ev = reader.next_event()
-            if ev is stream.NEED_DATA:
-                self._check()
-                try:
-                    n = self.main.recv_into(view)
-                except TimeoutError as exc:
-                    if self.alive():
-                        continue  # a long pass: the channels are busy, the main stream waits for its flush
-                    raise Stalled(f"no progress on any channel for {self.timeout:g} s") from exc
-                except OSError as exc:
-                    raise TransportError(f"main channel failed: {os_reason(exc)}") from exc
-                if n == 0:
-                    raise TransportError("main channel closed before the end of the migration stream")
-                reader.feed(view[:n])
-                self._progress(n)
-                continue
+            ev = self.next_event(reader)
             if isinstance(ev, stream.Blob):
                 if ev.idstr == "livemig/vcpu":
                     state_blob = bytes(ev.data)
@@ -291,21 +282,9 @@ class Destination:
                     raise WireError("RAM block list", list(ev.blocks), mine)
                 ram_seen = True
             elif isinstance(ev, stream.MultifdFlush):
-                self._wait_channels()
-                try:
-                    self._barrier.wait()
-                except threading.BrokenBarrierError:
-                    self._check()
-                    raise TransportError("multifd channels did not reach the sync point") from None
+                self.meet_channels()
             elif isinstance(ev, stream.ZeroPage | stream.Page):
-                block = self.blocks[ev.block]
-                p = ev.offset // self.page_size
-                if isinstance(ev, stream.Page):
-                    block.pages[p] = np.frombuffer(ev.data, dtype=np.uint8)
-                else:
-                    block.pages[p] = 0
-                self.received[ev.block][p] = True
-                self.digests[ev.block].mark_pages(np.array([p]))
+                self.apply_page(ev)
             elif isinstance(ev, stream.Eof):
                 break
             elif isinstance(ev, stream.ControlLine):  # the source's Abort, before the stream's end
@@ -320,6 +299,49 @@ class Destination:
         if self.dump_ram:
             self._dump(self.dump_ram)
         self.handover.prepared(digests, xxhash.xxh3_128(state_blob).hexdigest())
+
+    def next_event(self, reader: stream.StreamReader, closed_ok: bool = False) -> stream.Event:
+        """The main stream's next event, reading the main channel as needed (its bytes count as
+        progress). A close is a TransportError, or with ``closed_ok`` fed to the reader, which
+        decides (a QEMU source may end its stream by closing)."""
+        assert self.main is not None
+        while True:
+            ev = reader.next_event()
+            if ev is not stream.NEED_DATA:
+                return ev
+            self._check()
+            try:
+                n = self.main.recv_into(self._main_view)
+            except TimeoutError as exc:
+                if self.alive():
+                    continue  # a long pass: the channels are busy, the main stream waits for its flush
+                raise Stalled(f"no progress on any channel for {self.timeout:g} s") from exc
+            except OSError as exc:
+                raise TransportError(f"main channel failed: {os_reason(exc)}") from exc
+            if n == 0 and not closed_ok:
+                raise TransportError("main channel closed before the end of the migration stream")
+            reader.feed(self._main_view[:n])
+            self._progress(n)
+
+    def meet_channels(self) -> None:
+        """A sync point of the main stream: wait for one SYNC on every multifd channel, release them."""
+        self._wait_channels()
+        try:
+            self._barrier.wait()
+        except threading.BrokenBarrierError:
+            self._check()
+            raise TransportError("multifd channels did not reach the sync point") from None
+
+    def apply_page(self, ev: stream.ZeroPage | stream.Page) -> None:
+        """A page (or zero page) sent on the main channel."""
+        block = self.blocks[ev.block]
+        p = ev.offset // self.page_size
+        if isinstance(ev, stream.Page):
+            block.pages[p] = np.frombuffer(ev.data, dtype=np.uint8)
+        else:
+            block.pages[p] = 0
+        self.received[ev.block][p] = True
+        self.digests[ev.block].mark_pages(np.array([p]))
 
     @staticmethod
     def _source_digests(data: bytes | memoryview) -> dict[str, str]:

@@ -392,6 +392,9 @@ class RecvContext:
     sync: Callable[[int], None]
     #: called from the channel thread with (exception, where) when the channel fails
     failed: Callable[[BaseException, str], None]
+    #: ignore the next_packet_size of a packet without pages, as QEMU's receiver does (a QEMU 7.2
+    #: source leaves a stale value there and sends no payload); livemig's own sources send 0
+    stale_empty_size: bool = False
 
 
 class RecvChannel(threading.Thread):
@@ -457,7 +460,7 @@ class RecvChannel(threading.Thread):
                 c.zero += int(zero.size)
                 c.wire_bytes += plen + hdr.next_packet_size
                 c.payload_bytes += hdr.next_packet_size
-            elif hdr.next_packet_size:
+            elif hdr.next_packet_size and not ctx.stale_empty_size:
                 raise WireError("multifd: next_packet_size of an empty packet", hdr.next_packet_size, 0)
             if hdr.is_sync:
                 ctx.sync(self.cid)

@@ -10,6 +10,8 @@ carry raises :class:`livemig.errors.LocalWireError`.
 * :mod:`livemig.wire.stream`: the main stream's namespace: record writers (:mod:`~livemig.wire.writers`),
   events (:mod:`~livemig.wire.events`) and the :class:`StreamReader` (:mod:`~livemig.wire.reader`).
 * :mod:`livemig.wire.constants`: QEMU's magic numbers, flags and record types.
+* :mod:`livemig.wire.qemu`: what only a QEMU source sends (configuration subsections, the device
+  sections after RAM up to the VMDESCRIPTION) and the return-path messages livemig answers it with.
 """
 
 from __future__ import annotations

@@ -141,6 +141,39 @@ class ControlLine:
     data: bytes
 
 
+@dataclass(frozen=True)
+class ConfigSubsection:
+    """A configuration subsection: ``value`` is the capability names (capabilities), the target
+    page bits (target-page-bits) or the 16 uuid bytes (uuid)."""
+
+    name: str
+    version: int
+    value: list[str] | int | bytes
+
+
+@dataclass(frozen=True)
+class DeviceSection:
+    """One SECTION_FULL of the device part, as received (not applied): ``size`` bytes with its
+    header and footer."""
+
+    section_id: int
+    idstr: str
+    instance_id: int
+    version_id: int
+    size: int
+
+
+@dataclass(frozen=True)
+class DeviceSections:
+    """The device part up to its end: the sections in wire order (empty when there was no
+    VMDESCRIPTION to walk them by), ``size`` bytes in all before EOF, and the VMDESCRIPTION JSON
+    text (None when the source sent none)."""
+
+    sections: list[DeviceSection]
+    size: int
+    description: str | None
+
+
 Event: TypeAlias = (
     Header
     | Configuration
@@ -160,6 +193,8 @@ Event: TypeAlias = (
     | VmDescription
     | Closed
     | ControlLine
+    | ConfigSubsection
+    | DeviceSections
 )
 
 

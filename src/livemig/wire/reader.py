@@ -36,16 +36,6 @@ from livemig.wire.constants import (
     QEMU_VM_SECTION_START,
     QEMU_VM_SUBSECTION,
     QEMU_VM_VMDESCRIPTION,
-    RAM_SAVE_FLAG_COMPRESS_PAGE,
-    RAM_SAVE_FLAG_CONTINUE,
-    RAM_SAVE_FLAG_EOS,
-    RAM_SAVE_FLAG_FULL,
-    RAM_SAVE_FLAG_HOOK,
-    RAM_SAVE_FLAG_MEM_SIZE,
-    RAM_SAVE_FLAG_MULTIFD_FLUSH,
-    RAM_SAVE_FLAG_PAGE,
-    RAM_SAVE_FLAG_XBZRLE,
-    RAM_SAVE_FLAG_ZERO,
     RAM_SECTION_IDSTR,
     RAM_SECTION_VERSION,
 )
@@ -57,20 +47,15 @@ from livemig.wire.events import (
     Configuration,
     ControlLine,
     Eof,
-    Eos,
     Event,
     Header,
-    MemSize,
-    MultifdFlush,
     NeedData,
-    Page,
     SectionEnd,
     SectionFull,
     SectionPart,
     SectionStart,
     SwitchoverStart,
     VmDescription,
-    ZeroPage,
 )
 from livemig.wire.layout import (
     BE32,
@@ -79,7 +64,6 @@ from livemig.wire.layout import (
     FILE_HEADER,
     MAX_BLOB,
     MAX_MACHINE_TYPE,
-    MAX_RAM_BLOCKS,
     MAX_VMDESC,
     SECTION_LONG,
     SECTION_SHORT,
@@ -87,6 +71,8 @@ from livemig.wire.layout import (
     TYPE_LEN,
     check_page_size,
 )
+from livemig.wire.qemu import DeviceTail, read_config_subsection
+from livemig.wire.ramrecords import RamRecords, RamState, ascii_text
 
 #: exact payload length of each command the reader accepts (savevm.c's command table)
 _COMMAND_LENGTHS: Final = {MIG_CMD_OPEN_RETURN_PATH: 0, MIG_CMD_PING: 4, MIG_CMD_SWITCHOVER_START: 0}
@@ -94,23 +80,6 @@ _COMMANDS_ACCEPTED: Final = "OPEN_RETURN_PATH (1), PING (2) or SWITCHOVER_START 
 _TOP_LEVEL: Final = "a section, command or EOF (0x00-0x04, 0x07, 0x08)"
 _SECTIONS_KNOWN: Final = f"'ram' or '{LIVEMIG_SECTION_PREFIX}<name>'"
 
-#: RAM record types (flags minus CONTINUE must be exactly one of these)
-_RAM_TYPES: Final = (
-    RAM_SAVE_FLAG_ZERO,
-    RAM_SAVE_FLAG_MEM_SIZE,
-    RAM_SAVE_FLAG_PAGE,
-    RAM_SAVE_FLAG_EOS,
-    RAM_SAVE_FLAG_MULTIFD_FLUSH,
-)
-_RAM_EXPECTED: Final = "ZERO 0x02, MEM_SIZE 0x04, PAGE 0x08, EOS 0x10, MULTIFD_FLUSH 0x200 (ZERO, PAGE +CONTINUE 0x20)"
-_RAM_REFUSED: Final = {
-    RAM_SAVE_FLAG_FULL: "FULL (0x01, obsolete since 2009)",
-    RAM_SAVE_FLAG_XBZRLE: "XBZRLE (0x40)",
-    RAM_SAVE_FLAG_HOOK: "HOOK (0x80, RDMA only)",
-    RAM_SAVE_FLAG_COMPRESS_PAGE: "COMPRESS_PAGE (0x100, legacy compress)",
-}
-#: QEMU's words for a flag word it cannot parse (ram.c, ram_load_precopy)
-_QEMU_UNKNOWN_FLAGS: Final = "Unknown combination of migration flags"
 #: first byte of a livemig control line (a JSON object): b"{"
 CONTROL_LINE_START: Final = 0x7B
 
@@ -124,6 +93,7 @@ class _State(enum.Enum):
     FOOTER = "footer"  # expecting the footer of the current section
     AFTER_EOF = "after_eof"  # after QEMU_VM_EOF: a VMDESCRIPTION or the end
     DONE = "done"  # after the VMDESCRIPTION: only the end may follow
+    DEVICES = "devices"  # a QEMU source's device sections after RAM, up to the VMDESCRIPTION
 
 
 @dataclass
@@ -134,14 +104,7 @@ class _Section:
     is_open: bool
 
 
-def _ascii(what: str, raw: bytes) -> str:
-    try:
-        return raw.decode("ascii")
-    except UnicodeDecodeError as exc:
-        raise WireError(what, raw, "ASCII") from exc
-
-
-class StreamReader:
+class StreamReader(RamRecords):
     """Sans-IO parser of the main migration stream (:mod:`livemig.wire.stream` for the grammar).
 
     ``feed(data)`` appends bytes; ``feed(b"")`` says the peer closed. ``next_event()`` returns the
@@ -157,6 +120,12 @@ class StreamReader:
     bounds livemig blobs. ``control_lines``: a ``{`` where a top-level record or a RAM record is
     due is a livemig control line, returned as :class:`~livemig.wire.events.ControlLine` (no
     record type starts with 0x7b, and no RAM record header: its first byte is the offset's top).
+
+
+    After :meth:`expect_qemu` (a QEMU source, recognised by its machine type) the reader also
+    takes configuration subsections (:class:`~livemig.wire.qemu.ConfigSubsection` events) and,
+    once RAM's section ended, QEMU's device sections up to the VMDESCRIPTION, returned as one
+    :class:`~livemig.wire.qemu.DeviceSections` event (:mod:`livemig.wire.qemu`).
     """
 
     def __init__(self, *, page_size: int = PAGE_SIZE, max_blob: int = MAX_BLOB, control_lines: bool = False) -> None:
@@ -168,18 +137,18 @@ class StreamReader:
         self._error: WireError | None = None
         self._state = _State.HEADER
         self._records = 0  # top-level records seen, for "CONFIGURATION must come first"
+        self._config_records = -1  # records of the CONFIGURATION and its subsections
         self._sections: dict[int, _Section] = {}
         self._current: int | None = None  # section id whose payload/footer is being parsed
-        self._blocks: dict[str, int] | None = None  # MEM_SIZE table
-        self._last_block: str | None = None  # for RAM_SAVE_FLAG_CONTINUE
-        self._mem_total = 0
-        self._mem_left = 0
-        self._mem_list: list[tuple[str, int]] = []
+        self._init_ram()
+        self._qemu = False  # a QEMU source's grammar (expect_qemu)
+        self._devices: DeviceTail | None = None
         self._handlers: dict[_State, Callable[[], Event | None]] = {
             _State.HEADER: self._read_header,
             _State.TOP: self._read_top,
-            _State.RAM: self._read_ram,
-            _State.MEM_SIZE: self._read_mem_size_block,
+            _State.RAM: self._read_ram_records,
+            _State.MEM_SIZE: self._read_ram_records,
+            _State.DEVICES: self._read_devices,
             _State.BLOB: self._read_blob,
             _State.FOOTER: self._read_footer,
             _State.AFTER_EOF: self._read_after_eof,
@@ -197,6 +166,10 @@ class StreamReader:
     def blocks(self) -> dict[str, int]:
         """The RAM blocks declared by MEM_SIZE so far (id -> used_length); empty before it."""
         return dict(self._blocks or {})
+
+    def expect_qemu(self) -> None:
+        """The source is QEMU: accept configuration subsections and, after RAM, device sections."""
+        self._qemu = True
 
     def feed(self, data: Buffer) -> None:
         """Append received bytes; ``b""`` marks the end of the stream (feeding after it: LocalWireError)."""
@@ -272,6 +245,10 @@ class StreamReader:
             self._rx.skip(1)
             self._state = _State.AFTER_EOF
             event = Eof()
+        elif kind == QEMU_VM_SUBSECTION and self._qemu and self._records == self._config_records:
+            event = read_config_subsection(self._rx)
+            if event is not None:
+                self._config_records += 1
         elif kind == QEMU_VM_SUBSECTION:
             why = "SUBSECTION outside a vmstate: configuration subsections are not supported"
             raise WireError("main stream: record type", kind, _TOP_LEVEL, hex=True, note=why)
@@ -298,8 +275,9 @@ class StreamReader:
             raise WireError("main stream: machine type length", length, f"<= {MAX_MACHINE_TYPE}")
         if len(self._rx) < TYPE_LEN.size + length:
             return None
-        name = _ascii("main stream: machine type", self._rx.peek(TYPE_LEN.size, length))
+        name = ascii_text("main stream: machine type", self._rx.peek(TYPE_LEN.size, length))
         self._rx.skip(TYPE_LEN.size + length)
+        self._config_records = 1  # configuration subsections may follow it (expect_qemu)
         return Configuration(name)
 
     def _read_section_long(self, kind: int) -> Event | None:
@@ -309,7 +287,7 @@ class StreamReader:
         _, section_id, idlen = self._rx.unpack(SECTION_LONG)
         if len(self._rx) < fixed + idlen + SECTION_TAIL.size:
             return None
-        idstr = _ascii("main stream: section idstr", self._rx.peek(fixed, idlen))
+        idstr = ascii_text("main stream: section idstr", self._rx.peek(fixed, idlen))
         instance_id, version_id = self._rx.unpack(SECTION_TAIL, fixed + idlen)
         kind_name = "SECTION_START" if kind == QEMU_VM_SECTION_START else "SECTION_FULL"
         if idstr == RAM_SECTION_IDSTR:
@@ -320,6 +298,15 @@ class StreamReader:
             payload = _State.RAM
         elif idstr.startswith(LIVEMIG_SECTION_PREFIX) and len(idstr) > len(LIVEMIG_SECTION_PREFIX):
             payload = _State.BLOB
+        elif self._qemu and kind == QEMU_VM_SECTION_FULL and self._ram_ended():
+            self._devices = DeviceTail()  # reads from this header on
+            self._state = _State.DEVICES
+            return self._read_devices()
+        elif self._qemu:
+            where = "before RAM's SECTION_END" if kind == QEMU_VM_SECTION_FULL else "(an iterable section)"
+            what = f"main stream: {kind_name} idstr (section id {section_id}, instance {instance_id})"
+            why = f"a QEMU device section {where}: its fields have no length, so it cannot be skipped"
+            raise WireError(what, idstr, _SECTIONS_KNOWN, note=why)
         else:
             what = f"main stream: {kind_name} idstr (section id {section_id}, instance {instance_id})"
             raise WireError(what, idstr, _SECTIONS_KNOWN, note="unknown section: it cannot even be skipped")
@@ -334,6 +321,7 @@ class StreamReader:
         self._sections[section_id] = _Section(idstr, instance_id, version_id, kind == QEMU_VM_SECTION_START)
         self._current = section_id
         self._state = payload
+        self._ram_state = RamState.RAM
         if kind == QEMU_VM_SECTION_START:
             return SectionStart(section_id, idstr, instance_id, version_id)
         return SectionFull(section_id, idstr, instance_id, version_id)
@@ -351,6 +339,7 @@ class StreamReader:
         self._rx.skip(SECTION_SHORT.size)
         self._current = section_id
         self._state = _State.RAM if section.idstr == RAM_SECTION_IDSTR else _State.BLOB
+        self._ram_state = RamState.RAM
         if kind == QEMU_VM_SECTION_END:
             section.is_open = False
             return SectionEnd(section_id)
@@ -437,103 +426,24 @@ class StreamReader:
             return Closed()
         return None
 
-    # -- RAM section --------------------------------------------------------------------------
+    def _ram_ended(self) -> bool:
+        return any(s.idstr == RAM_SECTION_IDSTR and not s.is_open for s in self._sections.values())
 
-    def _read_ram(self) -> Event | None:
-        avail = len(self._rx)
-        if avail < BE64.size:
-            return None
-        if self.control_lines and self._rx.byte() == CONTROL_LINE_START:
+    def _read_ram_records(self) -> Event | None:
+        """The RAM and MEM_SIZE states: :class:`~livemig.wire.ramrecords.RamRecords` parses."""
+        if (self.control_lines and self._ram_state is RamState.RAM and len(self._rx) >= BE64.size
+                and self._rx.byte() == CONTROL_LINE_START):
             return self._control_line()
-        (word,) = self._rx.unpack(BE64)
-        flags = word & (self.page_size - 1)
-        addr = word & ~(self.page_size - 1)
-        kind = flags & ~RAM_SAVE_FLAG_CONTINUE
-        if kind not in _RAM_TYPES:
-            why = next((f"{n}, not supported" for bit, n in _RAM_REFUSED.items() if flags & bit), _QEMU_UNKNOWN_FLAGS)
-            raise WireError("RAM: record flags", flags, _RAM_EXPECTED, hex=True, note=why)
-        cont = bool(flags & RAM_SAVE_FLAG_CONTINUE)
-        if cont and kind not in (RAM_SAVE_FLAG_ZERO, RAM_SAVE_FLAG_PAGE):
-            raise WireError("RAM: record flags", flags, _RAM_EXPECTED, hex=True, note=_QEMU_UNKNOWN_FLAGS)
-        if kind in (RAM_SAVE_FLAG_EOS, RAM_SAVE_FLAG_MULTIFD_FLUSH):
-            name = "EOS" if kind == RAM_SAVE_FLAG_EOS else "MULTIFD_FLUSH"
-            if addr:
-                raise WireError(f"RAM: {name} record address", addr, 0, hex=True)
-            self._rx.skip(BE64.size)
-            if kind == RAM_SAVE_FLAG_EOS:
-                self._state = _State.FOOTER
-                return Eos()
-            return MultifdFlush()
-        if kind == RAM_SAVE_FLAG_MEM_SIZE:
-            if self._blocks is not None:
-                raise WireError("RAM: a second MEM_SIZE record, expected one only, in the setup section")
-            self._rx.skip(BE64.size)
-            self._mem_total = addr
-            self._mem_left = addr
-            self._mem_list = []
-            self._state = _State.MEM_SIZE
-            return self._read_mem_size_block()
-        return self._read_page_record(kind, addr, cont, avail)
+        handler = self._read_ram if self._ram_state is RamState.RAM else self._read_mem_size_block
+        event = handler()
+        self._state = {RamState.RAM: _State.RAM, RamState.MEM_SIZE: _State.MEM_SIZE,
+                       RamState.FOOTER: _State.FOOTER}[self._ram_state]
+        return event
 
-    def _read_mem_size_block(self) -> Event | None:
-        if not self._mem_left:
-            self._blocks = dict(self._mem_list)
-            self._state = _State.RAM
-            return MemSize(list(self._mem_list))
-        if not self._rx:
-            return None
-        idlen = self._rx.byte()
-        if idlen == 0:
-            why = f"{self._mem_left} of {self._mem_total} bytes not declared yet"
-            raise WireError("RAM: MEM_SIZE block id length", 0, "1..255", note=why)
-        if len(self._rx) < 1 + idlen + BE64.size:
-            return None
-        name = _ascii("RAM: MEM_SIZE block id", self._rx.peek(1, idlen))
-        (length,) = self._rx.unpack(BE64, 1 + idlen)
-        if any(name == known for known, _ in self._mem_list):
-            raise WireError("RAM: MEM_SIZE block id", name, "each block once", note="listed twice")
-        if length > self._mem_left:
-            why = f"what is left of the declared total {self._mem_total}"
-            raise WireError(f"RAM: MEM_SIZE length of block {name!r}", length, f"<= {self._mem_left}", note=why)
-        if len(self._mem_list) >= MAX_RAM_BLOCKS:
-            raise WireError("RAM: MEM_SIZE block count", len(self._mem_list) + 1, f"<= {MAX_RAM_BLOCKS}")
-        self._rx.skip(1 + idlen + BE64.size)
-        self._mem_list.append((name, length))
-        self._mem_left -= length
-        return self._read_mem_size_block()
-
-    def _read_page_record(self, kind: int, addr: int, cont: bool, avail: int) -> Event | None:
-        at = BE64.size
-        if cont:
-            if self._last_block is None:
-                raise WireError(f"RAM: a record with CONTINUE (0x20) at offset {addr:#x}, expected a block id first")
-            block = self._last_block
-        else:
-            if avail < at + 1:
-                return None
-            idlen = self._rx.byte(at)
-            if avail < at + 1 + idlen:
-                return None
-            block = _ascii("RAM: block id", self._rx.peek(at + 1, idlen))
-            at += 1 + idlen
-        # Validate as soon as the block and offset are known, before waiting for the page data.
-        blocks = self._blocks or {}
-        length = blocks.get(block)
-        if length is None:
-            why = "Unknown ramblock, cannot accept migration"
-            raise WireError("RAM: block id", block, f"one declared by MEM_SIZE: {sorted(blocks)}", note=why)
-        if addr > length - self.page_size:
-            limit = f"<= {max(length - self.page_size, 0):#x}"
-            raise WireError(f"RAM: offset in block {block!r} of {length:#x} bytes", addr, limit, hex=True)
-        tail = 1 if kind == RAM_SAVE_FLAG_ZERO else self.page_size
-        if avail < at + tail:
-            return None
-        self._last_block = block
-        if kind == RAM_SAVE_FLAG_ZERO:
-            fill = self._rx.byte(at)
-            if fill != 0:
-                raise WireError(f"RAM: zero page fill byte at offset {addr:#x} of block {block!r}", fill, 0)
-            self._rx.skip(at + 1)
-            return ZeroPage(block, addr)
-        self._rx.skip(at)
-        return Page(block, addr, self._rx.take(self.page_size))
+    def _read_devices(self) -> Event | None:
+        assert self._devices is not None
+        event = self._devices.take(self._rx)
+        if event is not None:
+            self._current = None
+            self._state = _State.DONE
+        return event

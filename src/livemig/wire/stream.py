@@ -20,7 +20,9 @@ the record layouts are in docs/wire.md, "Main stream")::
 The payload of a section is RAM records for the section whose idstr is "ram" (version 4,
 instance 0), and exactly one :func:`blob` (be32 length + bytes) for livemig's own sections, whose
 idstr starts with "livemig/". Any other section is refused: without a vmstate description its
-payload cannot even be skipped.
+payload cannot even be skipped; except, from a QEMU source (:meth:`StreamReader.expect_qemu`),
+the device sections after RAM, read whole up to the VMDESCRIPTION that describes them
+(:mod:`livemig.wire.qemu`).
 
 The code lives in small modules, as h11 splits its protocol; this one re-exports their public
 names so callers write ``stream.section_full(...)``, ``stream.StreamReader()``, ``stream.Blob``:
@@ -32,6 +34,7 @@ names so callers write ``stream.section_full(...)``, ``stream.StreamReader()``, 
   (``feed(b"")`` = the peer closed), then call ``next_event()`` until it returns :data:`NEED_DATA`.
   Bad input raises :class:`~livemig.errors.WireError` naming the field, the value received and the
   value expected; after that the reader refuses further use.
+* :mod:`livemig.wire.ramrecords`: the RAM section's records, parsed for the reader.
 * :mod:`livemig.wire.buffer`: the reader's receive buffer.
 * :mod:`livemig.wire.layout`: the records' ``struct`` layouts and the reader's size limits.
 """
@@ -43,8 +46,11 @@ from livemig.wire.events import (
     Blob,
     Closed,
     Command,
+    ConfigSubsection,
     Configuration,
     ControlLine,
+    DeviceSection,
+    DeviceSections,
     Eof,
     Eos,
     Event,
@@ -96,6 +102,9 @@ __all__ = [
     "Command",
     "Configuration",
     "ControlLine",
+    "ConfigSubsection",
+    "DeviceSection",
+    "DeviceSections",
     "Eof",
     "Eos",
     "Event",
