@@ -17,9 +17,12 @@ from typing import Any
 
 import pytest
 
-from livemig.errors import MigrationError, ParameterError
+from livemig.errors import Cancelled, MigrationError, ParameterError
+from livemig.guest import GuestConfig
 from livemig.migration.qemu_qmp import QemuDestination, check_fit, machine_name, parse_ramblocks
+from livemig.migration.to_qemu import QemuHandover
 from livemig.params import MigrationParameters
+from support.fakeguest import FakeGuest
 from support.migrate import cli
 from support.qemu import DEFAULT_MEMORY, Qemu, QemuBinary, qemu_or_skip
 
@@ -94,6 +97,38 @@ def test_no_qmp_monitor_there() -> None:
             "--memory", "4M", "--guest", "portable", "--timeout", "1", timeout=60)
     assert r.returncode == 1, r.stderr
     assert f"--peer-qmp tcp:127.0.0.1:{port}: no QMP monitor answered within 1 s" in r.stderr
+
+
+def _handover(notes: list[str]) -> tuple[QemuHandover, FakeGuest]:
+    guest = FakeGuest(GuestConfig(memory=4 << 20))
+    guest.start()
+    h = QemuHandover(guest, notes.append)
+    h.switchover()
+    assert not guest.running
+    return h, guest
+
+
+def test_handover_with_a_qemu_destination() -> None:
+    """The stream's end is the commit point; QEMU's answer settles it; exactly one guest runs."""
+    notes: list[str] = []
+    h, guest = _handover(notes)
+    h.stream_sent()
+    assert h.guest_state == "postmigrate"
+    assert h.cancel() is False  # QEMU has the whole stream: too late
+    h.completed()
+    assert (h.state, h.guest_state, guest.running) == ("completed", "postmigrate", False)
+    # QEMU reported failed (or exited) after the whole stream: its guest cannot run, ours resumes
+    h, guest = _handover(notes)
+    h.stream_sent()
+    h.destination_failed()
+    assert (h.guest_state, guest.running) == ("running", True)
+    # a cancel before the stream ended: nothing is committed, the guest resumes
+    h, guest = _handover(notes)
+    assert h.cancel() is True
+    with pytest.raises(Cancelled):
+        h.stream_sent()
+    h.fail(Cancelled("migration cancelled"))
+    assert (h.state, guest.running) == ("cancelled", True)
 
 
 # --- with QEMU -------------------------------------------------------------------------------------
