@@ -240,3 +240,31 @@ def test_qemu_dying_mid_migration_leaves_source_running(tmp_path: Path, kind: st
     assert res["livemig"]["handover"] == "failed"
     assert "the source guest is running" in err
     assert 0 < res["ram"]["transferred"] < DEFAULT_MEMORY
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["7.2", "10.0"])
+def test_qemu_listening_already(tmp_path: Path, kind: str) -> None:
+    """``-incoming tcp:...`` instead of ``defer``: QEMU 7.2 takes the multifd settings while it listens
+    (the migration completes); QEMU 10 refuses the capability, and livemig says to use defer."""
+    binary = qemu_or_skip(kind)
+    port, qmp_port = _free_port(), _free_port()
+    memory = 64 << 20
+    dst = Qemu(binary, memory=memory, extra=["-S", "-incoming", f"tcp:127.0.0.1:{port}",
+                                             "-qmp", f"tcp:127.0.0.1:{qmp_port},server=on,wait=off"]).start()
+    try:
+        out = tmp_path / "r.json"
+        r = cli("migrate", f"tcp:127.0.0.1:{port}", "--peer", "qemu", "--peer-qmp", f"tcp:127.0.0.1:{qmp_port}",
+                "--memory", str(memory), "--multifd-compression", "zstd", "--dump-ram", str(tmp_path / "dump"),
+                "--json", str(out), "--quiet")
+        if binary.version < (8, 0):
+            assert r.returncode == 0, r.stderr + dst.log()
+            assert dst.read_ram() == (tmp_path / "dump" / "src-pc.ram.bin").read_bytes()
+        else:
+            assert r.returncode == 1
+            assert ("the destination QEMU refused the multifd settings (start QEMU with -incoming defer: livemig "
+                    "sets them before it listens)") in r.stderr
+            assert "Multifd must be set before incoming starts" in r.stderr
+            assert not out.exists()  # refused before a guest was built
+    finally:
+        dst.close()

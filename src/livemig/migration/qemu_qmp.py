@@ -11,12 +11,12 @@
 - ``human-monitor-command "info ramblock"``: every RAM block with its used length (MEM_SIZE must name
   the destination's own blocks and lengths);
 - ``query-uuid``: the VM UUID every MultiFDInit_t must carry;
-- ``query-migrate``: whether the incoming side listens already (``setup``) or waits for
-  ``migrate-incoming`` (``-incoming defer``: no status).
+- ``query-migrate``: the incoming migration has not begun (no status, or ``setup``).
 
 It then sets the ``multifd`` capability, ``multifd-channels`` and ``multifd-compression`` to the
 source's values (QEMU 10 accepts the capability only before it listens: use ``-incoming defer``)
-and, for ``-incoming defer``, starts ``migrate-incoming`` on the migration URI.
+and, for ``-incoming defer``, starts ``migrate-incoming`` on the migration URI (a QEMU started with
+``-incoming URI`` answers that it listens already).
 """
 
 from __future__ import annotations
@@ -185,8 +185,9 @@ def check_fit(dest: QemuDestination, memory: int, params: MigrationParameters, u
 
 def configure(mon: QemuMonitor, params: MigrationParameters, uri: str) -> None:
     """Set ``multifd``, ``multifd-channels`` and ``multifd-compression`` on the destination, and start
-    ``migrate-incoming uri`` when it was started with ``-incoming defer``. MigrationError with QEMU's
-    words when it refuses (e.g. a method it was built without)."""
+    ``migrate-incoming uri`` when it was started with ``-incoming defer`` (with ``-incoming URI`` it
+    listens already: QEMU 7.2 takes the settings then, QEMU 10 refuses the capability). MigrationError
+    with QEMU's words when it refuses (e.g. a method it was built without)."""
     incoming = mon.execute("query-migrate").get("status", "none")
     if incoming not in ("none", "setup"):
         raise MigrationError(f"the destination QEMU's incoming migration is '{incoming}', expected none "
@@ -194,7 +195,6 @@ def configure(mon: QemuMonitor, params: MigrationParameters, uri: str) -> None:
     caps = {c["capability"]: c["state"] for c in mon.execute("query-migrate-capabilities")}
     current = mon.execute("query-migrate-parameters")
     want = {"multifd-channels": params.multifd_channels, "multifd-compression": params.multifd_compression}
-    hint = "" if incoming == "none" else " (start QEMU with -incoming defer: livemig sets them before it listens)"
     try:
         if not caps.get("multifd"):
             mon.execute("migrate-set-capabilities", {"capabilities": [{"capability": "multifd", "state": True}]})
@@ -202,9 +202,17 @@ def configure(mon: QemuMonitor, params: MigrationParameters, uri: str) -> None:
         if changed:
             mon.execute("migrate-set-parameters", changed)
     except MigrationError as exc:
+        hint = ""
+        if incoming == "setup" or "incoming" in str(exc):
+            hint = " (start QEMU with -incoming defer: livemig sets them before it listens)"
         raise MigrationError(f"the destination QEMU refused the multifd settings{hint}: {exc}") from exc
-    if incoming == "none":
+    try:
         mon.execute("migrate-incoming", {"uri": uri})
+    except MigrationError as exc:
+        # -incoming URI on QEMU's command line: it listens already (where the user told it to);
+        # QEMU 7.2 shows no status for that, so its answer is the only sign
+        if "already been started" not in str(exc):
+            raise
 
 
 def await_incoming(mon: QemuMonitor, timeout: float) -> dict[str, Any]:
