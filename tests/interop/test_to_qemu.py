@@ -268,3 +268,22 @@ def test_qemu_listening_already(tmp_path: Path, kind: str) -> None:
             assert not out.exists()  # refused before a guest was built
     finally:
         dst.close()
+
+
+@pytest.mark.slow
+def test_qemu10_with_a_72_machine_type(tmp_path: Path) -> None:
+    """A 7.2 machine type on QEMU 10 turns multifd-flush-after-each-section on: livemig syncs at each
+    EOS (MULTIFD_FLUSH as well would leave QEMU waiting), and still lists zero pages (QEMU 10 reads them)."""
+    binary = qemu_or_skip("10.0")
+    qmp_port, memory = _free_port(), 64 << 20
+    dst = Qemu(binary, memory=memory, incoming=True,
+               extra=["-machine", "pc-q35-7.2", "-qmp", f"tcp:127.0.0.1:{qmp_port},server=on,wait=off"]).start()
+    try:
+        r, res = _migrate(tmp_path, f"tcp:127.0.0.1:{qmp_port}", "--guest", "portable", "--multifd-compression",
+                          "zstd", memory=memory)
+        assert r.returncode == 0, r.stderr + dst.log()
+        assert (res["destination"]["machine"], res["destination"]["sync"]) == ("pc-q35-7.2", "per-section")
+        assert res["ram"]["duplicate"] > 0
+        assert dst.read_ram() == (tmp_path / "dump" / "src-pc.ram.bin").read_bytes()
+    finally:
+        dst.close()
