@@ -19,7 +19,7 @@ import pytest
 
 from livemig.errors import Cancelled, MigrationError, ParameterError
 from livemig.guest import GuestConfig
-from livemig.migration.qemu_qmp import QemuDestination, check_fit, machine_name, parse_ramblocks
+from livemig.migration.qemu_qmp import QemuDestination, await_incoming, check_fit, machine_name, parse_ramblocks
 from livemig.migration.to_qemu import QemuHandover
 from livemig.params import MigrationParameters
 from support.fakeguest import FakeGuest
@@ -97,6 +97,33 @@ def test_no_qmp_monitor_there() -> None:
             "--memory", "4M", "--guest", "portable", "--timeout", "1", timeout=60)
     assert r.returncode == 1, r.stderr
     assert f"--peer-qmp tcp:127.0.0.1:{port}: no QMP monitor answered within 1 s" in r.stderr
+
+
+class _Monitor:
+    """Answers query-migrate from a list: a dict, or an exception raised as QmpConnection raises it."""
+
+    def __init__(self, *answers: dict[str, Any] | BaseException) -> None:
+        self.answers = list(answers)
+
+    def execute(self, command: str, arguments: Any = None, timeout: float = 30.0) -> Any:
+        assert command == "query-migrate"
+        answer = self.answers.pop(0)
+        if isinstance(answer, BaseException):
+            raise MigrationError(f"QMP {command} failed") from answer
+        return answer
+
+
+def test_await_incoming() -> None:
+    assert await_incoming(_Monitor({"status": "active"}, {"status": "completed"}), 5)["status"] == "completed"
+    assert await_incoming(_Monitor({"status": "failed", "error-desc": "x"}), 5)["error-desc"] == "x"
+    # no answer in time: QEMU may still run the guest (outcome unknown), unlike a closed monitor
+    with pytest.raises(TimeoutError, match="did not answer query-migrate within 5 s"):
+        await_incoming(_Monitor(TimeoutError()), 5)
+    with pytest.raises(MigrationError) as info:
+        await_incoming(_Monitor(EOFError()), 5)
+    assert not isinstance(info.value, TimeoutError)
+    with pytest.raises(TimeoutError, match="still 'active' 0.05 s after the stream ended"):
+        await_incoming(_Monitor(*[{"status": "active"}] * 100), 0.05)
 
 
 def _handover(notes: list[str]) -> tuple[QemuHandover, FakeGuest]:

@@ -217,11 +217,18 @@ def configure(mon: QemuMonitor, params: MigrationParameters, uri: str) -> None:
 
 def await_incoming(mon: QemuMonitor, timeout: float) -> dict[str, Any]:
     """Poll the destination's ``query-migrate`` until its incoming migration is ``completed`` or
-    ``failed``; returns the last answer. Raises TimeoutError when neither came within ``timeout`` s,
-    MigrationError when QMP fails (QEMU exits after a failed incoming migration)."""
+    ``failed``; returns the last answer. Raises TimeoutError when neither came (or QMP did not answer)
+    within ``timeout`` s, MigrationError when QMP failed otherwise (closed: QEMU exits after a failed
+    incoming migration)."""
     deadline = time.monotonic() + timeout
     while True:
-        info: dict[str, Any] = mon.execute("query-migrate", timeout=max(0.1, deadline - time.monotonic()))
+        try:
+            info: dict[str, Any] = mon.execute("query-migrate", timeout=max(0.1, deadline - time.monotonic()))
+        except MigrationError as exc:
+            if isinstance(exc.__cause__, TimeoutError):  # QEMU is there but did not answer: not a failure
+                raise TimeoutError(f"the destination QEMU did not answer query-migrate within {timeout:g} s "
+                                   "after the stream ended") from exc
+            raise
         if info.get("status") in ("completed", "failed"):
             return info
         if time.monotonic() > deadline:

@@ -121,7 +121,8 @@ class QemuSource(Source):
             raise HandoverTimeout(str(exc)) from exc
         except MigrationError as exc:  # QMP closed: QEMU exited, as it does after a failed load
             self.qemu_handover.destination_failed()
-            raise PeerFailed(f"the destination QEMU stopped answering before its migration completed: {exc}") from exc
+            raise PeerFailed(f"the destination QEMU's monitor closed before its migration completed (QEMU exits "
+                             f"after a failed incoming migration): {exc}") from exc
         if info.get("status") != "completed":
             self.qemu_handover.destination_failed()
             reason = info.get("error-desc", "no reason given")
@@ -132,7 +133,6 @@ class QemuSource(Source):
         self._note(f"destination QEMU {self.dest.version_text} ({self.dest.machine}) holds the guest's RAM in "
                    f"'{self.dest.ram_block[0]}' and is {run}; only RAM crossed: its vCPUs start from reset")
         return {**self.dest.describe(), "status": "completed", "run-state": run}
-
 
 
 def add_peer_options(p: argparse.ArgumentParser) -> None:
