@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -165,12 +167,13 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _destination(binary: QemuBinary) -> tuple[Qemu, str]:
+def _destination(binary: QemuBinary, tmp_path: Path | None = None) -> tuple[Qemu, str]:
     """A QEMU waiting for a migration (``-S -incoming defer``) with a second QMP monitor for livemig
-    (QEMU serves one client per monitor; the test holds the first)."""
-    port = _free_port()
-    dst = Qemu(binary, incoming=True, extra=["-qmp", f"tcp:127.0.0.1:{port},server=on,wait=off"]).start()
-    return dst, f"tcp:127.0.0.1:{port}"
+    (QEMU serves one client per monitor; the test holds the first): on TCP, or on a unix socket in
+    ``tmp_path`` (a directory under /dev/shm, which QEMU 10's chroot shares)."""
+    where = f"unix:{tmp_path / 'livemig-qmp.sock'}" if tmp_path else f"tcp:127.0.0.1:{_free_port()}"
+    dst = Qemu(binary, incoming=True, extra=["-qmp", f"{where},server=on,wait=off"]).start()
+    return dst, where
 
 
 def _migrate(tmp_path: Path, qmp: str, *args: str,
@@ -242,7 +245,8 @@ def test_size_mismatch_refused_before_anything_moves(tmp_path: Path) -> None:
 @pytest.mark.parametrize("kind", ["7.2", "10.0"])
 def test_qemu_dying_mid_migration_leaves_source_running(tmp_path: Path, kind: str) -> None:
     binary = qemu_or_skip(kind)
-    dst, qmp = _destination(binary)
+    shm = Path(tempfile.mkdtemp(prefix="livemig-test-", dir="/dev/shm"))
+    dst, qmp = _destination(binary, shm)
     out = tmp_path / "r.json"
     proc = subprocess.Popen(
         [sys.executable, "-m", "livemig.cli", "migrate", f"tcp:127.0.0.1:{_free_port()}", "--peer", "qemu",
@@ -260,6 +264,7 @@ def test_qemu_dying_mid_migration_leaves_source_running(tmp_path: Path, kind: st
             os.killpg(proc.pid, signal.SIGKILL)
             proc.communicate()
         dst.close()
+        shutil.rmtree(shm, ignore_errors=True)
     assert proc.returncode == 1, err
     res = json.loads(out.read_text())
     assert res["status"] == "failed"
