@@ -32,9 +32,9 @@ class QmpConnection:
         return self._loop.run_until_complete(asyncio.wait_for(aw, timeout))
 
     @classmethod
-    def connect(cls, path: str, name: str, timeout: float = 30.0) -> QmpConnection:
-        """Connect to the UNIX socket ``path`` (retried until QEMU listens or ``timeout`` s), greet,
-        negotiate capabilities. Raises BenchError."""
+    def connect(cls, path: str | tuple[str, int], name: str, timeout: float = 30.0) -> QmpConnection:
+        """Connect to the UNIX socket ``path`` (or a (host, port) TCP address; retried until QEMU
+        listens or ``timeout`` s), greet, negotiate capabilities. Raises BenchError."""
         conn = cls(name)
         deadline = time.monotonic() + timeout
         while True:

@@ -42,6 +42,7 @@ from .guestopts import add_guest_options, guest_config_from_args
 from .local import LocalDestination, die_with_parent
 from .source import Source
 from .tlsopts import add_tls_options, is_loopback, local_server_args, tls_from_args
+from .to_qemu import QemuPeer, add_peer_options, check_peer_options
 
 #: the shortest --timeout: below it, scheduling delays of a loaded host alone would fail a migration
 MIN_TIMEOUT = 0.1
@@ -198,6 +199,7 @@ def check_migrate(args: argparse.Namespace) -> Checked:
     if address is not None:
         resolve(address, args.uri)
     params, uuid = _check_common(args)
+    check_peer_options(args)
     tls = tls_from_args(args, True, address)
     return Checked(params, guest_config_from_args(args), address, uuid, tls,
                    local_server_args(tls) if args.local else None)
@@ -269,6 +271,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     local: LocalDestination | None = None
     tmpdir = tempfile.mkdtemp(prefix="livemig-")
     guest = None
+    peer: QemuPeer | None = None
     try:
         def say(message: str) -> None:
             if not args.quiet:
@@ -282,6 +285,9 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         else:
             assert chk.address is not None
             address = chk.address
+        if args.peer == "qemu":  # probed, checked and configured before the guest is built
+            peer = QemuPeer(args, gcfg.memory, chk.params, chk.uuid)
+            say(f"destination: {peer.describe()}")
         t0 = time.monotonic()
         guest = create_guest(gcfg)
         say(f"{gcfg.kind} guest, {format_size(gcfg.memory)}, fill {gcfg.fill} ({time.monotonic() - t0:.1f} s), "
@@ -290,9 +296,10 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         if args.run_before:
             time.sleep(args.run_before)
         connector = tls_connector(address, chk.tls)
-        src = Source(guest, connector, chk.params, uuid=chk.uuid, timeout=args.timeout, full_verify=args.full_verify,
-                     dump_ram=args.dump_ram, wait_report=args.run_after if args.local else 0.0,
-                     auto_converge=args.auto_converge, log=_source_log)
+        make = peer.source if peer else Source
+        src = make(guest, connector, chk.params, uuid=chk.uuid, timeout=args.timeout, full_verify=args.full_verify,
+                   dump_ram=args.dump_ram, wait_report=args.run_after if args.local else 0.0,
+                   auto_converge=args.auto_converge, log=_source_log)
         say(f"migrating to {address}{' over TLS' if chk.tls else ''} on "
             f"{plural(chk.params.multifd_channels, 'channel')}, "
             f"{src.method.name}: {src.method.backend()}")
@@ -335,10 +342,13 @@ def cmd_migrate(args: argparse.Namespace) -> int:
             _raise_failure(stats.status, stats.error, result, dres, signal.SIGTERM in interrupted)
         out: TextIO = sys.stderr if args.json == "-" else sys.stdout
         print(stats.table(), file=out)
-        print(destination_summary({**stats.destination, "status": "completed", "resumed": True}, gcfg.workload),
+        print(peer.summary(stats) if peer else
+              destination_summary({**stats.destination, "status": "completed", "resumed": True}, gcfg.workload),
               file=out)
         return 0
     finally:
+        if peer is not None:
+            peer.close()
         if local is not None:
             local.stop()
         if guest is not None:
@@ -500,6 +510,7 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     add_tls_options(m, source=True)
     from .filecli import add_file_options
     add_file_options(m)
+    add_peer_options(m)
     m.set_defaults(func=cmd_migrate)
 
     i = sub.add_parser("incoming", help="wait for a migration (destination side)",

@@ -163,8 +163,9 @@ class Source:
                 uuid=uuid,
                 page_size=self.page_size,
                 method=self.method,
-                views=self.views,
-                pages64={b.name: b.pages.view(np.uint64) for b in guest.blocks} if zero_detect else None,
+                views={self._wire_block(n): v for n, v in self.views.items()},
+                pages64={self._wire_block(b.name): b.pages.view(np.uint64) for b in guest.blocks}
+                if zero_detect else None,
                 limiter=self.limiter,
                 failed=self.channel_failed,
                 digests=self.digests,
@@ -236,6 +237,13 @@ class Source:
     # --- phases ----------------------------------------------------------------------------------
     def _setup(self) -> None:
         self.main = self.connector.connect(self.timeout)
+        self._open_stream()
+        self._open_channels()
+
+    def _open_stream(self) -> None:
+        """Header, configuration and livemig/config on the main channel, then the destination's Ready
+        (a QEMU destination: :class:`.to_qemu.QemuSource`)."""
+        assert self.main is not None
         self.rp = self.handover.rp = ReturnPath(self.main, "to-source", "destination")
         config = livemig_config(self.guest, self.params, self.uuid)
         self._main_write(
@@ -251,6 +259,9 @@ class Source:
             raise PeerFailed(f"destination refused the migration: {answer.error}")
         if not isinstance(answer, protocol.Ready):
             raise MigrationError(f"destination answered '{answer.TYPE}' to the configuration, expected 'ready'")
+
+    def _open_channels(self) -> None:
+        """Every multifd channel, then the RAM section's START: MEM_SIZE and the first flush."""
         for _ in range(self.params.multifd_channels):
             self._check()
             self.channels.add(self.connector.connect(self.timeout))
@@ -259,8 +270,7 @@ class Source:
         if self.autoconv is not None:
             self.autoconv.begin(time.monotonic(), self.stats.transferred)
             self._held0 = self._held_seconds()
-        blocks = [(b.name, b.size) for b in self.guest.blocks]
-        self._main_write(stream.section_start(SECTION_RAM, "ram", 0, 4) + stream.ram_mem_size(blocks))
+        self._main_write(stream.section_start(SECTION_RAM, "ram", 0, 4) + stream.ram_mem_size(self._ram_blocks()))
         self._flush_round()
         self._main_write(stream.ram_eos() + stream.section_footer(SECTION_RAM))
 
@@ -316,25 +326,8 @@ class Source:
             self._flush_round()
         self._main_write(stream.ram_eos() + stream.section_footer(SECTION_RAM))
         marks.append((f"send {npages} pages", time.monotonic()))
-        blob = self.guest.save_state()
-        marks.append(("save state", time.monotonic()))
-        digests = {name: d.digest(self.full_verify) for name, d in self.digests.items()}
-        marks.append(("digest", time.monotonic()))
-        self._main_write(
-            stream.section_full(SECTION_VCPU, "livemig/vcpu", 0, 1)
-            + stream.blob(blob)
-            + stream.section_footer(SECTION_VCPU)
-            + stream.section_full(SECTION_DIGEST, "livemig/digest", 0, 1)
-            + stream.blob(json.dumps({"algorithm": protocol.DIGEST_ALGORITHM, "blocks": digests}).encode())
-            + stream.section_footer(SECTION_DIGEST)
-            + stream.eof(),
-            ram=False,
-        )
-        self.handover.commit(digests, xxhash.xxh3_128(blob).hexdigest(), self.timeout)
-        marks.append(("destination prepared, commit", time.monotonic()))
-        answer = self.handover.resumed(self.timeout).stats
-        now = time.monotonic()
-        marks.append(("destination resumed", now))
+        answer = self._hand_over(marks)
+        now = marks[-1][1]
         self.stats.downtime_ms = (now - t_pause) * 1000
         self.stats.downtime_phases = _phases(t_pause, marks)
         self.stats.total_time_ms = (now - self.stats.start) * 1000
@@ -357,7 +350,38 @@ class Source:
             except MigrationError as exc:
                 self.stats.destination["report-error"] = str(exc)
 
+    def _hand_over(self, marks: list[tuple[str, float]]) -> dict[str, Any]:
+        """Guest state, digests and EOF, then livemig's commit; returns the destination's Resumed
+        counters. Appends its phases to ``marks``, the last one when the destination answered."""
+        blob = self.guest.save_state()
+        marks.append(("save state", time.monotonic()))
+        digests = {name: d.digest(self.full_verify) for name, d in self.digests.items()}
+        marks.append(("digest", time.monotonic()))
+        self._main_write(
+            stream.section_full(SECTION_VCPU, "livemig/vcpu", 0, 1)
+            + stream.blob(blob)
+            + stream.section_footer(SECTION_VCPU)
+            + stream.section_full(SECTION_DIGEST, "livemig/digest", 0, 1)
+            + stream.blob(json.dumps({"algorithm": protocol.DIGEST_ALGORITHM, "blocks": digests}).encode())
+            + stream.section_footer(SECTION_DIGEST)
+            + stream.eof(),
+            ram=False,
+        )
+        self.handover.commit(digests, xxhash.xxh3_128(blob).hexdigest(), self.timeout)
+        marks.append(("destination prepared, commit", time.monotonic()))
+        answer = self.handover.resumed(self.timeout).stats
+        marks.append(("destination resumed", time.monotonic()))
+        return dict(answer)
+
     # --- pieces ----------------------------------------------------------------------------------
+    def _wire_block(self, name: str) -> str:
+        """The name multifd packets give the guest's RAM block ``name`` (the destination's own block)."""
+        return name
+
+    def _ram_blocks(self) -> list[tuple[str, int]]:
+        """MEM_SIZE's list: (block id, used length in bytes) of every block the destination has."""
+        return [(b.name, b.size) for b in self.guest.blocks]
+
     def _send_dirty(self, dirty: dict[str, np.ndarray]) -> int:
         """Queue every dirty page, in packets of one block; returns the pages queued."""
         total = sum(int(d.size) for d in dirty.values())
@@ -371,7 +395,7 @@ class Source:
             def left(n: int, after: int = after) -> None:
                 self.stats.remaining = (after + n) * self.page_size
 
-            self.channels.queue_pages(block.name, idx, self.page_count, left)
+            self.channels.queue_pages(self._wire_block(block.name), idx, self.page_count, left)
         return total
 
     def _flush_round(self) -> None:
