@@ -159,6 +159,11 @@ class SourceHandover:
             elif action == p.REPORT_UNKNOWN:
                 self.log(p.UNKNOWN_ADVICE)
 
+    def cont(self) -> None:
+        """The operator resumes the guest of an unknown outcome (``cont`` at ``livemig vm``'s monitor)."""
+        with self._lock:
+            self._do(self.h.step("cont"))
+
     def switchover(self) -> None:
         """Stop the guest for the final pass (the table's pause)."""
         self._do(self.h.step("switchover"))
@@ -251,6 +256,9 @@ class DestinationHandover:
         self._prepared: p.Prepared | None = None
         #: the guest's progress() just before it resumed
         self.progress_at_resume = 0
+        #: False: on commit the guest is taken over but not run (``livemig vm -S``, QEMU's paused
+        #: destination), until the VM's ``cont``
+        self.resume_guest = True
 
     @property
     def running(self) -> bool:
@@ -265,7 +273,8 @@ class DestinationHandover:
             elif action == p.RESUME_GUEST:
                 assert guest is not None
                 self.progress_at_resume = guest.progress()
-                guest.resume()
+                if self.resume_guest:
+                    guest.resume()
             elif action == p.SEND_RESUMED:
                 assert self.rp is not None
                 try:  # the guest runs here now, whatever happens to this answer
