@@ -9,6 +9,7 @@ import os
 import pty
 import select
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -28,7 +29,9 @@ def test_qmp_migration_between_two_vm_processes(tmp_path: Path, procs: list[subp
         src, dst = await pair(tmp_path, procs)
         await migrate(src, dst, **{"multifd-channels": 4, "max-bandwidth": 0})
         src_events = await until(src, "MIGRATION", "completed")
-        dst_events = await until(dst, "RESUME")
+        dst_events = await until(dst, "MIGRATION", "completed")
+        names = [e["event"] for e in dst_events]
+        assert names.index("RESUME") < len(names) - 1  # as QEMU: RESUME, then MIGRATION completed
         assert [e["data"]["status"] for e in src_events if e["event"] == "MIGRATION"] == \
             ["setup", "active", "device", "completed"]
         assert [e["data"]["status"] for e in dst_events if e["event"] == "MIGRATION"] == \
@@ -77,7 +80,7 @@ def test_migrate_cancel_between_processes(tmp_path: Path, procs: list[subprocess
     run(main)
 
 
-def _readuntil(fd: int, marker: bytes, timeout: float = 60) -> bytes:
+def _read_until(fd: int, marker: bytes, timeout: float = 60) -> bytes:
     out = b""
     deadline = time.monotonic() + timeout
     while marker not in out:
@@ -101,16 +104,16 @@ def test_hmp_on_stdio_pty(procs: list[subprocess.Popen[bytes]]) -> None:
     procs.append(proc)
     os.close(slave)
     try:
-        assert b"monitor - type 'help' for more information" in _readuntil(master, b"(qemu) ")
+        assert b"monitor - type 'help' for more information" in _read_until(master, b"(qemu) ")
 
         def type_line(line: str) -> str:
             os.write(master, line.encode() + b"\n")
-            return _readuntil(master, b"(qemu) ").decode().replace("\r", "")
+            return _read_until(master, b"(qemu) ").decode().replace("\r", "")
 
-        assert "Error" not in type_line("migrate_set_parameter multifd-compression zstd")
+        assert "Error" not in type_line("migrate_set_parameter multifd-compression qatzip")
         assert "Error" not in type_line("migrate_set_parameter multifd-qatzip-level 1")
         out = type_line("info migrate_parameters")
-        assert "multifd-compression: zstd\n" in out and "multifd-qatzip-level: 1\n" in out
+        assert "multifd-compression: qatzip\n" in out and "multifd-qatzip-level: 1\n" in out
         assert "Error: Parameter 'multifd_qatzip_level' expects a value between 1 and 9" in \
             type_line("migrate_set_parameter multifd-qatzip-level 10")
         assert "unknown command: 'nonsense'" in type_line("nonsense")
@@ -119,6 +122,52 @@ def test_hmp_on_stdio_pty(procs: list[subprocess.Popen[bytes]]) -> None:
         assert proc.wait(30) == 0
     finally:
         os.close(master)
+
+
+class Pty:
+    """A ``livemig vm --monitor stdio`` on a pseudo-terminal, typed at as a user does."""
+
+    def __init__(self, procs: list[subprocess.Popen[bytes]], *args: str) -> None:
+        self.master, slave = pty.openpty()
+        self.proc = vm(*GUEST, *args, "--monitor", "stdio", stdin=slave, stdout=slave)
+        procs.append(self.proc)
+        os.close(slave)
+        assert b"type 'help' for more information" in _read_until(self.master, b"(qemu) ")
+
+    def type(self, line: str, timeout: float = 60) -> str:
+        os.write(self.master, line.encode() + b"\n")
+        out = _read_until(self.master, b"(qemu) ", timeout).decode().replace("\r", "")
+        return out.removeprefix(line + "\n").removesuffix("(qemu) ")
+
+
+def test_the_feature_documents_steps_at_two_hmp_prompts(procs: list[subprocess.Popen[bytes]]) -> None:
+    """qatzip-compression.rst, "How to use", steps 3 and 4 typed literally on both sides, then the
+    migration through HMP: migrate_incoming, migrate (waits), info migrate, info status."""
+    dst = Pty(procs, "--incoming", "defer")
+    src = Pty(procs, "--workload", "counter")
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    try:
+        for side in (dst, src):
+            assert side.type("migrate_set_capability multifd on") == ""
+            assert side.type("migrate_set_parameter multifd-compression qatzip") == ""  # step 3
+            assert side.type("migrate_set_parameter multifd-qatzip-level 1") == ""  # step 4
+            assert "multifd: on\n" in side.type("info migrate_capabilities")
+        assert dst.type(f"migrate_incoming tcp:127.0.0.1:{port}") == ""
+        assert src.type("migrate_set_parameter max-passes 8") == ""
+        assert src.type(f"migrate tcp:127.0.0.1:{port}", timeout=120) == ""  # returns when it ended
+        info = src.type("info migrate")
+        assert info.startswith("Migration status: completed\n") and "total ram: 32768 kbytes\n" in info, info
+        assert src.type("info status") == "VM status: paused (postmigrate)\n"
+        assert dst.type("info status") == "VM status: running\n"
+        for side in (src, dst):
+            os.write(side.master, b"quit\n")
+            assert side.proc.wait(30) == 0
+    finally:
+        for side in (src, dst):
+            os.close(side.master)
 
 
 def test_hmp_on_a_unix_socket(tmp_path: Path, procs: list[subprocess.Popen[bytes]]) -> None:

@@ -259,6 +259,9 @@ class DestinationHandover:
         #: False: on commit the guest is taken over but not run (``livemig vm -S``, QEMU's paused
         #: destination), until the VM's ``cont``
         self.resume_guest = True
+        #: called once the guest is taken over (resumed, or kept stopped by ``resume_guest``), before
+        #: the source hears Resumed: ``livemig vm`` switches its run state there
+        self.on_resumed: Callable[[], None] | None = None
 
     @property
     def running(self) -> bool:
@@ -275,6 +278,8 @@ class DestinationHandover:
                 self.progress_at_resume = guest.progress()
                 if self.resume_guest:
                     guest.resume()
+                if self.on_resumed is not None:
+                    self.on_resumed()
             elif action == p.SEND_RESUMED:
                 assert self.rp is not None
                 try:  # the guest runs here now, whatever happens to this answer

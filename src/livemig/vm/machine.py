@@ -351,6 +351,7 @@ class VM:
             self._incoming_started = True
             self.destination = dst
             dst.handover.resume_guest = self.autostart  # -S: the guest never runs before cont
+            dst.handover.on_resumed = self._taken_over
             self._incoming = {"status": "setup", "socket-address": [_socket_address(address, dst.port)]}
             self._migration_event("setup")
             self._spawn("incoming", self._run_destination, dst, exit_on_error)
@@ -369,12 +370,8 @@ class VM:
             if info["status"] == "completed":
                 self._incoming = info | {"livemig": {k: v for k, v in result.items() if k != "status"}}
                 self._migration_event("completed")
-                self._started = True  # its state is loaded: cont resumes it
-                if dst.handover.resume_guest:
-                    self.state = "running"
-                    self.emit("RESUME", None)
-                else:  # -S (or stop while inmigrate): loaded, never run, waiting for cont (QEMU: paused)
-                    self.state = "paused"
+                if self.state == "inmigrate":
+                    self._taken_over()
                 return
             info["status"] = "failed"
             info["error-desc"] = str(result.get("error-desc", "incoming migration failed"))
@@ -382,6 +379,18 @@ class VM:
             self._migration_event("failed")
         if exit_on_error and self.on_quit is not None:
             self.on_quit(f"load of migration failed: {info['error-desc']}", 1)
+
+    def _taken_over(self) -> None:
+        """The incoming guest is ours (before the source hears it): running, or with -S (or stop while
+        inmigrate) loaded and never run, waiting for cont (QEMU: paused). RESUME comes before
+        MIGRATION completed, as in QEMU's process_incoming_migration_bh."""
+        with self.lock:
+            self._started = True  # its state is loaded: cont resumes it
+            if self.destination is not None and self.destination.handover.resume_guest:
+                self.state = "running"
+                self.emit("RESUME", None)
+            else:
+                self.state = "paused"
 
     def _watch_incoming(self, dst: Destination, done: threading.Event) -> None:
         while not done.wait(0.02):
