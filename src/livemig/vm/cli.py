@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import signal
 import sys
 from dataclasses import dataclass
@@ -144,7 +145,8 @@ async def _serve(vm: VM, qmp: list[MonitorSpec], hmp_specs: list[MonitorSpec], i
             stopping.set()
 
     def on_quit(reason: str, code: int) -> None:
-        loop.call_soon_threadsafe(request_stop, reason, code)
+        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: the VM is quitting anyway
+            loop.call_soon_threadsafe(request_stop, reason, code)
 
     def hmp_line(line: str) -> str:
         result = hmp.run(line)

@@ -9,7 +9,8 @@ object-add/object-del (tls-creds-x509 and authz-simple; tls-creds-psk is refused
 ``--object`` refuses it: Python 3.11's ssl has no TLS-PSK), and livemig's own ``x-query-workload``
 (QEMU's ``x-`` prefix for what is not QEMU's: the guest's progress counter and workload check).
 Not supported (no livemig counterpart yet): the ``channels`` argument of migrate and
-migrate-incoming, postcopy and the other capabilities.
+migrate-incoming, postcopy and the other capabilities, ``query-qmp-schema`` (no QAPI introspection;
+``query-commands`` lists what exists).
 """
 
 from __future__ import annotations
