@@ -1,6 +1,6 @@
 """SIGTERM is Ctrl-C with another exit status: ``livemig migrate --local`` cancels, says ``terminated``,
-exits 143, stops its destination and removes its temporary directory; the destination also dies with
-a source killed outright (SIGKILL)."""
+exits 143, stops its two ``livemig vm`` processes and removes its temporary directory; the VMs also die
+with a ``migrate --local`` killed outright (SIGKILL)."""
 
 from __future__ import annotations
 
@@ -44,23 +44,24 @@ def _gone(pid: int, within: float) -> bool:
     return False
 
 
-def _start_migrating() -> tuple[subprocess.Popen[str], int, Path]:
-    """The source once it migrates, its destination's pid and the temporary directory of both."""
+def _start_migrating() -> tuple[subprocess.Popen[str], list[int], Path]:
+    """``migrate --local`` once it migrates, its two VMs' pids and their temporary directory."""
     p = subprocess.Popen([sys.executable, "-m", "livemig.cli", *ARGS], stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True)
     assert p.stderr is not None
     for line in p.stderr:
         if line.startswith("livemig: migrating to"):
             break
-    [child] = [c for c in _children(p.pid) if b"incoming" in Path(f"/proc/{c}/cmdline").read_bytes()]
-    argv = Path(f"/proc/{child}/cmdline").read_bytes().decode().split("\0")
-    tmpdir = Path(argv[argv.index("--port-file") + 1]).parent
+    vms = [c for c in _children(p.pid) if b"\0vm\0" in Path(f"/proc/{c}/cmdline").read_bytes()]
+    assert len(vms) == 2
+    argv = Path(f"/proc/{vms[0]}/cmdline").read_bytes().decode().split("\0")
+    tmpdir = Path(argv[argv.index("--qmp") + 1].removeprefix("unix:").split(",")[0]).parent
     assert tmpdir.is_dir()
-    return p, child, tmpdir
+    return p, vms, tmpdir
 
 
 def test_sigterm_cancels_stops_the_destination_and_cleans_up() -> None:
-    p, child, tmpdir = _start_migrating()
+    p, vms, tmpdir = _start_migrating()
     time.sleep(0.5)
     p.send_signal(signal.SIGTERM)
     out, err = p.communicate(timeout=60)
@@ -69,15 +70,15 @@ def test_sigterm_cancels_stops_the_destination_and_cleans_up() -> None:
     assert lines[-2] == "livemig migrate: terminated", err
     assert lines[-1].endswith("the source guest is running"), err
     assert "Traceback" not in err and out == ""
-    assert _gone(child, 10), "the local destination outlived its source"
+    assert all(_gone(vm, 10) for vm in vms), "a local VM outlived migrate --local"
     assert not tmpdir.exists()
 
 
-def test_the_destination_dies_with_a_killed_source() -> None:
-    p, child, tmpdir = _start_migrating()
+def test_the_vms_die_with_a_killed_migrate_local() -> None:
+    p, vms, tmpdir = _start_migrating()
     p.kill()
     p.communicate(timeout=60)
-    assert _gone(child, 20), "the local destination outlived a SIGKILLed source"
+    assert all(_gone(vm, 20) for vm in vms), "a local VM outlived a SIGKILLed migrate --local"
     if tmpdir.exists():  # nobody left to remove it: a SIGKILLed source cannot
         for f in tmpdir.iterdir():
             f.unlink()

@@ -69,7 +69,7 @@ def test_qmpclient_two_clients_events_and_tcp(tmp_path: Path) -> None:
         path = str(tmp_path / "qmp.sock")
         await server.listen_unix(path)
         assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
-        port = await server.listen_tcp("127.0.0.1", 0)
+        port, _ = await server.listen_tcp("127.0.0.1", 0)
         a, b = QMPClient("a"), QMPClient("b")
         await a.connect(path)
         await b.connect(("127.0.0.1", port))

@@ -155,7 +155,8 @@ def test_parameters_and_capabilities(pair: tuple[Monitor, Monitor]) -> None:
 def test_migration_completes_with_events(pair: tuple[Monitor, Monitor]) -> None:
     src, dst = pair
     _start(src, dst, **{"multifd-channels": 3, "multifd-compression": "zlib", "max-bandwidth": 0})
-    wait_for(lambda: "completed" in src.statuses() and dst("query-status")["status"] == "running", "completion")
+    wait_for(lambda: "completed" in src.statuses() and "completed" in dst.statuses(), "completion")
+    assert dst("query-status")["status"] == "running"  # since the handover, before completed (as QEMU)
     assert src.statuses() == ["setup", "active", "device", "completed"]
     assert dst.statuses() == ["setup", "active", "completed"]
     assert src("query-status") == {"status": "postmigrate", "running": False}
@@ -264,3 +265,33 @@ def test_stopped_destination_stays_paused_after_migration(pair: tuple[Monitor, M
     assert not dst.vm.guest.running and "RESUME" not in dst.names()
     dst("cont")
     assert dst("query-status")["status"] == "running" and dst.vm.guest.running
+
+
+def test_cont_after_an_unknown_outcome_is_an_explicit_act() -> None:
+    """The source committed but never heard the destination resume (handover ``unknown``, guest in
+    postmigrate): the first cont says what to check and changes nothing; a second one resumes."""
+    from types import SimpleNamespace
+
+    from livemig.migration import protocol
+    from livemig.migration.handover import SourceHandover
+    from livemig.vm.machine import UNKNOWN_CONT
+
+    m = Monitor()
+    m.vm.guest.pause()
+    handover = SourceHandover(m.vm.guest, lambda _m: None)
+    for event in ("switchover", "prepared", "timeout"):  # paused, committed, then no answer
+        handover.h.step(event)
+    assert handover.state == protocol.S_UNKNOWN
+    m.vm.source = SimpleNamespace(handover=handover)  # type: ignore[assignment]
+    m.vm.state, m.vm._unknown = "postmigrate", True
+    try:
+        assert m.error("cont") == UNKNOWN_CONT
+        assert "Check the destination first" in UNKNOWN_CONT
+        assert m("query-status") == {"status": "postmigrate", "running": False} and not m.vm.guest.running
+        assert "RESUME" not in m.names()
+        assert m("cont") == {}
+        assert m("query-status") == {"status": "running", "running": True} and m.vm.guest.running
+        assert handover.state == protocol.S_OPERATOR_RESUMED and m.names()[-1] == "RESUME"
+    finally:
+        m.vm.source = None
+        m.vm.close()

@@ -9,93 +9,29 @@ import os
 import pty
 import select
 import signal
+import socket
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from qemu.qmp import ConnectError, QMPClient
+
+from support.vmproc import GUEST, connect, migrate, pair, run, until, vm
 
 pytestmark = pytest.mark.slow
 logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)  # connect retries while the VM starts
 
-GUEST = ["--guest", "portable", "--memory", "32M", "--fill", "random"]
-
-
-def _vm(*args: str, **kw: Any) -> subprocess.Popen[bytes]:
-    kw.setdefault("stdin", subprocess.DEVNULL)
-    kw.setdefault("stdout", subprocess.PIPE)
-    kw.setdefault("stderr", subprocess.PIPE)
-    return subprocess.Popen([sys.executable, "-m", "livemig.cli", "vm", *args], **kw)
-
-
-@pytest.fixture
-def procs() -> Iterator[list[subprocess.Popen[bytes]]]:
-    started: list[subprocess.Popen[bytes]] = []
-    yield started
-    for p in started:
-        if p.poll() is None:
-            p.kill()
-        p.wait()
-
-
-async def _connect(path: Path, proc: subprocess.Popen[bytes]) -> QMPClient:
-    client = QMPClient(path.name)
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            await client.connect(str(path))
-            return client
-        except ConnectError:
-            assert proc.poll() is None, proc.communicate()[1].decode()
-            assert time.monotonic() < deadline, "the VM's QMP socket never answered"
-            await asyncio.sleep(0.05)
-
-
-async def _until(client: QMPClient, name: str, status: str | None = None) -> list[dict[str, Any]]:
-    """Events up to and including ``name`` (with data.status == status); all of them returned."""
-    seen = []
-    while True:
-        ev = await asyncio.wait_for(client.events.get(), 60)
-        seen.append(dict(ev))
-        if ev["event"] == name and (status is None or ev["data"]["status"] in (status, "failed")):
-            return seen
-
-
-def _run(coro: Callable[[], Awaitable[None]]) -> None:
-    asyncio.run(asyncio.wait_for(coro(), 120))
-
-
-async def _pair(tmp_path: Path, procs: list[subprocess.Popen[bytes]], *src_args: str
-                ) -> tuple[QMPClient, QMPClient]:
-    procs.append(_vm(*GUEST, "--workload", "counter", "--name", "src", *src_args,
-                     "--qmp", f"unix:{tmp_path / 'src.sock'},server=on,wait=off"))
-    procs.append(_vm(*GUEST, "--incoming", "defer", "--name", "dst",
-                     "--qmp", f"unix:{tmp_path / 'dst.sock'},server=on,wait=off"))
-    src = await _connect(tmp_path / "src.sock", procs[0])
-    dst = await _connect(tmp_path / "dst.sock", procs[1])
-    return src, dst
-
-
-async def _migrate(src: QMPClient, dst: QMPClient, **params: Any) -> None:
-    for c in (src, dst):
-        await c.execute("migrate-set-capabilities", {"capabilities": [{"capability": "events", "state": True}]})
-        await c.execute("migrate-set-parameters", params)
-    assert (await dst.execute("query-status"))["status"] == "inmigrate"
-    await dst.execute("migrate-incoming", {"uri": "tcp:127.0.0.1:0"})
-    info: dict[str, Any] = await dst.execute("query-migrate")  # type: ignore[assignment]
-    await src.execute("migrate", {"uri": f"tcp:127.0.0.1:{info['socket-address'][0]['port']}"})
-
 
 def test_qmp_migration_between_two_vm_processes(tmp_path: Path, procs: list[subprocess.Popen[bytes]]) -> None:
     async def main() -> None:
-        src, dst = await _pair(tmp_path, procs)
-        await _migrate(src, dst, **{"multifd-channels": 4, "max-bandwidth": 0})
-        src_events = await _until(src, "MIGRATION", "completed")
-        dst_events = await _until(dst, "RESUME")
+        src, dst = await pair(tmp_path, procs)
+        await migrate(src, dst, **{"multifd-channels": 4, "max-bandwidth": 0})
+        src_events = await until(src, "MIGRATION", "completed")
+        dst_events = await until(dst, "MIGRATION", "completed")
+        names = [e["event"] for e in dst_events]
+        assert names.index("RESUME") < len(names) - 1  # as QEMU: RESUME, then MIGRATION completed
         assert [e["data"]["status"] for e in src_events if e["event"] == "MIGRATION"] == \
             ["setup", "active", "device", "completed"]
         assert [e["data"]["status"] for e in dst_events if e["event"] == "MIGRATION"] == \
@@ -110,21 +46,21 @@ def test_qmp_migration_between_two_vm_processes(tmp_path: Path, procs: list[subp
         assert isinstance(text, str) and text.startswith("Migration status: completed\n")
         for client, proc in ((src, procs[0]), (dst, procs[1])):
             await client.execute("quit")
-            ev = await _until(client, "SHUTDOWN")
+            ev = await until(client, "SHUTDOWN")
             assert ev[-1]["data"] == {"guest": False, "reason": "host-qmp-quit"}
             with contextlib.suppress(EOFError):  # the server hung up after SHUTDOWN, as QEMU does
                 await client.disconnect()
             assert await asyncio.to_thread(proc.wait, 30) == 0
-    _run(main)
+    run(main)
 
 
 def test_migrate_cancel_between_processes(tmp_path: Path, procs: list[subprocess.Popen[bytes]]) -> None:
     async def main() -> None:
-        src, dst = await _pair(tmp_path, procs)
-        await _migrate(src, dst, **{"max-bandwidth": 1 << 20})
-        await _until(src, "MIGRATION", "active")
+        src, dst = await pair(tmp_path, procs)
+        await migrate(src, dst, **{"max-bandwidth": 1 << 20})
+        await until(src, "MIGRATION", "active")
         await src.execute("migrate_cancel")
-        events = await _until(src, "MIGRATION", "cancelled")
+        events = await until(src, "MIGRATION", "cancelled")
         assert events[-1]["data"]["status"] == "cancelled"
         assert await src.execute("query-status") == {"status": "running", "running": True}
         # the destination fails the incoming migration and exits, as QEMU does (exit-on-error)
@@ -136,12 +72,12 @@ def test_migrate_cancel_between_processes(tmp_path: Path, procs: list[subprocess
         with contextlib.suppress(EOFError):
             await dst.disconnect()
         procs[0].send_signal(signal.SIGTERM)
-        ev = await _until(src, "SHUTDOWN")
+        ev = await until(src, "SHUTDOWN")
         assert ev[-1]["data"] == {"guest": False, "reason": "host-signal"}
         with contextlib.suppress(EOFError):
             await src.disconnect()
         assert await asyncio.to_thread(procs[0].wait, 30) == 0
-    _run(main)
+    run(main)
 
 
 def _read_until(fd: int, marker: bytes, timeout: float = 60) -> bytes:
@@ -164,7 +100,7 @@ def _read_until(fd: int, marker: bytes, timeout: float = 60) -> bytes:
 
 def test_hmp_on_stdio_pty(procs: list[subprocess.Popen[bytes]]) -> None:
     master, slave = pty.openpty()
-    proc = _vm(*GUEST, "--monitor", "stdio", stdin=slave, stdout=slave)
+    proc = vm(*GUEST, "--monitor", "stdio", stdin=slave, stdout=slave)
     procs.append(proc)
     os.close(slave)
     try:
@@ -174,10 +110,10 @@ def test_hmp_on_stdio_pty(procs: list[subprocess.Popen[bytes]]) -> None:
             os.write(master, line.encode() + b"\n")
             return _read_until(master, b"(qemu) ").decode().replace("\r", "")
 
-        assert "Error" not in type_line("migrate_set_parameter multifd-compression zstd")
+        assert "Error" not in type_line("migrate_set_parameter multifd-compression qatzip")
         assert "Error" not in type_line("migrate_set_parameter multifd-qatzip-level 1")
         out = type_line("info migrate_parameters")
-        assert "multifd-compression: zstd\n" in out and "multifd-qatzip-level: 1\n" in out
+        assert "multifd-compression: qatzip\n" in out and "multifd-qatzip-level: 1\n" in out
         assert "Error: Parameter 'multifd_qatzip_level' expects a value between 1 and 9" in \
             type_line("migrate_set_parameter multifd-qatzip-level 10")
         assert "unknown command: 'nonsense'" in type_line("nonsense")
@@ -188,10 +124,56 @@ def test_hmp_on_stdio_pty(procs: list[subprocess.Popen[bytes]]) -> None:
         os.close(master)
 
 
+class Pty:
+    """A ``livemig vm --monitor stdio`` on a pseudo-terminal, typed at as a user does."""
+
+    def __init__(self, procs: list[subprocess.Popen[bytes]], *args: str) -> None:
+        self.master, slave = pty.openpty()
+        self.proc = vm(*GUEST, *args, "--monitor", "stdio", stdin=slave, stdout=slave)
+        procs.append(self.proc)
+        os.close(slave)
+        assert b"type 'help' for more information" in _read_until(self.master, b"(qemu) ")
+
+    def type(self, line: str, timeout: float = 60) -> str:
+        os.write(self.master, line.encode() + b"\n")
+        out = _read_until(self.master, b"(qemu) ", timeout).decode().replace("\r", "")
+        return out.removeprefix(line + "\n").removesuffix("(qemu) ")
+
+
+def test_the_feature_documents_steps_at_two_hmp_prompts(procs: list[subprocess.Popen[bytes]]) -> None:
+    """qatzip-compression.rst, "How to use", steps 3 and 4 typed literally on both sides, then the
+    migration through HMP: migrate_incoming, migrate (waits), info migrate, info status."""
+    dst = Pty(procs, "--incoming", "defer")
+    src = Pty(procs, "--workload", "counter")
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    try:
+        for side in (dst, src):
+            assert side.type("migrate_set_capability multifd on") == ""
+            assert side.type("migrate_set_parameter multifd-compression qatzip") == ""  # step 3
+            assert side.type("migrate_set_parameter multifd-qatzip-level 1") == ""  # step 4
+            assert "multifd: on\n" in side.type("info migrate_capabilities")
+        assert dst.type(f"migrate_incoming tcp:127.0.0.1:{port}") == ""
+        assert src.type("migrate_set_parameter max-passes 8") == ""
+        assert src.type(f"migrate tcp:127.0.0.1:{port}", timeout=120) == ""  # returns when it ended
+        info = src.type("info migrate")
+        assert info.startswith("Migration status: completed\n") and "total ram: 32768 kbytes\n" in info, info
+        assert src.type("info status") == "VM status: paused (postmigrate)\n"
+        assert dst.type("info status") == "VM status: running\n"
+        for side in (src, dst):
+            os.write(side.master, b"quit\n")
+            assert side.proc.wait(30) == 0
+    finally:
+        for side in (src, dst):
+            os.close(side.master)
+
+
 def test_hmp_on_a_unix_socket(tmp_path: Path, procs: list[subprocess.Popen[bytes]]) -> None:
     path = tmp_path / "hmp.sock"
     qmp = tmp_path / "qmp.sock"
-    procs.append(_vm(*GUEST, "-S", "--monitor", f"unix:{path},server=on,wait=off", "--qmp", f"unix:{qmp}"))
+    procs.append(vm(*GUEST, "-S", "--monitor", f"unix:{path},server=on,wait=off", "--qmp", f"unix:{qmp}"))
 
     async def main() -> None:
         deadline = time.monotonic() + 60
@@ -212,7 +194,7 @@ def test_hmp_on_a_unix_socket(tmp_path: Path, procs: list[subprocess.Popen[bytes
         await reader.read()
         writer.close()
         assert await asyncio.to_thread(procs[0].wait, 30) == 0
-    _run(main)
+    run(main)
     stderr = procs[0].communicate()[1].decode()
     assert "Traceback" not in stderr and "CancelledError" not in stderr, stderr
     assert not path.exists() and not qmp.exists(), "quit left the monitor socket files behind"
@@ -220,13 +202,13 @@ def test_hmp_on_a_unix_socket(tmp_path: Path, procs: list[subprocess.Popen[bytes
 
 def test_sigterm_removes_socket_files(tmp_path: Path, procs: list[subprocess.Popen[bytes]]) -> None:
     hmp, qmp = tmp_path / "hmp.sock", tmp_path / "qmp.sock"
-    procs.append(_vm(*GUEST, "--monitor", f"unix:{hmp}", "--qmp", f"unix:{qmp},server=on,wait=off"))
+    procs.append(vm(*GUEST, "--monitor", f"unix:{hmp}", "--qmp", f"unix:{qmp},server=on,wait=off"))
 
     async def main() -> None:
-        client = await _connect(qmp, procs[0])
+        client = await connect(qmp, procs[0])
         assert (await client.execute("query-status"))["status"] == "running"
         await client.disconnect()
-    _run(main)
+    run(main)
     assert hmp.exists()
     procs[0].send_signal(signal.SIGTERM)
     assert procs[0].wait(30) == 0
@@ -263,7 +245,7 @@ def test_migration_over_tls_with_object_add(tmp_path: Path, procs: list[subproce
     pki = str(make_pair(tmp_path / "pki"))
 
     async def main() -> None:
-        src, dst = await _pair(tmp_path, procs)
+        src, dst = await pair(tmp_path, procs)
         await src.execute("object-add", {"qom-type": "tls-creds-x509", "id": "tls0", "dir": pki,
                                          "endpoint": "client"})
         await dst.execute("object-add", {"qom-type": "tls-creds-x509", "id": "tls0", "dir": pki,
@@ -287,28 +269,30 @@ def test_migration_over_tls_with_object_add(tmp_path: Path, procs: list[subproce
             await dst.execute("object-del", {"id": "tls0"})
         params = await dst.execute("query-migrate-parameters")
         assert isinstance(params, dict) and params["tls-creds"] == "tls0" and params["tls-authz"] == ""
-        await _migrate(src, dst, **{"multifd-channels": 2})
-        events = await _until(src, "MIGRATION", "completed")
+        # the counter guest dirties 20000 pages/s; TLS on a loaded host may send fewer: bound the passes
+        await migrate(src, dst, **{"multifd-channels": 2, "max-passes": 8})
+        events = await until(src, "MIGRATION", "completed")
         assert events[-1]["data"]["status"] == "completed", await src.execute("query-migrate")
-        await _until(dst, "RESUME")
+        await until(dst, "RESUME")
         assert await dst.execute("query-status") == {"status": "running", "running": True}
         await dst.execute("object-del", {"id": "auth0"})
         with pytest.raises(ExecuteError, match="object 'auth0' not found"):
             await dst.execute("object-del", {"id": "auth0"})
-    _run(main)
+    run(main)
 
 
 def test_tls_destination_refuses_a_plain_source(tmp_path: Path, procs: list[subprocess.Popen[bytes]]) -> None:
+
     from livemig.transport.certgen import make_pair
 
     pki = str(make_pair(tmp_path / "pki"))
 
     async def main() -> None:
-        src, dst = await _pair(tmp_path, procs)
+        src, dst = await pair(tmp_path, procs)
         await dst.execute("object-add", {"qom-type": "tls-creds-x509", "id": "tls0", "dir": pki,
                                          "endpoint": "server"})
         await dst.execute("migrate-set-parameters", {"tls-creds": "tls0"})
-        await _migrate(src, dst)
-        events = await _until(src, "MIGRATION", "completed")
+        await migrate(src, dst)
+        events = await until(src, "MIGRATION", "completed")
         assert events[-1]["data"]["status"] == "failed"
-    _run(main)
+    run(main)

@@ -1,11 +1,15 @@
-"""The one QMP driver of a bench migration, for both engines: two VM processes (QEMU's or
-``livemig vm``), each with a QMP socket, the destination started with ``-incoming defer``.
+"""The one QMP driver of a migration between two VM processes (QEMU's or ``livemig vm``), each with a
+QMP socket, the destination started with ``-incoming defer``: ``livemig bench`` (both engines) and
+``livemig migrate --local`` drive their peers with it.
 
-:func:`drive` sets the capabilities and parameters on both sides, ``migrate-incoming`` on the
-destination, ``migrate`` on the source, awaits the source's then the destination's ``MIGRATION``
-event with a final status (``query-migrate`` is also asked every :data:`RECHECK_S`, so a lost event
-costs at most that), and takes each side's final ``query-migrate`` as its statistics. Send/recv CPU seconds come from
-/proc/<pid>/stat; the loopback bytes from the bench's private network namespace.
+:class:`Peers` does the steps: :meth:`~Peers.configure` sets the capabilities and parameters on
+both sides (and the TLS objects), :meth:`~Peers.listen` sends ``migrate-incoming`` to the
+destination and reads back where it listens, :meth:`~Peers.migrate` sends ``migrate`` to the
+source, :meth:`~Peers.await_final` awaits a ``MIGRATION`` event with a final status
+(``query-migrate`` is also asked every :data:`RECHECK_S`, so a lost event costs at most that; a
+cancel request becomes ``migrate_cancel``). :func:`drive` is the bench's whole run: each side's
+final ``query-migrate`` as its statistics, send/recv CPU seconds from /proc/<pid>/stat, the loopback
+bytes from the bench's private network namespace.
 """
 
 from __future__ import annotations
@@ -13,7 +17,9 @@ from __future__ import annotations
 import contextlib
 import os
 import subprocess
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import IO, Any
 
@@ -51,18 +57,26 @@ class Plan:
     capabilities: tuple[str, ...] = ("multifd", "events")
     #: a tls-creds-x509 directory with both ends' files: object-add on each side, tls-creds set
     tls_dir: str | None = None
+    tls_verify_peer: bool = True
+    #: the source's tls-hostname ("" = the URI's host)
+    tls_hostname: str = ""
+    #: more parameters for both sides / for the source only (QEMU's names), set after the others
+    more: dict[str, Any] = field(default_factory=dict)
+    source_more: dict[str, Any] = field(default_factory=dict)
+    #: migrate-incoming's exit-on-error (QEMU 9.1+); None = not sent (QEMU's default: exit)
+    exit_on_error: bool | None = None
 
     def params(self) -> dict[str, Any]:
         p: dict[str, Any] = {"multifd-channels": self.channels, "multifd-compression": self.method}
         if self.method in ("zlib", "zstd", "qatzip"):
             p[f"multifd-{self.method}-level"] = self.level
-        return p
+        return p | self.more
 
     def source_params(self) -> dict[str, Any]:
         sp: dict[str, Any] = {"max-bandwidth": self.bandwidth if self.bandwidth > 0 else UNCAPPED}
         if self.downtime_limit is not None:
             sp["downtime-limit"] = self.downtime_limit
-        return sp
+        return sp | self.source_more
 
 
 @dataclass
@@ -91,11 +105,17 @@ class _Logged:
             self.log.append(f"{self.side}: {command}" + (f" {arguments}" if arguments else ""))
         return self.conn.execute(command, arguments)
 
-    def await_final(self, deadline: float) -> dict[str, Any]:
+    def await_final(self, deadline: float, on_info: Callable[[dict[str, Any]], None] | None = None,
+                    cancel: threading.Event | None = None) -> dict[str, Any]:
         """``query-migrate`` once a MIGRATION event with a final status arrived (or a check found
-        one); ``{}``-like unfinished info when ``deadline`` (monotonic s) passes first."""
+        one); the last, unfinished, info when ``deadline`` (monotonic s) passes first. Every info
+        goes to ``on_info``; once ``cancel`` is set, ``migrate_cancel`` is sent (once)."""
         info: dict[str, Any] = {}
+        cancelled = False
         while time.monotonic() < deadline:
+            if cancel is not None and cancel.is_set() and not cancelled:
+                cancelled = True
+                self.execute("migrate_cancel")
             ev = self.conn.next_event(min(RECHECK_S, max(0.0, deadline - time.monotonic())))
             if ev is not None:
                 status = (ev.get("data") or {}).get("status")
@@ -103,34 +123,71 @@ class _Logged:
                     continue
                 self.log.append(f"{self.side}: event MIGRATION {status}")
             info = self.execute("query-migrate")
+            if on_info is not None:
+                on_info(info)
             if info.get("status") in FINAL:
                 return info
         return info
+
+
+class Peers:
+    """A source and a destination VM, each behind a QMP connection; ``log`` lists the commands sent
+    (``side: name arguments``, in order)."""
+
+    def __init__(self, src_conn: QmpConnection, dst_conn: QmpConnection) -> None:
+        self.log: list[str] = []
+        self.src, self.dst = _Logged(src_conn, "source", self.log), _Logged(dst_conn, "destination", self.log)
+
+    def configure(self, plan: Plan) -> None:
+        """Capabilities and parameters on both sides (TLS: object-add ``tls0`` on each first)."""
+        caps = {"capabilities": [{"capability": c, "state": True} for c in plan.capabilities]}
+        for c, endpoint in ((self.dst, "server"), (self.src, "client")):
+            c.execute("migrate-set-capabilities", caps)
+            params = plan.params()
+            if plan.tls_dir:
+                obj: dict[str, Any] = {"qom-type": "tls-creds-x509", "id": "tls0", "dir": plan.tls_dir,
+                                       "endpoint": endpoint}
+                if not plan.tls_verify_peer:
+                    obj["verify-peer"] = False
+                c.execute("object-add", obj)
+                params["tls-creds"] = "tls0"
+                if endpoint == "client" and plan.tls_hostname:
+                    params["tls-hostname"] = plan.tls_hostname
+            c.execute("migrate-set-parameters", params)
+        self.src.execute("migrate-set-parameters", plan.source_params())
+
+    def listen(self, plan: Plan) -> str:
+        """``migrate-incoming`` at ``plan.uri``; the URI the destination listens on (a ``tcp:`` port 0
+        replaced by the port its ``query-migrate`` ``socket-address`` reports)."""
+        args: dict[str, Any] = {"uri": plan.uri}
+        if plan.exit_on_error is not None:
+            args["exit-on-error"] = plan.exit_on_error
+        self.dst.execute("migrate-incoming", args)
+        if not (plan.uri.startswith("tcp:") and plan.uri.endswith(":0")):
+            return plan.uri
+        for addr in self.dst.execute("query-migrate").get("socket-address", []):
+            if addr.get("type") == "inet" and str(addr.get("port", "0")) != "0":
+                return f"{plan.uri[:-2]}:{addr['port']}"
+        raise MigrationError(f"the destination listens at {plan.uri} but its query-migrate names no port")
+
+    def migrate(self, uri: str) -> None:
+        self.src.execute("migrate", {"uri": uri})
 
 
 def drive(src_conn: QmpConnection, dst_conn: QmpConnection, src_pid: int, dst_pid: int, plan: Plan,
           netns: NetNamespace | None) -> Driven:
     """Run one migration over QMP (see the module docstring). Raises BenchError (a QMP command
     failed, or no final status within ``plan.timeout`` s: the migration is cancelled first)."""
-    log: list[str] = []
-    src, dst = _Logged(src_conn, "source", log), _Logged(dst_conn, "destination", log)
-    caps = {"capabilities": [{"capability": c, "state": True} for c in plan.capabilities]}
-    for c, endpoint in ((dst, "server"), (src, "client")):
-        c.execute("migrate-set-capabilities", caps)
-        params = plan.params()
-        if plan.tls_dir:
-            c.execute("object-add", {"qom-type": "tls-creds-x509", "id": "tls0", "dir": plan.tls_dir,
-                                     "endpoint": endpoint})
-            params["tls-creds"] = "tls0"
-        c.execute("migrate-set-parameters", params)
-    src.execute("migrate-set-parameters", plan.source_params())
-    dst.execute("migrate-incoming", {"uri": plan.uri})
+    peers = Peers(src_conn, dst_conn)
+    src, dst = peers.src, peers.dst
+    peers.configure(plan)
+    uri = peers.listen(plan)
     time.sleep(plan.settle_s)
     before = src.execute("query-status")
     lo0 = netns.lo_counters() if netns else None
     cpu0 = (cpu_seconds(src_pid), cpu_seconds(dst_pid))
     t0 = time.monotonic()
-    src.execute("migrate", {"uri": plan.uri})
+    peers.migrate(uri)
     deadline = t0 + plan.timeout
     info = src.await_final(deadline)
     if info.get("status") not in FINAL:
@@ -151,7 +208,7 @@ def drive(src_conn: QmpConnection, dst_conn: QmpConnection, src_pid: int, dst_pi
     wall = time.monotonic() - t0
     socket_bytes = NetNamespace.payload(lo0, lo1) if lo0 is not None and lo1 is not None else None
     return Driven(info, dinfo, src_cpu - cpu0[0], dst_cpu - cpu0[1], wall, socket_bytes, before,
-                  dst.execute("query-status"), log)
+                  dst.execute("query-status"), peers.log)
 
 
 def quit_all(clients: list[QmpConnection], procs: list[subprocess.Popen[Any]], logs: list[IO[str]]) -> None:

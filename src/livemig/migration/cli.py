@@ -1,8 +1,8 @@
 """``livemig migrate`` and ``livemig incoming``: the two ends, as separate processes.
 
-``livemig migrate --local`` starts ``livemig incoming`` itself on a free loopback port (same guest
-options, destination RAM prefaulted before the migration starts, as QEMU's ``-mem-prealloc``) and
-migrates to it, for one-command use.
+``livemig migrate --local`` starts two ``livemig vm`` processes (the destination with ``--incoming
+defer``, its RAM prefaulted before the migration starts, as QEMU's ``-mem-prealloc``) and drives them
+over QMP as ``livemig bench`` drives QEMU (:mod:`.local`), for one-command use.
 
 Every option is checked (:func:`check_migrate`, :func:`check_incoming`) before a guest is created or
 a socket opened; failures are raised and rendered once by :func:`livemig.ui.errors.report_error`.
@@ -12,6 +12,7 @@ Progress goes to stderr (:mod:`livemig.ui.progress`), the result to stdout.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -23,6 +24,7 @@ import tempfile
 import threading
 import time
 import uuid as uuidlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, TextIO
 
@@ -39,8 +41,10 @@ from ..units import format_size, plural
 from . import from_qemu, protocol
 from .destination import Destination
 from .guestopts import add_guest_options, guest_config_from_args
-from .local import LocalDestination, die_with_parent
+from .local import LocalMigration, die_with_parent
+from .local import plan as local_plan
 from .source import Source
+from .stats import MigrationStats, info_table
 from .tlsopts import add_tls_options, is_loopback, local_server_args, tls_from_args
 from .to_qemu import QemuPeer, add_peer_options, check_peer_options
 
@@ -231,12 +235,11 @@ def _write_json(path: str | None, data: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-def _local_args(args: argparse.Namespace, gcfg: GuestConfig) -> list[str]:
-    out = ["--guest", gcfg.kind, "--memory", str(gcfg.memory), "--smp", str(gcfg.smp),
-           "--multifd-channels", str(args.multifd_channels), "--multifd-compression", args.multifd_compression,
-           "--multifd-zlib-level", str(args.multifd_zlib_level), "--multifd-zstd-level", str(args.multifd_zstd_level),
-           "--multifd-qatzip-level", str(args.multifd_qatzip_level), "--timeout", str(args.timeout),
-           "--uuid", args.uuid, "--run-after", str(args.run_after)]
+def _local_vm_args(args: argparse.Namespace) -> list[str]:
+    """``livemig vm`` options of both local VMs besides the guest's."""
+    out = ["--timeout", str(args.timeout)]
+    if args.uuid:
+        out += ["--uuid", args.uuid]
     if args.dump_ram:
         out += ["--dump-ram", args.dump_ram]
     if args.full_verify:
@@ -260,99 +263,124 @@ def destination_summary(d: dict[str, Any], workload: str) -> str:
     return text
 
 
+@contextlib.contextmanager
+def _cancel_on_signals(cancel: Callable[[], None], interrupted: list[int]) -> Iterator[None]:
+    """While in the block, SIGINT and SIGTERM both call ``cancel`` (from a thread: the handler may run
+    while this thread holds a lock) and are recorded in ``interrupted``, as Ctrl-C does."""
+    def on_signal(signum: int, _frame: Any) -> None:
+        interrupted.append(signum)
+        threading.Thread(target=cancel, name="cancel", daemon=True).start()
+
+    old = signal.signal(signal.SIGINT, on_signal)
+    old_term = signal.signal(signal.SIGTERM, on_signal)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
+        signal.signal(signal.SIGTERM, old_term)
+
+
 def cmd_migrate(args: argparse.Namespace) -> int:
     if args.uri and args.uri.startswith("file:"):  # mapped-ram files: migration/filecli.py
         from .filecli import cmd_migrate_file
         return cmd_migrate_file(args)
     chk = check_migrate(args)
-    gcfg = chk.guest
-    assert gcfg is not None
-    display: ProgressDisplay | None = None
-    local: LocalDestination | None = None
-    tmpdir = tempfile.mkdtemp(prefix="livemig-")
-    guest = None
-    peer: QemuPeer | None = None
-    try:
-        def say(message: str) -> None:
-            if not args.quiet:
-                print(f"livemig: {message}", file=sys.stderr, flush=True)
+    assert chk.guest is not None
+    interrupted: list[int] = []  # SIGINT or SIGTERM: both cancel, as Ctrl-C does
+    run = _migrate_local if args.local else _migrate_remote
+    result, dres, summary = run(args, chk, chk.guest, interrupted)
+    _write_json(args.json, result)
+    if result["status"] != "completed":
+        _raise_failure(result, dres, signal.SIGTERM in interrupted)
+    out: TextIO = sys.stderr if args.json == "-" else sys.stdout
+    print(info_table(result), file=out)
+    print(summary or destination_summary({**result.get("destination", {}), "status": "completed", "resumed": True},
+                                         chk.guest.workload), file=out)
+    return 0
 
-        if args.local:
-            local = LocalDestination(_local_args(args, gcfg) + (chk.local_tls or []), tmpdir)
-            address = parse_address(local.wait_listening())
-            for line in local.log_lines():
-                say(f"destination: {line}")
-        else:
-            assert chk.address is not None
-            address = chk.address
+
+def _say(args: argparse.Namespace, message: str) -> None:
+    if not args.quiet:
+        print(f"livemig: {message}", file=sys.stderr, flush=True)
+
+
+def _migrating(args: argparse.Namespace, chk: Checked, address: Any, backend: str) -> None:
+    _say(args, f"migrating to {address}{' over TLS' if chk.tls else ''} on "
+               f"{plural(chk.params.multifd_channels, 'channel')}, {chk.params.multifd_compression}: {backend}")
+
+
+def _migrate_remote(args: argparse.Namespace, chk: Checked, gcfg: GuestConfig, interrupted: list[int]
+                    ) -> tuple[dict[str, Any], dict[str, Any], str | None]:
+    """This process is the source: its guest, migrated to ``chk.address``; (result, {}, the
+    destination's summary line for a QEMU peer, else None)."""
+    assert chk.address is not None
+    peer: QemuPeer | None = None
+    guest = None
+    try:
         if args.peer == "qemu":  # probed, checked and configured before the guest is built
             peer = QemuPeer(args, gcfg.memory, chk.params, chk.uuid)
-            say(f"destination: {peer.describe()}")
+            _say(args, f"destination: {peer.describe()}")
         t0 = time.monotonic()
         guest = create_guest(gcfg)
-        say(f"{gcfg.kind} guest, {format_size(gcfg.memory)}, fill {gcfg.fill} ({time.monotonic() - t0:.1f} s), "
-            f"workload {gcfg.workload}")
+        _say(args, f"{gcfg.kind} guest, {format_size(gcfg.memory)}, fill {gcfg.fill} "
+                   f"({time.monotonic() - t0:.1f} s), workload {gcfg.workload}")
         guest.start()
         if args.run_before:
             time.sleep(args.run_before)
-        connector = tls_connector(address, chk.tls)
+        connector = tls_connector(chk.address, chk.tls)
         make = peer.source if peer else Source
         src = make(guest, connector, chk.params, uuid=chk.uuid, timeout=args.timeout, full_verify=args.full_verify,
-                   dump_ram=args.dump_ram, wait_report=args.run_after if args.local else 0.0,
-                   auto_converge=args.auto_converge, log=_source_log)
-        say(f"migrating to {address}{' over TLS' if chk.tls else ''} on "
-            f"{plural(chk.params.multifd_channels, 'channel')}, "
-            f"{src.method.name}: {src.method.backend()}")
+                   dump_ram=args.dump_ram, auto_converge=args.auto_converge, log=_source_log)
+        _migrating(args, chk, chk.address, src.method.backend())
 
         def poll() -> Any:
             src.meter.sample()
             return src.stats
 
-        display = ProgressDisplay(poll, enabled=not args.quiet)
-        interrupted: list[int] = []  # SIGINT or SIGTERM: both cancel, as Ctrl-C does
-
-        def on_signal(signum: int, _frame: Any) -> None:
-            interrupted.append(signum)  # cancel from a thread: the handler may run while this thread holds a lock
-            threading.Thread(target=src.cancel, name="cancel", daemon=True).start()
-
-        old = signal.signal(signal.SIGINT, on_signal)
-        old_term = signal.signal(signal.SIGTERM, on_signal)
-        try:
-            with display:
-                stats = src.run()
-        finally:
-            signal.signal(signal.SIGINT, old)
-            signal.signal(signal.SIGTERM, old_term)
-        dres: dict[str, Any] = {}
-        if local is not None:
-            if stats.status == "completed":
-                dres = local.result(args.timeout + args.run_after + 10)
-                for key in ("progress_after", "workload_check"):
-                    if key in dres:
-                        stats.destination.setdefault(key, dres[key])
-            elif not interrupted:  # it ends by itself once the source closed the channels
-                dres = local.result(5)
-                if local.stopped:  # it had to be signalled: its own error only says "terminated"
-                    dres = {}
-                elif "error-desc" in dres:
-                    stats.destination.setdefault("error-desc", dres["error-desc"])
-        result = stats.to_qapi()  # livemig.source-guest: running, paused or postmigrate; livemig.handover
-        _write_json(args.json, result)
-        if stats.status != "completed":
-            _raise_failure(stats.status, stats.error, result, dres, signal.SIGTERM in interrupted)
-        out: TextIO = sys.stderr if args.json == "-" else sys.stdout
-        print(stats.table(), file=out)
-        print(peer.summary(stats) if peer else
-              destination_summary({**stats.destination, "status": "completed", "resumed": True}, gcfg.workload),
-              file=out)
-        return 0
+        with _cancel_on_signals(src.cancel, interrupted), ProgressDisplay(poll, enabled=not args.quiet):
+            stats = src.run()
+        summary = peer.summary(stats) if peer is not None and stats.status == "completed" else None
+        return stats.to_qapi(), {}, summary  # livemig.source-guest: running, paused or postmigrate; livemig.handover
     finally:
         if peer is not None:
             peer.close()
-        if local is not None:
-            local.stop()
         if guest is not None:
             guest.close()
+
+
+def _migrate_local(args: argparse.Namespace, chk: Checked, gcfg: GuestConfig, interrupted: list[int]
+                   ) -> tuple[dict[str, Any], dict[str, Any], str | None]:
+    """Two ``livemig vm`` processes driven over QMP (:mod:`.local`); (the source's query-migrate with
+    the destination's figures under ``destination``, the destination's query-migrate)."""
+    tmpdir = tempfile.mkdtemp(prefix="livemig-")
+    pair = LocalMigration(gcfg, _local_vm_args(args), tmpdir)
+    try:
+        plan = local_plan(chk.params, chk.tls, args.run_before, args.auto_converge)
+        uri = pair.connect(plan)
+        _say(args, f"destination: listening on {uri}{' (TLS)' if chk.tls else ''}")
+        _say(args, f"{gcfg.kind} guest, {format_size(gcfg.memory)}, fill {gcfg.fill} "
+                   f"({pair.created_in():.1f} s), workload {gcfg.workload}")
+        _migrating(args, chk, uri, create_method(chk.params.multifd_compression, chk.params.level(), 4096).backend())
+        cancel = threading.Event()
+        with _cancel_on_signals(cancel.set, interrupted), \
+                ProgressDisplay(lambda: MigrationStats.from_qapi(pair.info), enabled=not args.quiet):
+            result = pair.run(plan, uri, cancel)
+        lm = result.setdefault("livemig", {})
+        for note in lm.get("notes", []):
+            _source_log(note)
+        if "destination" in lm:
+            result["destination"] = lm.pop("destination")
+        dres: dict[str, Any] = {}
+        if result["status"] == "completed":
+            dres = pair.destination_info()
+            if args.run_after:
+                for key, value in pair.workload(args.run_after).items():
+                    result.setdefault("destination", {}).setdefault(key, value)
+        elif not interrupted:
+            dres = pair.destination_info()
+        return result, dres, None
+    finally:
+        pair.close()
         shutil.rmtree(tmpdir, ignore_errors=True)
 
 
@@ -369,9 +397,10 @@ def _source_log(message: str) -> None:
         print(f"livemig: {message}", file=sys.stderr, flush=True)
 
 
-def _raise_failure(status: str, error: str, result: dict[str, Any], dres: dict[str, Any], terminated: bool) -> None:
+def _raise_failure(result: dict[str, Any], dres: dict[str, Any], terminated: bool) -> None:
     """Raise the failed or cancelled migration, with what was transferred and the guest's state as notes
     (a cancel: KeyboardInterrupt, or :class:`Terminated` when SIGTERM cancelled it)."""
+    status, error = result["status"], str(result.get("error-desc", ""))
     ram = result.get("ram", {})
     done = (f"after {result.get('total-time', 0) / 1000:.1f} s, {format_size(ram.get('transferred', 0))} "
             f"transferred; the source guest is {result['livemig']['source-guest']}")
@@ -494,7 +523,8 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
                                    "when the command ended.")
     m.add_argument("uri", nargs="?", help=f"destination: {URI_FORMS}")
     m.add_argument("--local", action="store_true",
-                   help="start the destination here as a separate process on a free loopback port (no URI)")
+                   help="run the guest and its destination here as two `livemig vm` processes, driven over QMP, "
+                        "migrating over a free loopback port (no URI)")
     m.add_argument("--run-before", type=float, default=0.0, metavar="S",
                    help="let the guest run S seconds before migrating")
     m.add_argument("--run-after", type=float, default=0.0, metavar="S",

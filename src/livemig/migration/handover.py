@@ -203,6 +203,11 @@ class SourceHandover:
             elif action == p.REPORT_UNKNOWN:
                 self.log(p.UNKNOWN_ADVICE)
 
+    def cont(self) -> None:
+        """The operator resumes the guest of an unknown outcome (``cont`` at ``livemig vm``'s monitor)."""
+        with self._lock:
+            self._do(self.h.step("cont"))
+
     def switchover(self) -> None:
         """Stop the guest for the final pass (the table's pause)."""
         self._do(self.h.step("switchover"))
@@ -305,6 +310,12 @@ class DestinationHandover:
         self._prepared: p.Prepared | None = None
         #: the guest's progress() just before it resumed
         self.progress_at_resume = 0
+        #: False: on commit the guest is taken over but not run (``livemig vm -S``, QEMU's paused
+        #: destination), until the VM's ``cont``
+        self.resume_guest = True
+        #: called once the guest is taken over (resumed, or kept stopped by ``resume_guest``), before
+        #: the source hears Resumed: ``livemig vm`` switches its run state there
+        self.on_resumed: Callable[[], None] | None = None
 
     @property
     def running(self) -> bool:
@@ -319,7 +330,10 @@ class DestinationHandover:
             elif action == p.RESUME_GUEST:
                 assert guest is not None
                 self.progress_at_resume = guest.progress()
-                guest.resume()
+                if self.resume_guest:
+                    guest.resume()
+                if self.on_resumed is not None:
+                    self.on_resumed()
             elif action == p.SEND_RESUMED:
                 assert self.rp is not None
                 try:  # the guest runs here now, whatever happens to this answer

@@ -308,46 +308,73 @@ class MigrationStats:
 
     def table(self) -> str:
         """The end-of-migration statistics, as ``info migrate`` prints them."""
-        q = self.to_qapi()
-        ram = q.get("ram", {})
-        lm = q["livemig"]
-        lines = [f"Migration status: {self.status}" + (f" ({self.error})" if self.error else "")]
-        if self.status in ("failed", "cancelled"):
-            return "\n".join(lines + [
-                f"after: {q.get('total-time', 0)} ms, {ram.get('transferred', 0) // 1024} kbytes transferred",
-                f"source guest: {self.source_guest} (handover {self.handover})",
-            ])
-        if ram:
-            lines += [
-                f"total time: {q['total-time']} ms",
-                f"downtime: {q.get('downtime', q.get('expected-downtime'))} ms",
-                f"setup: {q['setup-time']} ms",
-                f"transferred ram: {ram['transferred'] // 1024} kbytes",
-                f"throughput: {ram['mbps']:.2f} mbps",
-                f"remaining ram: {ram['remaining'] // 1024} kbytes",
-                f"total ram: {ram['total'] // 1024} kbytes",
-                f"duplicate: {ram['duplicate']} pages",
-                f"normal: {ram['normal']} pages",
-                f"normal bytes: {ram['normal-bytes'] // 1024} kbytes",
-                f"dirty sync count: {ram['dirty-sync-count']}",
-                f"page size: {ram['page-size'] // 1024} kbytes",
-                f"multifd bytes: {ram['multifd-bytes'] // 1024} kbytes",
-                f"pages-per-second: {ram['pages-per-second']}",
-            ]
-        if "cpu-throttle-percentage" in q:
-            lines.append(f"cpu throttle percentage: {q['cpu-throttle-percentage']}")
-        if "auto-converge" in lm:
-            ac = lm["auto-converge"]
-            lines.append(f"auto-converge: cpu throttle reached {ac['cpu-throttle-peak']} %, "
-                         f"held each vCPU {ac['cpu-throttle-held-s']:.1f} s")
+        return info_table(self.to_qapi())
+
+    @classmethod
+    def from_qapi(cls, q: dict[str, Any]) -> MigrationStats:
+        """A view of a ``query-migrate`` answer (:meth:`to_qapi`'s shape, e.g. from a ``livemig vm``
+        over QMP) for the progress display: counters as reported, the channels' sums in one
+        channel, ``mbps()`` the reported rate."""
+        ram, lm = q.get("ram", {}), q.get("livemig", {})
+        multifd = ram.get("multifd-bytes", 0)
+        s = cls(status=q.get("status", "none"), error=q.get("error-desc", ""),
+                setup_time_ms=q.get("setup-time", 0), total_time_ms=q.get("total-time", 0),
+                downtime_ms=q.get("downtime", 0), expected_downtime_ms=q.get("expected-downtime", 0),
+                ram_total=ram.get("total", 0), remaining=ram.get("remaining", 0),
+                page_size=ram.get("page-size", PAGE_SIZE), main_bytes=ram.get("transferred", 0) - multifd,
+                dirty_sync_count=ram.get("dirty-sync-count", 0), dirty_pages_rate=ram.get("dirty-pages-rate", 0),
+                passes=lm.get("passes", 0), handover=lm.get("handover", "running"),
+                source_guest=lm.get("source-guest", "running"))
+        s.channels = [ChannelCounters(normal=ram.get("normal", 0), zero=ram.get("duplicate", 0), wire_bytes=multifd)]
+        s.active_start, s.active_end, s.active_bytes_end = 1.0, 2.0, round(ram.get("mbps", 0) * 1e6 / 8)
+        s.cpu_throttle_percentage = q.get("cpu-throttle-percentage", 0)
+        return s
+
+
+def info_table(q: dict[str, Any]) -> str:
+    """The end-of-migration statistics of a ``query-migrate`` answer with livemig's figures
+    (:meth:`MigrationStats.to_qapi`), as ``info migrate`` prints them."""
+    status, error = q["status"], q.get("error-desc", "")
+    ram = q.get("ram", {})
+    lm = q["livemig"]
+    level = "" if lm["level"] is None else f" (level {lm['level']})"
+    lines = [f"Migration status: {status}" + (f" ({error})" if error else "")]
+    if status in ("failed", "cancelled"):
+        return "\n".join(lines + [
+            f"after: {q.get('total-time', 0)} ms, {ram.get('transferred', 0) // 1024} kbytes transferred",
+            f"source guest: {lm['source-guest']} (handover {lm['handover']})",
+        ])
+    if ram:
         lines += [
-            f"method: {lm['method']}{'' if self.level is None else f' (level {self.level})'} "
-            f"on {plural(lm['channels'], 'channel')}: {lm['backend']}",
-            f"compression ratio: {lm['compression-ratio']:.2f}",
-            f"send cpu: {lm['send-cpu-percent']:.0f} %   recv cpu: {lm['recv-cpu-percent']:.0f} %",
-            f"memory used by migration: send {format_size(lm['send-mem-bytes'])}, "
-            f"recv {format_size(lm['recv-mem-bytes'])}",
-            f"guest: {lm['guest'].get('kind', '?')}, {format_size(lm['guest'].get('memory', 0))}, "
-            f"workload {lm['guest'].get('workload', '?')}, fill {lm['guest'].get('fill', '?')}",
+            f"total time: {q['total-time']} ms",
+            f"downtime: {q.get('downtime', q.get('expected-downtime'))} ms",
+            f"setup: {q['setup-time']} ms",
+            f"transferred ram: {ram['transferred'] // 1024} kbytes",
+            f"throughput: {ram['mbps']:.2f} mbps",
+            f"remaining ram: {ram['remaining'] // 1024} kbytes",
+            f"total ram: {ram['total'] // 1024} kbytes",
+            f"duplicate: {ram['duplicate']} pages",
+            f"normal: {ram['normal']} pages",
+            f"normal bytes: {ram['normal-bytes'] // 1024} kbytes",
+            f"dirty sync count: {ram['dirty-sync-count']}",
+            f"page size: {ram['page-size'] // 1024} kbytes",
+            f"multifd bytes: {ram['multifd-bytes'] // 1024} kbytes",
+            f"pages-per-second: {ram['pages-per-second']}",
         ]
-        return "\n".join(lines)
+    if "cpu-throttle-percentage" in q:
+        lines.append(f"cpu throttle percentage: {q['cpu-throttle-percentage']}")
+    if "auto-converge" in lm:
+        ac = lm["auto-converge"]
+        lines.append(f"auto-converge: cpu throttle reached {ac['cpu-throttle-peak']} %, "
+                     f"held each vCPU {ac['cpu-throttle-held-s']:.1f} s")
+    lines += [
+        f"method: {lm['method']}{level} "
+        f"on {plural(lm['channels'], 'channel')}: {lm['backend']}",
+        f"compression ratio: {lm['compression-ratio']:.2f}",
+        f"send cpu: {lm['send-cpu-percent']:.0f} %   recv cpu: {lm['recv-cpu-percent']:.0f} %",
+        f"memory used by migration: send {format_size(lm['send-mem-bytes'])}, "
+        f"recv {format_size(lm['recv-mem-bytes'])}",
+        f"guest: {lm['guest'].get('kind', '?')}, {format_size(lm['guest'].get('memory', 0))}, "
+        f"workload {lm['guest'].get('workload', '?')}, fill {lm['guest'].get('fill', '?')}",
+    ]
+    return "\n".join(lines)

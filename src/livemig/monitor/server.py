@@ -15,7 +15,7 @@ import contextlib
 import json
 import os
 import socket
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from .dispatch import Call, CommandTable, Session, event
@@ -53,6 +53,17 @@ def remove_socket_files(paths: list[str]) -> None:
     paths.clear()
 
 
+Serve = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+def noting(first: asyncio.Event, serve: Serve) -> Serve:
+    """``serve``, setting ``first`` when a connection arrives (for ``wait=on``)."""
+    async def run(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        first.set()
+        await serve(reader, writer)
+    return run
+
+
 class _Client:
     def __init__(self, session: Session, writer: asyncio.StreamWriter) -> None:
         self.session = session
@@ -83,18 +94,23 @@ class QMPServer:
         self._loop: asyncio.AbstractEventLoop | None = None
 
     # --- listeners -------------------------------------------------------------------------------
-    async def listen_unix(self, path: str) -> None:
+    async def listen_unix(self, path: str) -> asyncio.Event:
+        """Listen at ``path``; the returned event is set once a first client connected there."""
         self._loop = asyncio.get_running_loop()
-        self._servers.append(await asyncio.start_unix_server(self._serve, sock=unix_listener(path)))
+        first = asyncio.Event()
+        self._servers.append(await asyncio.start_unix_server(noting(first, self._serve), sock=unix_listener(path)))
         self._paths.append(path)
+        return first
 
-    async def listen_tcp(self, host: str, port: int) -> int:
-        """Listen on host:port (0 = any free port); returns the port."""
+    async def listen_tcp(self, host: str, port: int) -> tuple[int, asyncio.Event]:
+        """Listen on host:port (0 = any free port); the port, and an event set once a first client
+        connected there."""
         self._loop = asyncio.get_running_loop()
-        server = await asyncio.start_server(self._serve, host, port, reuse_address=True)
+        first = asyncio.Event()
+        server = await asyncio.start_server(noting(first, self._serve), host, port, reuse_address=True)
         self._servers.append(server)
         port_: int = server.sockets[0].getsockname()[1]
-        return port_
+        return port_, first
 
     async def serve_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """Serve one already-connected client (used by the listeners; public for other transports)."""

@@ -16,7 +16,7 @@ import threading
 from collections.abc import Awaitable, Callable
 
 from .hmp import HMP, MIGRATION_RUNNING
-from .server import remove_socket_files, unix_listener
+from .server import noting, remove_socket_files, unix_listener
 
 PROMPT = "(qemu) "
 
@@ -75,10 +75,14 @@ class HMPMonitors:
 
         self._tasks.append(asyncio.create_task(self.session(lines.get, write)))
 
-    async def listen_unix(self, path: str) -> None:
-        """Serve HMP sessions on a new unix socket at ``path`` (removed again by :meth:`close`)."""
-        self._servers.append(await asyncio.start_unix_server(self._serve_socket, sock=unix_listener(path)))
+    async def listen_unix(self, path: str) -> asyncio.Event:
+        """Serve HMP sessions on a new unix socket at ``path`` (removed again by :meth:`close`); the
+        returned event is set once a first client connected."""
+        first = asyncio.Event()
+        self._servers.append(await asyncio.start_unix_server(noting(first, self._serve_socket),
+                                                             sock=unix_listener(path)))
         self._paths.append(path)
+        return first
 
     async def _serve_socket(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._writers.append(writer)

@@ -4,14 +4,16 @@ with ``--incoming``, as a destination.
 
 Monitor options take QEMU's syntax: ``--qmp unix:PATH,server=on,wait=off``, ``--qmp
 tcp:HOST:PORT,server=on,wait=off`` (several allowed), ``--monitor stdio``, ``--monitor unix:PATH``.
-Only server mode exists (``server=off`` is refused); ``wait=on`` is accepted but the VM does not
-wait for a client before it starts.
+Only server mode exists (``server=off`` is refused). ``wait=on`` (QEMU's default when ``server=on``
+is given; ``nowait`` = ``wait=off``) holds the guest, stopped, until a client connected to that
+monitor, as QEMU waits before the VM starts; a bare ``unix:PATH`` listens without waiting.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import signal
 import sys
 from dataclasses import dataclass
@@ -20,6 +22,7 @@ from ..errors import MigrationError, ParameterError
 from ..guest import create_guest
 from ..migration.cli import MIN_TIMEOUT
 from ..migration.guestopts import add_guest_options, guest_config_from_args
+from ..migration.local import die_with_parent
 from ..monitor import CommandTable, version_info
 from ..monitor.hmp import HMP
 from ..monitor.schema import QMPError
@@ -42,6 +45,8 @@ class MonitorSpec:
     path: str = ""
     host: str = ""
     port: int = 0
+    #: the guest starts only once a client connected here (QEMU's wait=on)
+    wait: bool = False
 
 
 def parse_monitor(option: str, text: str, stdio_ok: bool) -> MonitorSpec:
@@ -49,20 +54,26 @@ def parse_monitor(option: str, text: str, stdio_ok: bool) -> MonitorSpec:
 
     Raises ParameterError naming the option and what was wrong."""
     where, *opts = text.split(",")
+    server = wait = None
     for opt in opts:
         key, _, value = opt.partition("=")
-        if key == "server" and value in ("", "on") or key == "wait" and value in ("on", "off") or key == "nowait":
+        if key == "server" and value in ("", "on"):
+            server = True
+            continue
+        if key == "wait" and value in ("on", "off") or key == "nowait":
+            wait = key == "wait" and value == "on"
             continue
         if key == "server" and value == "off":
             raise ParameterError(f"{option} {text}: only server=on is supported (livemig listens, never connects)")
         raise ParameterError(f"{option} {text}: unknown option '{opt}' (known: server=on, wait=on|off)")
+    waits = bool(server) if wait is None else wait
     if where == "stdio" and stdio_ok:
         return MonitorSpec("stdio")
     if where.startswith("unix:") and len(where) > 5:
-        return MonitorSpec("unix", path=where[5:])
+        return MonitorSpec("unix", path=where[5:], wait=waits)
     if where.startswith("tcp:") and not stdio_ok:
         address = parse_address(where)
-        return MonitorSpec("tcp", host=address.host, port=address.port)
+        return MonitorSpec("tcp", host=address.host, port=address.port, wait=waits)
     expected = "stdio or unix:PATH" if stdio_ok else "unix:PATH or tcp:HOST:PORT"
     raise ParameterError(f"{option} {text}: expected {expected}")
 
@@ -84,6 +95,10 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     p.add_argument("--timeout", type=float, default=30.0, metavar="S",
                    help=f"seconds without progress before a migration fails ({MIN_TIMEOUT:g} or more, "
                         "default 30)")
+    p.add_argument("--full-verify", action="store_true",
+                   help="every migration hashes all of RAM at switchover (also catches writes the dirty log "
+                        "missed; adds downtime)")
+    p.add_argument("--dump-ram", metavar="DIR", help="write RAM at switchover into DIR (for tests)")
     p.set_defaults(func=cmd_vm)
 
 
@@ -97,6 +112,7 @@ def _uuid(text: str) -> bytes:
 
 
 def cmd_vm(args: argparse.Namespace) -> int:
+    die_with_parent()  # started by migrate --local: end with it
     qmp = [parse_monitor("--qmp", s, stdio_ok=False) for s in args.qmp]
     hmp = [parse_monitor("--monitor", s, stdio_ok=True) for s in args.monitor]
     if args.incoming and args.incoming != "defer":
@@ -105,7 +121,8 @@ def cmd_vm(args: argparse.Namespace) -> int:
     check_option("--timeout", args.timeout, minimum=MIN_TIMEOUT, what="a number of seconds")
     gcfg = guest_config_from_args(args)
     guest = create_guest(gcfg, incoming=bool(args.incoming))
-    vm = VM(guest, name=args.name, paused=args.paused, incoming=bool(args.incoming), uuid=uuid, timeout=args.timeout)
+    vm = VM(guest, name=args.name, paused=args.paused, incoming=bool(args.incoming), uuid=uuid, timeout=args.timeout,
+            full_verify=args.full_verify, dump_ram=args.dump_ram, hold=any(m.wait for m in qmp + hmp))
     try:
         return asyncio.run(_serve(vm, qmp, hmp, args.incoming))
     finally:
@@ -128,7 +145,8 @@ async def _serve(vm: VM, qmp: list[MonitorSpec], hmp_specs: list[MonitorSpec], i
             stopping.set()
 
     def on_quit(reason: str, code: int) -> None:
-        loop.call_soon_threadsafe(request_stop, reason, code)
+        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: the VM is quitting anyway
+            loop.call_soon_threadsafe(request_stop, reason, code)
 
     def hmp_line(line: str) -> str:
         result = hmp.run(line)
@@ -137,26 +155,39 @@ async def _serve(vm: VM, qmp: list[MonitorSpec], hmp_specs: list[MonitorSpec], i
     vm.emit = server.emit
     vm.on_quit = on_quit
     commands.register(table, vm, hmp_line)
+    waits: list[tuple[MonitorSpec, asyncio.Event]] = []
     try:
         for spec in qmp:
             if spec.kind == "unix":
-                await server.listen_unix(spec.path)
+                first = await server.listen_unix(spec.path)
             else:
-                await server.listen_tcp(spec.host, spec.port)
+                first = (await server.listen_tcp(spec.host, spec.port))[1]
+            waits.append((spec, first))
         for spec in hmp_specs:
             if spec.kind == "stdio":
                 monitors.start_stdio()
             else:
-                await monitors.listen_unix(spec.path)
+                waits.append((spec, await monitors.listen_unix(spec.path)))
     except OSError as exc:
         raise MigrationError(f"cannot open a monitor socket: {exc}") from exc
-    if incoming and incoming != "defer":
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        loop.add_signal_handler(signum, request_stop, "host-signal", 0)
+    for spec, first in waits:
+        if spec.wait and not first.is_set() and not stopping.is_set():
+            where = spec.path or f"{spec.host}:{spec.port}"
+            print(f"livemig vm: waiting for a connection on {spec.kind}:{where} (wait=on)", file=sys.stderr,
+                  flush=True)
+            pending = {asyncio.ensure_future(first.wait()), asyncio.ensure_future(stopping.wait())}
+            _, left = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for task in left:
+                task.cancel()
+    if not stopping.is_set():
+        vm.launch()
+    if incoming and incoming != "defer" and not stopping.is_set():
         try:
             await asyncio.to_thread(vm.migrate_incoming, incoming)
         except QMPError as exc:
             raise MigrationError(f"--incoming {incoming}: {exc.desc}") from exc
-    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        loop.add_signal_handler(signum, request_stop, "host-signal", 0)
     await stopping.wait()
     async with server.lock:  # an answer being written (quit's own) goes out before SHUTDOWN
         if outcome["code"]:

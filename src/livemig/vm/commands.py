@@ -6,9 +6,11 @@ quit, migrate (uri; detach accepted, resume refused), migrate-incoming (uri, exi
 migrate_cancel, migrate-continue, migrate-set-capabilities, query-migrate-capabilities,
 migrate-set-parameters, query-migrate-parameters, query-migrate, human-monitor-command,
 object-add/object-del (tls-creds-x509 and authz-simple; tls-creds-psk is refused when used, as
-``--object`` refuses it: Python 3.11's ssl has no TLS-PSK).
+``--object`` refuses it: Python 3.11's ssl has no TLS-PSK), and livemig's own ``x-query-workload``
+(QEMU's ``x-`` prefix for what is not QEMU's: the guest's progress counter and workload check).
 Not supported (no livemig counterpart yet): the ``channels`` argument of migrate and
-migrate-incoming, postcopy and the other capabilities.
+migrate-incoming, postcopy and the other capabilities, ``query-qmp-schema`` (no QAPI introspection;
+``query-commands`` lists what exists).
 """
 
 from __future__ import annotations
@@ -61,6 +63,8 @@ def register(table: CommandTable, vm: VM, hmp: Callable[[str], str] | None = Non
     add("stop", lambda a: vm.stop(), help="pause the guest")
     add("cont", lambda a: vm.cont(), help="resume the guest")
     add("quit", lambda a: vm.quit(), help="end the VM process")
+    add("x-query-workload", lambda a: vm.query_workload(),
+        help="livemig's own: the guest's workload, progress counter and workload check")
     add("migrate", lambda a: vm.migrate(a["uri"], a.get("resume", False)),
         struct(Member("uri", STR), Member("detach", BOOL, optional=True), Member("resume", BOOL, optional=True)),
         help="migrate to tcp:HOST:PORT or unix:PATH")

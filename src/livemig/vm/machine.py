@@ -32,6 +32,13 @@ from ..transport.address import Address, parse_address
 from ..transport.secure import tls_connector, tls_listener
 from .tlsobjects import TLS_PARAMETERS, TlsObjects
 
+#: what the first ``cont`` after an unknown handover outcome answers (a second one resumes the guest)
+UNKNOWN_CONT = ("The migration's outcome is unknown: this source committed the handover but never heard the "
+                "destination resume, so the guest may run there. Check the destination first (query-status): "
+                "if its guest runs, the migration completed and this guest must stay stopped (quit this VM). "
+                "Only if the destination's guest does not run and never will (quit it first), send 'cont' "
+                "again to resume the guest here")
+
 #: capability -> default. livemig moves RAM over multifd channels with a return path only, so those
 #: two default on (QEMU: off) and a migration with either turned off is refused.
 CAPABILITIES: dict[str, bool] = {"multifd": True, "return-path": True, "events": False,
@@ -51,8 +58,12 @@ class VM:
 
     def __init__(self, guest: Guest, *, name: str = "", paused: bool = False, incoming: bool = False,
                  uuid: bytes = bytes(16), timeout: float = 30.0, emit: Emit = _no_emit,
-                 on_quit: Callable[[str, int], None] | None = None) -> None:
+                 on_quit: Callable[[str, int], None] | None = None, full_verify: bool = False,
+                 dump_ram: str | None = None, hold: bool = False) -> None:
         self.guest = guest
+        #: every migration hashes all of RAM at switchover / writes RAM there into this directory
+        self.full_verify = full_verify
+        self.dump_ram = dump_ram
         self.name = name
         self.uuid = uuid
         self.timeout = timeout
@@ -66,7 +77,7 @@ class VM:
         self.autostart = not paused
         self._started = False
         self.state = "inmigrate" if incoming else "prelaunch" if paused else "running"
-        if self.state == "running":
+        if self.state == "running" and not hold:
             self._start_guest()
         # outgoing
         self.source: Source | None = None
@@ -74,6 +85,9 @@ class VM:
         self._user_paused = False
         self._switchover = threading.Event()
         self._waiting_switchover = False
+        #: the last migration's handover outcome is unknown (guest in postmigrate); cont was told why not
+        self._unknown = False
+        self._unknown_told = False
         self._threads: list[threading.Thread] = []
         # incoming
         self.destination: Destination | None = None
@@ -88,13 +102,19 @@ class VM:
             self.guest.start()
             self._started = True
 
+    def launch(self) -> None:
+        """Start the guest of a VM created with ``hold`` (a ``wait=on`` monitor got its client)."""
+        with self.lock:
+            if self.state == "running" and not self._started:
+                self._start_guest()
+
     def query_status(self) -> dict[str, Any]:
         return {"status": self.state, "running": self.state == "running"}
 
     def stop(self) -> None:
         with self.lock:
             if self.state == "inmigrate":
-                self.autostart = False
+                self._set_autostart(False)
             elif self.state == "running":
                 self.guest.pause()
                 self.state = "paused"
@@ -102,18 +122,54 @@ class VM:
                 self.emit("STOP", None)
 
     def cont(self) -> None:
+        """QEMU's qmp_cont: refused in ``finish-migrate``; in ``inmigrate`` the guest runs once the
+        migration completes; else the guest runs, ``postmigrate`` included (QEMU resumes a source
+        after a completed migration too). After an unknown handover outcome the first ``cont`` is
+        refused with what to check (:data:`UNKNOWN_CONT`), and a second one resumes the guest here."""
         with self.lock:
             if self.state == "finish-migrate":
                 raise QMPError("Migration is not finalized yet")
             if self.state == "inmigrate":
-                self.autostart = True  # as QEMU: run once the incoming migration completes
+                self._set_autostart(True)  # as QEMU: run once the incoming migration completes
                 return
             if self.state == "running":
                 return
-            self._start_guest()
+            if self.state == "postmigrate" and self._unknown:
+                if not self._unknown_told:
+                    self._unknown_told = True
+                    raise QMPError(UNKNOWN_CONT)
+                assert self.source is not None
+                self.source.handover.cont()
+                self._unknown = False
+                if self._stats is not None:
+                    self._stats.handover, self._stats.source_guest = self.source.handover.state, "running"
+            else:
+                self._start_guest()
             self.state = "running"
             self._user_paused = False
             self.emit("RESUME", None)
+
+    def query_workload(self) -> dict[str, Any]:
+        """x-query-workload: the guest's workload, its progress counter and its check (``ok`` or what
+        is wrong; absent for an idle guest, which has nothing to check). QMPError before the guest ran."""
+        with self.lock:
+            if not self._started:
+                raise QMPError(f"the guest has not run yet (state {self.state})")
+            workload = self.guest.config.workload
+            out: dict[str, Any] = {"workload": workload, "progress": self.guest.progress()}
+            if workload != "idle":
+                try:
+                    self.guest.check_workload()
+                    out["check"] = "ok"
+                except MigrationError as exc:
+                    out["check"] = str(exc)
+            return out
+
+    def _set_autostart(self, on: bool) -> None:
+        """Whether the incoming guest runs when its migration completes (-S and stop: no; cont: yes)."""
+        self.autostart = on
+        if self.destination is not None:
+            self.destination.handover.resume_guest = on
 
     def quit(self, reason: str = "host-qmp-quit") -> None:
         if self.on_quit is not None:
@@ -170,10 +226,12 @@ class VM:
             try:
                 connector = tls_connector(address, self.tls.resolve(server=False))
                 src = Source(self.guest, connector, copy.copy(self.params), uuid=self.uuid, timeout=self.timeout,
+                             full_verify=self.full_verify, dump_ram=self.dump_ram,
                              auto_converge=self.caps["auto-converge"], on_progress=self._on_source_status)
             except MigrationError as exc:
                 raise QMPError(str(exc)) from exc
             self.source, self._stats = src, src.stats
+            self._unknown = self._unknown_told = False
             self._switchover.clear()
             self._spawn("migration", self._run_source, src)
 
@@ -201,25 +259,47 @@ class VM:
                 return
 
     def _on_source_status(self, stats: MigrationStats) -> None:
+        """The source's status changed (in its migration thread, which waits for this to return).
+
+        ``device``: the guest stops first (run state ``finish-migrate``, STOP), as QEMU's
+        migration_completion stops the VM before anything else; with ``pause-before-switchover`` the
+        migration then waits in ``pre-switchover``, guest stopped, for ``migrate-continue`` or
+        ``migrate_cancel``. ``failed``/``cancelled``: the run state follows the handover's guest state
+        (``postmigrate`` after an unknown outcome; else running again, or paused if ``stop`` paused it).
+        """
         status = stats.status
-        if status == "device" and self.caps["pause-before-switchover"]:
-            self._migration_event("pre-switchover")
-            self._waiting_switchover = True
-            while not self._switchover.wait(0.05):
-                if self.source is not None and self.source.status.state != "device":
-                    break  # cancelled meanwhile
-            self._waiting_switchover = False
-        self._migration_event(status)
-        with self.lock:
-            if status == "device":
+        if status == "device":
+            with self.lock:
+                self.guest.pause()
                 self.state = "finish-migrate"
                 self.emit("STOP", None)
-            elif status == "completed":
+            if self.caps["pause-before-switchover"]:
+                self._migration_event("pre-switchover")
+                self._waiting_switchover = True
+                while not self._switchover.wait(0.05):
+                    if self.source is not None and self.source.status.state != "device":
+                        break  # cancelled meanwhile
+                self._waiting_switchover = False
+        self._migration_event(status)
+        with self.lock:
+            if status == "completed":
                 self.state = "postmigrate"
             elif status in ("failed", "cancelled") and self.state == "finish-migrate":
-                self.state = "paused" if self._user_paused else "running"
-                if self.state == "running":
-                    self.emit("RESUME", None)
+                self._after_failure()
+
+    def _after_failure(self) -> None:
+        guest_state = self.source.handover.guest_state if self.source is not None else "running"
+        if guest_state == "postmigrate":  # committed, no answer: stays stopped until the operator acts
+            self.state = "postmigrate"
+            self._unknown = True
+        elif self._user_paused:
+            self.guest.pause()
+            self.state = "paused"
+        else:
+            if not self.guest.running:  # stopped here (finish-migrate) before the handover paused it
+                self.guest.resume()
+            self.state = "running"
+            self.emit("RESUME", None)
 
     def _migration_event(self, status: str) -> None:
         if self.caps["events"]:
@@ -266,11 +346,13 @@ class VM:
                 tls = self.tls.resolve(server=True)
                 where = address if tls is None else tls_listener(address, tls, self.params.multifd_channels)
                 dst = Destination(where, copy.copy(self.params), guest=self.guest, uuid=self.uuid,
-                                  timeout=self.timeout)
+                                  timeout=self.timeout, full_verify=self.full_verify, dump_ram=self.dump_ram)
             except MigrationError as exc:
                 raise QMPError(str(exc)) from exc
             self._incoming_started = True
             self.destination = dst
+            dst.handover.resume_guest = self.autostart  # -S: the guest never runs before cont
+            dst.handover.on_resumed = self._taken_over
             self._incoming = {"status": "setup", "socket-address": [_socket_address(address, dst.port)]}
             self._migration_event("setup")
             self._spawn("incoming", self._run_destination, dst, exit_on_error)
@@ -289,14 +371,8 @@ class VM:
             if info["status"] == "completed":
                 self._incoming = info | {"livemig": {k: v for k, v in result.items() if k != "status"}}
                 self._migration_event("completed")
-                if self.autostart:
-                    self.state = "running"
-                    self._started = True
-                    self.emit("RESUME", None)
-                else:  # Destination resumes the guest: stop it again, as QEMU's -S destination waits for cont
-                    self.guest.pause()
-                    self._started = True
-                    self.state = "paused"
+                if self.state == "inmigrate":
+                    self._taken_over()
                 return
             info["status"] = "failed"
             info["error-desc"] = str(result.get("error-desc", "incoming migration failed"))
@@ -304,6 +380,18 @@ class VM:
             self._migration_event("failed")
         if exit_on_error and self.on_quit is not None:
             self.on_quit(f"load of migration failed: {info['error-desc']}", 1)
+
+    def _taken_over(self) -> None:
+        """The incoming guest is ours (before the source hears it): running, or with -S (or stop while
+        inmigrate) loaded and never run, waiting for cont (QEMU: paused). RESUME comes before
+        MIGRATION completed, as in QEMU's process_incoming_migration_bh."""
+        with self.lock:
+            self._started = True  # its state is loaded: cont resumes it
+            if self.destination is not None and self.destination.handover.resume_guest:
+                self.state = "running"
+                self.emit("RESUME", None)
+            else:
+                self.state = "paused"
 
     def _watch_incoming(self, dst: Destination, done: threading.Event) -> None:
         while not done.wait(0.02):
