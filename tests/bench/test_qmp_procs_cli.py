@@ -156,7 +156,7 @@ def test_bench_defaults_match_the_document() -> None:
     assert a.workload == "idle" and a.fill == "corpus" and a.repeat == 1 and a.func is bench_cli.main
 
 
-ACCEPTED = "(accepted: none, zlib, zstd, qatzip, qpl, uadk)"
+ACCEPTED = "(accepted: none, zlib, zstd, qatzip, qpl, uadk, auto)"
 
 
 @pytest.mark.parametrize(
@@ -191,7 +191,7 @@ def test_bad_options_exit_2_before_anything_runs(
 ) -> None:
     ran: list[Any] = []
 
-    def run_bench(config: Any, children: Any) -> None:
+    def run_bench(config: Any, children: Any, measured: Any = None) -> None:
         ran.append(config)
         raise KeyboardInterrupt  # stop here: main() returns 130
 

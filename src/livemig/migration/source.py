@@ -40,6 +40,7 @@ import numpy as np
 import xxhash
 
 from ..compress import Method, create_method
+from ..compress.auto import AUTO, choose
 from ..errors import Cancelled, MigrationError
 from ..guest import Guest
 from ..params import MigrationParameters
@@ -54,6 +55,7 @@ from .convergence import Convergence
 from .handover import PeerFailed, ReturnPath, SourceHandover, failure_text
 from .multifd import SendChannels, SendContext
 from .stats import MigrationStats, ResourceMeter
+from .tlsopts import is_loopback
 
 MACHINE_TYPE = "livemig-1"
 SECTION_CONFIG = 1
@@ -115,7 +117,10 @@ class Source:
         self.on_progress = on_progress
         self.page_size = guest.page_size
         self.page_count = packet.page_count(self.page_size)
-        self.method: Method = create_method(params.multifd_compression, params.level(), self.page_size)
+        # ``auto`` is resolved at setup (:meth:`_resolve_auto`); until then the channels hold ``none``
+        auto = params.multifd_compression == AUTO
+        self.method: Method = create_method("none" if auto else params.multifd_compression, params.level(),
+                                            self.page_size)
         self._cancel = threading.Event()
         #: set on a cancel or a failure: cuts every limiter wait short (the sockets are shut down, so
         #: the next write fails at once instead of after the channels' whole debt)
@@ -124,7 +129,7 @@ class Source:
         self.status = state.StatusMachine()
         self.stats = MigrationStats(
             page_size=self.page_size,
-            method=self.method.name,
+            method=AUTO if auto else self.method.name,
             level=params.level() if self.method.levels else None,
             backend=self.method.backend(),
             accelerated=self.method.accelerated(),
@@ -202,7 +207,26 @@ class Source:
         return self.stats
 
     # --- phases ----------------------------------------------------------------------------------
+    def _resolve_auto(self) -> None:
+        """``multifd-compression auto``: pick the method (:func:`livemig.compress.auto.choose`), say
+        which and why (log, statistics), and send an ordinary stream of it from here on."""
+        c: Any = self.connector
+        while not isinstance(c, AddressConnector) and hasattr(c, "inner"):  # TLS wraps the address's
+            c = c.inner
+        addr = c.addr if isinstance(c, AddressConnector) else None
+        choice = choose(list(self.views.values()), self.guest.ram_size, self.params.multifd_channels,
+                        self.params.max_bandwidth, same_host=addr is None or is_loopback(addr),
+                        host=addr.host if addr is not None and addr.scheme == "tcp" else None,
+                        zero_pages_free=self.params.zero_page_detection == "multifd")
+        self.method = self.channels.ctx.method = create_method(choice.method, choice.level or 1, self.page_size)
+        self.stats.method, self.stats.level = self.method.name, choice.level
+        self.stats.backend, self.stats.accelerated = self.method.backend(), self.method.accelerated()
+        self.stats.auto = choice.to_json()
+        self.log(f"multifd-compression auto: {choice.label}, {choice.reason}")
+
     def _setup(self) -> None:
+        if self.stats.method == AUTO:
+            self._resolve_auto()
         self.main = self.connector.connect(self.timeout)
         self.rp = self.handover.rp = ReturnPath(self.main, "to-source", "destination")
         config = {
@@ -211,7 +235,7 @@ class Source:
             "guest": json.loads(self.guest.config.to_json()),
             "page-size": self.page_size,
             "multifd-channels": self.params.multifd_channels,
-            "multifd-compression": self.params.multifd_compression,
+            "multifd-compression": self.method.name,  # auto: the method picked
             "zero-page-detection": self.params.zero_page_detection,
             "blocks": [[b.name, b.size] for b in self.guest.blocks],
         }

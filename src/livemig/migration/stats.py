@@ -158,6 +158,8 @@ class MigrationStats:
     source_guest: str = "running"
     #: what the operator must know (a cancel answered too late, an unknown outcome)
     notes: list[str] = field(default_factory=list)
+    #: ``multifd-compression auto``: what it picked and why (livemig.compress.auto.Choice.to_json)
+    auto: dict[str, Any] = field(default_factory=dict)
 
     # --- sums over channels ----------------------------------------------------------------------
     @property
@@ -283,6 +285,8 @@ class MigrationStats:
         }
         if self.notes:
             out["livemig"]["notes"] = list(self.notes)
+        if self.auto:
+            out["livemig"]["auto"] = self.auto
         if self.destination:
             out["destination"] = self.destination
         return out
@@ -326,6 +330,7 @@ class MigrationStats:
         lines += [
             f"method: {lm['method']}{'' if self.level is None else f' (level {self.level})'} "
             f"on {plural(lm['channels'], 'channel')}: {lm['backend']}",
+            *([f"picked by multifd-compression auto: {self.auto['reason']}"] if self.auto else []),
             f"compression ratio: {lm['compression-ratio']:.2f}",
             f"send cpu: {lm['send-cpu-percent']:.0f} %   recv cpu: {lm['recv-cpu-percent']:.0f} %",
             f"memory used by migration: send {format_size(lm['send-mem-bytes'])}, "
