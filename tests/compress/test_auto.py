@@ -195,7 +195,7 @@ def test_host_speeds_are_measured_once_per_process(monkeypatch: pytest.MonkeyPat
 
     monkeypatch.setattr("livemig.accel.speed.measure", measure)
     monkeypatch.setattr("livemig.accel.speed.measure_loopback",
-                        lambda total, connections: type("L", (), {"all_bps": 3e9})())
+                        lambda total, connections, tcp: type("L", (), {"all_bps": 3e9})())
     monkeypatch.setattr(auto, "_speeds", {})
     monkeypatch.setattr(auto, "_loop", {})
     data = sample_pages(256, "corpus", seed=0)

@@ -12,8 +12,9 @@ How it picks (:func:`choose`):
   lists them without a payload, docs/wire.md, "Multifd packet"); the other pages are compressed with
   each candidate, giving its ratio on this guest's data;
 * **speed**: each candidate's compress and decompress speed with as many threads at once as cores,
-  and loopback TCP with as many connections (:mod:`livemig.accel.speed`), measured once per process
-  on the first guest's sample and cached (:func:`host_speeds`);
+  and the socket copy with as many Unix socket pairs (:mod:`livemig.accel.speed`; not TCP: lo may
+  be shaped, as the bench's ``--link-rate`` does), measured once per process on the first guest's
+  sample and cached (:func:`host_speeds`);
 * **link**: ``max-bandwidth`` when set, else the link's rate (a ``tc`` ``tbf`` rate on the route's
   device, or the device's speed from sysfs; :func:`link_rate`), else none;
 * **model**: :func:`livemig.accel.speed.finish_time` for the guest's non-zero bytes with the
@@ -99,7 +100,8 @@ def host_speeds(cands: Sequence[tuple[str, int | None]], cores: int,
             for name, level in missing:
                 _speeds[(name, level, cores)] = measure(name, level, ref, threads=cores, repeat=3)
         if cores not in _loop:
-            _loop[cores] = max(measure_loopback(total=16 << 20, connections=cores).all_bps for _ in range(2))
+            # Unix socket pairs: nothing on lo, which a tc qdisc may shape (the bench's --link-rate)
+            _loop[cores] = max(measure_loopback(16 << 20, cores, tcp=False).all_bps for _ in range(2))
         return {c: _speeds[(*c, cores)] for c in cands}, _loop[cores]
 
 
