@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import subprocess
 import threading
+import time
 from typing import Any
 
 import numpy as np
@@ -15,11 +16,16 @@ from livemig.accel.sample import sample_pages
 from livemig.accel.speed import Measurement, finish_time
 from livemig.compress import auto
 from livemig.errors import ParameterError
+from livemig.guest import create_guest
 from livemig.guest.base import GuestConfig
 from livemig.migration.destination import Destination
 from livemig.migration.source import Source
+from livemig.monitor import CommandTable, Session, version_info
+from livemig.monitor.hmp import HMP
 from livemig.params import MigrationParameters
 from livemig.transport.sockets import SocketPairLink
+from livemig.vm import commands
+from livemig.vm.machine import VM
 from support.fakeguest import FakeGuest
 
 GIB = 1 << 30
@@ -203,3 +209,45 @@ def test_host_speeds_are_measured_once_per_process(monkeypatch: pytest.MonkeyPat
     again = auto.host_speeds([("zstd", 1), ("qatzip", 1)], 2, b"")
     assert calls == [("zstd", 1, 2), ("none", None, 2), ("qatzip", 1, 2)]
     assert first[0][("zstd", 1)] is again[0][("zstd", 1)] and first[1] == again[1] == 3e9
+
+
+@pytest.mark.usefixtures("fixed_speeds")
+def test_qmp_and_hmp_set_auto_and_query_migrate_says_why() -> None:
+    """``migrate-set-parameters`` (QMP) on the source, ``migrate_set_parameter`` (HMP) on the
+    destination; the source's ``query-migrate`` names the pick under ``livemig.auto``."""
+    def machine(incoming: bool) -> tuple[VM, Session, HMP]:
+        cfg = GuestConfig(kind="portable", memory=16 << 20, fill="random", workload="idle")
+        vm = VM(create_guest(cfg, incoming=incoming), name="t", incoming=incoming, emit=lambda n, d=None: None,
+                timeout=10)
+        table = CommandTable()
+        hmp = HMP(table)
+        commands.register(table, vm, lambda line: hmp.run(line).output)
+        session = Session(table, version_info())
+        session.handle({"execute": "qmp_capabilities"})
+        return vm, session, hmp
+
+    (svm, src, _), (dvm, dst, dhmp) = machine(False), machine(True)
+    try:
+        def qmp(s: Session, name: str, **arguments: Any) -> Any:
+            r = s.handle({"execute": name, "arguments": arguments})
+            assert "error" not in r, r
+            return r["return"]
+
+        qmp(src, "migrate-set-parameters", **{"multifd-compression": "auto", "max-bandwidth": 0})
+        assert dhmp.run("migrate_set_parameter multifd-compression auto").output == ""
+        assert "multifd-compression: auto" in dhmp.run("info migrate_parameters").output
+        dst.handle({"execute": "migrate-incoming", "arguments": {"uri": "tcp:127.0.0.1:0"}})
+        port = qmp(dst, "query-migrate")["socket-address"][0]["port"]
+        qmp(src, "migrate", uri=f"tcp:127.0.0.1:{port}")
+        deadline = time.monotonic() + 60
+        while qmp(src, "query-migrate").get("status") not in ("completed", "failed"):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        info = qmp(src, "query-migrate")
+        assert info["status"] == "completed", info
+        lm = info["livemig"]
+        assert lm["method"] == "none" and lm["auto"]["method"] == "none"  # random RAM: nothing to gain
+        assert lm["auto"]["cap-source"] == "" and "no link limit known" in lm["auto"]["reason"]
+    finally:
+        svm.close()
+        dvm.close()
