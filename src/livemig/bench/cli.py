@@ -57,15 +57,20 @@ Examples:
                                                 RAM filled with the files of DIR
   livemig bench --tls --methods zstd,none       each row plain and over TLS, with
                                                 a tls/plain ratio row
+  livemig bench --link-rate 10Gbit --peer qemu  also rows over a link shaped with tc
+                                                tbf, both engines' limiters off
+  livemig bench --memory 1G,4G,8G               size sweep, time per GiB summary
+  livemig bench --methods none,zstd,qatzip,auto auto against the fixed methods
 
 Columns:
   Total time, down time, throughput, pages per second
                      as the engine's query-migrate result reports them
   send/recv cpu %    each side's process CPU time over the migration's wall
                      time; 100 = one core busy
-  N-core limit(ms)   max((RAM/compress + RAM/decompress + wire x loopback cost)
-                     / N cores, wire/cap), from single-core codec speeds and the
-                     loopback socket cost measured on a sample of the same data
+  N-core limit(ms)   max(RAM/compress + RAM/decompress + wire/loopback, wire/cap),
+                     each speed measured with N threads at once (all cores busy)
+                     on a sample of the same data; cap = max-bandwidth or the
+                     --link-rate; an auto row's limit is its pick's
   % of limit         limit / total time
   sent (MiB)         TCP payload bytes that crossed the sockets, counted on the
                      loopback of a private network namespace (--no-netns: the
