@@ -346,7 +346,8 @@ def footer(b: Bench) -> str:
         if m == "none":
             continue
         lines.append(
-            f"{m if m != cs.method else f'{m}-{cs.level}'}: compress {cs.compress_bps / 1e6:.0f} MB/s on one thread,"
+            f"{f'auto candidate {m}' if m != cs.method else f'{m}-{cs.level}'}: compress"
+            f" {cs.compress_bps / 1e6:.0f} MB/s on one thread,"
             f" {cs.compress_all_bps / 1e6:.0f} MB/s on {cs.threads} at once; decompress"
             f" {cs.decompress_bps / 1e6:.0f} / {cs.decompress_all_bps / 1e6:.0f} MB/s; ratio {cs.ratio:.2f}"
         )
