@@ -199,7 +199,7 @@ def test_bench_help_is_plain_text(capsys: pytest.CaptureFixture[str]) -> None:
     parser = argparse.ArgumentParser(prog="livemig")
     bench_cli.add_commands(parser.add_subparsers())
     with pytest.raises(SystemExit):
-        parser.parsebench_args(["bench", "--help"])
+        parser.parse_args(["bench", "--help"])
     text = capsys.readouterr().out
     assert "Exit status: 0 when every attempted run succeeded" in text and "2 on a bad" in text
     for markup in ("``", ":mod:", ":class:", ":func:", "/work/", "/home/", "%%"):
