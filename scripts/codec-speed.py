@@ -4,9 +4,11 @@
 Each method compresses the sample in 512 KiB packets (128 pages, MULTIFD_PACKET_SIZE) through
 ``create_method(name, level).compressor(0)`` and decompresses through ``.decompressor(0)``: the same
 calls the multifd channels make, including payload framing. Figures are MB/s of page data (10^6
-bytes of input per second), best of ``--repeat`` runs, on one core; ``2-thr`` is the aggregate
-compress rate of two threads, each with its own compressor (it shows whether the codec releases the
-GIL: ~2x the single-thread figure on a 2-core host). Ratio = page bytes / payload bytes.
+bytes of input per second), best of ``--repeat`` runs, on one core; ``N-thr`` are the aggregate
+compress and decompress rates of N threads at once (default: as many as cores), each with its own
+channel state: what the cores really give when all are busy (here two threads reach ~1.55x one,
+not 2x), and what ``livemig advise``, the bench's limit column and ``multifd-compression auto``
+use (livemig.accel.speed). Ratio = page bytes / payload bytes.
 
     python3 scripts/codec-speed.py                      # built-in corpus fill, 32 MiB
     python3 scripts/codec-speed.py --fill files:DIR --size 64M   # RAM-like data from the files of DIR
@@ -24,7 +26,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from livemig.accel.sample import sample_pages  # noqa: E402
-from livemig.advise import Measurement, measure  # noqa: E402
+from livemig.accel.speed import Measurement, measure  # noqa: E402
 from livemig.compress import get_method, method_names  # noqa: E402
 from livemig.errors import MigrationError  # noqa: E402
 from livemig.units import parse_size  # noqa: E402
@@ -50,7 +52,8 @@ def main() -> int:
     ap.add_argument("--methods", default=",".join(method_names()), help="comma-separated (default: all)")
     ap.add_argument("--levels", help="levels for methods with levels, e.g. 1-9 or 1,3,9 (default per method)")
     ap.add_argument("--repeat", type=int, default=3, help="runs per figure; the best is shown (default 3)")
-    ap.add_argument("--threads", type=int, default=2, help="threads of the aggregate column (0: skip)")
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                    help="threads at once of the aggregate columns (default: the cores; 0: skip)")
     args = ap.parse_args()
 
     size = parse_size(args.size)
@@ -88,17 +91,19 @@ def main() -> int:
                 old.compress_rate = max(old.compress_rate, m.compress_rate)
                 old.decompress_rate = max(old.decompress_rate, m.decompress_rate)
                 old.compress_rate_parallel = max(old.compress_rate_parallel, m.compress_rate_parallel)
+                old.decompress_rate_parallel = max(old.decompress_rate_parallel, m.decompress_rate_parallel)
 
-    thr = f"{args.threads}-thr MB/s"
-    head = f"{'method':8} {'level':>5} {'comp MB/s':>9} {'dec MB/s':>9} {'ratio':>6} {thr:>11}  backend"
+    thr, dthr = f"{args.threads}-thr comp", f"{args.threads}-thr dec"
+    head = f"{'method':8} {'level':>5} {'comp MB/s':>9} {'dec MB/s':>9} {'ratio':>6} {thr:>11} {dthr:>10}  backend"
     print(head)
     print("-" * len(head))
     for name, level, nolevel in cases:
         m = best[(name, level)]
-        agg = f"{m.compress_rate_parallel / 1e6:11.0f}" if args.threads > 0 else ""
+        agg = (f"{m.compress_rate_parallel / 1e6:11.0f} {m.decompress_rate_parallel / 1e6:10.0f}"
+               if args.threads > 0 else "")
         lv = "-" if nolevel else str(level)
         print(f"{name:8} {lv:>5} {m.compress_rate / 1e6:9.0f} {m.decompress_rate / 1e6:9.0f} "
-              f"{m.ratio:6.3f} {agg:>11}  {m.backend[:70]}")
+              f"{m.ratio:6.3f} {agg:>22}  {m.backend[:70]}")
     return 0
 
 

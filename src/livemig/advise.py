@@ -1,19 +1,20 @@
 """``livemig advise``: which multifd compression method suits this host and link.
 
-For each method that can run here (at its default level; more with ``candidates``), :func:`measure`
-compresses and decompresses a sample of guest pages (the built-in ``corpus`` fill by default) in
-512 KiB packets through the same per-channel objects the migration uses, on one thread and then on
-``min(channels, cores)`` threads at once, timing wall clock and CPU. :func:`predict` turns that into
-a throughput for the link::
+For each method that can run here (at its default level; more with ``candidates``),
+:func:`.accel.speed.measure` compresses and decompresses a sample of guest pages (the built-in
+``corpus`` fill by default) in 512 KiB packets through the same per-channel objects the migration
+uses, on one thread and then on as many threads at once as there are cores (all cores busy: two
+busy threads are not twice one), and :func:`.accel.speed.measure_loopback` times loopback TCP the
+same way. :func:`predict` turns that into a throughput with :func:`.accel.speed.finish_time`, the
+model the bench's limit column and ``multifd-compression auto`` use::
 
-    sender   = compress rate with the channels' threads      (page bytes/s the sender can produce)
-    receiver = decompress rate with the channels' threads
-    link     = bandwidth x ratio                              (page bytes/s that fit on the wire)
-    rate     = min(sender, receiver, link);   pages/s = rate / 4096
+    time     = finish_time(speeds, RAM, link, channels, cores, same host or two hosts)
+    rate     = RAM / time;   pages/s = rate / 4096;   wire rate = rate / ratio
     CPU % per side = rate x (codec CPU seconds per page byte) x 100   (100 % = one core busy)
 
-The codec's CPU time is all it counts: the network stack and the migration's own bookkeeping come on
-top. A hardware backend shows as low CPU time per byte, so the same formulas hold for QAT.
+``same_host`` (``livemig advise --local``) is what ``livemig migrate --local`` and ``livemig bench``
+run: both ends share this host's cores. Otherwise source and destination are separate hosts with
+``cores`` cores each. A hardware backend shows as low CPU time per byte, so the same formulas hold for QAT.
 
 :func:`recommend` picks the method with the highest predicted pages/s, preferring the lower total
 CPU % when two are within 5 %. When accelerators are present it first applies the QEMU feature
@@ -26,41 +27,24 @@ from __future__ import annotations
 
 import os
 import textwrap
-import threading
-import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from .accel.inventory import Inventory
 from .accel.sample import sample_pages
-from .compress import create_method, get_method, method_names
+from .accel.speed import PACKET_PAGES, Measurement, finish_time, measure, measure_loopback
+from .compress import get_method, method_names
 from .errors import MethodUnavailable, ParameterError
 from .wire.constants import PAGE_SIZE
 
 PAGE = PAGE_SIZE
-PACKET_PAGES = 128
+#: RAM the predictions are made for (rates do not depend on it; the model has no fixed cost)
+MODEL_RAM = 1 << 30
+__all__ = ["PACKET_PAGES", "Advice", "Measurement", "Prediction", "advise", "measure", "predict", "recommend"]
 #: default candidates: each method at QEMU's default level
 #: characters per line of the advise table's backend column (longer text wraps, never cut)
 BACKEND_WIDTH = 60
 DEFAULT_LEVELS = {"none": 1, "zlib": 1, "zstd": 1, "qatzip": 1, "qpl": 1, "uadk": 1}
-
-
-@dataclass
-class Measurement:
-    """One method's codec figures on the sample (rates in page bytes per second)."""
-
-    method: str
-    level: int | None
-    backend: str
-    accelerated: bool
-    ratio: float
-    compress_rate: float  # one thread, wall clock
-    decompress_rate: float
-    compress_cpu: float  # CPU seconds per page byte (one thread)
-    decompress_cpu: float
-    compress_rate_parallel: float  # aggregate of ``threads`` threads
-    decompress_rate_parallel: float
-    threads: int
 
 
 @dataclass
@@ -92,110 +76,29 @@ class Advice:
     recommended_level: int | None
     reason: str
     rules: list[str] = field(default_factory=list)
+    #: both ends on this host, sharing its cores (``--local``)
+    same_host: bool = False
+    #: loopback TCP bytes/s with all cores busy (0 = not measured)
+    loopback_bps: float = 0.0
 
     def to_json(self) -> dict[str, Any]:
         """Plain dict for ``--json``."""
         return asdict(self)
 
 
-def _packets(data: bytes) -> list[memoryview]:
-    mv = memoryview(data)
-    step = PACKET_PAGES * PAGE
-    return [mv[i : i + step] for i in range(0, len(data), step)]
-
-
-def _parallel(fn: Any, args: list[Any]) -> float:
-    """Wall seconds for ``fn(arg)`` on one thread per arg, all started together."""
-    barrier = threading.Barrier(len(args) + 1)
-
-    def run(a: Any) -> None:
-        barrier.wait()
-        fn(a)
-
-    threads = [threading.Thread(target=run, args=(a,)) for a in args]
-    for t in threads:
-        t.start()
-    barrier.wait()
-    t0 = time.perf_counter()
-    for t in threads:
-        t.join()
-    return time.perf_counter() - t0
-
-
-def measure(name: str, level: int | None, data: bytes, threads: int, repeat: int = 2) -> Measurement:
-    """Codec figures of ``name`` at ``level`` on ``data`` (see the module docstring).
-
-    The one codec measurement of the project (``livemig advise``, ``livemig bench``'s compute limit,
-    ``scripts/codec-speed.py``); ``threads=0`` skips the multi-thread aggregate.
-    """
-    method = create_method(name, level if level is not None else 1)
-    pkts = _packets(data)
-    pages = [p.nbytes // PAGE for p in pkts]
-    total = len(data)
-
-    def compress_all(ch: int) -> list[list[Any]]:
-        # the buffers as the channel would send them (``none`` hands out guest RAM without a copy)
-        send = method.compressor(ch)
-        return [send.compress([p]) for p in pkts]
-
-    def decompress_all(ch: int, payloads: list[bytes]) -> None:
-        recv = method.decompressor(ch)
-        for p, n in zip(payloads, pages, strict=True):
-            recv.decompress(p, n)
-
-    best_c = best_d = float("inf")
-    cpu_c = cpu_d = float("inf")
-    payloads: list[bytes] = []
-    for _ in range(repeat):
-        w, c = time.perf_counter(), time.thread_time()
-        bufs = compress_all(0)
-        best_c = min(best_c, time.perf_counter() - w)
-        cpu_c = min(cpu_c, time.thread_time() - c)
-        payloads = [b"".join(b) for b in bufs]
-        w, c = time.perf_counter(), time.thread_time()
-        decompress_all(0, payloads)
-        best_d = min(best_d, time.perf_counter() - w)
-        cpu_d = min(cpu_d, time.thread_time() - c)
-    wire = sum(len(p) for p in payloads)
-    if threads > 0:
-        par_c = min(_parallel(compress_all, list(range(threads))) for _ in range(repeat))
-        par_d = min(_parallel(lambda ch: decompress_all(ch, payloads), list(range(threads))) for _ in range(repeat))
-    else:  # single-core figures only: the aggregate columns repeat them
-        threads, par_c, par_d = 1, best_c, best_d
-    return Measurement(
-        method=name,
-        level=level,
-        backend=method.backend(),
-        accelerated=method.accelerated(),
-        ratio=total / max(1, wire),
-        compress_rate=total / best_c,
-        decompress_rate=total / best_d,
-        compress_cpu=max(cpu_c, 1e-9) / total,
-        decompress_cpu=max(cpu_d, 1e-9) / total,
-        compress_rate_parallel=threads * total / par_c,
-        decompress_rate_parallel=threads * total / par_d,
-        threads=threads,
-    )
-
-
-def predict(m: Measurement, bandwidth: int, channels: int, cores: int) -> Prediction:
-    """Throughput and CPU of a migration with ``m``'s method over a ``bandwidth`` bytes/s link.
-
-    Parallel rates were measured with ``m.threads`` threads; with more channels than that (and more
-    cores) they scale by ``min(channels, cores) / m.threads``. ``bandwidth`` 0 means unlimited."""
-    usable = min(channels, cores)
-    scale = usable / m.threads
-    sender = m.compress_rate_parallel * scale
-    receiver = m.decompress_rate_parallel * scale
-    link = bandwidth * m.ratio if bandwidth else float("inf")
-    rate = min(sender, receiver, link)
-    limit = "link" if rate == link else ("sender" if rate == sender else "receiver")
+def predict(m: Measurement, bandwidth: int, channels: int, cores: int, same_host: bool = False,
+            loop_bps: float = 0.0) -> Prediction:
+    """Throughput and CPU of a migration with ``m``'s method over a ``bandwidth`` bytes/s link
+    (0 = unlimited), by :func:`.accel.speed.finish_time`; ``loop_bps`` the all-cores loopback rate
+    (0 = socket cost not counted)."""
+    f = finish_time(m, loop_bps, MODEL_RAM, bandwidth, channels, cores, same_host)
+    rate = MODEL_RAM / f.seconds if f.seconds > 0 else float("inf")
     return Prediction(
         measurement=m,
         rate=rate,
         pages_per_second=rate / PAGE,
         wire_rate=rate / m.ratio,
-        limit=limit,
+        limit=f.limit,
         send_cpu_percent=rate * m.compress_cpu * 100,
         recv_cpu_percent=rate * m.decompress_cpu * 100,
     )
@@ -317,13 +220,16 @@ def advise(
     cores: int | None = None,
     inventory: Inventory | None = None,
     repeat: int = 2,
+    same_host: bool = False,
 ) -> Advice:
     """Measure, predict and recommend (see the module docstring).
 
     ``bandwidth`` bytes/s (0 = unlimited); ``sample`` a guest fill spec (or a :data:`.accel.sample.KINDS`
     kind); ``sample_bytes`` rounded down to whole 512 KiB packets, at least one; ``cores`` per side
-    (None = this host's). Raises ParameterError for channels outside 1..255, cores < 1 or bad
-    ``candidates``; GuestError for a fill that cannot be produced; MethodUnavailable.
+    (None = this host's; codecs run on at most this host's cores at once, the model scales beyond);
+    ``same_host``: both ends share this host (``livemig migrate --local``, ``livemig bench``).
+    Raises ParameterError for channels outside 1..255, cores < 1 or bad ``candidates``; GuestError
+    for a fill that cannot be produced; MethodUnavailable.
     """
     if channels < 1 or channels > 255:
         raise ParameterError("Parameter 'multifd_channels' expects a value between 1 and 255")
@@ -333,10 +239,10 @@ def advise(
     cands = parse_candidates(candidates)
     npages = max(PACKET_PAGES, sample_bytes // PAGE)
     data = sample_pages(npages, sample, seed=0)
-    threads = max(1, min(channels, ncores))
-    preds = [
-        predict(measure(name, level, data, threads, repeat), bandwidth, channels, ncores) for name, level in cands
-    ]
+    threads = max(1, min(ncores, os.cpu_count() or 1))  # all cores busy
+    loop = measure_loopback(connections=threads)
+    preds = [predict(measure(name, level, data, threads, repeat), bandwidth, channels, ncores, same_host,
+                     loop.all_bps) for name, level in cands]
     pick, why, rules = recommend(preds, inventory, bandwidth)
     return Advice(
         bandwidth=bandwidth,
@@ -349,6 +255,8 @@ def advise(
         recommended_level=pick.measurement.level,
         reason=why,
         rules=rules,
+        same_host=same_host,
+        loopback_bps=loop.all_bps,
     )
 
 
@@ -361,19 +269,23 @@ def render(adv: Advice) -> str:
 
     bw = format_rate_bits(adv.bandwidth) if adv.bandwidth else "unlimited"
     cores = f"of {adv.cores} core" + ("s" if adv.cores > 1 else "")
+    threads = adv.predictions[0].measurement.threads if adv.predictions else 1
+    where = (f"both ends on this host sharing its {adv.cores} cores" if adv.same_host
+             else f"{adv.cores} cores on each side")
     lines = [
-        f"link {bw}, {adv.channels} multifd channels, {adv.cores} cores on each side; sample: {adv.sample}, "
+        f"link {bw}, {adv.channels} multifd channels, {where}; sample: {adv.sample}, "
         f"{adv.sample_bytes >> 20} MiB in 512 KiB packets",
         f"{'method':10} {'comp MB/s':>9} {'dec MB/s':>9} {'ratio':>6} {'pages/s':>10} {'limit':>8} "
         f"{'wire':>11} {'send CPU':>10} {'recv CPU':>10}  backend",
-        f"{'':10} {'(1 core)':>9} {'(1 core)':>9} {'':>6} {'':>10} {'':>8} {'':>11} {cores:>10} {cores:>10}",
+        f"{'':10} {f'({threads} thr)':>9} {f'({threads} thr)':>9} {'':>6} {'':>10} {'':>8} {'':>11} "
+        f"{cores:>10} {cores:>10}",
     ]
     lines.append("-" * len(lines[1]))
     for p in adv.predictions:
         m = p.measurement
         name = m.method if m.level is None or m.method == "none" else f"{m.method}-{m.level}"
         row = (
-            f"{name:10} {m.compress_rate / 1e6:9.0f} {m.decompress_rate / 1e6:9.0f} {m.ratio:6.2f} "
+            f"{name:10} {m.compress_rate_parallel / 1e6:9.0f} {m.decompress_rate_parallel / 1e6:9.0f} {m.ratio:6.2f} "
             f"{p.pages_per_second:10,.0f} {p.limit:>8} {format_rate_bits(p.wire_rate):>11} "
             f"{p.send_cpu_percent / adv.cores:9.0f}% {p.recv_cpu_percent / adv.cores:9.0f}%  "
         )
@@ -382,7 +294,8 @@ def render(adv: Advice) -> str:
         lines.append(row + wrapped[0])
         lines += [" " * len(row) + more for more in wrapped[1:]]
     lines.append(
-        f"(MB/s: one core; pages/s with min(channels, cores) threads per side; send/recv CPU: the codec's CPU"
+        f"(MB/s: {threads} threads at once, all cores busy; pages/s from livemig.accel.speed.finish_time"
+        f"{f', loopback {adv.loopback_bps / 1e6:.0f} MB/s' if adv.loopback_bps else ''}; send/recv CPU: the codec's CPU"
         f" time on the source / destination as a share of that side's {adv.cores} cores, 100% = all busy)"
     )
     for note in adv.rules:

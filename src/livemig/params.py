@@ -58,14 +58,14 @@ class MigrationParameters:
 
     def check(self) -> None:
         """Raise ParameterError, in QEMU's words, for the first value out of range."""
-        from .compress import method_names  # local import: registry imports params-free modules
+        from .compress.auto import accepted  # local import: registry imports params-free modules
 
         if not 1 <= self.multifd_channels <= 255:
             raise _expects("multifd_channels", "a value between 1 and 255")
-        if self.multifd_compression not in method_names():
+        if self.multifd_compression not in accepted():  # the methods, and livemig's own "auto"
             raise ParameterError(
                 f"Parameter 'multifd-compression' does not accept value '{self.multifd_compression}'"
-                f" (known: {', '.join(method_names())})"
+                f" (known: {', '.join(accepted())})"
             )
         if not 0 <= self.multifd_zlib_level <= 9:
             raise _expects("multifd_zlib_level", "a value between 0 and 9")

@@ -1,6 +1,6 @@
 """Sizes and rates with units, as users type them: ``2G``, ``512M``, ``10Gbps``, ``1.5GiB/s``.
 
-Sizes are binary (K = 1024), like QEMU's size parser. Rates ending in ``bps``/``bit/s`` are bits per
+Sizes are binary (K = 1024), like QEMU's size parser. Rates ending in ``bps``/``bit/s``/``bit`` are bits per
 second with decimal prefixes (10Gbps = 10 * 10**9 / 8 bytes/s), like link speeds are quoted; rates
 ending in ``B/s`` (or a bare size) are bytes per second with binary prefixes, like QEMU's
 ``max-bandwidth``.
@@ -16,7 +16,7 @@ _BIN = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 _DEC = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
 
 _SIZE_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgtb]?)(?:i?b)?\s*$", re.IGNORECASE)
-_BITS_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgtKMGT]?)(?:bps|bit/s|b/s)\s*$")
+_BITS_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgtKMGT]?)(?:bps|bit/s|b/s|bit)\s*$")  # bit: tc's spelling
 
 
 #: the accepted forms, as error messages and help texts name them

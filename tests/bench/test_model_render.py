@@ -12,51 +12,10 @@ from typing import Any
 
 import pytest
 
-from livemig.bench.config import BenchConfig
 from livemig.bench.limits import CodecSpeed, LoopbackSpeed, compute_limit
 from livemig.bench.model import Run, Stat, aggregate
 from livemig.bench.render import render_bench, render_markdown, render_memory, render_text
-from livemig.bench.results import Bench, DataSample
-
-GIB = 1 << 30
-
-
-def result(
-    total: float,
-    down: float = 20,
-    mbps: float = 9000,
-    pps: float = 300000,
-    send: float = 150,
-    recv: float = 90,
-    wire: float = 300 << 20,
-    smem: float = 10 << 20,
-    rmem: float = 12 << 20,
-    backend: str = "cpu: zstd 1.5.5",
-    accelerated: bool = False,
-) -> dict[str, Any]:
-    return {
-        "status": "completed",
-        "total-time": total,
-        "setup-time": 5,
-        "downtime": down,
-        "ram": {"transferred": 1 << 30, "total": 1 << 30, "normal": 250000, "duplicate": 12000,
-                "mbps": mbps, "pages-per-second": pps, "page-size": 4096},  # fmt: skip
-        "livemig": {"method": "zstd", "level": 1, "backend": backend, "accelerated": accelerated, "channels": 8,
-                    "wire-bytes": wire, "send-cpu-percent": send, "recv-cpu-percent": recv,
-                    "send-mem-bytes": smem, "recv-mem-bytes": rmem},  # fmt: skip
-    }
-
-
-def run(method: str, res: dict[str, Any] | None, rep: int = 0, **kw: Any) -> Run:
-    return Run("livemig", method, kw.pop("channels", 8), kw.pop("bw", 1_250_000_000), rep, res, **kw)
-
-
-def data_cells(text: str, label: str) -> list[str]:
-    for line in text.splitlines():
-        cells = [c.strip() for c in line.strip("|").split("|")]
-        if cells[0] == label:
-            return cells[1:]
-    raise AssertionError(f"no row {label!r} in\n{text}")
+from support.benchrows import bench_of, data_cells, result, run
 
 
 @pytest.mark.parametrize(
@@ -191,22 +150,8 @@ def test_memory_table_follows_results() -> None:
     assert "qatzip at 2 channels: n/a: no device" in text
 
 
-def _bench(runs: list[Run], bandwidths: tuple[int, ...] = (1_250_000_000,)) -> Bench:
-    host = {"cores": 2, "cpu-model": "Test CPU", "kernel": "6.1", "memory": 1 << 34, "kvm": True}
-    cfg = BenchConfig(methods=("qatzip", "zstd", "none"), bandwidths=bandwidths, channels=8, memory=GIB,
-                      guest="kvm", smp=1, workload="idle", fill="corpus", fill_label="the built-in corpus",
-                      level=1, repeat=1,
-                      unavailable=(("qatzip", "no QAT"), ("zstd", None), ("none", None)))  # fmt: skip
-    b = Bench(host, cfg, data=DataSample(32 << 20, 0.02, 3.24))
-    b.codecs["zstd"] = CodecSpeed("zstd", 1, 100, 30, 400e6, 1000e6)
-    b.codecs["none"] = CodecSpeed("none", 1, 100, 100, float("inf"), float("inf"))
-    b.loopback = LoopbackSpeed(1 << 28, 3e9, 0.4e-9)
-    b.runs = runs
-    return b
-
-
 def test_full_output_and_json_shape() -> None:
-    b = _bench([
+    b = bench_of([
         run("qatzip", None, na="no QAT"),
         run("zstd", result(2500, backend="cpu: zstd 1.5.4")),
         run("none", result(1700, backend="cpu")),
@@ -228,7 +173,7 @@ def test_full_output_and_json_shape() -> None:
 
 
 def test_accelerator_is_named_from_the_result() -> None:
-    b = _bench([run("qatzip", result(900, backend="hardware: QAT 4xxx", accelerated=True))])
+    b = bench_of([run("qatzip", result(900, backend="hardware: QAT 4xxx", accelerated=True))])
     assert "qatzip: accelerator (hardware: QAT 4xxx)" in render_bench(b, markdown=True)
 
 
@@ -239,7 +184,7 @@ def test_plots_are_written(tmp_path: Any) -> None:
     for bw, f in ((125_000_000, 1), (1_250_000_000, 5), (0, 8)):
         runs += [run("zstd", result(1000 * f, pps=40000 * f), bw=bw), run("none", result(900, pps=30000 * f), bw=bw)]
     runs.append(run("qatzip", None, na="no QAT"))
-    b = _bench(runs, bandwidths=(125_000_000, 1_250_000_000, 0))
+    b = bench_of(runs, bandwidths=(125_000_000, 1_250_000_000, 0))
     paths = write_plots(b, str(tmp_path / "plots"))
     assert [p.rsplit("/", 1)[1] for p in paths] == ["time-cpu.png", "pps-vs-bandwidth.png", "wire-bytes.png"]
     for p in paths:
@@ -256,7 +201,7 @@ def test_one_bandwidth_draws_bars_not_a_sweep(tmp_path: Any, monkeypatch: pytest
     monkeypatch.setattr(
         plots, "_pps_bars", lambda b, rows, d: drawn.append([r.method for r in rows]) or real(b, rows, d)
     )
-    b = _bench([run("zstd", result(1000)), run("none", result(900)), run("qatzip", None, na="no QAT")])
+    b = bench_of([run("zstd", result(1000)), run("none", result(900)), run("qatzip", None, na="no QAT")])
     paths = plots.write_plots(b, str(tmp_path))
     assert drawn == [["zstd", "none"]] and len(paths) == 3
 
@@ -280,7 +225,7 @@ def test_a_sweep_plots_every_bandwidth_with_labelled_limits(tmp_path: Any, monke
     runs = []
     for bw in (125_000_000, 0):
         runs += [run("zstd", result(1000, pps=40000), bw=bw), run("none", result(900, pps=30000), bw=bw)]
-    b = _bench(runs, bandwidths=(125_000_000, 0))
+    b = bench_of(runs, bandwidths=(125_000_000, 0))
     plots.write_plots(b, str(tmp_path / "plots"))
     titles = [ax.get_title() for ax in figs["time-cpu.png"].axes]
     assert titles == ["Total time, 1Gbps", "CPU per side, 1Gbps", "Total time, uncapped", "CPU per side, uncapped"]

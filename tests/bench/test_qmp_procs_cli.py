@@ -21,6 +21,7 @@ from livemig.bench import cli as bench_cli
 from livemig.bench.model import BenchError, Run
 from livemig.bench.procs import Children, descendants
 from livemig.bench.qemu_peer import QmpConnection
+from support.benchrows import bench_args
 
 
 def _serve(path: str, script: list[tuple[str, list[dict[str, Any]]]], seen: list[dict[str, Any]]) -> threading.Thread:
@@ -139,24 +140,13 @@ def test_children_stop_kills_descendants_in_other_sessions() -> None:
     assert not any(_alive(pid) for pid in tree)
 
 
-def _args(**kw: Any) -> argparse.Namespace:
-    parser = argparse.ArgumentParser()
-    sub = parser.add_subparsers()
-    bench_cli.add_commands(sub)
-    argv = ["bench"]
-    for k, v in kw.items():
-        flag = "--" + k.replace("_", "-")
-        argv += [flag] if v is True else [flag, str(v)]
-    return parser.parse_args(argv)
-
-
 def test_bench_defaults_match_the_document() -> None:
-    a = _args()
+    a = bench_args()
     assert a.methods == "qatzip,zstd,none" and a.multifd_channels == 8 and a.bandwidth == "10Gbps"
     assert a.workload == "idle" and a.fill == "corpus" and a.repeat == 1 and a.func is bench_cli.main
 
 
-ACCEPTED = "(accepted: none, zlib, zstd, qatzip, qpl, uadk)"
+ACCEPTED = "(accepted: none, zlib, zstd, qatzip, qpl, uadk, auto)"
 
 
 @pytest.mark.parametrize(
@@ -191,12 +181,12 @@ def test_bad_options_exit_2_before_anything_runs(
 ) -> None:
     ran: list[Any] = []
 
-    def run_bench(config: Any, children: Any) -> None:
+    def run_bench(config: Any, children: Any, measured: Any = None) -> None:
         ran.append(config)
         raise KeyboardInterrupt  # stop here: main() returns 130
 
     monkeypatch.setattr(bench_cli, "run_bench", run_bench)
-    code = bench_cli.main(_args(**kw))
+    code = bench_cli.main(bench_args(**kw))
     if msg is None:
         assert code == 130 and ran[0].bandwidths == (125_000_000,)
         return
@@ -228,7 +218,8 @@ def test_unavailable_method_and_peer_are_na_rows(
     monkeypatch.setattr("livemig.bench.qemu_peer.shutil.which", lambda name: None)
     out = tmp_path / "b.json"
     code = bench_cli.main(
-        _args(methods="uadk", memory="16M", sample="1M", peer="qemu", no_netns=True, json=str(out), guest="portable")
+        bench_args(methods="uadk", memory="16M", sample="1M", peer="qemu", no_netns=True, json=str(out),
+                   guest="portable")
     )
     text = capsys.readouterr().out
     assert code == 0 and started == []  # nothing ran
@@ -243,7 +234,7 @@ def test_unavailable_method_and_peer_are_na_rows(
 def test_missing_kvm_makes_kvm_rows_na(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.setattr("livemig.guest.kvm_unavailable", lambda: "/dev/kvm: No such file or directory")
     monkeypatch.setattr(bench_cli, "run_livemig", lambda *a, **k: pytest.fail("no run may start"))
-    code = bench_cli.main(_args(methods="zstd,none", memory="16M", sample="1M", no_netns=True, guest="kvm"))
+    code = bench_cli.main(bench_args(methods="zstd,none", memory="16M", sample="1M", no_netns=True, guest="kvm"))
     text = capsys.readouterr().out
     assert code == 0
     for m in ("zstd", "none"):

@@ -33,8 +33,10 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:  # type: ignor
         "advise",
         help="measure each method on a sample and recommend one for a link",
         description="Measure every available compression method's speed and ratio on a sample of "
-        "guest pages, predict pages/s and each side's CPU use for the link, and recommend one. Source and "
-        "destination are taken to be separate hosts with --cores cores each.",
+        "guest pages (with as many threads at once as cores), predict pages/s and each side's CPU use for "
+        "the link, and recommend one. Source and destination are taken to be separate hosts with --cores "
+        "cores each, or with --local both on this host, sharing its cores (as livemig migrate --local and "
+        "livemig bench run).",
     )
     a.add_argument("--bandwidth", default="10Gbps", metavar="RATE",
                    help="link speed, e.g. 10Gbps, 25Gbps, 1GB/s (0: unlimited; default 10Gbps)")
@@ -45,6 +47,8 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:  # type: ignor
                    help="sample size, at least one 512K multifd packet (default 16M)")
     a.add_argument("--methods", metavar="LIST",
                    help="candidates, e.g. qatzip:1,qatzip:9,zstd:1,qpl (default: each at its default level)")
+    a.add_argument("--local", action="store_true",
+                   help="both ends on this host, sharing its cores (what livemig bench measures)")
     a.add_argument("--json", action="store_true", help="print JSON instead of a table")
     a.set_defaults(func=cmd_advise)
 
@@ -131,7 +135,8 @@ def _advise_options(args: argparse.Namespace) -> dict[str, Any]:
         raise ParameterError(f"--fill: {exc}") from exc
     parse_candidates(args.methods)
     return {"bandwidth": bandwidth, "channels": args.multifd_channels, "sample": args.fill,
-            "sample_bytes": sample_bytes, "candidates": args.methods, "cores": args.cores}
+            "sample_bytes": sample_bytes, "candidates": args.methods, "cores": args.cores,
+            "same_host": args.local}
 
 
 def cmd_advise(args: argparse.Namespace) -> int:

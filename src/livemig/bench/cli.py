@@ -17,16 +17,17 @@ import time
 from types import FrameType
 from typing import TYPE_CHECKING
 
-from ..compress import method_names
+from ..compress.auto import AUTO, accepted
+from ..compress.auto import candidates as auto_candidates
 from ..errors import MigrationError, ParameterError
 from ..ui.errors import EXIT_USAGE, report_error
 from ..units import plural
-from .config import DEFAULT_MEMORY, DEFAULT_METHODS, MEMORY_TABLE_CHANNELS, BenchConfig, parse_options
+from .config import DEFAULT_MEMORY, DEFAULT_METHODS, MEMORY_TABLE_CHANNELS, BenchConfig, parse_options, sections
 from .data import host_info, sample_data, zero_page_fraction, zstd1_ratio
 from .limits import measure_codec, measure_loopback
 from .model import BenchError, Run
 from .procs import Children, NetNamespace
-from .render import bandwidth_label, render_bench
+from .render import bandwidth_label, render_bench, render_sweep
 from .results import Bench, DataSample
 from .runner import Experiment, run_livemig, tls_experiment
 from .vm_peer import run_livemig_vm
@@ -56,15 +57,20 @@ Examples:
                                                 RAM filled with the files of DIR
   livemig bench --tls --methods zstd,none       each row plain and over TLS, with
                                                 a tls/plain ratio row
+  livemig bench --link-rate 10Gbit --peer qemu  also rows over a link shaped with tc
+                                                tbf, both engines' limiters off
+  livemig bench --memory 1G,4G,8G               size sweep, time per GiB summary
+  livemig bench --methods none,zstd,qatzip,auto auto against the fixed methods
 
 Columns:
   Total time, down time, throughput, pages per second
                      as the engine's query-migrate result reports them
   send/recv cpu %    each side's process CPU time over the migration's wall
                      time; 100 = one core busy
-  N-core limit(ms)   max((RAM/compress + RAM/decompress + wire x loopback cost)
-                     / N cores, wire/cap), from single-core codec speeds and the
-                     loopback socket cost measured on a sample of the same data
+  N-core limit(ms)   max(RAM/compress + RAM/decompress + wire/loopback, wire/cap),
+                     each speed measured with N threads at once (all cores busy)
+                     on a sample of the same data; cap = max-bandwidth or the
+                     --link-rate; an auto row's limit is its pick's
   % of limit         limit / total time
   sent (MiB)         TCP payload bytes that crossed the sockets, counted on the
                      loopback of a private network namespace (--no-netns: the
@@ -92,15 +98,21 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:  # type: ignor
     p.add_argument(
         "--methods",
         default=DEFAULT_METHODS,
-        help=f"comma list of {', '.join(method_names())} (default {DEFAULT_METHODS})",
+        help=f"comma list of {', '.join(accepted())} (auto: livemig picks at setup; default {DEFAULT_METHODS})",
     )
-    p.add_argument("--memory", default=DEFAULT_MEMORY, help=f"guest RAM (default {DEFAULT_MEMORY})")
+    p.add_argument("--memory", default=DEFAULT_MEMORY,
+                   help=f"guest RAM; a comma list (1G,4G,8G) sweeps the size, one set of tables per size and a "
+                        f"time-per-GiB summary (default {DEFAULT_MEMORY})")
     p.add_argument("--multifd-channels", type=int, default=8, help="multifd channels (default 8)")
     p.add_argument(
         "--bandwidth",
         default="10Gbps",
         help="max-bandwidth, e.g. 1Gbps, 10Gbps, 500MiB/s; a comma list sweeps (0 = uncapped; default 10Gbps)",
     )
+    p.add_argument("--link-rate", metavar="RATE",
+                   help="also run every row over a link shaped to RATE (10Gbit, 1Gbit; a comma list sweeps) with "
+                        "tc tbf on the bench's private network namespace, max-bandwidth off on both engines "
+                        "(QEMU included): rows 'cap' (--bandwidth) and 'link' side by side")
     p.add_argument("--corpus", metavar="DIR", help="fill RAM with the files of DIR (e.g. Silesia)")
     p.add_argument(
         "--fill",
@@ -150,21 +162,35 @@ def _measure_data(b: Bench) -> None:
         b.codec_errors = {m: str(exc) for m in c.methods}
         _progress(f"bench: data sample unavailable: {exc}")
         return
-    for m in c.methods:
+    # auto's rows take the limit of what they picked: its candidates are measured as "zstd-1", "none"
+    todo = [(m, c.level, m) for m in c.methods if m != AUTO]
+    if AUTO in c.methods:
+        todo += [(m, lv or 1, m if lv is None else f"{m}-{lv}") for m, lv in auto_candidates()]
+    for m, level, key in todo:
         reason = dict(c.unavailable).get(m)
         if reason:
-            b.codec_errors[m] = reason
+            b.codec_errors[key] = reason
             continue
         try:
-            b.codecs[m] = measure_codec(m, sample, level=c.level)
+            b.codecs[key] = measure_codec(m, sample, level=level, threads=b.cores)
         except MigrationError as exc:
-            b.codec_errors[m] = str(exc)
+            b.codec_errors[key] = str(exc)
     b.data = DataSample(len(sample), zero_page_fraction(sample), zstd1_ratio(sample))
-    b.loopback = measure_loopback()
+    b.loopback = measure_loopback(connections=b.cores)
 
 
-def run_bench(config: BenchConfig, children: Children) -> Bench:
-    """Measure everything ``config`` asks for. KeyboardInterrupt propagates (children stopped by caller)."""
+def run_sweep(config: BenchConfig, children: Children) -> list[Bench]:
+    """One :func:`run_bench` per section (guest size, link rate: :func:`.config.sections`), the codec
+    and loopback speeds measured once for all. KeyboardInterrupt propagates."""
+    out: list[Bench] = []
+    for sec in sections(config):
+        out.append(run_bench(sec, children, out[0] if out else None))
+    return out
+
+
+def run_bench(config: BenchConfig, children: Children, measured: Bench | None = None) -> Bench:
+    """Measure everything ``config`` asks for (codec and loopback speeds: ``measured``'s when given).
+    KeyboardInterrupt propagates (children stopped by caller)."""
     c = config
     b = Bench(host_info(), c)
     b.host["loadavg-before"] = os.getloadavg()[0]
@@ -173,8 +199,12 @@ def run_bench(config: BenchConfig, children: Children) -> Bench:
             f"bench: warning: load average {b.host['loadavg-before']:.1f} on {b.cores} cores;"
             " other work will slow the runs and the codec measurements alike"
         )
-    _progress("bench: measuring codec speeds on a data sample ...")
-    _measure_data(b)
+    if measured is None:
+        _progress("bench: measuring codec speeds on a data sample ...")
+        _measure_data(b)
+    else:
+        b.data, b.codecs, b.codec_errors, b.loopback = (measured.data, measured.codecs, measured.codec_errors,
+                                                        measured.loopback)
     exp = Experiment(c.guest, c.memory, c.workload, c.fill, c.smp, c.level, c.downtime_limit, c.timeout,
                      c.migrate_args())
     workdir = tempfile.mkdtemp(prefix="livemig-bench-")
@@ -184,7 +214,12 @@ def run_bench(config: BenchConfig, children: Children) -> Bench:
         try:
             netns = NetNamespace(children)
         except BenchError as exc:
+            if c.link_rate:
+                raise BenchError(f"--link-rate: {exc}") from exc
             _progress(f"bench: socket bytes not counted: {exc}")
+    if netns is not None and c.link_rate:
+        netns.shape(c.link_rate)
+        _progress(f"bench: loopback shaped to {bandwidth_label(c.link_rate)} (tc tbf), max-bandwidth off")
     peer = None
     if c.peer == "qemu":
         from .qemu_peer import QemuPeer  # qemu.qmp is loaded only for --peer qemu
@@ -245,7 +280,9 @@ def _one(
             run = run_livemig_vm(children, exp, method, channels, bw, rep, workdir, netns)
         _progress(f"bench {tag}: {'ok' if run.ok else run.error} ({time.monotonic() - t0:.1f} s)")
         out.append(run)
-    if peer is not None:
+    if peer is not None and method == AUTO:
+        out.append(Run("qemu", method, channels, bw, rep, na="QEMU has no multifd-compression auto (livemig's own)"))
+    elif peer is not None:
         _progress(f"bench {tag}: QEMU {method}, {plural(channels, 'channel')}, {bandwidth_label(bw)} ...")
         t0 = time.monotonic()
         prun = peer.run(method, channels, bw, rep)
@@ -284,21 +321,25 @@ def _check_outputs(args: argparse.Namespace) -> None:
             raise ParameterError(f"--plot {args.plot}: cannot create it in {parent} (not writable)")
 
 
-def _write_results(b: Bench, args: argparse.Namespace) -> None:
-    """The tables (stderr when --json - takes stdout), --json FILE and --plot DIR."""
+def _write_results(benches: list[Bench], args: argparse.Namespace) -> None:
+    """The tables (stderr when --json - takes stdout), --json FILE and --plot DIR (the first section's;
+    a sweep's JSON is ``{"sections": [...]}``, one bench's JSON each)."""
     out = sys.stderr if args.json == "-" else sys.stdout
-    print(render_bench(b, args.markdown), file=out)
+    print("\n\n".join(render_bench(b, args.markdown) for b in benches), file=out)
+    if len(benches) > 1:
+        print("\n" + render_sweep(benches), file=out)
+    data = benches[0].to_json() if len(benches) == 1 else {"sections": [b.to_json() for b in benches]}
     if args.json == "-":
-        json.dump(b.to_json(), sys.stdout, indent=1, default=str)
+        json.dump(data, sys.stdout, indent=1, default=str)
         print(flush=True)
     elif args.json:
         with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(b.to_json(), f, indent=1, default=str)
+            json.dump(data, f, indent=1, default=str)
         print(f"wrote {args.json}", file=out)
     if args.plot:
         from .plots import write_plots
 
-        for path in write_plots(b, args.plot):
+        for path in write_plots(benches[0], args.plot):
             print(f"wrote {path}", file=out)
 
 
@@ -315,11 +356,11 @@ def main(args: argparse.Namespace) -> int:
     children = Children()
     try:
         try:
-            b = run_bench(config, children)
+            benches = run_sweep(config, children)
         finally:
             children.stop_all()
-        _write_results(b, args)
-        return 0 if b.ok() else 1
+        _write_results(benches, args)
+        return 0 if all(b.ok() for b in benches) else 1
     except KeyboardInterrupt as exc:
         exc.add_note("child processes stopped")
         return report_error(exc, PROG)

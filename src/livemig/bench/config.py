@@ -10,12 +10,14 @@ accepts exactly what ``livemig migrate`` accepts. Nothing here starts a process.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import re
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from ..compress import available_methods, method_names
+from ..compress import available_methods
+from ..compress.auto import AUTO, accepted
 from ..errors import GuestError, ParameterError
 from ..params import MigrationParameters, check_option, parse_option
 from ..units import format_size, parse_rate
@@ -94,6 +96,12 @@ class BenchConfig:
         if self.auto_converge:
             out.append("--auto-converge")
         return tuple(out)
+    #: guest RAM sizes of a size sweep (``--memory 1G,4G,8G``), bytes; ``memory`` is the one this bench runs
+    memories: tuple[int, ...] = ()
+    #: link rates of ``--link-rate`` (bytes/s): the namespace's loopback shaped with tc tbf
+    link_rates: tuple[int, ...] = ()
+    #: the link rate this bench runs at (bytes/s, 0 = loopback unshaped); its rows have max-bandwidth off
+    link_rate: int = 0
 
     def method_na(self, method: str) -> str | None:
         """Why ``method``'s livemig runs are n/a here (method or guest missing), else None."""
@@ -187,14 +195,19 @@ def check_row(method: str, channels: int, bandwidth: int, level: int, downtime_l
 def parse_options(args: argparse.Namespace) -> BenchConfig:
     """Check every option of ``livemig bench`` and resolve the guest; ParameterError on the first bad one."""
     methods = _list(args.methods, "--methods")
-    unknown = [m for m in methods if m not in method_names()]
+    unknown = [m for m in methods if m not in accepted()]
     if unknown:
         raise ParameterError(
             f"--methods: unknown method(s) {', '.join(repr(m) for m in unknown)}"
-            f" (accepted: {', '.join(method_names())})"
+            f" (accepted: {', '.join(accepted())})"
         )
     bandwidths = parse_bandwidths(args.bandwidth)
-    memory = _size(args.memory, "--memory", MIN_MEMORY, PAGE_SIZE)
+    memories = [_size(t, "--memory", MIN_MEMORY, PAGE_SIZE) for t in _list(args.memory, "--memory")]
+    memory = memories[0]
+    link_rates = parse_link_rates(getattr(args, "link_rate", None))
+    if link_rates and args.no_netns:
+        raise ParameterError("--link-rate: the link is shaped in the bench's private network namespace;"
+                             " it cannot be used with --no-netns")
     sample = _size(args.sample, "--sample", 128 * PAGE_SIZE)
     sample = max(sample - sample % (128 * PAGE_SIZE), 128 * PAGE_SIZE)  # whole multifd packets
     check_option("--repeat", args.repeat, minimum=1, what="a number of runs")
@@ -217,8 +230,9 @@ def parse_options(args: argparse.Namespace) -> BenchConfig:
         fill = args.fill
         fill_label = "the built-in corpus" if fill == "corpus" else f"'{fill}' data"
     guest, guest_na = _guest(args.guest)
-    check_guest(guest, memory, args.smp, args.workload, fill)
-    unavailable = available_methods()
+    for size in memories:
+        check_guest(guest, size, args.smp, args.workload, fill)
+    unavailable: dict[str, str | None] = {**available_methods(), AUTO: None}
     return BenchConfig(
         methods=tuple(methods),
         bandwidths=tuple(bandwidths),
@@ -243,7 +257,36 @@ def parse_options(args: argparse.Namespace) -> BenchConfig:
         dirty_rate=args.dirty_rate,
         working_set=args.working_set,
         auto_converge=args.auto_converge,
+        memories=tuple(memories),
+        link_rates=tuple(link_rates),
     )
+
+
+def sections(c: BenchConfig) -> list[BenchConfig]:
+    """One bench per guest size of ``--memory``, each followed by one per ``--link-rate`` (rows with
+    max-bandwidth off, the link shaped); a plain bench is its own one section."""
+    out: list[BenchConfig] = []
+    for mem in c.memories or (c.memory,):
+        out.append(dataclasses.replace(c, memory=mem, link_rate=0))
+        out += [dataclasses.replace(c, memory=mem, link_rate=lr, bandwidths=(0,)) for lr in c.link_rates]
+    return out
+
+
+def parse_link_rates(text: str | None) -> list[int]:
+    """``--link-rate 1Gbit,10Gbit`` -> bytes/s per item (none given: []). ParameterError names the option."""
+    if not text:
+        return []
+    out = []
+    for t in _list(text, "--link-rate"):
+        try:
+            rate = parse_rate(t)
+        except ParameterError as exc:
+            raise ParameterError(f"--link-rate: '{t}' is not a rate such as 1Gbit, 10Gbit or 500MiB/s") from exc
+        if rate <= 0:
+            raise ParameterError(f"--link-rate: '{t}': expected a rate above 0 (leave the option out for an "
+                                 "unshaped loopback)")
+        out.append(rate)
+    return out
 
 
 def _guest(choice: str | None) -> tuple[str, str | None]:

@@ -140,6 +140,8 @@ class Row:
     #: the 2-core compute limit for this row in ms, when known (filled by the caller)
     limit_ms: float | None = None
     limit_note: str | None = None
+    #: an ``auto`` row: what its runs picked (``zstd-1``; several joined by ``/``)
+    picked: str | None = None
 
     def value(self, name: str) -> float | None:
         s = self.stats.get(name)
@@ -166,6 +168,7 @@ class Row:
             "limit-ms": self.limit_ms,
             "limit-note": self.limit_note,
             "percent-of-limit": self.of_limit,
+            "picked": self.picked,
             "stats": {k: asdict(v) for k, v in self.stats.items()},
             "runs": len(self.runs),
         }

@@ -163,5 +163,21 @@ class NetNamespace:
         """TCP payload bytes between two counter readings (every segment carries TCP_HEADER)."""
         return (after[0] - before[0]) - TCP_HEADER * (after[1] - before[1])
 
+    def shape(self, rate: int) -> None:
+        """Limit this namespace's loopback to ``rate`` bytes/s with a ``tc`` ``tbf`` qdisc (0: remove
+        it): every migration socket in the namespace meets the same link, whatever its engine's own
+        limiter does. The bucket holds 10 ms at that rate (at least 4 loopback frames of 64 KiB).
+        Raises BenchError with tc's words when the kernel refuses."""
+        if rate <= 0:
+            argv = ["tc", "qdisc", "del", "dev", "lo", "root"]
+        else:
+            burst = max(rate // 100, 4 * 65536)
+            argv = ["tc", "qdisc", "replace", "dev", "lo", "root", "tbf", "rate", f"{rate * 8}bit",
+                    "burst", str(burst), "latency", "100ms"]
+        done = subprocess.run(self.prefix + argv, capture_output=True, text=True, check=False)
+        if done.returncode != 0 and rate > 0:
+            raise BenchError(f"cannot shape the namespace's loopback ({' '.join(argv)}): "
+                             f"{done.stderr.strip() or f'exit status {done.returncode}'}")
+
     def close(self) -> None:
         stop(self.holder)

@@ -80,9 +80,10 @@ def _cell(row: Row, col: Column, spread: bool) -> str:
 
 
 def _label(row: Row, with_peer: bool) -> str:
+    method = f"{row.method}: {row.picked}" if row.picked else row.method
     if not with_peer:
-        return row.method
-    return f"{row.method} {'QEMU' if row.peer == 'qemu' else 'livemig'}"
+        return method
+    return f"{method} {'QEMU' if row.peer == 'qemu' else 'livemig'}"
 
 
 def _ratio_cells(ours: Row, theirs: Row, cols: Sequence[Column]) -> list[str]:
@@ -196,6 +197,41 @@ def render_markdown(rows: Sequence[Row], cores: int, channels_label: str, spread
     return "\n".join(lines)
 
 
+def condition_label(c: BenchConfig, bw: int) -> str:
+    """What limits a table's rows: ``cap 10Gbps`` (max-bandwidth), ``link 10Gbps`` (tc tbf, limiters
+    off) or ``uncapped``, with the guest size in a size sweep."""
+    size = f"{format_size(c.memory)}, " if len(c.memories) > 1 else ""
+    if c.link_rate:
+        return f"{size}link {bandwidth_label(c.link_rate)} (tc tbf, max-bandwidth off)"
+    return f"{size}{'cap ' if bw > 0 else ''}{bandwidth_label(bw)}"
+
+
+def render_sweep(benches: Sequence[Bench]) -> str:
+    """A sweep's summary: per row, total time and time per GiB of RAM under each section's conditions
+    (guest size, cap or link), medians."""
+    cols: list[str] = []
+    cells: dict[tuple[str, str], dict[str, str]] = {}
+    for b in benches:
+        for row in b.rows():
+            if row.note:
+                continue
+            col = condition_label(b.config, row.bandwidth) if len(b.config.memories) > 1 else \
+                f"{format_size(b.config.memory)}, {condition_label(b.config, row.bandwidth)}"
+            if col not in cols:
+                cols.append(col)
+            total = row.value("total-time")
+            if total is not None:
+                per_gib = total / (b.config.memory / (1 << 30))
+                cells.setdefault((row.method, row.peer), {})[col] = f"{total:.0f} ({per_gib:.0f}/GiB)"
+    lines = ["Sweep: total time ms (ms per GiB of guest RAM), medians"]
+    width = max([10, *(len(f"{m} {p}") for m, p in cells)])
+    lines.append(" | ".join([f"{'method':{width}}", *cols]))
+    for (m, p), byc in cells.items():
+        lines.append(" | ".join([f"{m + (' QEMU' if p == 'qemu' else ''):{width}}",
+                                 *(f"{byc.get(c, '-'):>{len(c)}}" for c in cols)]))
+    return "\n".join(lines)
+
+
 def bandwidth_label(bw: int) -> str:
     """``10Gbps`` style label of a cap in bytes/s (``uncapped`` for 0)."""
     if bw <= 0:
@@ -267,8 +303,9 @@ def header(b: Bench) -> str:
         f"Host: {h['cores']} cores, {h['cpu-model']}, Linux {h['kernel']}{load}",
         f"VM Configuration: {c.guest} guest, {plural(c.smp, 'vCPU')}, {format_size(c.memory)} memory",
         f"VM Workload: vCPUs {c.workload}{_workload_detail(c)}; memory filled with {c.fill_label}{data}",
-        f"Link: {plural(c.channels, 'multifd channel')} over loopback, max-bandwidth "
-        + ", ".join(bandwidth_label(x) for x in c.bandwidths),
+        f"Link: {plural(c.channels, 'multifd channel')} over loopback, "
+        + (f"shaped to {bandwidth_label(c.link_rate)} with tc tbf, max-bandwidth off on both engines"
+           if c.link_rate else "max-bandwidth " + ", ".join(bandwidth_label(x) for x in c.bandwidths)),
     ]
     where = []
     done = [r for r in aggregate(b.runs) if r.peer == "livemig" and not r.note]
@@ -315,21 +352,25 @@ def footer(b: Bench) -> str:
     """The lines below the tables: what the limit and sent columns mean, the measured speeds."""
     cores = b.cores
     lines = [
-        f"{cores}-core limit = max((RAM/compress + RAM/decompress + wire*loopback) / {cores} cores,"
-        " wire/cap), from single-core codec speeds measured on the data sample (livemig.bench.limits);"
-        " sent = TCP payload bytes on the namespace's loopback (else the engine's wire-bytes)."
+        f"{cores}-core limit = max(RAM/compress + RAM/decompress + wire/loopback, wire/cap), each speed"
+        f" measured with {cores} threads at once (all cores busy) on the data sample (livemig.bench.limits);"
+        " an auto row's limit is its picked method's; sent = TCP payload bytes on the namespace's loopback"
+        " (else the engine's wire-bytes)."
     ]
     if b.loopback:
         lines.append(
-            f"loopback TCP: {b.loopback.wall_bps / 1e6:.0f} MB/s,"
+            f"loopback TCP: {b.loopback.wall_bps / 1e6:.0f} MB/s on one connection,"
+            f" {b.loopback.all_bps / 1e6:.0f} MB/s on {b.loopback.connections} at once,"
             f" {b.loopback.core_seconds_per_byte * 1e9:.3f} core-ns/byte (send+recv)"
         )
     for m, cs in b.codecs.items():
         if m == "none":
             continue
         lines.append(
-            f"{m}-{cs.level}: compress {cs.compress_bps / 1e6:.0f} MB/s,"
-            f" decompress {cs.decompress_bps / 1e6:.0f} MB/s per core, ratio {cs.ratio:.2f}"
+            f"{f'auto candidate {m}' if m != cs.method else f'{m}-{cs.level}'}: compress"
+            f" {cs.compress_bps / 1e6:.0f} MB/s on one thread,"
+            f" {cs.compress_all_bps / 1e6:.0f} MB/s on {cs.threads} at once; decompress"
+            f" {cs.decompress_bps / 1e6:.0f} / {cs.decompress_all_bps / 1e6:.0f} MB/s; ratio {cs.ratio:.2f}"
         )
     for m, e in b.codec_errors.items():
         lines.append(f"{m}: codec not measured: {e}")
@@ -351,10 +392,11 @@ def render_bench(b: Bench, markdown: bool) -> str:
     for bw in c.bandwidths:
         group = [r for r in rows if r.bandwidth == bw]
         label = plural(c.channels, "Channel")
-        out.append(f"{bandwidth_label(bw)}, medians of {c.repeat} runs:" if c.repeat > 1 else f"{bandwidth_label(bw)}:")
+        title = condition_label(c, bw)
+        out.append(f"{title}, medians of {c.repeat} runs:" if c.repeat > 1 else f"{title}:")
         out.append(render(group, b.cores, label))
         if c.repeat > 1:
-            out.append(f"{bandwidth_label(bw)}, min..max of {c.repeat} runs:")
+            out.append(f"{title}, min..max of {c.repeat} runs:")
             out.append(render(group, b.cores, label, spread=True))
         out += [f"  {r.method} ({r.peer}) {e}" for r in group for e in r.errors]
         out.append("")

@@ -9,9 +9,18 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..compress.auto import AUTO
 from .config import BenchConfig
 from .limits import CodecSpeed, LoopbackSpeed, compute_limit
 from .model import TLS_SUFFIX, Row, Run, aggregate
+
+
+def picked(run: Run) -> str | None:
+    """What an ``auto`` run picked, as ``zstd-1`` (``none``), from its result's ``livemig.auto``."""
+    auto = ((run.result or {}).get("livemig") or {}).get("auto") or {}
+    if not isinstance(auto, dict) or not isinstance(auto.get("method"), str):
+        return None
+    return auto["method"] if auto.get("level") is None else f"{auto['method']}-{auto['level']}"
 
 
 @dataclass(frozen=True)
@@ -56,10 +65,16 @@ class Bench:
         for row in rows:
             method = row.method.removesuffix(TLS_SUFFIX)  # the limit is the same: TLS is not in the model
             codec = self.codecs.get(method)
+            if method == AUTO:  # the limit of what it picked
+                picks = sorted({p for p in (picked(r) for r in row.runs) if p})
+                row.picked = "/".join(picks) or None
+                codec = self.codecs.get(picks[0]) if len(picks) == 1 else None
             if codec is None or self.loopback is None:
                 row.limit_note = self.codec_errors.get(method, "codec speed not measured")
                 continue
-            row.limit_ms = compute_limit(self.config.memory, codec, self.loopback, row.bandwidth, self.cores).ms
+            cap = row.bandwidth or self.config.link_rate
+            row.limit_ms = compute_limit(self.config.memory, codec, self.loopback, cap, self.cores,
+                                         self.config.channels).ms
         return rows
 
     def ok(self) -> bool:

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Any, TextIO
 
 from ..compress import create_method
+from ..compress.auto import AUTO
 from ..errors import MigrationError, ParameterError, os_reason
 from ..guest import GuestConfig, create_guest
 from ..params import MigrationParameters, check_option, parse_option
@@ -59,7 +60,9 @@ def _add_params(p: argparse.ArgumentParser, source: bool) -> None:
     g = p.add_argument_group("migration parameters (QEMU's names and defaults)")
     g.add_argument("--multifd-channels", type=int, default=2, metavar="N", help="1..255 (default 2)")
     g.add_argument("--multifd-compression", default="none", metavar="METHOD",
-                   help="none, zlib, zstd, qatzip, qpl or uadk (default none)")
+                   help="none, zlib, zstd, qatzip, qpl or uadk, or auto (livemig's own: the source picks the "
+                        "method predicted to finish first; a destination with auto takes the source's pick) "
+                        "(default none)")
     g.add_argument("--multifd-zlib-level", type=int, default=1, metavar="L", help="0..9 (default 1)")
     g.add_argument("--multifd-zstd-level", type=int, default=1, metavar="L", help="0..20 (default 1)")
     g.add_argument("--multifd-qatzip-level", type=int, default=1, metavar="L", help="1..9 (default 1)")
@@ -131,7 +134,8 @@ def params_from_args(args: argparse.Namespace) -> MigrationParameters:
         detail = re.sub(r"^expects ", "expected ", m.group(2))
         detail = detail.replace(f"does not accept value '{shown}'", "not accepted")
         raise ParameterError(f"--{name} {shown}: {detail}") from exc
-    create_method(p.multifd_compression, p.level(), 4096)  # MethodUnavailable now, not after the guest filled
+    if p.multifd_compression != AUTO:  # MethodUnavailable now, not after the guest filled
+        create_method(p.multifd_compression, p.level(), 4096)
     return p
 
 
@@ -305,8 +309,10 @@ def _say(args: argparse.Namespace, message: str) -> None:
 
 
 def _migrating(args: argparse.Namespace, chk: Checked, address: Any, backend: str) -> None:
+    method = (f"{chk.params.multifd_compression}: {backend}" if chk.params.multifd_compression != AUTO
+              else "multifd-compression auto (picked at setup)")
     _say(args, f"migrating to {address}{' over TLS' if chk.tls else ''} on "
-               f"{plural(chk.params.multifd_channels, 'channel')}, {chk.params.multifd_compression}: {backend}")
+               f"{plural(chk.params.multifd_channels, 'channel')}, {method}")
 
 
 def _migrate_remote(args: argparse.Namespace, chk: Checked, gcfg: GuestConfig, interrupted: list[int]
@@ -360,7 +366,9 @@ def _migrate_local(args: argparse.Namespace, chk: Checked, gcfg: GuestConfig, in
         _say(args, f"destination: listening on {uri}{' (TLS)' if chk.tls else ''}")
         _say(args, f"{gcfg.kind} guest, {format_size(gcfg.memory)}, fill {gcfg.fill} "
                    f"({pair.created_in():.1f} s), workload {gcfg.workload}")
-        _migrating(args, chk, uri, create_method(chk.params.multifd_compression, chk.params.level(), 4096).backend())
+        backend = "" if chk.params.multifd_compression == AUTO else \
+            create_method(chk.params.multifd_compression, chk.params.level(), 4096).backend()
+        _migrating(args, chk, uri, backend)
         cancel = threading.Event()
         with _cancel_on_signals(cancel.set, interrupted), \
                 ProgressDisplay(lambda: MigrationStats.from_qapi(pair.info), enabled=not args.quiet):

@@ -29,7 +29,8 @@ from typing import Any
 import numpy as np
 import xxhash
 
-from ..compress import Method, create_method
+from ..compress import Method, create_method, method_names
+from ..compress.auto import AUTO
 from ..errors import Cancelled, IntegrityError, MigrationError, TransportError, WireError, os_reason
 from ..guest import Guest, GuestConfig, create_guest
 from ..guest.base import RamBlock
@@ -94,7 +95,10 @@ class Destination:
         self.max_memory = host_memory_limit() if max_memory is None else max_memory
         self.log = log or (lambda _m: None)
         self.page_size = PAGE_SIZE
-        self.method: Method = create_method(params.multifd_compression, params.level(), self.page_size)
+        # auto: the source's pick replaces ``none`` when its config arrives (:meth:`_adopt_method`)
+        auto = params.multifd_compression == AUTO
+        self.method: Method = create_method("none" if auto else params.multifd_compression, params.level(),
+                                            self.page_size)
         self.listener: Listener = (
             AddressListener(address, max(8, params.multifd_channels + 1)) if isinstance(address, Address) else address
         )
@@ -383,6 +387,17 @@ class Destination:
         self.received.clear()
         self.digests.clear()
 
+    def _adopt_method(self, name: Any) -> None:
+        """``multifd-compression auto`` here: receive the method the source named (MainRefusal if
+        it is unknown or cannot run here)."""
+        if name not in method_names():
+            raise MainRefusal(f"multifd-compression: the source's {name!r} is not a method "
+                              f"(expected one of {', '.join(method_names())})")
+        try:
+            self.method = self._recv.method = create_method(name, 1, self.page_size)
+        except MigrationError as exc:
+            raise MainRefusal(str(exc)) from exc
+
     def _apply_config(self, data: bytes) -> None:
         try:
             cfg = json.loads(data)
@@ -399,9 +414,11 @@ class Destination:
             same = False
         if not same:
             raise MainRefusal("the uuid differs from the destination's")
+        if self.params.multifd_compression == AUTO:  # take the method the source's auto picked
+            self._adopt_method(cfg.get("multifd-compression"))
         mine = {
             "multifd-channels": self.params.multifd_channels,
-            "multifd-compression": self.params.multifd_compression,
+            "multifd-compression": self.method.name,
             "page-size": self.page_size,
         }
         for key, value in mine.items():

@@ -40,6 +40,7 @@ import numpy as np
 import xxhash
 
 from ..compress import Method, create_method
+from ..compress.auto import AUTO, choose
 from ..errors import Cancelled, MigrationError
 from ..guest import Guest
 from ..params import MigrationParameters
@@ -54,6 +55,7 @@ from .convergence import AutoConverge, Convergence
 from .handover import PeerFailed, ReturnPath, SourceHandover, failure_text
 from .multifd import SendChannels, SendContext
 from .stats import MigrationStats, ResourceMeter
+from .tlsopts import is_loopback
 
 MACHINE_TYPE = "livemig-1"
 SECTION_CONFIG = 1
@@ -65,16 +67,17 @@ SECTION_DIGEST = 4
 CANCEL_GRACE = 2.0
 
 
-def livemig_config(guest: Guest, params: MigrationParameters, uuid: bytes) -> dict[str, Any]:
+def livemig_config(guest: Guest, params: MigrationParameters, uuid: bytes, method: str | None = None) -> dict[str, Any]:
     """The livemig/config section's JSON object: the guest's description and the parameters both
-    sides must share (docs/wire.md, "Main stream")."""
+    sides must share (docs/wire.md, "Main stream"); ``method`` is the one really sent (what
+    ``multifd-compression auto`` picked), by default the parameter's."""
     return {
         "protocol": protocol.VERSION,
         "uuid": uuid.hex(),  # the destination admits only a main channel with its uuid
         "guest": json.loads(guest.config.to_json()),
         "page-size": guest.page_size,
         "multifd-channels": params.multifd_channels,
-        "multifd-compression": params.multifd_compression,
+        "multifd-compression": method or params.multifd_compression,
         "zero-page-detection": params.zero_page_detection,
         "blocks": [[b.name, b.size] for b in guest.blocks],
     }
@@ -134,7 +137,10 @@ class Source:
         self.on_progress = on_progress
         self.page_size = guest.page_size
         self.page_count = packet.page_count(self.page_size)
-        self.method: Method = create_method(params.multifd_compression, params.level(), self.page_size)
+        # ``auto`` is resolved at setup (:meth:`_resolve_auto`); until then the channels hold ``none``
+        auto = params.multifd_compression == AUTO
+        self.method: Method = create_method("none" if auto else params.multifd_compression, params.level(),
+                                            self.page_size)
         self._cancel = threading.Event()
         #: set on a cancel or a failure: cuts every limiter wait short (the sockets are shut down, so
         #: the next write fails at once instead of after the channels' whole debt)
@@ -143,7 +149,7 @@ class Source:
         self.status = state.StatusMachine()
         self.stats = MigrationStats(
             page_size=self.page_size,
-            method=self.method.name,
+            method=AUTO if auto else self.method.name,
             level=params.level() if self.method.levels else None,
             backend=self.method.backend(),
             accelerated=self.method.accelerated(),
@@ -235,7 +241,26 @@ class Source:
         return self.stats
 
     # --- phases ----------------------------------------------------------------------------------
+    def _resolve_auto(self) -> None:
+        """``multifd-compression auto``: pick the method (:func:`livemig.compress.auto.choose`), say
+        which and why (log, statistics), and send an ordinary stream of it from here on."""
+        c: Any = self.connector
+        while not isinstance(c, AddressConnector) and hasattr(c, "inner"):  # TLS wraps the address's
+            c = c.inner
+        addr = c.addr if isinstance(c, AddressConnector) else None
+        choice = choose(list(self.views.values()), self.guest.ram_size, self.params.multifd_channels,
+                        self.params.max_bandwidth, same_host=addr is None or is_loopback(addr),
+                        host=addr.host if addr is not None and addr.scheme == "tcp" else None,
+                        zero_pages_free=self.params.zero_page_detection == "multifd")
+        self.method = self.channels.ctx.method = create_method(choice.method, choice.level or 1, self.page_size)
+        self.stats.method, self.stats.level = self.method.name, choice.level
+        self.stats.backend, self.stats.accelerated = self.method.backend(), self.method.accelerated()
+        self.stats.auto = choice.to_json()
+        self.log(f"multifd-compression auto: {choice.label}, {choice.reason}")
+
     def _setup(self) -> None:
+        if self.stats.method == AUTO:
+            self._resolve_auto()
         self.main = self.connector.connect(self.timeout)
         self._open_stream()
         self._open_channels()
@@ -245,7 +270,7 @@ class Source:
         (a QEMU destination: :class:`.to_qemu.QemuSource`)."""
         assert self.main is not None
         self.rp = self.handover.rp = ReturnPath(self.main, "to-source", "destination")
-        config = livemig_config(self.guest, self.params, self.uuid)
+        config = livemig_config(self.guest, self.params, self.uuid, self.method.name)
         self._main_write(
             stream.file_header()
             + stream.configuration(MACHINE_TYPE)

@@ -164,6 +164,8 @@ class MigrationStats:
     cpu_throttle_percentage: int = 0
     cpu_throttle_peak: int = 0
     cpu_throttle_held_s: float = 0.0
+    #: ``multifd-compression auto``: what it picked and why (livemig.compress.auto.Choice.to_json)
+    auto: dict[str, Any] = field(default_factory=dict)
 
     # --- sums over channels ----------------------------------------------------------------------
     @property
@@ -294,6 +296,8 @@ class MigrationStats:
                                                "cpu-throttle-held-s": round(self.cpu_throttle_held_s, 3)}
         if self.notes:
             out["livemig"]["notes"] = list(self.notes)
+        if self.auto:
+            out["livemig"]["auto"] = self.auto
         if self.destination:
             out["destination"] = self.destination
         return out
@@ -370,6 +374,7 @@ def info_table(q: dict[str, Any]) -> str:
     lines += [
         f"method: {lm['method']}{level} "
         f"on {plural(lm['channels'], 'channel')}: {lm['backend']}",
+        *([f"picked by multifd-compression auto: {lm['auto']['reason']}"] if lm.get("auto") else []),
         f"compression ratio: {lm['compression-ratio']:.2f}",
         f"send cpu: {lm['send-cpu-percent']:.0f} %   recv cpu: {lm['recv-cpu-percent']:.0f} %",
         f"memory used by migration: send {format_size(lm['send-mem-bytes'])}, "
