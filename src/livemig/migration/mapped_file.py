@@ -37,7 +37,8 @@ from ..transport.ratelimit import RateLimiter
 from ..wire import mapped_ram, packet, stream
 from . import protocol, state
 from .convergence import Convergence
-from .source import MACHINE_TYPE, SECTION_CONFIG, SECTION_DIGEST, SECTION_RAM, SECTION_VCPU, livemig_config
+from .protocol import livemig_config
+from .source import MACHINE_TYPE, SECTION_CONFIG, SECTION_DIGEST, SECTION_RAM, SECTION_VCPU
 from .stats import ChannelCounters, MigrationStats, ResourceMeter
 
 

@@ -63,9 +63,13 @@ import re
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import MISSING, dataclass, field, fields
-from typing import Any, ClassVar, Literal, TypeAlias
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypeAlias
 
 from ..errors import IntegrityError, WireError
+
+if TYPE_CHECKING:
+    from ..guest import Guest
+    from ..params import MigrationParameters
 
 VERSION = 3
 #: longest handover line accepted, newline included (a Prepared for many RAM blocks fits easily)
@@ -411,3 +415,19 @@ class Handover:
             t = self.rules.step(self._state, event)
             self._state = t.state
             return t.actions
+
+
+def livemig_config(guest: Guest, params: MigrationParameters, uuid: bytes, method: str | None = None) -> dict[str, Any]:
+    """The livemig/config section's JSON object: the guest's description and the parameters both
+    sides must share (docs/wire.md, "Main stream"); ``method`` is the one really sent (what
+    ``multifd-compression auto`` picked), by default the parameter's."""
+    return {
+        "protocol": VERSION,
+        "uuid": uuid.hex(),  # the destination admits only a main channel with its uuid
+        "guest": json.loads(guest.config.to_json()),
+        "page-size": guest.page_size,
+        "multifd-channels": params.multifd_channels,
+        "multifd-compression": method or params.multifd_compression,
+        "zero-page-detection": params.zero_page_detection,
+        "blocks": [[b.name, b.size] for b in guest.blocks],
+    }

@@ -51,10 +51,11 @@ from ..transport.ratelimit import RateLimiter
 from ..transport.sockets import AddressConnector, Connector, send_buffers
 from ..wire import packet, stream
 from . import protocol, state
-from .convergence import AutoConverge, Convergence
+from .convergence import Convergence
 from .handover import PeerFailed, ReturnPath, SourceHandover, failure_text
 from .multifd import SendChannels, SendContext
 from .stats import MigrationStats, ResourceMeter
+from .throttling import GuestThrottling
 from .tlsopts import is_loopback
 
 MACHINE_TYPE = "livemig-1"
@@ -65,22 +66,6 @@ SECTION_DIGEST = 4
 #: seconds after a cancel before its sockets are shut down for a migration thread that did not get
 #: to it (stuck in a write): time for the Abort and its acknowledgement (handover.ABORT_ACK)
 CANCEL_GRACE = 2.0
-
-
-def livemig_config(guest: Guest, params: MigrationParameters, uuid: bytes, method: str | None = None) -> dict[str, Any]:
-    """The livemig/config section's JSON object: the guest's description and the parameters both
-    sides must share (docs/wire.md, "Main stream"); ``method`` is the one really sent (what
-    ``multifd-compression auto`` picked), by default the parameter's."""
-    return {
-        "protocol": protocol.VERSION,
-        "uuid": uuid.hex(),  # the destination admits only a main channel with its uuid
-        "guest": json.loads(guest.config.to_json()),
-        "page-size": guest.page_size,
-        "multifd-channels": params.multifd_channels,
-        "multifd-compression": method or params.multifd_compression,
-        "zero-page-detection": params.zero_page_detection,
-        "blocks": [[b.name, b.size] for b in guest.blocks],
-    }
 
 
 def _warm_numpy() -> None:
@@ -187,9 +172,8 @@ class Source:
         self._running_bytes = True
         #: pages found dirty by the last sync before switchover, still to be sent
         self._pending: dict[str, np.ndarray] = {}
-        self._held0 = self._held_seconds()
         #: capability auto-converge: the policy that throttles the guest's vCPUs (None: off)
-        self.autoconv = AutoConverge.of(params) if auto_converge else None
+        self.throttling = GuestThrottling(guest, params, self.stats) if auto_converge else None
         self.stats.auto_converge = auto_converge
 
     # --- public ----------------------------------------------------------------------------------
@@ -270,7 +254,7 @@ class Source:
         (a QEMU destination: :class:`.to_qemu.QemuSource`)."""
         assert self.main is not None
         self.rp = self.handover.rp = ReturnPath(self.main, "to-source", "destination")
-        config = livemig_config(self.guest, self.params, self.uuid, self.method.name)
+        config = protocol.livemig_config(self.guest, self.params, self.uuid, self.method.name)
         self._main_write(
             stream.file_header()
             + stream.configuration(MACHINE_TYPE)
@@ -292,9 +276,8 @@ class Source:
             self.channels.add(self.connector.connect(self.timeout))
         self.stats.channels = [c.counters for c in self.channels.channels]
         self.guest.start_dirty_log()
-        if self.autoconv is not None:
-            self.autoconv.begin(time.monotonic(), self.stats.transferred)
-            self._held0 = self._held_seconds()
+        if self.throttling is not None:
+            self.throttling.begin(time.monotonic(), self.stats.transferred)
         self._main_write(stream.section_start(SECTION_RAM, "ram", 0, 4) + stream.ram_mem_size(self._ram_blocks()))
         self._flush_round()
         self._main_write(stream.ram_eos() + stream.section_footer(SECTION_RAM))
@@ -325,7 +308,8 @@ class Source:
             self.stats.remaining = npages * self.page_size
             rate = moved / max(1e-6, now - active_start)
             self.stats.expected_downtime_ms = Convergence.expected_downtime_ms(npages, rate, fixed_ms)
-            self._auto_converge(now, npages)
+            if self.throttling is not None:
+                self.throttling.on_sync(now, npages, self.page_size, self.stats.transferred)
             self.meter.sample()
             if policy.should_switch(npages, rate, self.stats.passes, fixed_ms):
                 self._pending = dirty
@@ -435,30 +419,9 @@ class Source:
             self.digests[name].mark_pages(idx)
         return dirty
 
-    def _auto_converge(self, now: float, npages: int) -> None:
-        """After a dirty sync: let :class:`AutoConverge` raise the guest's vCPU throttle (docs/wire.md,
-        "Convergence")."""
-        if self.autoconv is None:
-            return
-        throttle = self.guest.throttle
-        pct = self.autoconv.on_sync(now, npages, self.page_size, self.stats.transferred, throttle.percentage)
-        if pct is not None:
-            throttle.set(pct)
-            self.stats.cpu_throttle_percentage = throttle.percentage
-            self.stats.cpu_throttle_peak = max(self.stats.cpu_throttle_peak, throttle.percentage)
-
-    def _held_seconds(self) -> float:
-        """Seconds the throttle held each vCPU, on average, since the guest started."""
-        held = self.guest.throttle.held_seconds
-        return sum(held) / max(1, len(held))
-
     def _stop_throttle(self) -> None:
-        """The throttle ends with the iterations (switchover, failure, cancel), as QEMU's cpu_throttle_stop."""
-        if self.autoconv is None:
-            return
-        self.guest.throttle.stop()
-        self.stats.cpu_throttle_percentage = 0
-        self.stats.cpu_throttle_held_s = self._held_seconds() - self._held0
+        if self.throttling is not None:
+            self.throttling.stop()
 
     def _main_write(self, data: bytes, ram: bool = True) -> None:
         assert self.main is not None
