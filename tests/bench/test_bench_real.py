@@ -90,7 +90,7 @@ def test_ctrl_c_leaves_nothing_behind() -> None:
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
-    assert err.endswith("livemig bench: interrupted\nlivemig bench: child processes stopped\n")
+    assert err.endswith("livemig bench: interrupted\nlivemig bench: child processes stopped\n"), err
     time.sleep(0.2)
     assert [p for p in tree if _alive(p)] == []
     assert not [f for f in os.listdir("/dev/shm") if f.startswith(f"livemig-bench-{proc.pid}-")]

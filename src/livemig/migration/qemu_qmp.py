@@ -1,7 +1,7 @@
 """A real QEMU as the destination: what livemig learns from it and sets on it over its QMP monitor.
 
 ``livemig migrate URI --peer qemu --peer-qmp ADDRESS`` reads, before anything moves
-(docs/qemu-destination.md, "What livemig asks the destination"):
+(docs/qemu.md, "What livemig asks the destination"):
 
 - ``query-version``: the QEMU version, which decides the multifd synchronisation and whether packets
   may list zero pages;

@@ -93,6 +93,10 @@ class Source:
     called from any thread.
     """
 
+    #: a livemig destination needs no SYNC round when the final pass sends no page (docs/wire.md,
+    #: "Convergence"); a peer that synchronises at every EOS (QEMU 7.2) does
+    FINAL_SYNC_ALWAYS = False
+
     def __init__(
         self,
         guest: Guest,
@@ -331,7 +335,7 @@ class Source:
         marks.append(("sync", time.monotonic()))
         self._main_write(stream.section_end(SECTION_RAM))
         npages = self._send_dirty(final)
-        if npages:  # nothing sent: the last pass's flush already ordered every page, skip the SYNC round
+        if npages or self.FINAL_SYNC_ALWAYS:  # else the last pass's flush already ordered every page
             self._flush_round()
         self._main_write(stream.ram_eos() + stream.section_footer(SECTION_RAM))
         marks.append((f"send {npages} pages", time.monotonic()))

@@ -1,7 +1,7 @@
 """livemig's source migrating its guest's RAM into a real QEMU (``livemig migrate --peer qemu``).
 
 The same precopy engine as :class:`.source.Source` (passes, dirty log, multifd channels, packets,
-convergence, bandwidth cap), with the stream a QEMU destination reads (docs/qemu-destination.md)::
+convergence, bandwidth cap), with the stream a QEMU destination reads (docs/qemu.md, "QEMU as the destination")::
 
     main:   QEVM header, configuration (the destination's machine type, e.g. pc-q35-10.0)
     chans:  MultiFDInit_t on each of N channels (the destination's VM UUID), opened at once:
@@ -91,6 +91,9 @@ class QemuSource(Source):
         self.qemu_handover = QemuHandover(guest, self._note)
         self.handover = self.qemu_handover
 
+    #: QEMU's destination syncs at the END section's EOS (7.2) or MULTIFD_FLUSH (8.0+) whatever it carries
+    FINAL_SYNC_ALWAYS = True
+
     def _wire_block(self, name: str) -> str:
         return self.dest.ram_block[0] if name == self.guest_block else name
 
@@ -137,7 +140,7 @@ class QemuSource(Source):
 
 def add_peer_options(p: argparse.ArgumentParser) -> None:
     """``--peer`` and ``--peer-qmp`` of ``livemig migrate``."""
-    g = p.add_argument_group("a QEMU destination (docs/qemu-destination.md)")
+    g = p.add_argument_group("a QEMU destination (docs/qemu.md)")
     g.add_argument("--peer", choices=["livemig", "qemu"], default="livemig",
                    help="what listens at URI: livemig incoming (default), or a QEMU started with -incoming defer "
                         "(only RAM crosses; its vCPUs start from reset)")
