@@ -56,7 +56,7 @@ class FileLoad:
     def __init__(self, path: str, params: MigrationParameters, *, guest: Guest | None = None,
                  guest_config: GuestConfig | None = None,
                  run_after: float = 0.0, dump_ram: str | None = None, max_memory: int | None = None,
-                 log: Callable[[str], None] | None = None) -> None:
+                 log: Callable[[str], None] | None = None, resume: bool = True) -> None:
         params.check()
         self.path, self.params = path, params
         self.guest_config = guest_config
@@ -64,6 +64,8 @@ class FileLoad:
         self.dump_ram = dump_ram
         self.max_memory = host_memory_limit() if max_memory is None else max_memory
         self.log = log or (lambda _m: None)
+        #: resume the restored guest (False: loaded and left paused, for ``livemig vm -S``)
+        self.resume = resume
         self.page_size = PAGE_SIZE
         self.guest: Guest | None = guest
         self._own_guest = guest is None
@@ -200,6 +202,8 @@ class FileLoad:
             guest.load_state(state)
         except GuestError as exc:
             raise GuestError(f"the snapshot's guest state does not load: {exc}") from exc
+        if not self.resume:
+            return {"resumed": False}
         guest.resume()
         out: dict[str, Any] = {"resumed": True, "progress_at_resume": guest.progress()}
         if self.run_after:

@@ -87,7 +87,8 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
                    help="QMP monitor: unix:PATH[,server=on,wait=off] or tcp:HOST:PORT[,...] (repeatable)")
     p.add_argument("--monitor", action="append", default=[], metavar="SPEC",
                    help="HMP monitor: stdio or unix:PATH (repeatable)")
-    p.add_argument("--incoming", metavar="URI", help="wait for a migration at tcp:HOST:PORT or unix:PATH; "
+    p.add_argument("--incoming", metavar="URI", help="wait for a migration at tcp:HOST:PORT or unix:PATH, or "
+                                                     "restore a livemig mapped-ram snapshot from file:PATH; "
                                                      "'defer' = wait for migrate-incoming")
     p.add_argument("-S", "--paused", action="store_true", help="do not start the guest (prelaunch); 'cont' does")
     p.add_argument("--name", default="", help="VM name (query-name)")
@@ -115,7 +116,7 @@ def cmd_vm(args: argparse.Namespace) -> int:
     die_with_parent()  # started by migrate --local: end with it
     qmp = [parse_monitor("--qmp", s, stdio_ok=False) for s in args.qmp]
     hmp = [parse_monitor("--monitor", s, stdio_ok=True) for s in args.monitor]
-    if args.incoming and args.incoming != "defer":
+    if args.incoming and args.incoming != "defer" and not args.incoming.startswith("file:"):
         parse_address(args.incoming)
     uuid = _uuid(args.uuid)
     check_option("--timeout", args.timeout, minimum=MIN_TIMEOUT, what="a number of seconds")

@@ -24,6 +24,7 @@ from typing import Any
 from ..errors import MigrationError
 from ..guest import Guest
 from ..migration.destination import Destination
+from ..migration.mapped_load import FileLoad
 from ..migration.source import Source
 from ..migration.stats import MigrationStats
 from ..monitor.schema import QMPError
@@ -341,6 +342,9 @@ class VM:
                 raise QMPError("The incoming migration has already been started")
             if self.state != "inmigrate":
                 raise QMPError("'-incoming' was not specified on the command line")
+            if uri.startswith("file:"):
+                self._incoming_file(uri.removeprefix("file:"), exit_on_error)
+                return
             address = _address(uri)
             try:
                 tls = self.tls.resolve(server=True)
@@ -365,6 +369,47 @@ class VM:
             result = dst.run()
         finally:
             done.set()
+        self._incoming_ended(result, t0, exit_on_error)
+
+    def _incoming_file(self, path: str, exit_on_error: bool) -> None:
+        """``migrate-incoming file:PATH``: a livemig mapped-ram snapshot restored into this guest
+        (docs/mapped-ram.md), which then runs unless -S (or stop) holds it, as after a migration."""
+        if not path:
+            raise QMPError("file: needs a path (file:PATH)")
+        load = FileLoad(path, copy.copy(self.params), guest=self.guest, resume=False)
+        self._incoming_started = True
+        self._incoming = {"status": "setup"}
+        self._migration_event("setup")
+        self._spawn("incoming", self._run_file_load, load, exit_on_error)
+
+    def _run_file_load(self, load: FileLoad, exit_on_error: bool) -> None:
+        t0 = time.monotonic()
+        with self.lock:
+            self._incoming["status"] = "active"
+            self._migration_event("active")
+        try:
+            result = load.run()
+            if result.get("kind") != "livemig":
+                result = {"status": "failed", "error-desc": f"{load.path} is a QEMU snapshot: livemig's guest cannot "
+                          "run QEMU's machine (read its RAM with livemig incoming file:PATH --dump-ram DIR)"}
+        except MigrationError as exc:
+            result = {"status": "failed", "error-desc": str(exc)}
+        finally:
+            load.close()
+        if result.get("status") == "completed":
+            with self.lock:
+                self._started = True  # loaded: cont resumes it
+                if self.autostart:
+                    self.guest.resume()
+                    self.state = "running"
+                    self.emit("RESUME", None)
+                else:
+                    self.state = "paused"
+        self._incoming_ended(result, t0, exit_on_error)
+
+    def _incoming_ended(self, result: dict[str, Any], t0: float, exit_on_error: bool) -> None:
+        """The incoming migration's end: ``query-migrate`` and the MIGRATION event; a failure quits
+        the VM when ``exit_on_error`` (QEMU's migrate-incoming default)."""
         with self.lock:
             info: dict[str, Any] = {"status": result.get("status", "failed"),
                                     "total-time": round((time.monotonic() - t0) * 1000)}
