@@ -251,3 +251,18 @@ def test_qmp_and_hmp_set_auto_and_query_migrate_says_why() -> None:
     finally:
         svm.close()
         dvm.close()
+
+
+def test_a_destination_with_auto_probes_libqatzip_where_its_noise_is_silenced(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The source's pick may be qatzip, adopted on a connection thread where libqat's ``Cannot open
+    /dev/vfio`` could not be silenced: ``livemig incoming`` printed it among its own lines. The probe
+    runs when the destination is made (the command's main thread) instead, once per process."""
+    calls: list[str] = []
+    monkeypatch.setattr("livemig.migration.destination.hardware_probe", lambda: calls.append("probe"))
+    cfg = GuestConfig(memory=8 << 20, seed=3)
+    for method, want in (("zstd", []), ("auto", ["probe"])):
+        calls.clear()
+        Destination(SocketPairLink(), MigrationParameters(multifd_compression=method),
+                    guest=FakeGuest(cfg, incoming=True), timeout=10).listener.close()
+        assert calls == want
