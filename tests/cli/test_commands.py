@@ -246,3 +246,25 @@ def _wait_for(path: Path) -> None:
     while not path.exists():
         assert time.monotonic() < deadline, f"{path} never appeared"
         time.sleep(0.02)
+
+
+@pytest.mark.kvm
+def test_incoming_without_memory_creates_the_kvm_guest_from_the_sources_config(tmp_path: Path) -> None:
+    """README, "Two hosts": without --memory the destination creates the guest from the source's
+    description; a KVM one is created on a connection thread, so the command installs the vCPU kick
+    handler on its main thread first (it refused every source with an internal message before)."""
+    sock = tmp_path / "m.sock"
+    dst = subprocess.Popen([sys.executable, "-m", "livemig.cli", "incoming", f"unix:{sock}"],
+                           stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for(sock)
+        r = cli("migrate", f"unix:{sock}", "--guest", "kvm", "--memory", "8M")
+        _, dst_err = dst.communicate(timeout=60)
+    finally:
+        if dst.poll() is None:
+            dst.kill()
+            dst.wait()
+    assert r.returncode == 0 and dst.returncode == 0, r.stderr + dst_err
+    assert "creating the kvm guest from the source's config (8.00 MiB)" in dst_err
+    assert dst_err.splitlines()[-1] == "livemig incoming: completed; guest resumed"
+    clean(r.stderr + dst_err)

@@ -216,3 +216,36 @@ def test_destination_names_the_guest_size_in_words() -> None:
     assert any("guest from the source's config (1.00 MiB)" in line for line in logs), logs
     if dst.guest is not None:
         dst.guest.close()
+
+
+def test_throttle_ends_before_a_cancelled_or_failed_status_is_reported() -> None:
+    """auto-converge's throttle stops, and its time held is counted, before ``cancelled`` is reported:
+    whoever reads the result when the status changes (``query-migrate``, ``livemig migrate --local``)
+    sees the guest unthrottled and the seconds held, not a 0.0 filled in later by the teardown."""
+    params = MigrationParameters()
+    params.set("max-bandwidth", 4 << 20)  # several passes' worth of time: the cancel lands mid-iteration
+    cfg = GuestConfig(memory=8 << 20, seed=3)
+    src_guest, dst_guest = _Writing(cfg), FakeGuest(cfg, incoming=True)
+    link = SocketPairLink()
+    dst = Destination(link, params, guest=dst_guest, timeout=10)
+    t = threading.Thread(target=dst.run)
+    t.start()
+    src_guest.start()
+    source = Source(src_guest, link, params, timeout=10, auto_converge=True)
+    seen: dict[str, tuple[int, float, int]] = {}
+
+    def on_sync(guest: FakeGuest, n: int) -> None:
+        if n == 2:
+            guest.throttle.set(40)
+            source.stats.cpu_throttle_percentage = source.stats.cpu_throttle_peak = 40
+            guest.throttle.held_seconds[0] += 1.5  # as a vCPU held back for 1.5 s would have counted
+            source.cancel()
+
+    src_guest.before_sync = on_sync
+    source.status.listeners.append(lambda s: seen.setdefault(s, (
+        src_guest.throttle.percentage, source.stats.cpu_throttle_held_s, source.stats.cpu_throttle_percentage)))
+    stats = source.run()
+    t.join(timeout=30)
+    assert not t.is_alive()
+    assert stats.status == state.CANCELLED
+    assert seen[state.CANCELLED] == (0, 1.5, 0)

@@ -230,15 +230,24 @@ def choose(views: Sequence[memoryview], ram: int, channels: int, max_bandwidth: 
     best = min(r["predicted-ms"] for r in rows)
     # ties go to the least codec work: the candidates are listed cheapest first within a method
     pick = next(r for r in rows if r["predicted-ms"] <= best * (1 + TIE))
-    link = (f"{format_rate_bits(cap)} ({cap_source})" if cap else "no link limit known")
+    link = (f"link {format_rate_bits(cap)} ({cap_source})" if cap else "no link limit known")
     others = ", ".join(f"{_label(r['method'], r['level'])} {r['predicted-ms'] / 1000:.2f} s"
                        for r in rows if r is not pick)
     reason = (f"predicted {pick['predicted-ms'] / 1000:.2f} s for {format_size(ram)} ({pick['limit']}-limited; "
-              f"ratio {pick['ratio']:.2f} on {seen} sampled pages, {zeros} zero; link {link}; "
+              f"ratio {pick['ratio']:.2f} on {seen} sampled pages, {zeros} zero; {link}; "
               f"{channels} channels, {ncores} cores{', shared by both ends' if same_host else ' per side'}); "
-              f"others: {others or 'none'}")
+              f"{_tie(pick, rows, best)}others: {others or 'none'}")
     return Choice(pick["method"], pick["level"], reason, cap, cap_source, channels, ncores, same_host, seen,
                   zeros, round((time.perf_counter() - t0) * 1000, 1), rows)
+
+
+def _tie(pick: dict[str, Any], rows: list[dict[str, Any]], best: float) -> str:
+    """Why the pick is not the shortest prediction, when it is not ('' when it is)."""
+    if pick["predicted-ms"] <= best:
+        return ""
+    fastest = next(r for r in rows if r["predicted-ms"] == best)
+    return (f"a tie with {_label(fastest['method'], fastest['level'])} ({best / 1000:.2f} s, within "
+            f"{TIE:.0%}), which does more codec work; ")
 
 
 def accepted() -> list[str]:

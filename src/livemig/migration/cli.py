@@ -369,9 +369,18 @@ def _migrate_local(args: argparse.Namespace, chk: Checked, gcfg: GuestConfig, in
             create_method(chk.params.multifd_compression, chk.params.level(), 4096).backend()
         _migrating(args, chk, uri, backend)
         cancel = threading.Event()
+        picked: list[str] = []
+
+        def on_info(info: dict[str, Any]) -> None:
+            """Say auto's pick once, as the source does in the remote case (the VM's own log is kept away)."""
+            auto = info.get("livemig", {}).get("auto")
+            if auto and not picked:
+                picked.append(auto["method"] if auto.get("level") is None else f"{auto['method']}-{auto['level']}")
+                _source_log(f"multifd-compression auto: {picked[0]}, {auto['reason']}")
+
         with _cancel_on_signals(cancel.set, interrupted), \
                 ProgressDisplay(lambda: MigrationStats.from_qapi(pair.info), enabled=not args.quiet):
-            result = pair.run(plan, uri, cancel)
+            result = pair.run(plan, uri, cancel, on_info)
         lm = result.setdefault("livemig", {})
         for note in lm.get("notes", []):
             _source_log(note)

@@ -31,6 +31,7 @@ import xxhash
 
 from ..compress import Method, create_method, method_names
 from ..compress.auto import AUTO
+from ..compress.qatzip import hardware_probe
 from ..errors import Cancelled, IntegrityError, MigrationError, TransportError, WireError, os_reason
 from ..guest import Guest, GuestConfig, create_guest
 from ..guest.base import RamBlock
@@ -99,6 +100,10 @@ class Destination:
         auto = params.multifd_compression == AUTO
         self.method: Method = create_method("none" if auto else params.multifd_compression, params.level(),
                                             self.page_size)
+        if auto:
+            # the pick may be qatzip, created on a connection thread: probe libqatzip now, where its
+            # "Cannot open /dev/vfio" can still be silenced (libqatzip.quiet_stderr: main thread only)
+            hardware_probe()
         self.listener: Listener = (
             AddressListener(address, max(8, params.multifd_channels + 1)) if isinstance(address, Address) else address
         )

@@ -34,7 +34,11 @@ def cmd_incoming(args: argparse.Namespace) -> int:
     assert chk.address is not None
     guest = None
     discarded: list[str] = []  # the handover discarded the guest (said once, with the failure)
-    if chk.guest is not None:
+    if chk.guest is None:
+        # the guest is created from the source's config on a connection thread: a KVM one needs the
+        # SIGUSR1 handler that pauses its vCPUs, which only the main thread can install
+        install_kick_handler()
+    else:
         t0 = time.monotonic()
         guest = create_guest(chk.guest, incoming=True)
         print(f"livemig incoming: {chk.guest.kind} guest, {format_size(chk.guest.memory)} prefaulted in "

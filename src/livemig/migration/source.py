@@ -465,6 +465,7 @@ class Source:
         """End in cancelled (a cancel before the commit point) or failed; the handover's table says
         what the guest does (running again before the commit point, stopped after it)."""
         self._stop.set()  # channel threads still waiting in the limiter give up
+        self._stop_throttle()  # before the guest runs on and the status says so (not in the teardown)
         self.stats.end_active()
         err = self._failure.error or exc
         try:
