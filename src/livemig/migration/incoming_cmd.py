@@ -43,10 +43,6 @@ def cmd_incoming(args: argparse.Namespace) -> int:
         guest = create_guest(chk.guest, incoming=True)
         print(f"livemig incoming: {chk.guest.kind} guest, {format_size(chk.guest.memory)} prefaulted in "
               f"{time.monotonic() - t0:.1f} s", file=sys.stderr)
-    else:
-        # the guest is created from the source's description on the connection's thread: a KVM guest
-        # needs its SIGUSR1 handler (which pauses vCPUs), and only the main thread can install it
-        install_kick_handler()
     try:
         listener = tls_listener(chk.address, chk.tls, chk.params.multifd_channels)
         dst = Destination(listener, chk.params, guest=guest, uuid=chk.uuid, timeout=args.timeout,
