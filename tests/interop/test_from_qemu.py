@@ -142,6 +142,8 @@ def test_a_destination_with_its_own_guest_refuses_a_qemu_source(tmp_path: Path) 
         src.migrate(f"tcp:127.0.0.1:{port}")
         info = src.wait_migration(timeout=60)
         assert info["status"] == "failed"
+        # answered in QEMU's return-path format (SHUT 1), not with livemig's JSON Refused line
+        assert "RP: Sibling indicated error 1" in src.log() and "invalid message" not in src.log(), src.log()
     time.sleep(0.5)
     assert proc.poll() is None  # a refused source is dropped and the destination waits on
     proc.terminate()

@@ -38,6 +38,7 @@ from ..transport.sockets import Listener
 from ..transport.tls import TlsError
 from ..wire import handshake, stream
 from ..wire.constants import MULTIFD_MAGIC, QEMU_VM_FILE_MAGIC
+from ..wire.qemu import rp_shut
 from . import protocol
 
 #: greeter threads at once; a connection beyond them is closed at once (and logged)
@@ -51,6 +52,9 @@ class _Refusal(Exception):
 class MainRefusal(_Refusal):
     """Why a main channel that sent its livemig/config is refused: answered to it as Refused, logged.
     ``on_main`` raises it; the destination keeps waiting for another main channel."""
+
+    #: the refused channel is a QEMU source: answered SHUT 1 on QEMU's return path, not a Refused line
+    qemu = False
 
 #: seconds a refused main channel has to read its Refused line and close before it is closed
 ANSWER_GRACE = 1.0
@@ -154,7 +158,7 @@ class Gate:
                 raise _Refusal(f"not a migration channel (first bytes {head!r}, expected {QEMU_VM_FILE_MAGIC:#x} "
                                f"'QEVM' or the multifd magic {MULTIFD_MAGIC:#x})")
         except MainRefusal as why:
-            self._answer(sock, str(why))
+            self._answer(sock, str(why), why.qemu)
             self._refuse(sock, peer, str(why))
         except _Refusal as why:
             self._refuse(sock, peer, str(why))
@@ -164,13 +168,14 @@ class Gate:
             self._slots.release()
 
     @staticmethod
-    def _answer(sock: socket.socket, reason: str) -> None:
-        """Tell a refused main channel why (a Refused line), then let it read that before the close:
-        half-close, and drain what it still sends for at most :data:`ANSWER_GRACE` seconds (closing
-        with unread bytes would reset the connection and lose the answer)."""
+    def _answer(sock: socket.socket, reason: str, qemu: bool = False) -> None:
+        """Tell a refused main channel why (a Refused line; a QEMU source, which reads only QEMU's
+        return-path messages, gets SHUT 1), then let it read that before the close: half-close, and
+        drain what it still sends for at most :data:`ANSWER_GRACE` seconds (closing with unread bytes
+        would reset the connection and lose the answer)."""
         try:
             sock.settimeout(ANSWER_GRACE)
-            sock.sendall(protocol.encode(protocol.Refused(reason)))
+            sock.sendall(rp_shut(True) if qemu else protocol.encode(protocol.Refused(reason)))
             sock.shutdown(socket.SHUT_WR)
             deadline = time.monotonic() + ANSWER_GRACE
             while time.monotonic() < deadline and sock.recv(65536):
@@ -222,13 +227,21 @@ class Gate:
                 config = bytes(ev.data)
             elif not isinstance(ev, stream.Header | stream.SectionFull):
                 raise _Refusal(f"main stream began with {type(ev).__name__}, not a CONFIGURATION and livemig/config")
-        with self._lock:
-            if self.main is not None or self._claimed:
-                raise MainRefusal("destination busy: a migration is already in progress")
-            self._claimed = True
+        try:
+            with self._lock:
+                if self.main is not None or self._claimed:
+                    raise MainRefusal("destination busy: a migration is already in progress")
+                self._claimed = True
+        except MainRefusal as why:
+            why.qemu = qemu is not None
+            raise
         try:
             if qemu is not None:
-                self.on_qemu(qemu)
+                try:
+                    self.on_qemu(qemu)
+                except MainRefusal as why:
+                    why.qemu = True
+                    raise
             else:
                 assert config is not None
                 self.on_main(config)
