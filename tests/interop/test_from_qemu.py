@@ -13,6 +13,7 @@ import json
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,20 @@ CASES = [
 ]
 
 
+_STARTED: list[subprocess.Popen[str]] = []
+
+
+@pytest.fixture(autouse=True)
+def _no_leftover_destination() -> Iterator[None]:
+    """A failed assertion must not leave a ``livemig incoming`` behind (it waits for a source)."""
+    yield
+    while _STARTED:
+        proc = _STARTED.pop()
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+
 def start_incoming(tmp: Path, channels: int, method: str, *extra: str) -> tuple[subprocess.Popen[str], int]:
     """``livemig incoming tcp:127.0.0.1:0`` with its port once it listens."""
     port_file = tmp / "port"
@@ -47,6 +62,7 @@ def start_incoming(tmp: Path, channels: int, method: str, *extra: str) -> tuple[
         [sys.executable, "-m", "livemig.cli", "incoming", "tcp:127.0.0.1:0", "--multifd-channels", str(channels),
          "--multifd-compression", method, "--port-file", str(port_file), "--timeout", "30", *extra],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    _STARTED.append(proc)
     deadline = time.monotonic() + 60
     while not port_file.exists():
         if proc.poll() is not None or time.monotonic() > deadline:
