@@ -5,7 +5,6 @@ picked method."""
 from __future__ import annotations
 
 import subprocess
-import threading
 import time
 from typing import Any
 
@@ -19,7 +18,6 @@ from livemig.errors import ParameterError
 from livemig.guest import create_guest
 from livemig.guest.base import GuestConfig
 from livemig.migration.destination import Destination
-from livemig.migration.source import Source
 from livemig.monitor import CommandTable, Session, version_info
 from livemig.monitor.hmp import HMP
 from livemig.params import MigrationParameters
@@ -27,7 +25,7 @@ from livemig.transport.sockets import SocketPairLink
 from livemig.vm import commands
 from livemig.vm.machine import VM
 from support.fakeguest import FakeGuest
-from support.migrate import cli
+from support.migrate import cli, in_process
 
 GIB = 1 << 30
 INF = float("inf")
@@ -158,16 +156,7 @@ def _run(src_params: MigrationParameters, dst_params: MigrationParameters,
     cfg = GuestConfig(memory=8 << 20, seed=3)
     sg, dg = FakeGuest(cfg), FakeGuest(cfg, incoming=True)
     sg.blocks[0].pages[:] = np.frombuffer(sample_pages(2048, fill, seed=2), dtype=np.uint8).reshape(-1, 4096)
-    link = SocketPairLink()
-    dst = Destination(link, dst_params, guest=dg, timeout=10)
-    out: dict[str, Any] = {}
-    t = threading.Thread(target=lambda: out.update(dst.run()))
-    t.start()
-    sg.start()
-    stats = Source(sg, link, src_params, timeout=10).run()
-    if stats.status != "completed":
-        dst.cancel()
-    t.join(timeout=30)
+    stats, out = in_process(sg, dg, src_params, dst_params)
     return stats, out, sg, dg
 
 

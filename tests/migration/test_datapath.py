@@ -3,34 +3,23 @@ the destination caught up before the pause."""
 
 from __future__ import annotations
 
-import threading
 from typing import Any
 
 import numpy as np
 import pytest
 
 from livemig.guest.base import GuestConfig
-from livemig.migration.destination import Destination
-from livemig.migration.source import Source
 from livemig.migration.stats import MigrationStats
 from livemig.params import MigrationParameters
 from livemig.ram.digest import CHUNK_PAGES
-from livemig.transport.sockets import SocketPairLink
 from support.fakeguest import FakeGuest
+from support.migrate import in_process
 
 
 def _run(params: MigrationParameters, memory: int) -> tuple[MigrationStats, dict[str, Any], FakeGuest, FakeGuest]:
     cfg = GuestConfig(memory=memory, seed=5)
     src, dstg = FakeGuest(cfg), FakeGuest(cfg, incoming=True)
-    link = SocketPairLink()
-    dst = Destination(link, params, guest=dstg, timeout=10)
-    out: dict[str, Any] = {}
-    t = threading.Thread(target=lambda: out.update(dst.run()))
-    t.start()
-    src.start()
-    stats = Source(src, link, params, timeout=10).run()
-    t.join(timeout=30)
-    assert not t.is_alive()
+    stats, out = in_process(src, dstg, params)
     return stats, out, src, dstg
 
 

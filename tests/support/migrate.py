@@ -1,4 +1,5 @@
-"""Migrations between two processes, shared by the portable-guest and KVM-guest tests."""
+"""Migrations between two processes, shared by the portable-guest and KVM-guest tests, and one in
+this process over a socket pair (:func:`in_process`)."""
 
 from __future__ import annotations
 
@@ -14,10 +15,13 @@ from typing import Any
 
 import numpy as np
 
-from livemig.guest import GuestConfig, create_guest
+from livemig.guest import Guest, GuestConfig, create_guest
+from livemig.migration.destination import Destination
 from livemig.migration.source import Source
+from livemig.migration.stats import MigrationStats
 from livemig.params import MigrationParameters
 from livemig.transport.address import parse_address
+from livemig.transport.sockets import SocketPairLink
 
 
 def cli(*args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
@@ -86,3 +90,22 @@ def killed_destination_leaves_source_running(tmp_path: Path, config: GuestConfig
         if dst.poll() is None:
             os.killpg(dst.pid, signal.SIGKILL)
         dst.wait()
+
+
+def in_process(src: Guest, dst_guest: Guest, src_params: MigrationParameters,
+               dst_params: MigrationParameters | None = None) -> tuple[MigrationStats, dict[str, Any]]:
+    """Migrate ``src`` (started here) into ``dst_guest`` over a socket pair, both ends in threads of
+    this process: (the source's statistics, the destination's result). A destination still waiting
+    after a failed source (a refused one waits for another) is cancelled."""
+    link = SocketPairLink()
+    dst = Destination(link, dst_params or src_params, guest=dst_guest, timeout=10)
+    out: dict[str, Any] = {}
+    t = threading.Thread(target=lambda: out.update(dst.run()))
+    t.start()
+    src.start()
+    stats = Source(src, link, src_params, timeout=10).run()
+    if stats.status != "completed":
+        dst.cancel()
+    t.join(timeout=30)
+    assert not t.is_alive()
+    return stats, out
