@@ -150,6 +150,18 @@ class RamBlock:
     def view(self) -> memoryview:
         return memoryview(self.buf)
 
+    @property
+    def address(self) -> int:
+        """The mapping's virtual address in this process (for userfaultfd and KVM memory slots)."""
+        return int(self.pages.__array_interface__["data"][0])
+
+    def discard(self, first_page: int, npages: int) -> None:
+        """Free pages ``[first_page, first_page + npages)``: they read as zero, or fault when the block
+        is registered with a userfaultfd (post-copy, :mod:`livemig.guest.uffd`). Raises GuestError."""
+        from .uffd import punch_hole  # local: ctypes setup only where post-copy is used
+
+        punch_hole(self.fd, first_page * self.page_size, npages * self.page_size)
+
     def close(self) -> None:
         self.pages = np.empty((0, self.page_size), dtype=np.uint8)
         try:
