@@ -199,6 +199,8 @@ def test_malformed_files_are_refused(tmp_path: Path, case: str, words: str) -> N
 
 def test_missing_file_and_options_refused(tmp_path: Path) -> None:
     proc = cli("incoming", f"file:{tmp_path}/nothing.bin")
+    assert proc.returncode == 2 and "nothing.bin does not exist" in proc.stderr
+    proc = cli("incoming", f"file:{tmp_path}")
     assert proc.returncode == 2 and "is not a file" in proc.stderr
     proc = cli("migrate", f"file:{tmp_path}/x.bin", "--memory", "8M")
     assert proc.returncode == 2 and "needs --mapped-ram" in proc.stderr

@@ -51,6 +51,8 @@ def _path(uri: str, option: str, must_exist: bool) -> str:
     path = uri[len(SCHEME):]
     if not path:
         raise ParameterError(f"{option} '{uri}': expected file:PATH")
+    if must_exist and not os.path.exists(path):
+        raise ParameterError(f"{option} '{uri}': {path} does not exist")
     if must_exist and not os.path.isfile(path):
         raise ParameterError(f"{option} '{uri}': {path} is not a file")
     if not must_exist and (os.path.isdir(path) or not os.path.isdir(os.path.dirname(os.path.abspath(path)))):
