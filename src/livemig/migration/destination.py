@@ -47,7 +47,8 @@ from .accept import Gate, MainRefusal
 from .from_qemu import QemuIncoming, admit_qemu
 from .handover import DestinationHandover, ReturnPath
 from .multifd import PROGRESS_BYTES, RecvChannel, RecvContext
-from .source import MACHINE_TYPE
+from .postcopy_dest import PostcopyDestination
+from .protocol import MACHINE_TYPE
 from .stats import ResourceMeter, host_memory_limit
 
 
@@ -83,6 +84,7 @@ class Destination:
         dump_ram: str | None = None,
         full_verify: bool = False,
         max_memory: int | None = None,
+        postcopy_ram: bool = False,
         log: Callable[[str], None] | None = None,
     ) -> None:
         params.check()
@@ -145,6 +147,21 @@ class Destination:
         self._t_first = time.monotonic()
         self._stream_done = False
         self._main_view = memoryview(bytearray(1 << 16))
+        #: capability postcopy-ram (docs/postcopy.md): its half of the migration (None: off)
+        self.postcopy = PostcopyDestination(self) if postcopy_ram else None
+
+    @property
+    def postcopy_status(self) -> str:
+        """``postcopy-active``, ``postcopy-paused`` or ``postcopy-recover`` while post-copy runs here,
+        else "" (the incoming side's part of query-migrate's status)."""
+        return self.postcopy.status if self.postcopy is not None else ""
+
+    def recover(self, listener: Listener) -> None:
+        """``migrate-recover URI``: listen on ``listener`` for the source of a paused post-copy
+        migration (MigrationError in QEMU's words unless post-copy is paused here)."""
+        if self.postcopy is None or self.postcopy.status != state.POSTCOPY_PAUSED:
+            raise MigrationError("Migrate recover can only be run when postcopy is paused.")
+        self.postcopy.recover(listener)
 
     # --- errors ----------------------------------------------------------------------------------
     def fail(self, exc: BaseException, where: str) -> None:
@@ -425,6 +442,7 @@ class Destination:
             "multifd-channels": self.params.multifd_channels,
             "multifd-compression": self.method.name,
             "page-size": self.page_size,
+            "postcopy-ram": self.postcopy is not None,
         }
         for key, value in mine.items():
             if cfg.get(key) != value:

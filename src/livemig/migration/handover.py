@@ -52,9 +52,11 @@ class ReturnPath:
         self.receives = receives
         self.peer = peer
         self._buf = bytearray()
+        self._send_lock = threading.Lock()  # post-copy: the fault thread and the main thread both send
 
     def send(self, msg: p.Message) -> None:
-        send_buffers(self.sock, [p.encode(msg)], f"handover message '{msg.TYPE}'")
+        with self._send_lock:
+            send_buffers(self.sock, [p.encode(msg)], f"handover message '{msg.TYPE}'")
 
     def prime(self, data: bytes) -> None:
         """Bytes of the next lines that were already read from the socket (by the stream reader)."""
@@ -212,6 +214,14 @@ class SourceHandover:
         """Stop the guest for the final pass (the table's pause)."""
         self._do(self.h.step("switchover"))
 
+    def postcopy_run(self) -> None:
+        """POSTCOPY_RUN was written: the commit point of a post-copy migration (the guest stays
+        stopped here whatever happens next). Cancelled if a cancel came before it."""
+        with self._lock:
+            if self.cancelled:
+                raise Cancelled("migration cancelled")
+            self._do(self.h.step("postcopy-run"))
+
     def cancel(self) -> bool:
         """A cancel from any thread: True if it stops the migration (before the commit point), False
         if it came too late (answered, logged; the source guest stays stopped)."""
@@ -310,6 +320,9 @@ class DestinationHandover:
         self._prepared: p.Prepared | None = None
         #: the guest's progress() just before it resumed
         self.progress_at_resume = 0
+        #: False in post-copy: the thread resuming the guest places its pages, so it must not read
+        #: guest RAM (a missing page would wait for itself; docs/postcopy.md, "The GIL rule")
+        self.read_progress = True
         #: False: on commit the guest is taken over but not run (``livemig vm -S``, QEMU's paused
         #: destination), until the VM's ``cont``
         self.resume_guest = True
@@ -329,7 +342,8 @@ class DestinationHandover:
                 self.rp.send(self._prepared)
             elif action == p.RESUME_GUEST:
                 assert guest is not None
-                self.progress_at_resume = guest.progress()
+                if self.read_progress:
+                    self.progress_at_resume = guest.progress()
                 if self.resume_guest:
                     guest.resume()
                 if self.on_resumed is not None:
@@ -352,6 +366,10 @@ class DestinationHandover:
         """The stream is complete and verified: answer Prepared and wait for the commit."""
         self._prepared = p.Prepared(digests, state)
         self._do(self.h.step("verified"))
+
+    def postcopy_run(self) -> None:
+        """POSTCOPY_RUN arrived: resume the guest now (its missing pages fault) and answer Resumed."""
+        self._do(self.h.step("postcopy-run"))
 
     def control(self, data: bytes, timeout: float) -> None:
         """A control line where the stream's next record was due (``data``: the bytes from its

@@ -50,6 +50,17 @@ def anon_bytes() -> int:
     return 0
 
 
+def downtime_phases(t0: float, marks: list[tuple[str, float]]) -> dict[str, float]:
+    """Milliseconds spent in each downtime phase, in order: ``marks`` are (phase name, monotonic
+    time it ended), ``t0`` when the first began."""
+    out: dict[str, float] = {}
+    prev = t0
+    for name, t in marks:
+        out[name] = round((t - prev) * 1000, 2)
+        prev = t
+    return out
+
+
 #: guest RAM a destination leaves to the host: this much at least ...
 HOST_MARGIN_MIN = 256 << 20
 #: ... or this fraction of what is available, whichever is more
@@ -164,6 +175,13 @@ class MigrationStats:
     cpu_throttle_percentage: int = 0
     cpu_throttle_peak: int = 0
     cpu_throttle_held_s: float = 0.0
+    #: post-copy (capability ``postcopy-ram``): page requests received from the destination, bytes
+    #: of RAM records written on the main channel in post-copy (QEMU's ``postcopy-requests`` and
+    #: ``postcopy-bytes``), and livemig's figures once it switched (see :meth:`to_qapi`)
+    postcopy_ram: bool = False
+    postcopy_requests: int = 0
+    postcopy_bytes: int = 0
+    postcopy: dict[str, Any] | None = None
     #: ``multifd-compression auto``: what it picked and why (livemig.compress.auto.Choice.to_json)
     auto: dict[str, Any] = field(default_factory=dict)
 
@@ -262,7 +280,8 @@ class MigrationStats:
             "dirty-sync-count": self.dirty_sync_count,
             "precopy-bytes": self.precopy_bytes,
             "downtime-bytes": self.downtime_bytes,
-            "postcopy-bytes": 0,
+            "postcopy-bytes": self.postcopy_bytes,
+            "postcopy-requests": self.postcopy_requests,
             "multifd-bytes": self.multifd_bytes,
             "page-size": self.page_size,
         }
@@ -294,6 +313,9 @@ class MigrationStats:
         if self.auto_converge:
             out["livemig"]["auto-converge"] = {"cpu-throttle-peak": self.cpu_throttle_peak,
                                                "cpu-throttle-held-s": round(self.cpu_throttle_held_s, 3)}
+        if self.postcopy is not None:
+            # {"time-ms", "pages-requested", "faults", "fault-latency-us": {"p50", "p99"}, "verified"}
+            out["livemig"]["postcopy"] = self.postcopy
         if self.notes:
             out["livemig"]["notes"] = list(self.notes)
         if self.auto:

@@ -1,0 +1,231 @@
+"""The source side of post-copy (capability ``postcopy-ram``; docs/postcopy.md).
+
+:class:`~.source.Source` runs precopy passes as usual; when the switch is due (``start_postcopy()``
+or pass ``postcopy_after_passes``) and precopy did not converge first, :meth:`PostcopySource.run`
+takes over from the pause::
+
+    main:   [every precopy pass ended with its flush round: each page sent so far has landed]
+            POSTCOPY_RAM_DISCARD per block (the pages dirtied since they were sent)
+            POSTCOPY_LISTEN, FULL livemig/vcpu (the guest state), POSTCOPY_RUN   == commit point
+            PART ram: the discarded pages, requested ones first, each once; EOS
+            END ram: EOS; FULL livemig/digest (post-copy form); EOF
+    return: Resumed (downtime ends), ReqPages ..., PostcopyDone
+
+After POSTCOPY_RUN the source's guest never resumes (QEMU's ``postmigrate``): the destination runs
+it, and only the two sides together hold its RAM. A failure before RUN was written resumes it, as
+in precopy.
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import threading
+import time
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ..errors import MigrationError
+from ..ram.pages import nonzero_pages, runs
+from ..transport.sockets import Connector
+from ..wire import stream
+from . import protocol, state
+from .handover import HandoverTimeout, PeerFailed
+from .pagehash import Background
+from .protocol import SECTION_DIGEST, SECTION_RAM, SECTION_VCPU
+from .stats import downtime_phases
+
+if TYPE_CHECKING:
+    from .source import Source
+
+#: background pages written per main-channel write (requests are looked at between writes)
+BATCH = 16
+
+
+class PostcopySource:
+    """The post-copy half of one :class:`~.source.Source`. ``after_passes``: switch after that many
+    precopy passes (None: only when :meth:`request` is called, QMP ``migrate-start-postcopy``)."""
+
+    def __init__(self, src: Source, after_passes: int | None) -> None:
+        self.src = src
+        self.after_passes = after_passes
+        self._requested = threading.Event()
+        #: the switch to post-copy was decided (``run`` follows the precopy loop)
+        self.switching = False
+        #: POSTCOPY_RUN went out: the guest is the destination's from here on
+        self.ran = False
+        self._requests: queue.SimpleQueue[protocol.ReqPages] = queue.SimpleQueue()
+        self._done = threading.Event()
+        self._finished = False
+        self._answer: protocol.PostcopyDone | None = None
+        self._resumed: protocol.Resumed | None = None
+        self._resumed_at = 0.0
+        self._todo: dict[str, np.ndarray] = {}
+        self._blocks = {b.name: b for b in src.guest.blocks}
+
+    def request(self) -> None:
+        """``migrate-start-postcopy``: switch at the end of the current pass."""
+        self._requested.set()
+
+    def should_switch(self, passes: int) -> bool:
+        """After pass ``passes``: is the switch due? (Precopy's own convergence is checked first.)"""
+        due = self._requested.is_set() or (self.after_passes is not None and passes >= self.after_passes)
+        self.switching = due
+        return due
+
+    # --- the switch --------------------------------------------------------------------------------
+    def run(self) -> None:
+        """From the pause to ``completed``; raises (the Source fails) on any error."""
+        src, stats = self.src, self.src.stats
+        t_pause, marks, final = src._pause()
+        ps = src.page_size
+        discards = []
+        for b in src.guest.blocks:
+            idx = final.get(b.name, np.empty(0, dtype=np.int64))
+            todo = np.zeros(b.npages, dtype=bool)
+            todo[idx] = True
+            self._todo[b.name] = todo
+            discards.append(stream.postcopy_ram_discard(b.name, [(f * ps, n * ps) for f, n in runs(np.sort(idx))]))
+        blob = src.guest.save_state()
+        marks.append(("save state", time.monotonic()))
+        src._main_write(b"".join(discards) + stream.postcopy_listen()
+                       + stream.section_full(SECTION_VCPU, "livemig/vcpu", 0, 1) + stream.blob(blob)
+                       + stream.section_footer(SECTION_VCPU) + stream.postcopy_run(), ram=False)
+        src.handover.postcopy_run()
+        self.ran = True
+        marks.append(("run", time.monotonic()))
+        t_run = time.monotonic()
+        npages = sum(int(t.sum()) for t in self._todo.values())
+        stats.remaining = npages * ps
+        src.status.step(state.POSTCOPY_ACTIVE)
+        reader = threading.Thread(target=self._read_return_path, name="postcopy-rp", daemon=True)
+        reader.start()
+        src.limiter.set_rate(src.params.max_postcopy_bandwidth or src.params.max_bandwidth)
+        hashes = Background(src.guest)  # the frozen RAM, as the destination must end up with it
+        self._send_pages(npages)
+        src._main_write(stream.section_end(SECTION_RAM) + stream.ram_eos() + stream.section_footer(SECTION_RAM)
+                       + stream.section_full(SECTION_DIGEST, "livemig/digest", 0, 1)
+                       + stream.blob(json.dumps(hashes.result().digests()).encode())
+                       + stream.section_footer(SECTION_DIGEST) + stream.eof(), ram=False)
+        deadline = time.monotonic() + src.timeout
+        while not self._done.wait(0.05):
+            src._check()
+            if time.monotonic() > deadline:
+                raise HandoverTimeout(f"no post-copy completion from the destination within {src.timeout:g} s")
+        self._finished = True
+        src._check()
+        assert self._answer is not None and self._resumed is not None
+        end = time.monotonic()
+        stats.downtime_ms = (self._resumed_at - t_pause) * 1000
+        marks.append(("destination resumed", self._resumed_at))
+        stats.downtime_phases = downtime_phases(t_pause, marks)
+        done = dict(self._answer.stats)
+        stats.postcopy = {
+            "time-ms": round((end - t_run) * 1000),
+            "pages-requested": int(done.get("pages-requested") or 0),
+            "faults": int(done.get("faults") or 0),
+            "fault-latency-us": {"p50": done.get("fault-latency-us-p50"), "p99": done.get("fault-latency-us-p99")},
+            "verified": done.get("verified"),
+        }
+        answer: dict[str, Any] = dict(self._resumed.stats)
+        stats.recv_cpu_percent = float(done.pop("recv-cpu-percent", None) or 0.0)
+        stats.recv_mem_bytes = int(done.pop("recv-mem-bytes", None) or 0)
+        answer.update(done)
+        stats.destination = answer
+        stats.total_time_ms = (end - stats.start) * 1000
+        stats.remaining = 0
+        stats.send_cpu_percent = src.meter.cpu_percent()
+        stats.send_mem_bytes = src.meter.mem_bytes()
+        src.status.step(state.COMPLETED)
+
+    def resume(self, connector: Connector) -> None:
+        """Reconnect a paused post-copy migration (docs/postcopy.md, "Recovery")."""
+        raise MigrationError("post-copy recovery is not implemented yet: the paused migration cannot resume")
+
+    # --- pages -------------------------------------------------------------------------------------
+    def _send_pages(self, npages: int) -> None:
+        """Every discarded page once, on the main channel: requested pages first, then ascending."""
+        src = self.src
+        left = npages
+        src._main_write(stream.section_part(SECTION_RAM), ram=False)
+        for b in src.guest.blocks:
+            todo = self._todo[b.name]
+            for first in range(0, b.npages, 4096):
+                idx = np.flatnonzero(todo[first:first + 4096]) + first
+                for i in range(0, idx.size, BATCH):
+                    left -= self._serve_requests()
+                    batch = idx[i:i + BATCH]
+                    batch = batch[todo[batch]]  # a request may have sent some already
+                    if batch.size:
+                        left -= self._write(b.name, batch)
+                    src.stats.remaining = left * src.page_size
+        src._main_write(stream.ram_eos() + stream.section_footer(SECTION_RAM), ram=False)
+
+    def _serve_requests(self) -> int:
+        """Write the pages of every queued request not yet sent; returns how many."""
+        n = 0
+        while True:
+            try:
+                req = self._requests.get_nowait()
+            except queue.Empty:
+                return n
+            todo = self._todo.get(req.rbname)
+            if todo is None:
+                raise MigrationError(f"destination requested pages of an unknown RAM block {req.rbname!r}")
+            ps = self.src.page_size
+            first, last = req.start // ps, (req.start + max(1, req.len) - 1) // ps
+            if last >= todo.size:
+                raise MigrationError(f"destination requested bytes {req.start}+{req.len} outside RAM block "
+                                     f"{req.rbname!r}")
+            idx = np.arange(first, last + 1)
+            idx = idx[todo[idx]]  # a page sent already is never sent twice
+            if idx.size:
+                n += self._write(req.rbname, idx)
+
+    def _write(self, block: str, idx: np.ndarray) -> int:
+        """RAM records for pages ``idx`` of ``block`` (ZERO for zero pages), in one write."""
+        src = self.src
+        pages = self._blocks[block].pages
+        nonzero = nonzero_pages(pages[idx].view(np.uint64))
+        ps = src.page_size
+        out = b"".join(stream.ram_page(block, int(p) * ps, pages[p]) if nz else stream.ram_zero_page(block, int(p) * ps)
+                       for p, nz in zip(idx, nonzero, strict=True))
+        self._todo[block][idx] = False
+        src._main_write(out, ram=False)
+        src.stats.postcopy_bytes += len(out)
+        return int(idx.size)
+
+    # --- return path -------------------------------------------------------------------------------
+    def _read_return_path(self) -> None:
+        """Requests, Resumed and the final PostcopyDone (or Failed), until the migration ends."""
+        src = self.src
+        assert src.rp is not None
+        try:
+            while not self._finished:
+                try:
+                    msg = src.rp.recv(1.0, lambda: self._finished)
+                except HandoverTimeout:
+                    continue
+                if isinstance(msg, protocol.ReqPages):
+                    src.stats.postcopy_requests += 1
+                    self._requests.put(msg)
+                elif isinstance(msg, protocol.Resumed):
+                    self._resumed, self._resumed_at = msg, time.monotonic()
+                    src.handover.h.step("resumed")
+                elif isinstance(msg, protocol.PostcopyDone):
+                    self._answer = msg
+                    if self._resumed is None:
+                        raise MigrationError("destination completed post-copy without saying it resumed")
+                    self._done.set()
+                    return
+                elif isinstance(msg, protocol.Failed | protocol.Refused):
+                    raise PeerFailed(f"destination failed: {msg.error.removeprefix('destination: ')}")
+                else:
+                    raise MigrationError(f"destination sent '{msg.TYPE}' during post-copy")
+        except BaseException as exc:  # noqa: BLE001 - the migration's failure, seen by the sender
+            if not self._finished and src._failure.record(exc, "post-copy return path"):
+                src._stop.set()
+                src._shutdown_sockets()  # the sender's next write fails at once
+            self._done.set()
+
