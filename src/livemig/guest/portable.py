@@ -32,6 +32,10 @@ waits for at most one batch). With
 ``dirty_rate`` 0 the threads run flat out and compete for the GIL with the migration's threads.
 The CPU-side state (:meth:`save_state`) is a versioned JSON document with each
 vCPU's random generator state; everything else is in RAM.
+
+On a post-copy destination (``RamBlock.present`` set) each vCPU faults in the pages its next batch
+writes, with the GIL released and outside the batch, before writing them; :meth:`progress` and
+:meth:`resume` never wait for a missing page (docs/postcopy.md, "Guests and the GIL").
 """
 
 from __future__ import annotations
