@@ -98,6 +98,9 @@ class PostcopyDestination:
         self._missing = {n: np.zeros(b.npages, dtype=bool) for n, b in self.dst.blocks.items()}
 
     def _discard(self, ev: stream.PostcopyDiscard) -> None:
+        # nothing may read a dropped page before it is registered: unregistered, a touch would
+        # allocate a zero page there that never faults (the guest would read zeros)
+        self.dst.stop_hashing()
         block = self.dst.blocks.get(ev.block)
         if block is None:
             raise WireError("POSTCOPY_RAM_DISCARD RAM block", ev.block, f"one of {sorted(self.dst.blocks)}")
@@ -111,7 +114,7 @@ class PostcopyDestination:
             self.dst.received[ev.block][start // ps:(start + length) // ps] = False
 
     def _listen(self) -> None:
-        self.dst.stop_hashing()  # it reads guest RAM: never again from Python until every page is back
+        self.dst.stop_hashing()  # (no discard came) it reads guest RAM: never again until every page is back
         fd = self.uffd = uffd.Userfaultfd()
         for name, b in self.dst.blocks.items():
             b.present = ~self._missing[name]
@@ -181,11 +184,13 @@ class PostcopyDestination:
         addr = block.address + ev.offset
         if isinstance(ev, stream.Page):
             src = np.frombuffer(ev.data, dtype=np.uint8)
-            self.uffd.copy(addr, src.ctypes.data, src.size)
+            placed = self.uffd.copy(addr, src.ctypes.data, src.size)
             self.hashes.put(ev.block, p, ev.data)
         else:
-            self.uffd.zeropage(addr, self.dst.page_size)
+            placed = self.uffd.zeropage(addr, self.dst.page_size)
             self.hashes.put(ev.block, p, None)
+        if not placed:  # something allocated it meanwhile: the guest may have read other bytes
+            raise IntegrityError(f"post-copy page {p} of '{ev.block}' was present before it was placed")
         now = time.monotonic()
         with self._lock:
             block.present[p] = True
