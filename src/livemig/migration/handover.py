@@ -349,7 +349,7 @@ class DestinationHandover:
         #: the guest's progress() just before it resumed
         self.progress_at_resume = 0
         #: False in post-copy: the thread resuming the guest places its pages, so it must not read
-        #: guest RAM (a missing page would wait for itself; docs/postcopy.md, "The GIL rule")
+        #: guest RAM (a missing page would wait for itself; docs/postcopy.md, "Guests and the GIL")
         self.read_progress = True
         #: False: on commit the guest is taken over but not run (``livemig vm -S``, QEMU's paused
         #: destination), until the VM's ``cont``
