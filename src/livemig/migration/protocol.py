@@ -323,6 +323,11 @@ UNKNOWN_ADVICE = ("outcome unknown: the source committed but did not hear the de
                   "source guest stays paused (postmigrate). Check the destination: if its guest is not "
                   "running, resume the source guest explicitly")
 
+#: what the operator is told when post-copy fails after POSTCOPY_RUN (docs/postcopy.md, "Failure")
+POSTCOPY_LOST = ("post-copy failed after the switch: neither side holds the whole guest; the source "
+                 "guest stays stopped (postmigrate) and the destination's guest waits for pages that "
+                 "cannot come (recovery is not implemented)")
+
 
 @dataclass(frozen=True)
 class Transition:
