@@ -60,6 +60,7 @@ def apply_config(dst: Destination, data: bytes) -> None:
         "page-size": dst.page_size,
         "postcopy-ram": dst.postcopy is not None,
     }
+    cfg.setdefault("postcopy-ram", False)  # absent: off
     for key, value in mine.items():
         if cfg.get(key) != value:
             raise MainRefusal(f"{key} differs: source uses {cfg.get(key)!r}, destination {value!r}; "

@@ -172,6 +172,8 @@ class Destination:
     def fail(self, exc: BaseException, where: str) -> None:
         """Fail the migration: keep the first failure (``where: reason``, the original as its cause),
         wake every thread that waits on a channel."""
+        if self.postcopy is not None and self.postcopy.ran and where.startswith("multifd channel"):
+            return  # they carry nothing after the switch; a broken link pauses post-copy instead
         self._failure.record(exc, where)
         self._barrier.abort()
         for ch in list(self.channels.values()):
@@ -327,7 +329,7 @@ class Destination:
                     self.postcopy.command(ev)
                     continue
                 self.postcopy.run(state_blob)
-                self.postcopy.stream(reader)  # the rest of the stream, and its completion
+                self.postcopy.receive_rest(reader)  # the rest of the stream, and its completion
                 return
             elif isinstance(ev, stream.Eof):
                 break

@@ -172,6 +172,8 @@ class Source:
         after it the cancel is answered :data:`.protocol.TOO_LATE` (logged, in ``stats.notes``)
         and changes nothing: the guest stays stopped."""
         if not self.handover.cancel():
+            if self.postcopy is not None:
+                self.postcopy.abandon()  # a paused post-copy gives up; an active one goes on
             return
         self._cancel.set()
         self._stop.set()
