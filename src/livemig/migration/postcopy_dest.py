@@ -37,6 +37,7 @@ from ..wire.constants import MIG_CMD_PING
 from . import protocol, state
 from .handover import ReturnPath
 from .pagehash import ALGORITHM, PageHashes
+from .postcopy_source import queue_bound
 from .protocol import MACHINE_TYPE
 
 if TYPE_CHECKING:
@@ -130,6 +131,7 @@ class PostcopyDestination:
             b.present = ~self._missing[name]
             fd.register(b.address, b.size)
         self.listening = True
+        queue_bound(self.dst.main)
         self._fault_thread = threading.Thread(target=self._serve_faults, name="postcopy-faults", daemon=True)
         self._fault_thread.start()
         self.status = state.POSTCOPY_ACTIVE
@@ -279,6 +281,7 @@ class PostcopyDestination:
             dst._restart_timer()
             sock = self._listener.accept(0.1)
         sock.settimeout(dst.timeout)
+        queue_bound(sock)
         if dst.main is not None:
             dst.main.close()
         dst.main = sock

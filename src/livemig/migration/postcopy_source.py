@@ -42,6 +42,19 @@ if TYPE_CHECKING:
 
 #: background pages written per main-channel write (requests are looked at between writes)
 BATCH = 16
+#: bytes a post-copy main channel's kernel buffers hold, each side (the kernel doubles it)
+QUEUE_BYTES = 128 << 10
+
+
+def queue_bound(sock: socket.socket | None) -> None:
+    """Keep the socket's kernel buffer to :data:`QUEUE_BYTES`: a requested page is written behind
+    what the buffers already hold, so the less they hold the sooner it lands."""
+    if sock is not None:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, QUEUE_BYTES)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, QUEUE_BYTES)
+        except OSError:
+            pass  # not a kernel socket (TLS wraps one): keep its buffers
 
 
 class PostcopySource:
@@ -113,6 +126,7 @@ class PostcopySource:
         stats.remaining = npages * src.page_size
         src.status.step(state.POSTCOPY_ACTIVE)
         src.limiter.set_rate(src.params.max_postcopy_bandwidth or src.params.max_bandwidth)
+        queue_bound(src.main)
         recovered = False
         while True:
             try:
@@ -229,6 +243,7 @@ class PostcopySource:
         src = self.src
         assert self._resume_to is not None
         old, src.main = src.main, self._resume_to.connect(src.timeout)
+        queue_bound(src.main)
         if old is not None:
             old.close()
         rp = src.rp = src.handover.rp = ReturnPath(src.main, "to-source", "destination")
