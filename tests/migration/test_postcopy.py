@@ -242,3 +242,15 @@ def test_a_paused_postcopy_cancelled_fails_with_the_guest_lost() -> None:
             dst.postcopy.close()
         src_guest.close()
         dst_guest.close()
+
+
+@pytest.mark.kvm
+def test_stale_precopy_bytes_are_never_kept(monkeypatch: pytest.MonkeyPatch) -> None:
+    # a destination whose discards drop nothing would keep the precopy bytes of re-dirtied pages:
+    # placing the fresh page then finds it present, and the migration fails on both sides
+    from livemig.guest.base import RamBlock
+
+    monkeypatch.setattr(RamBlock, "discard", lambda self, first, n: None)
+    stats, out, _ = postcopy("kvm")
+    assert stats.status == "failed" and "was present before it was placed" in stats.error
+    assert out["status"] == "failed" and "was present before it was placed" in out["error-desc"]

@@ -219,15 +219,24 @@ class PostcopyDestination:
         main channel pauses (postcopy-paused) until :meth:`recover` brings a new one."""
         from .destination import Stalled  # the destination imports this module
 
-        while True:
-            try:
-                source_digests = self._read_to_eof(reader)
-                break
-            except (TransportError, Stalled) as exc:
-                if self.dst._failure.error is not None:
-                    raise
-                reader = self._paused(exc)
-        self._complete(source_digests)
+        try:
+            while True:
+                try:
+                    source_digests = self._read_to_eof(reader)
+                    break
+                except (TransportError, Stalled) as exc:
+                    if self.dst._failure.error is not None:
+                        raise
+                    reader = self._paused(exc)
+            self._complete(source_digests)
+        except BaseException as exc:
+            rp = self.dst.handover.rp
+            try:  # best effort: the source then fails instead of waiting to recover a link that works
+                if rp is not None:
+                    rp.send(protocol.Failed(f"post-copy: {exc}"))
+            except MigrationError:
+                pass
+            raise
 
     def _read_to_eof(self, reader: stream.StreamReader) -> Any:
         source_digests: Any = None
