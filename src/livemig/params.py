@@ -38,6 +38,10 @@ class MigrationParameters:
     multifd_qatzip_level: int = 1
     #: bytes per second written to the sockets (after compression); 0 = unlimited; QEMU default 128 MiB/s
     max_bandwidth: int = QEMU_MAX_THROTTLE
+    #: bytes per second for post-copy's page stream (QEMU's ``max-postcopy-bandwidth``); 0 = the
+    #: ``max-bandwidth`` cap applies, as in precopy (QEMU: 0 = unlimited in post-copy; livemig keeps
+    #: the link's cap, docs/postcopy.md, "Rate")
+    max_postcopy_bandwidth: int = 0
     #: milliseconds
     downtime_limit: int = 300
     #: "multifd" (9.0+ default: zero pages listed in the multifd packet) or "none" (no detection)
@@ -75,6 +79,9 @@ class MigrationParameters:
             raise _expects("multifd_qatzip_level", "a value between 1 and 9")
         if self.max_bandwidth < 0:
             raise _expects("max_bandwidth", "an integer in the range of 0 to 18446744073709551615 bytes/second")
+        if not 0 <= self.max_postcopy_bandwidth < 1 << 64:
+            raise _expects("max_postcopy_bandwidth",
+                           "an integer in the range of 0 to 18446744073709551615 bytes/second")
         if not 0 <= self.downtime_limit <= 2_000_000:
             raise _expects("downtime_limit", "an integer in the range of 0 to 2000000 milliseconds (2000 s)")
         if self.zero_page_detection == "legacy":
@@ -104,9 +111,11 @@ class MigrationParameters:
         fields = {f.name: f for f in dataclasses.fields(self)}
         if attr not in fields:
             raise ParameterError(f"Parameter '{name}' not found")
-        if attr == "max_bandwidth":
+        if attr == "max_postcopy_bandwidth":  # HMP: visit_type_size, a bare number is bytes/s
+            v: Any = parse_rate(str(value))
+        elif attr == "max_bandwidth":
             # HMP: a bare number is MiB/s, as QEMU's hmp_migrate_set_parameter
-            v: Any = parse_rate(f"{value}M" if str(value).isdigit() else str(value))
+            v = parse_rate(f"{value}M" if str(value).isdigit() else str(value))
         elif fields[attr].type in ("bool", bool):
             if str(value).lower() not in ("on", "off", "true", "false"):
                 raise ParameterError(f"Parameter '{name}' expects 'on' or 'off'")

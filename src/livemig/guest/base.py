@@ -133,6 +133,10 @@ class RamBlock:
             os.close(self.fd)
             raise GuestError(f"RAM block '{name}': cannot allocate {size} bytes: {exc}") from exc
         self.pages: np.ndarray = np.frombuffer(self.buf, dtype=np.uint8).reshape(-1, page_size)
+        #: post-copy destination: one bool per page, False while the page is missing (registered with a
+        #: userfaultfd and not placed yet); only ever goes False -> True while post-copy runs. None (the
+        #: normal case) = every page present. Set by the migration engine; read by :meth:`ensure_pages`.
+        self.present: np.ndarray | None = None
 
     @property
     def npages(self) -> int:
@@ -161,6 +165,56 @@ class RamBlock:
         from .uffd import punch_hole  # local: ctypes setup only where post-copy is used
 
         punch_hole(self.fd, first_page * self.page_size, npages * self.page_size)
+
+    # --- post-copy: the GIL rule (docs/postcopy.md, "Guests and the GIL") ----------------------------
+    def ensure_pages(self, idx: np.ndarray) -> None:
+        """Make the pages ``idx`` (int page indices, any shape) present before Python reads or writes
+        them: each page not known present is touched with the GIL released
+        (:func:`livemig.guest.uffd.touch`), so a missing one is faulted in (this thread waits until
+        it is placed) while the thread placing pages keeps running. A no-op when :attr:`present` is
+        None; otherwise costs one vectorised lookup plus one C call per page not known present.
+
+        Never call it from the thread that places the pages: it would wait for itself.
+        """
+        present = self.present  # read once: the engine may set it to None at any time
+        if present is None:
+            return
+        idx = np.asarray(idx, dtype=np.int64).reshape(-1)
+        missing = idx[~present[idx]]
+        if missing.size:
+            self._touch(np.unique(missing))
+
+    def ensure_range(self, first_page: int, npages: int) -> None:
+        """:meth:`ensure_pages` for the pages ``[first_page, first_page + npages)``."""
+        present = self.present
+        if present is None:
+            return
+        missing = np.flatnonzero(~present[first_page:first_page + npages])
+        if missing.size:
+            self._touch(missing + first_page)
+
+    def ensure_bytes(self, offset: int, length: int) -> None:
+        """:meth:`ensure_pages` for every page holding a byte of ``[offset, offset + length)``."""
+        if self.present is None or length <= 0:
+            return
+        first = offset // self.page_size
+        self.ensure_range(first, (offset + length - 1) // self.page_size - first + 1)
+
+    def pages_present(self, idx: np.ndarray) -> bool:
+        """True when every page of ``idx`` is known present (reading them cannot fault); never waits."""
+        present = self.present
+        return present is None or bool(present[np.asarray(idx, dtype=np.int64)].all())
+
+    def _touch(self, pages: np.ndarray) -> None:
+        """Touch the sorted unique ``pages`` with the GIL released, one call per run of adjacent pages."""
+        from .uffd import touch  # local: ctypes setup only where post-copy is used
+
+        breaks = np.flatnonzero(np.diff(pages) != 1) + 1
+        starts = np.concatenate(([0], breaks))
+        ends = np.concatenate((breaks, [pages.size]))
+        base, ps = self.address, self.page_size
+        for s, e in zip(starts.tolist(), ends.tolist(), strict=True):
+            touch(base + int(pages[s]) * ps, (e - s) * ps, ps)
 
     def close(self) -> None:
         self.pages = np.empty((0, self.page_size), dtype=np.uint8)

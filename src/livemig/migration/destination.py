@@ -29,25 +29,27 @@ from typing import Any
 import numpy as np
 import xxhash
 
-from ..compress import Method, create_method, method_names
+from ..compress import Method, create_method
 from ..compress.auto import AUTO
 from ..compress.qatzip import hardware_probe
 from ..errors import Cancelled, IntegrityError, MigrationError, TransportError, WireError, os_reason
-from ..guest import Guest, GuestConfig, create_guest
+from ..guest import Guest
 from ..guest.base import RamBlock
 from ..params import MigrationParameters
 from ..ram.digest import ChunkDigest
 from ..transport.address import Address
 from ..transport.sockets import AddressListener, Listener
-from ..units import format_size
 from ..wire import stream
 from ..wire.constants import PAGE_SIZE
 from . import protocol, state
-from .accept import Gate, MainRefusal
+from .accept import Gate
+from .configure import apply_config
 from .from_qemu import QemuIncoming, admit_qemu
 from .handover import DestinationHandover, ReturnPath
 from .multifd import PROGRESS_BYTES, RecvChannel, RecvContext
-from .source import MACHINE_TYPE
+from .postcopy_dest import COMMANDS as POSTCOPY_COMMANDS
+from .postcopy_dest import PostcopyDestination
+from .protocol import MACHINE_TYPE
 from .stats import ResourceMeter, host_memory_limit
 
 
@@ -83,6 +85,7 @@ class Destination:
         dump_ram: str | None = None,
         full_verify: bool = False,
         max_memory: int | None = None,
+        postcopy_ram: bool = False,
         log: Callable[[str], None] | None = None,
     ) -> None:
         params.check()
@@ -96,7 +99,7 @@ class Destination:
         self.max_memory = host_memory_limit() if max_memory is None else max_memory
         self.log = log or (lambda _m: None)
         self.page_size = PAGE_SIZE
-        # auto: the source's pick replaces ``none`` when its config arrives (:meth:`_adopt_method`)
+        # auto: the source's pick replaces ``none`` when its config arrives (:func:`.configure.adopt_method`)
         auto = params.multifd_compression == AUTO
         self.method: Method = create_method("none" if auto else params.multifd_compression, params.level(),
                                             self.page_size)
@@ -126,6 +129,9 @@ class Destination:
             sync=self.channel_sync,
             failed=self.fail,
         )
+        #: capability postcopy-ram (docs/postcopy.md): its half of the migration (None: off)
+        self.postcopy = PostcopyDestination(self) if postcopy_ram else None
+        self._recv.landed = self.postcopy.landed if self.postcopy is not None else None
         self.gate = Gate(self.listener, machine_type=MACHINE_TYPE, uuid=uuid, channels=params.multifd_channels,
                          first_bytes=min(timeout, FIRST_BYTES), timeout=timeout, log=self.log,
                          on_main=self._configure, on_channel=self._add_channel,
@@ -145,11 +151,29 @@ class Destination:
         self._t_first = time.monotonic()
         self._stream_done = False
         self._main_view = memoryview(bytearray(1 << 16))
+        self._hasher = threading.Thread(target=self._hash_loop, name="digest", daemon=True)
+        self._hashing = threading.Event()
+        self._hashing.set()
+
+    @property
+    def postcopy_status(self) -> str:
+        """``postcopy-active``, ``postcopy-paused`` or ``postcopy-recover`` while post-copy runs here,
+        else "" (the incoming side's part of query-migrate's status)."""
+        return self.postcopy.status if self.postcopy is not None else ""
+
+    def recover(self, listener: Listener) -> None:
+        """``migrate-recover URI``: listen on ``listener`` for the source of a paused post-copy
+        migration (MigrationError in QEMU's words unless post-copy is paused here)."""
+        if self.postcopy is None or self.postcopy.status != state.POSTCOPY_PAUSED:
+            raise MigrationError("Migrate recover can only be run when postcopy is paused.")
+        self.postcopy.recover(listener)
 
     # --- errors ----------------------------------------------------------------------------------
     def fail(self, exc: BaseException, where: str) -> None:
         """Fail the migration: keep the first failure (``where: reason``, the original as its cause),
         wake every thread that waits on a channel."""
+        if self.postcopy is not None and self.postcopy.ran and where.startswith("multifd channel"):
+            return  # they carry nothing after the switch; a broken link pauses post-copy instead
         self._failure.record(exc, where)
         self._barrier.abort()
         for ch in list(self.channels.values()):
@@ -213,7 +237,7 @@ class Destination:
         """Receive one migration; the result says what the guest does (``resumed``, ``guest``)."""
         result: dict[str, Any] = {"status": "failed"}
         self.gate.start()
-        hasher = threading.Thread(target=self._hash_loop, name="digest", daemon=True)
+        hasher = self._hasher
         try:
             while not self.gate.main_ready.wait(0.05):  # no limit: a source may come any time
                 self._check()
@@ -231,7 +255,8 @@ class Destination:
             threading.Thread(target=self._watchdog, name="watchdog", daemon=True).start()
             self._receive_main(reader)
             self._stream_done = True
-            self.handover.await_commit(self.timeout)
+            if self.postcopy is None or not self.postcopy.ran:
+                self.handover.await_commit(self.timeout)
             result = self._finish()
         except BaseException as exc:  # noqa: BLE001 - every failure ends in a result
             self.fail(exc, "destination")
@@ -294,6 +319,18 @@ class Destination:
                 self.meet_channels()
             elif isinstance(ev, stream.ZeroPage | stream.Page):
                 self.apply_page(ev)
+            elif isinstance(ev, stream.Command) and self.postcopy is not None:
+                self.postcopy.ping(ev)
+            elif isinstance(ev, (*POSTCOPY_COMMANDS, stream.PostcopyRun)):
+                if self.postcopy is None:
+                    raise WireError("main stream: post-copy command", type(ev).__name__,
+                                    "none: postcopy-ram is off on this destination")
+                if not isinstance(ev, stream.PostcopyRun):
+                    self.postcopy.command(ev)
+                    continue
+                self.postcopy.run(state_blob)
+                self.postcopy.receive_rest(reader)  # the rest of the stream, and its completion
+                return
             elif isinstance(ev, stream.Eof):
                 break
             elif isinstance(ev, stream.ControlLine):  # the source's Abort, before the stream's end
@@ -351,6 +388,8 @@ class Destination:
             block.pages[p] = 0
         self.received[ev.block][p] = True
         self.digests[ev.block].mark_pages(np.array([p]))
+        if self.postcopy is not None:
+            self.postcopy.landed_main(ev)
 
     @staticmethod
     def _source_digests(data: bytes | memoryview) -> dict[str, str]:
@@ -378,7 +417,7 @@ class Destination:
         is closed and forgotten."""
         created = self.guest is None
         try:
-            self._apply_config(data)
+            apply_config(self, data)
         except BaseException:  # MainRefusal: the gate answers and logs it
             self._forget(created)
             raise
@@ -391,71 +430,6 @@ class Destination:
         self.views.clear()
         self.received.clear()
         self.digests.clear()
-
-    def _adopt_method(self, name: Any) -> None:
-        """``multifd-compression auto`` here: receive the method the source named (MainRefusal if
-        it is unknown or cannot run here)."""
-        if name not in method_names():
-            raise MainRefusal(f"multifd-compression: the source's {name!r} is not a method "
-                              f"(expected one of {', '.join(method_names())})")
-        try:
-            self.method = self._recv.method = create_method(name, 1, self.page_size)
-        except MigrationError as exc:
-            raise MainRefusal(str(exc)) from exc
-
-    def _apply_config(self, data: bytes) -> None:
-        try:
-            cfg = json.loads(data)
-            gcfg = GuestConfig.from_json(json.dumps(cfg["guest"]))
-            theirs = [(str(n), int(size)) for n, size in cfg.get("blocks", [])]
-        except (ValueError, KeyError, TypeError, MigrationError) as exc:
-            raise MainRefusal(f"livemig/config section is malformed: {exc}") from exc
-        if cfg.get("protocol") != protocol.VERSION:
-            raise MainRefusal(f"handover protocol version differs: source {cfg.get('protocol')!r}, destination "
-                              f"{protocol.VERSION}; run the same livemig version on both sides")
-        try:
-            same = bytes.fromhex(str(cfg.get("uuid"))) == self.uuid
-        except ValueError:
-            same = False
-        if not same:
-            raise MainRefusal("the uuid differs from the destination's")
-        if self.params.multifd_compression == AUTO:  # take the method the source's auto picked
-            self._adopt_method(cfg.get("multifd-compression"))
-        mine = {
-            "multifd-channels": self.params.multifd_channels,
-            "multifd-compression": self.method.name,
-            "page-size": self.page_size,
-        }
-        for key, value in mine.items():
-            if cfg.get(key) != value:
-                raise MainRefusal(f"{key} differs: source uses {cfg.get(key)!r}, destination {value!r}; "
-                                  "set the same on both sides")
-        if self.guest is None:
-            need = max(gcfg.memory, sum(size for _, size in theirs))
-            if need > self.max_memory:
-                raise MainRefusal(f"the source's guest needs {format_size(need)} of RAM, more than this "
-                                  f"destination's --max-memory {format_size(self.max_memory)}")
-            self.log(f"creating the {gcfg.kind} guest from the source's config ({format_size(gcfg.memory)})")
-            try:
-                self.guest = create_guest(gcfg, incoming=True)
-            except MigrationError as exc:
-                raise MainRefusal(str(exc)) from exc
-        else:
-            ours = [(b.name, b.size) for b in self.guest.blocks]
-            if theirs != ours or gcfg.kind != self.guest.config.kind:
-                def show(blocks: list[tuple[str, int]]) -> str:
-                    return ", ".join(f"{name} {format_size(size)}" for name, size in blocks)
-                raise MainRefusal(f"guest differs: source has a {gcfg.kind} guest with RAM {show(theirs)}, "
-                                  f"destination a {self.guest.config.kind} guest with RAM {show(ours)}")
-            self.guest.config = gcfg
-        self._restart_timer()  # creating the guest may have taken a while
-        for b in self.guest.blocks:
-            self.blocks[b.name] = b
-            self.views[b.name] = b.view()
-            self.received[b.name] = np.zeros(b.npages, dtype=bool)
-            self.digests[b.name] = ChunkDigest(self.views[b.name], self.page_size)
-            self.digests[b.name].assume_zero()  # an incoming guest's RAM is zero (Guest contract)
-        self._guest_ready.set()
 
     def _verify(self, src: dict[str, str]) -> dict[str, str]:
         """This side's digest of each RAM block, checked against the source's; IntegrityError if one differs."""
@@ -495,6 +469,8 @@ class Destination:
         """After the guest resumed: the result, and with ``run_after`` its report to the source."""
         assert self.guest is not None and self.handover.rp is not None
         result: dict[str, Any] = {"status": "completed", **self._resumed_stats()}
+        if self.postcopy is not None and self.postcopy.ran:
+            result["postcopy"] = self.postcopy.figures()
         if self.run_after:
             time.sleep(self.run_after)
             report: protocol.Stats = {"progress_after": self.guest.progress()}
@@ -510,12 +486,22 @@ class Destination:
             result.update(report)
         return result
 
+    def stop_hashing(self) -> None:
+        """End the digest loop (post-copy's LISTEN: it reads guest RAM) and wait until it has."""
+        self._hashing.clear()
+        if self._hasher.is_alive():
+            self._hasher.join()
+
     def _hash_loop(self) -> None:
-        while not self._done.is_set():
-            did = sum(d.refresh(limit=64, settled=True) for d in list(self.digests.values()))
+        # with post-copy on, small slices: a switch to post-copy waits for the slice in hand
+        limit = 64 if self.postcopy is None else 4
+        while not self._done.is_set() and self._hashing.is_set():
+            did = sum(d.refresh(limit=limit, settled=True) for d in list(self.digests.values()))
             time.sleep(0.005 if did else 0.02)
 
     def _close(self) -> None:
+        if self.postcopy is not None:
+            self.postcopy.stop()
         self.gate.close()
         for ch in list(self.channels.values()):
             ch.join(timeout=2)

@@ -11,7 +11,9 @@ Resumed/Failed. No other code pauses, resumes or discards a guest once a migrati
 
 from __future__ import annotations
 
+import select
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -52,9 +54,11 @@ class ReturnPath:
         self.receives = receives
         self.peer = peer
         self._buf = bytearray()
+        self._send_lock = threading.Lock()  # post-copy: the fault thread and the main thread both send
 
     def send(self, msg: p.Message) -> None:
-        send_buffers(self.sock, [p.encode(msg)], f"handover message '{msg.TYPE}'")
+        with self._send_lock:
+            send_buffers(self.sock, [p.encode(msg)], f"handover message '{msg.TYPE}'")
 
     def prime(self, data: bytes) -> None:
         """Bytes of the next lines that were already read from the socket (by the stream reader)."""
@@ -75,10 +79,7 @@ class ReturnPath:
     def recv(self, timeout: float, cancelled: Callable[[], bool] | None = None) -> p.Message:
         deadline = time.monotonic() + timeout
         with self._own_timeouts():
-            while b"\n" not in self._buf:
-                if len(self._buf) > p.MAX_LINE:
-                    raise WireError(f"handover message from the {self.peer}", "longer line",
-                                    f"at most {p.MAX_LINE} bytes")
+            while not self._whole_line():
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise HandoverTimeout(f"no answer from the {self.peer} within {timeout:g} s")
@@ -87,18 +88,47 @@ class ReturnPath:
                         raise Cancelled("migration cancelled")
                     left = min(left, POLL)
                 self.sock.settimeout(left)
-                try:
-                    chunk = self.sock.recv(65536)
-                except TimeoutError:
-                    continue  # the deadline check above raises
-                except OSError as exc:
-                    raise TransportError(f"link to the {self.peer} failed: {os_reason(exc)}") from exc
-                if not chunk:
-                    raise TransportError(f"the {self.peer} closed the connection")
-                self._buf += chunk
+                self._read((TimeoutError,))  # on a timeout the deadline check above raises
+        return self._take_line()
+
+    def _whole_line(self) -> bool:
+        """A whole line is buffered (WireError once more than a line's worth is, without one)."""
+        if b"\n" in self._buf:
+            return True
+        if len(self._buf) > p.MAX_LINE:
+            raise WireError(f"handover message from the {self.peer}", "longer line", f"at most {p.MAX_LINE} bytes")
+        return False
+
+    def _read(self, retry: tuple[type[BaseException], ...]) -> None:
+        """One read into the buffer; the exceptions ``retry`` only mean "nothing yet"."""
+        try:
+            chunk = self.sock.recv(65536)
+        except retry:
+            return
+        except OSError as exc:
+            raise TransportError(f"link to the {self.peer} failed: {os_reason(exc)}") from exc
+        if not chunk:
+            raise TransportError(f"the {self.peer} closed the connection")
+        self._buf += chunk
+
+    def _take_line(self) -> p.Message:
         line, _, rest = bytes(self._buf).partition(b"\n")
         self._buf = bytearray(rest)
         return p.decode(line, self.receives)
+
+    def poll(self, timeout: float) -> p.Message | None:
+        """The next message if a whole line is buffered or arrives within ``timeout`` seconds, else
+        None. Unlike :meth:`recv` it never changes the socket's timeout, so another thread may write
+        the socket meanwhile (post-copy: the source's page stream and its return-path reader).
+        Raises as :meth:`recv` (TransportError, WireError)."""
+        deadline = time.monotonic() + timeout
+        while not self._whole_line():
+            pending = isinstance(self.sock, ssl.SSLSocket) and self.sock.pending()
+            left = deadline - time.monotonic()
+            if not pending and (left <= 0 or not select.select([self.sock], [], [], left)[0]):
+                return None
+            self._read((BlockingIOError, ssl.SSLWantReadError))
+        return self._take_line()
 
     def wait_closed(self, timeout: float) -> bool:
         """Drop whatever comes until the peer closes or the link fails (True) or ``timeout`` s pass
@@ -167,6 +197,8 @@ class SourceHandover:
         self.at_boundary = True
         #: the Abort went out
         self.abort_sent = False
+        #: what an unknown outcome tells the operator (post-copy: :data:`.protocol.POSTCOPY_LOST`)
+        self.unknown_advice = p.UNKNOWN_ADVICE
 
     @property
     def state(self) -> str:
@@ -201,7 +233,7 @@ class SourceHandover:
                 self.too_late = True
                 self.log(p.TOO_LATE)
             elif action == p.REPORT_UNKNOWN:
-                self.log(p.UNKNOWN_ADVICE)
+                self.log(self.unknown_advice)
 
     def cont(self) -> None:
         """The operator resumes the guest of an unknown outcome (``cont`` at ``livemig vm``'s monitor)."""
@@ -211,6 +243,15 @@ class SourceHandover:
     def switchover(self) -> None:
         """Stop the guest for the final pass (the table's pause)."""
         self._do(self.h.step("switchover"))
+
+    def postcopy_run(self) -> None:
+        """POSTCOPY_RUN was written: the commit point of a post-copy migration (the guest stays
+        stopped here whatever happens next). Cancelled if a cancel came before it."""
+        with self._lock:
+            if self.cancelled:
+                raise Cancelled("migration cancelled")
+            self._do(self.h.step("postcopy-run"))
+            self.unknown_advice = p.POSTCOPY_LOST
 
     def cancel(self) -> bool:
         """A cancel from any thread: True if it stops the migration (before the commit point), False
@@ -310,6 +351,9 @@ class DestinationHandover:
         self._prepared: p.Prepared | None = None
         #: the guest's progress() just before it resumed
         self.progress_at_resume = 0
+        #: False in post-copy: the thread resuming the guest places its pages, so it must not read
+        #: guest RAM (a missing page would wait for itself; docs/postcopy.md, "Guests and the GIL")
+        self.read_progress = True
         #: False: on commit the guest is taken over but not run (``livemig vm -S``, QEMU's paused
         #: destination), until the VM's ``cont``
         self.resume_guest = True
@@ -329,7 +373,8 @@ class DestinationHandover:
                 self.rp.send(self._prepared)
             elif action == p.RESUME_GUEST:
                 assert guest is not None
-                self.progress_at_resume = guest.progress()
+                if self.read_progress:
+                    self.progress_at_resume = guest.progress()
                 if self.resume_guest:
                     guest.resume()
                 if self.on_resumed is not None:
@@ -352,6 +397,10 @@ class DestinationHandover:
         """The stream is complete and verified: answer Prepared and wait for the commit."""
         self._prepared = p.Prepared(digests, state)
         self._do(self.h.step("verified"))
+
+    def postcopy_run(self) -> None:
+        """POSTCOPY_RUN arrived: resume the guest now (its missing pages fault) and answer Resumed."""
+        self._do(self.h.step("postcopy-run"))
 
     def control(self, data: bytes, timeout: float) -> None:
         """A control line where the stream's next record was due (``data``: the bytes from its

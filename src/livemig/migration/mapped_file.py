@@ -37,8 +37,7 @@ from ..transport.ratelimit import RateLimiter
 from ..wire import mapped_ram, packet, stream
 from . import protocol, state
 from .convergence import Convergence
-from .protocol import livemig_config
-from .source import MACHINE_TYPE, SECTION_CONFIG, SECTION_DIGEST, SECTION_RAM, SECTION_VCPU
+from .protocol import MACHINE_TYPE, SECTION_CONFIG, SECTION_DIGEST, SECTION_RAM, SECTION_VCPU, livemig_config
 from .stats import ChannelCounters, MigrationStats, ResourceMeter
 
 

@@ -33,7 +33,7 @@ from ..wire import mapped_ram, packet
 from ..wire.constants import PAGE_SIZE
 from .destination import Destination
 from .mapped_file import PagePool
-from .source import MACHINE_TYPE
+from .protocol import MACHINE_TYPE
 from .stats import ChannelCounters, host_memory_limit
 
 

@@ -1,8 +1,11 @@
 """livemig's handover protocol: the commit point, its messages and both sides' outcome rules.
 
-Protocol version :data:`VERSION` (3; 2 added the source's ``uuid`` to livemig/config, 3 lets an
+Protocol version :data:`VERSION` (4; 2 added the source's ``uuid`` to livemig/config, 3 lets an
 :class:`Abort` come before the stream's EOF and has the destination answer :class:`Failed` when
-it gives up on its own). Every handover message carries it; a peer speaking another version is
+it gives up on its own, 4 adds post-copy: ``postcopy-ram`` in livemig/config, :class:`ReqPages`,
+:class:`Pong`, :class:`PostcopyDone` and, for recovery, :class:`ReceivedBitmap` and :class:`ResumeAck`,
+and POSTCOPY_RUN as the commit point of a post-copy migration,
+docs/postcopy.md). Every handover message carries it; a peer speaking another version is
 refused with an error naming both. A change to any message or rule bumps it.
 
 The whole migration, as it crosses the wire::
@@ -71,7 +74,13 @@ if TYPE_CHECKING:
     from ..guest import Guest
     from ..params import MigrationParameters
 
-VERSION = 3
+VERSION = 4
+#: the main stream's CONFIGURATION machine type of a livemig source, and its section ids
+MACHINE_TYPE = "livemig-1"
+SECTION_CONFIG = 1
+SECTION_RAM = 2
+SECTION_VCPU = 3
+SECTION_DIGEST = 4
 #: longest handover line accepted, newline included (a Prepared for many RAM blocks fits easily)
 MAX_LINE = 1 << 20
 #: RAM digest algorithm of :mod:`livemig.ram.digest`
@@ -138,6 +147,54 @@ class Report:
 
 
 @dataclass(frozen=True)
+class ReqPages:
+    """Return path, post-copy: the destination's guest faulted on missing pages; send ``len`` bytes
+    of RAM block ``rbname`` from byte ``start`` ahead of the rest (QEMU's MIG_RP_MSG_REQ_PAGES_ID)."""
+
+    TYPE: ClassVar[str] = "req-pages"
+    rbname: str
+    start: int
+    len: int
+
+
+@dataclass(frozen=True)
+class Pong:
+    """Return path: the answer to the main stream's COMMAND PING ``value``: every record before the
+    PING was processed (post-copy: the early discards are done; QEMU's MIG_RP_MSG_PONG)."""
+
+    TYPE: ClassVar[str] = "pong"
+    value: int
+
+
+@dataclass(frozen=True)
+class ReceivedBitmap:
+    """Return path, post-copy recovery: the answer to RECV_BITMAP for RAM block ``rbname``:
+    ``bitmap`` is hex of one bit per page (numpy ``packbits``, little bit order), set for a page
+    the destination has (QEMU's MIG_RP_MSG_RECV_BITMAP)."""
+
+    TYPE: ClassVar[str] = "recv-bitmap"
+    rbname: str
+    bitmap: str
+
+
+@dataclass(frozen=True)
+class ResumeAck:
+    """Return path, post-copy recovery: POSTCOPY_RESUME was read; pages flow again (QEMU's
+    MIG_RP_MSG_RESUME_ACK)."""
+
+    TYPE: ClassVar[str] = "resume-ack"
+
+
+@dataclass(frozen=True)
+class PostcopyDone:
+    """Return path, post-copy: every page arrived and was placed; ``stats``: the destination's
+    figures (``faults``, ``pages-requested``, ``fault-latency-us-p50``/``-p99``, ``verified``)."""
+
+    TYPE: ClassVar[str] = "postcopy-done"
+    stats: Stats = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class Commit:
     """Control (source -> destination, after the stream's EOF): resume the guest; the source is committed."""
 
@@ -152,12 +209,14 @@ class Abort:
     reason: str
 
 
-ToSource: TypeAlias = Ready | Refused | Prepared | Resumed | Failed | Report
+ToSource: TypeAlias = (Ready | Refused | Prepared | Resumed | Failed | Report | ReqPages | Pong | ReceivedBitmap
+                       | ResumeAck | PostcopyDone)
 ToDestination: TypeAlias = Commit | Abort
 Message: TypeAlias = ToSource | ToDestination
 
 _BY_DIRECTION: dict[str, dict[str, type[Message]]] = {
-    "to-source": {c.TYPE: c for c in (Ready, Refused, Prepared, Resumed, Failed, Report)},
+    "to-source": {c.TYPE: c for c in (Ready, Refused, Prepared, Resumed, Failed, Report, ReqPages, Pong,
+                                      ReceivedBitmap, ResumeAck, PostcopyDone)},
     "to-destination": {c.TYPE: c for c in (Commit, Abort)},
 }
 _HEX = re.compile(r"[0-9a-f]+")
@@ -181,6 +240,12 @@ def _digests(what: str, v: object) -> dict[str, str]:
     return {_text(f"{what} key", k): _hex(f"{what}[{k!r}]", d) for k, d in v.items()}
 
 
+def _count(what: str, v: object) -> int:
+    if type(v) is not int or v < 0:
+        raise WireError(what, v, "an integer >= 0")
+    return v
+
+
 def _stats(what: str, v: object) -> Stats:
     if not isinstance(v, dict):
         raise WireError(what, v, "an object of names -> numbers, strings, booleans or null")
@@ -193,6 +258,7 @@ def _stats(what: str, v: object) -> Stats:
 #: field name -> checker turning a decoded JSON value into the field's value
 _CHECKS: dict[str, Callable[[str, object], object]] = {
     "error": _text, "reason": _text, "algorithm": _text, "state": _hex, "digests": _digests, "stats": _stats,
+    "rbname": _text, "start": _count, "len": _count, "value": _count, "bitmap": _hex,
 }
 
 
@@ -278,6 +344,11 @@ UNKNOWN_ADVICE = ("outcome unknown: the source committed but did not hear the de
                   "source guest stays paused (postmigrate). Check the destination: if its guest is not "
                   "running, resume the source guest explicitly")
 
+#: what the operator is told when post-copy fails after POSTCOPY_RUN (docs/postcopy.md, "Failure")
+POSTCOPY_LOST = ("post-copy failed after the switch: neither side holds the whole guest; the source "
+                 "guest stays stopped (postmigrate) and the destination's guest waits for pages that "
+                 "cannot come")
+
 
 @dataclass(frozen=True)
 class Transition:
@@ -339,6 +410,9 @@ SOURCE = Rules(
         **{(S_RUNNING, e): _t(S_FAILED, SEND_ABORT) for e in (*_LOST, "refused")},
         (S_RUNNING, "cancel"): _t(S_CANCELLED, SEND_ABORT),
         (S_PAUSED, "prepared"): _t(S_COMMITTED, SEND_COMMIT),
+        # post-copy: POSTCOPY_RUN went out, the destination runs the guest (no Prepared: its RAM is
+        # not complete yet); from here on the source guest never resumes
+        (S_PAUSED, "postcopy-run"): _t(S_COMMITTED),
         **{(S_PAUSED, e): _t(S_FAILED, SEND_ABORT, RESUME_GUEST) for e in (*_LOST, "mismatch", "refused")},
         (S_PAUSED, "cancel"): _t(S_CANCELLED, SEND_ABORT, RESUME_GUEST),
         (S_COMMITTED, "resumed"): _t(S_COMPLETED),
@@ -372,6 +446,8 @@ DESTINATION = Rules(
         # giving up on its own, the destination tells the source why (Failed, best effort: the
         # return path may be down too); after an Abort the source knows, so nothing is sent
         (D_RECEIVING, "verified"): _t(D_PREPARED, SEND_PREPARED),
+        # post-copy: POSTCOPY_RUN is the commit (the source never resumes after writing it)
+        (D_RECEIVING, "postcopy-run"): _t(D_RUNNING, RESUME_GUEST, SEND_RESUMED),
         **{(D_RECEIVING, e): _t(D_DISCARDED, SEND_FAILED, DISCARD_GUEST) for e in (*_LOST, "invalid")},
         **{(s, "abort"): _t(D_DISCARDED, DISCARD_GUEST) for s in (D_RECEIVING, D_PREPARED)},
         (D_PREPARED, "commit"): _t(D_RUNNING, RESUME_GUEST, SEND_RESUMED),
@@ -417,10 +493,12 @@ class Handover:
             return t.actions
 
 
-def livemig_config(guest: Guest, params: MigrationParameters, uuid: bytes, method: str | None = None) -> dict[str, Any]:
+def livemig_config(guest: Guest, params: MigrationParameters, uuid: bytes, method: str | None = None,
+                   postcopy: bool = False) -> dict[str, Any]:
     """The livemig/config section's JSON object: the guest's description and the parameters both
     sides must share (docs/wire.md, "Main stream"); ``method`` is the one really sent (what
-    ``multifd-compression auto`` picked), by default the parameter's."""
+    ``multifd-compression auto`` picked), by default the parameter's; ``postcopy``: the
+    capability ``postcopy-ram``."""
     return {
         "protocol": VERSION,
         "uuid": uuid.hex(),  # the destination admits only a main channel with its uuid
@@ -429,5 +507,6 @@ def livemig_config(guest: Guest, params: MigrationParameters, uuid: bytes, metho
         "multifd-channels": params.multifd_channels,
         "multifd-compression": method or params.multifd_compression,
         "zero-page-detection": params.zero_page_detection,
+        "postcopy-ram": postcopy,
         "blocks": [[b.name, b.size] for b in guest.blocks],
     }

@@ -40,48 +40,29 @@ import numpy as np
 import xxhash
 
 from ..compress import Method, create_method
-from ..compress.auto import AUTO, choose
+from ..compress.auto import AUTO
 from ..errors import Cancelled, MigrationError
 from ..guest import Guest
 from ..params import MigrationParameters
 from ..ram.digest import ChunkDigest
-from ..ram.pages import merge_pages
+from ..ram.pages import merge_pages, warm_numpy
 from ..transport.address import Address
 from ..transport.ratelimit import RateLimiter
 from ..transport.sockets import AddressConnector, Connector, send_buffers
 from ..wire import packet, stream
 from . import protocol, state
+from .autopick import resolve_auto
 from .convergence import Convergence
 from .handover import PeerFailed, ReturnPath, SourceHandover, failure_text
 from .multifd import SendChannels, SendContext
-from .stats import MigrationStats, ResourceMeter
+from .postcopy_source import PostcopySource
+from .protocol import MACHINE_TYPE, SECTION_CONFIG, SECTION_DIGEST, SECTION_RAM, SECTION_VCPU
+from .stats import MigrationStats, ResourceMeter, downtime_phases
 from .throttling import GuestThrottling
-from .tlsopts import is_loopback
 
-MACHINE_TYPE = "livemig-1"
-SECTION_CONFIG = 1
-SECTION_RAM = 2
-SECTION_VCPU = 3
-SECTION_DIGEST = 4
 #: seconds after a cancel before its sockets are shut down for a migration thread that did not get
 #: to it (stuck in a write): time for the Abort and its acknowledgement (handover.ABORT_ACK)
 CANCEL_GRACE = 2.0
-
-
-def _warm_numpy() -> None:
-    """numpy loads some functions (np.unique among them) lazily: ~20 ms on first call. Pay that before
-    the guest is paused, not during downtime."""
-    merge_pages(np.arange(2), np.arange(1, 3))
-
-
-def _phases(t0: float, marks: list[tuple[str, float]]) -> dict[str, float]:
-    """Milliseconds spent in each downtime phase, in order."""
-    out: dict[str, float] = {}
-    prev = t0
-    for name, t in marks:
-        out[name] = round((t - prev) * 1000, 2)
-        prev = t
-    return out
 
 
 class Source:
@@ -109,6 +90,8 @@ class Source:
         dump_ram: str | None = None,
         wait_report: float = 0.0,
         auto_converge: bool = False,
+        postcopy_ram: bool = False,
+        postcopy_after_passes: int | None = None,
         on_progress: Callable[[MigrationStats], None] | None = None,
         log: Callable[[str], None] | None = None,
     ) -> None:
@@ -126,7 +109,7 @@ class Source:
         self.on_progress = on_progress
         self.page_size = guest.page_size
         self.page_count = packet.page_count(self.page_size)
-        # ``auto`` is resolved at setup (:meth:`_resolve_auto`); until then the channels hold ``none``
+        # ``auto`` is resolved at setup (:func:`.autopick.resolve_auto`); until then the channels hold ``none``
         auto = params.multifd_compression == AUTO
         self.method: Method = create_method("none" if auto else params.multifd_compression, params.level(),
                                             self.page_size)
@@ -149,7 +132,7 @@ class Source:
             expected_downtime_ms=params.downtime_limit,  # QEMU's initial value
         )
         self.status.listeners.append(self._on_status)
-        _warm_numpy()
+        warm_numpy()
         self.views = {b.name: b.view() for b in guest.blocks}
         self.digests = {b.name: ChunkDigest(self.views[b.name], self.page_size) for b in guest.blocks}
         zero_detect = params.zero_page_detection == "multifd"
@@ -179,6 +162,9 @@ class Source:
         #: capability auto-converge: the policy that throttles the guest's vCPUs (None: off)
         self.throttling = GuestThrottling(guest, params, self.stats) if auto_converge else None
         self.stats.auto_converge = auto_converge
+        #: capability postcopy-ram (docs/postcopy.md): its half of the migration (None: off)
+        self.postcopy = PostcopySource(self, postcopy_after_passes) if postcopy_ram else None
+        self.stats.postcopy_ram = postcopy_ram
 
     # --- public ----------------------------------------------------------------------------------
     def cancel(self) -> None:
@@ -186,6 +172,8 @@ class Source:
         after it the cancel is answered :data:`.protocol.TOO_LATE` (logged, in ``stats.notes``)
         and changes nothing: the guest stays stopped."""
         if not self.handover.cancel():
+            if self.postcopy is not None:
+                self.postcopy.abandon()  # a paused post-copy gives up; an active one goes on
             return
         self._cancel.set()
         self._stop.set()
@@ -195,6 +183,22 @@ class Source:
             guard = threading.Timer(CANCEL_GRACE, self._cancel_guard)
             guard.daemon = True
             guard.start()
+
+    def start_postcopy(self) -> None:
+        """``migrate-start-postcopy``: switch to post-copy at the end of the current pass. Raises
+        MigrationError in QEMU's words when the capability is off or the migration has not started."""
+        if self.postcopy is None:
+            raise MigrationError("Enable postcopy with migrate_set_capability before the start of migration")
+        if self.status.state == state.NONE:
+            raise MigrationError("Postcopy must be started after migration has been started")
+        self.postcopy.request()
+
+    def resume(self, connector: Connector) -> None:
+        """``migrate URI resume=true``: reconnect a migration in ``postcopy-paused`` through
+        ``connector`` (MigrationError in QEMU's words otherwise)."""
+        if self.postcopy is None or self.status.state != state.POSTCOPY_PAUSED:
+            raise MigrationError("Cannot resume if there is no paused migration")
+        self.postcopy.resume(connector)
 
     def _cancel_guard(self) -> None:
         if not self._done.is_set():
@@ -218,7 +222,10 @@ class Source:
             self.status.step(state.ACTIVE)
             self.stats.begin_active()
             self._iterate()
-            self._complete()
+            if self.postcopy is not None and self.postcopy.switching:
+                self.postcopy.run()
+            else:
+                self._complete()
         except BaseException as exc:  # noqa: BLE001 - every failure ends in a status
             self._fail(exc)
         finally:
@@ -229,26 +236,9 @@ class Source:
         return self.stats
 
     # --- phases ----------------------------------------------------------------------------------
-    def _resolve_auto(self) -> None:
-        """``multifd-compression auto``: pick the method (:func:`livemig.compress.auto.choose`), say
-        which and why (log, statistics), and send an ordinary stream of it from here on."""
-        c: Any = self.connector
-        while not isinstance(c, AddressConnector) and hasattr(c, "inner"):  # TLS wraps the address's
-            c = c.inner
-        addr = c.addr if isinstance(c, AddressConnector) else None
-        choice = choose(list(self.views.values()), self.guest.ram_size, self.params.multifd_channels,
-                        self.params.max_bandwidth, same_host=addr is None or is_loopback(addr),
-                        host=addr.host if addr is not None and addr.scheme == "tcp" else None,
-                        zero_pages_free=self.params.zero_page_detection == "multifd")
-        self.method = self.channels.ctx.method = create_method(choice.method, choice.level or 1, self.page_size)
-        self.stats.method, self.stats.level = self.method.name, choice.level
-        self.stats.backend, self.stats.accelerated = self.method.backend(), self.method.accelerated()
-        self.stats.auto = choice.to_json()
-        self.log(f"multifd-compression auto: {choice.label}, {choice.reason}")
-
     def _setup(self) -> None:
         if self.stats.method == AUTO:
-            self._resolve_auto()
+            resolve_auto(self)
         self.main = self.connector.connect(self.timeout)
         self._open_stream()
         self._open_channels()
@@ -258,7 +248,8 @@ class Source:
         (a QEMU destination: :class:`.to_qemu.QemuSource`)."""
         assert self.main is not None
         self.rp = self.handover.rp = ReturnPath(self.main, "to-source", "destination")
-        config = protocol.livemig_config(self.guest, self.params, self.uuid, self.method.name)
+        config = protocol.livemig_config(self.guest, self.params, self.uuid, self.method.name,
+                                         postcopy=self.postcopy is not None)
         self._main_write(
             stream.file_header()
             + stream.configuration(MACHINE_TYPE)
@@ -272,6 +263,8 @@ class Source:
             raise PeerFailed(f"destination refused the migration: {answer.error}")
         if not isinstance(answer, protocol.Ready):
             raise MigrationError(f"destination answered '{answer.TYPE}' to the configuration, expected 'ready'")
+        if self.postcopy is not None:  # post-copy may follow: the destination checks it can serve faults
+            self._main_write(stream.postcopy_advise(self.page_size, self.page_size), ram=False)
 
     def _open_channels(self) -> None:
         """Every multifd channel, then the RAM section's START: MEM_SIZE and the first flush."""
@@ -315,24 +308,31 @@ class Source:
             if self.throttling is not None:
                 self.throttling.on_sync(now, npages, self.page_size, self.stats.transferred)
             self.meter.sample()
-            if policy.should_switch(npages, rate, self.stats.passes, fixed_ms):
+            if policy.should_switch(npages, rate, self.stats.passes, fixed_ms) or (
+                    self.postcopy is not None and self.postcopy.should_switch(self.stats.passes)):
                 self._pending = dirty
                 return
 
-    def _complete(self) -> None:
+    def _pause(self) -> tuple[float, list[tuple[str, float]], dict[str, np.ndarray]]:
+        """The switchover's start (precopy and post-copy): status device, guest paused, throttle off,
+        no bandwidth cap (as QEMU, while the guest is stopped), the final dirty sync with the pending
+        pages. Returns (pause time, downtime marks, block name -> pages still to send)."""
         self.status.step(state.DEVICE)
-        marks: list[tuple[str, float]] = []
         self.stats.end_active()
         t_pause = time.monotonic()
         self.handover.switchover()
         self._stop_throttle()
         self._running_bytes = False
-        self.limiter.set_rate(0)  # as QEMU: no bandwidth cap while the guest is stopped
-        marks.append(("pause", time.monotonic()))
+        self.limiter.set_rate(0)
+        marks = [("pause", time.monotonic())]
         final = self._sync_dirty()
         for name, idx in self._pending.items():
             final[name] = merge_pages(final.get(name, idx[:0]), idx)
         marks.append(("sync", time.monotonic()))
+        return t_pause, marks, final
+
+    def _complete(self) -> None:
+        t_pause, marks, final = self._pause()
         self._main_write(stream.section_end(SECTION_RAM))
         npages = self._send_dirty(final)
         if npages or self.FINAL_SYNC_ALWAYS:  # else the last pass's flush already ordered every page
@@ -342,7 +342,7 @@ class Source:
         answer = self._hand_over(marks)
         now = marks[-1][1]
         self.stats.downtime_ms = (now - t_pause) * 1000
-        self.stats.downtime_phases = _phases(t_pause, marks)
+        self.stats.downtime_phases = downtime_phases(t_pause, marks)
         self.stats.total_time_ms = (now - self.stats.start) * 1000
         self.stats.remaining = 0
         self.stats.send_cpu_percent = self.meter.cpu_percent()
@@ -478,8 +478,8 @@ class Source:
         else:
             peer = "" if self._cancel.is_set() else self.handover.peer_reason(err)
             self.stats.error = failure_text(str(err) or type(err).__name__, peer)
-            if self.handover.state == protocol.S_UNKNOWN:
-                self.stats.error = f"{protocol.UNKNOWN_ADVICE} ({self.stats.error})"
+            if self.handover.state == protocol.S_UNKNOWN or (self.postcopy is not None and self.postcopy.ran):
+                self.stats.error = f"{self.handover.unknown_advice} ({self.stats.error})"
         self.stats.total_time_ms = (time.monotonic() - self.stats.start) * 1000
         self.stats.send_cpu_percent = self.meter.cpu_percent()
         self.stats.send_mem_bytes = self.meter.mem_bytes()

@@ -20,13 +20,23 @@ COMPLETED = "completed"
 FAILED = "failed"
 CANCELLING = "cancelling"
 CANCELLED = "cancelled"
+#: post-copy (capability ``postcopy-ram``, docs/postcopy.md, "States"): the guest runs on the
+#: destination and pulls its missing pages; paused: the link broke, both sides wait for recovery;
+#: recover: a new link is being set up (``migrate-recover`` / ``migrate ... resume=true``)
+POSTCOPY_ACTIVE = "postcopy-active"
+POSTCOPY_PAUSED = "postcopy-paused"
+POSTCOPY_RECOVER = "postcopy-recover"
 
 #: state -> states it may move to
 TRANSITIONS: dict[str, frozenset[str]] = {
     NONE: frozenset({SETUP, FAILED, CANCELLING}),
     SETUP: frozenset({ACTIVE, FAILED, CANCELLING}),
     ACTIVE: frozenset({DEVICE, FAILED, CANCELLING}),
-    DEVICE: frozenset({COMPLETED, FAILED, CANCELLING}),
+    DEVICE: frozenset({COMPLETED, FAILED, CANCELLING, POSTCOPY_ACTIVE}),
+    # from here on neither side holds the whole guest: no cancel (QEMU refuses it), a broken link pauses
+    POSTCOPY_ACTIVE: frozenset({COMPLETED, FAILED, POSTCOPY_PAUSED}),
+    POSTCOPY_PAUSED: frozenset({POSTCOPY_RECOVER, FAILED}),
+    POSTCOPY_RECOVER: frozenset({POSTCOPY_ACTIVE, POSTCOPY_PAUSED, FAILED}),
     CANCELLING: frozenset({CANCELLED, FAILED}),
     COMPLETED: frozenset(),
     FAILED: frozenset(),
@@ -34,6 +44,8 @@ TRANSITIONS: dict[str, frozenset[str]] = {
 }
 
 FINAL = frozenset({COMPLETED, FAILED, CANCELLED})
+#: the post-copy states: the guest runs on the destination, the source holds pages it still needs
+POSTCOPY = frozenset({POSTCOPY_ACTIVE, POSTCOPY_PAUSED, POSTCOPY_RECOVER})
 
 
 class StatusMachine:

@@ -50,6 +50,17 @@ def anon_bytes() -> int:
     return 0
 
 
+def downtime_phases(t0: float, marks: list[tuple[str, float]]) -> dict[str, float]:
+    """Milliseconds spent in each downtime phase, in order: ``marks`` are (phase name, monotonic
+    time it ended), ``t0`` when the first began."""
+    out: dict[str, float] = {}
+    prev = t0
+    for name, t in marks:
+        out[name] = round((t - prev) * 1000, 2)
+        prev = t
+    return out
+
+
 #: guest RAM a destination leaves to the host: this much at least ...
 HOST_MARGIN_MIN = 256 << 20
 #: ... or this fraction of what is available, whichever is more
@@ -164,6 +175,13 @@ class MigrationStats:
     cpu_throttle_percentage: int = 0
     cpu_throttle_peak: int = 0
     cpu_throttle_held_s: float = 0.0
+    #: post-copy (capability ``postcopy-ram``): page requests received from the destination, bytes
+    #: of RAM records written on the main channel in post-copy (QEMU's ``postcopy-requests`` and
+    #: ``postcopy-bytes``), and livemig's figures once it switched (see :meth:`to_qapi`)
+    postcopy_ram: bool = False
+    postcopy_requests: int = 0
+    postcopy_bytes: int = 0
+    postcopy: dict[str, Any] | None = None
     #: ``multifd-compression auto``: what it picked and why (livemig.compress.auto.Choice.to_json)
     auto: dict[str, Any] = field(default_factory=dict)
 
@@ -262,7 +280,8 @@ class MigrationStats:
             "dirty-sync-count": self.dirty_sync_count,
             "precopy-bytes": self.precopy_bytes,
             "downtime-bytes": self.downtime_bytes,
-            "postcopy-bytes": 0,
+            "postcopy-bytes": self.postcopy_bytes,
+            "postcopy-requests": self.postcopy_requests,
             "multifd-bytes": self.multifd_bytes,
             "page-size": self.page_size,
         }
@@ -294,6 +313,9 @@ class MigrationStats:
         if self.auto_converge:
             out["livemig"]["auto-converge"] = {"cpu-throttle-peak": self.cpu_throttle_peak,
                                                "cpu-throttle-held-s": round(self.cpu_throttle_held_s, 3)}
+        if self.postcopy is not None:
+            # {"time-ms", "pages-requested", "faults", "fault-latency-us": {"p50", "p99"}, "verified"}
+            out["livemig"]["postcopy"] = self.postcopy
         if self.notes:
             out["livemig"]["notes"] = list(self.notes)
         if self.auto:
@@ -303,12 +325,15 @@ class MigrationStats:
         return out
 
     def progress_line(self) -> str:
-        """One line for the live progress display."""
-        return (
+        """One line for the live progress display (in post-copy: the pages the destination asked for)."""
+        line = (
             f"{self.status:<10} pass {self.passes:<3} transferred {format_size(self.transferred):>11}"
             f"  remaining {format_size(self.remaining):>11}  rate {format_rate_bits(self.mbps() * 1e6 / 8):>12}"
             f"  {self.pages_per_second():>10.0f} pages/s"
         )
+        if self.status.startswith("postcopy"):
+            line += f"  requests {self.postcopy_requests}"
+        return line
 
     def table(self) -> str:
         """The end-of-migration statistics, as ``info migrate`` prints them."""
@@ -332,6 +357,8 @@ class MigrationStats:
         s.channels = [ChannelCounters(normal=ram.get("normal", 0), zero=ram.get("duplicate", 0), wire_bytes=multifd)]
         s.active_start, s.active_end, s.active_bytes_end = 1.0, 2.0, round(ram.get("mbps", 0) * 1e6 / 8)
         s.cpu_throttle_percentage = q.get("cpu-throttle-percentage", 0)
+        s.postcopy_requests, s.postcopy_bytes = ram.get("postcopy-requests", 0), ram.get("postcopy-bytes", 0)
+        s.postcopy = lm.get("postcopy")
         return s
 
 
@@ -365,6 +392,15 @@ def info_table(q: dict[str, Any]) -> str:
             f"multifd bytes: {ram['multifd-bytes'] // 1024} kbytes",
             f"pages-per-second: {ram['pages-per-second']}",
         ]
+    if ram.get("postcopy-bytes") or ram.get("postcopy-requests"):
+        lines += [f"postcopy request count: {ram['postcopy-requests']}",
+                  f"postcopy ram: {ram['postcopy-bytes'] // 1024} kbytes"]
+    if lm.get("postcopy"):
+        pc = lm["postcopy"]
+        lat = pc.get("fault-latency-us") or {}
+        lines.append(f"post-copy: {pc.get('time-ms')} ms, {pc.get('pages-requested')} pages requested, "
+                     f"{pc.get('faults')} faults, fault latency p50 {lat.get('p50')} us p99 {lat.get('p99')} us, "
+                     f"verified {'yes' if pc.get('verified') else 'no'}")
     if "cpu-throttle-percentage" in q:
         lines.append(f"cpu throttle percentage: {q['cpu-throttle-percentage']}")
     if "auto-converge" in lm:

@@ -116,6 +116,47 @@ class Command:
 
 
 @dataclass(frozen=True)
+class PostcopyAdvise:
+    """COMMAND POSTCOPY_ADVISE (3): post-copy may follow. ``page_size_summary``: the OR of every
+    RAM block's page size; ``target_page_size``: the guest's page size (both 0 when the 0-byte form
+    came: no RAM post-copy)."""
+
+    page_size_summary: int
+    target_page_size: int
+
+
+@dataclass(frozen=True)
+class PostcopyDiscard:
+    """COMMAND POSTCOPY_RAM_DISCARD (6): drop these ranges of RAM block ``block`` (they come again
+    in post-copy). ``ranges``: (start, length) pairs in bytes."""
+
+    block: str
+    ranges: tuple[tuple[int, int], ...]
+
+
+@dataclass(frozen=True)
+class PostcopyListen:
+    """COMMAND POSTCOPY_LISTEN (4): the destination starts serving faults; device state follows."""
+
+
+@dataclass(frozen=True)
+class PostcopyRun:
+    """COMMAND POSTCOPY_RUN (5): the device state is complete; the destination runs the guest."""
+
+
+@dataclass(frozen=True)
+class PostcopyResume:
+    """COMMAND POSTCOPY_RESUME (9): a paused post-copy goes on, on this new main channel."""
+
+
+@dataclass(frozen=True)
+class RecvBitmap:
+    """COMMAND RECV_BITMAP (10): the source asks which pages of RAM block ``block`` arrived."""
+
+    block: str
+
+
+@dataclass(frozen=True)
 class Eof:
     """QEMU_VM_EOF: the device stream is complete. A VmDescription or the end of the connection follows."""
 
@@ -189,6 +230,12 @@ Event: TypeAlias = (
     | Blob
     | SwitchoverStart
     | Command
+    | PostcopyAdvise
+    | PostcopyDiscard
+    | PostcopyListen
+    | PostcopyRun
+    | PostcopyResume
+    | RecvBitmap
     | Eof
     | VmDescription
     | Closed

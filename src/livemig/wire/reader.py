@@ -21,8 +21,15 @@ from livemig.wire.constants import (
     MIG_CMD_NAMES,
     MIG_CMD_OPEN_RETURN_PATH,
     MIG_CMD_PING,
+    MIG_CMD_POSTCOPY_ADVISE,
+    MIG_CMD_POSTCOPY_LISTEN,
+    MIG_CMD_POSTCOPY_RAM_DISCARD,
+    MIG_CMD_POSTCOPY_RESUME,
+    MIG_CMD_POSTCOPY_RUN,
+    MIG_CMD_RECV_BITMAP,
     MIG_CMD_SWITCHOVER_START,
     PAGE_SIZE,
+    POSTCOPY_RAM_DISCARD_VERSION,
     QEMU_VM_COMMAND,
     QEMU_VM_CONFIGURATION,
     QEMU_VM_EOF,
@@ -50,6 +57,12 @@ from livemig.wire.events import (
     Event,
     Header,
     NeedData,
+    PostcopyAdvise,
+    PostcopyDiscard,
+    PostcopyListen,
+    PostcopyResume,
+    PostcopyRun,
+    RecvBitmap,
     SectionEnd,
     SectionFull,
     SectionPart,
@@ -74,14 +87,40 @@ from livemig.wire.layout import (
 from livemig.wire.qemu import DeviceTail, read_config_subsection
 from livemig.wire.ramrecords import RamRecords, RamState, ascii_text
 
-#: exact payload length of each command the reader accepts (savevm.c's command table)
-_COMMAND_LENGTHS: Final = {MIG_CMD_OPEN_RETURN_PATH: 0, MIG_CMD_PING: 4, MIG_CMD_SWITCHOVER_START: 0}
-_COMMANDS_ACCEPTED: Final = "OPEN_RETURN_PATH (1), PING (2) or SWITCHOVER_START (11)"
+#: payload lengths each command the reader accepts may have (savevm.c's command table; None:
+#: variable, checked by its parser)
+_COMMAND_LENGTHS: Final[dict[int, tuple[int, ...] | None]] = {
+    MIG_CMD_OPEN_RETURN_PATH: (0,), MIG_CMD_PING: (4,), MIG_CMD_SWITCHOVER_START: (0,),
+    MIG_CMD_POSTCOPY_ADVISE: (0, 16), MIG_CMD_POSTCOPY_LISTEN: (0,), MIG_CMD_POSTCOPY_RUN: (0,),
+    MIG_CMD_POSTCOPY_RAM_DISCARD: None, MIG_CMD_POSTCOPY_RESUME: (0,), MIG_CMD_RECV_BITMAP: None,
+}
+_COMMANDS_ACCEPTED: Final = ("OPEN_RETURN_PATH (1), PING (2), POSTCOPY_* (3-6), POSTCOPY_RESUME (9), "
+                             "RECV_BITMAP (10) or SWITCHOVER_START (11)")
+#: POSTCOPY_RAM_DISCARD's shortest payload: version, length, a 1-byte id, its 0, one range
+_DISCARD_MIN: Final = 1 + 1 + 1 + 1 + 16
 _TOP_LEVEL: Final = "a section, command or EOF (0x00-0x04, 0x07, 0x08)"
 _SECTIONS_KNOWN: Final = f"'ram' or '{LIVEMIG_SECTION_PREFIX}<name>'"
 
 #: first byte of a livemig control line (a JSON object): b"{"
 CONTROL_LINE_START: Final = 0x7B
+
+
+def _discard(data: bytes) -> PostcopyDiscard:
+    """POSTCOPY_RAM_DISCARD's payload (its length already checked >= :data:`_DISCARD_MIN`)."""
+    what = "main stream: COMMAND 6 (POSTCOPY_RAM_DISCARD)"
+    if data[0] != POSTCOPY_RAM_DISCARD_VERSION:
+        raise WireError(f"{what} version", data[0], POSTCOPY_RAM_DISCARD_VERSION)
+    idlen = data[1]
+    if idlen == 0 or 2 + idlen >= len(data):
+        raise WireError(f"{what} RAM block id length", idlen, f"1..{len(data) - 3}")
+    block = ascii_text(f"{what} RAM block id", data[2:2 + idlen])
+    if data[2 + idlen] != 0:
+        raise WireError(f"{what} byte after the RAM block id", data[2 + idlen], 0, note="the id's 0 terminator")
+    body = data[3 + idlen:]
+    if not body or len(body) % 16:
+        raise WireError(f"{what} ranges length", len(body), "a non-zero multiple of 16 (be64 start, be64 length)")
+    ranges = tuple((BE64.unpack_from(body, i)[0], BE64.unpack_from(body, i + 8)[0]) for i in range(0, len(body), 16))
+    return PostcopyDiscard(block, ranges)
 
 
 class _State(enum.Enum):
@@ -349,18 +388,36 @@ class StreamReader(RamRecords):
         if len(self._rx) < COMMAND.size:
             return None
         _, cmd, length = self._rx.unpack(COMMAND)
-        expected = _COMMAND_LENGTHS.get(cmd)
-        if expected is None:
-            why = f"{MIG_CMD_NAMES.get(cmd, 'unknown')}: postcopy, COLO and packaged streams are not supported"
+        if cmd not in _COMMAND_LENGTHS:
+            why = f"{MIG_CMD_NAMES.get(cmd, 'unknown')}: COLO and packaged streams are not supported"
             raise WireError("main stream: COMMAND", cmd, _COMMANDS_ACCEPTED, note=why)
-        if length != expected:
-            raise WireError(f"main stream: COMMAND {cmd} ({MIG_CMD_NAMES[cmd]}) length", length, expected)
+        expected = _COMMAND_LENGTHS[cmd]
+        if expected is not None and length not in expected:
+            want = " or ".join(map(str, expected))
+            raise WireError(f"main stream: COMMAND {cmd} ({MIG_CMD_NAMES[cmd]}) length", length, want)
+        least = _DISCARD_MIN if cmd == MIG_CMD_POSTCOPY_RAM_DISCARD else 2
+        if expected is None and length < least:
+            raise WireError(f"main stream: COMMAND {cmd} ({MIG_CMD_NAMES[cmd]}) length", length, f">= {least}")
         if len(self._rx) < COMMAND.size + length:
             return None
         self._rx.skip(COMMAND.size)
         data = self._rx.take(length)
         if cmd == MIG_CMD_SWITCHOVER_START:
             return SwitchoverStart()
+        if cmd == MIG_CMD_POSTCOPY_ADVISE:
+            return PostcopyAdvise(*(BE64.unpack_from(data, 0)[0], BE64.unpack_from(data, 8)[0]) if data else (0, 0))
+        if cmd == MIG_CMD_POSTCOPY_LISTEN:
+            return PostcopyListen()
+        if cmd == MIG_CMD_POSTCOPY_RUN:
+            return PostcopyRun()
+        if cmd == MIG_CMD_POSTCOPY_RAM_DISCARD:
+            return _discard(data)
+        if cmd == MIG_CMD_POSTCOPY_RESUME:
+            return PostcopyResume()
+        if cmd == MIG_CMD_RECV_BITMAP:
+            if data[0] != len(data) - 1:
+                raise WireError("main stream: COMMAND 10 (RECV_BITMAP) id length", data[0], len(data) - 1)
+            return RecvBitmap(ascii_text("main stream: COMMAND 10 (RECV_BITMAP) RAM block id", data[1:]))
         return Command(cmd, data)
 
     def _read_footer(self) -> Event | None:

@@ -14,6 +14,11 @@ the record layouts are in docs/wire.md, "Main stream")::
     section_start/full(id, "livemig/...", 0, v), blob(data), section_footer(id)
     section_part(id) / section_end(id)  0x02 / 0x03, be32 id, payload, footer
     [command SWITCHOVER_START]          before the final SECTION_ENDs (10.0+)
+    post-copy (capability postcopy-ram; docs/postcopy.md):
+    postcopy_advise(summary, tps)       after livemig/config: COMMAND 3, be64 x2
+    postcopy_ram_discard(block, ranges) at the switch, per block: COMMAND 6 (as many as needed)
+    postcopy_listen(), livemig/vcpu, postcopy_run()   COMMAND 4, the state, COMMAND 5
+    section_part(ram) pages, EOS ...    the discarded pages, on the main channel
     eof()                               0x00
     [vm_description(json)]              0x06, be32 len, JSON
 
@@ -59,6 +64,12 @@ from livemig.wire.events import (
     MultifdFlush,
     NeedData,
     Page,
+    PostcopyAdvise,
+    PostcopyDiscard,
+    PostcopyListen,
+    PostcopyResume,
+    PostcopyRun,
+    RecvBitmap,
     SectionEnd,
     SectionFull,
     SectionPart,
@@ -77,11 +88,17 @@ from livemig.wire.writers import (
     file_header,
     open_return_path,
     ping,
+    postcopy_advise,
+    postcopy_listen,
+    postcopy_ram_discard,
+    postcopy_resume,
+    postcopy_run,
     ram_eos,
     ram_mem_size,
     ram_multifd_flush,
     ram_page,
     ram_zero_page,
+    recv_bitmap,
     section_end,
     section_footer,
     section_full,
@@ -113,6 +130,12 @@ __all__ = [
     "MultifdFlush",
     "NeedData",
     "Page",
+    "PostcopyAdvise",
+    "PostcopyDiscard",
+    "PostcopyListen",
+    "PostcopyResume",
+    "PostcopyRun",
+    "RecvBitmap",
     "SectionEnd",
     "SectionFull",
     "SectionPart",
@@ -128,8 +151,14 @@ __all__ = [
     "file_header",
     "open_return_path",
     "ping",
+    "postcopy_advise",
+    "postcopy_listen",
+    "postcopy_ram_discard",
+    "postcopy_resume",
+    "postcopy_run",
     "ram_eos",
     "ram_mem_size",
+    "recv_bitmap",
     "ram_multifd_flush",
     "ram_page",
     "ram_zero_page",

@@ -11,10 +11,18 @@ from __future__ import annotations
 from livemig._types import Buffer
 from livemig.errors import LocalWireError
 from livemig.wire.constants import (
+    MAX_DISCARDS_PER_COMMAND,
     MIG_CMD_OPEN_RETURN_PATH,
     MIG_CMD_PING,
+    MIG_CMD_POSTCOPY_ADVISE,
+    MIG_CMD_POSTCOPY_LISTEN,
+    MIG_CMD_POSTCOPY_RAM_DISCARD,
+    MIG_CMD_POSTCOPY_RESUME,
+    MIG_CMD_POSTCOPY_RUN,
+    MIG_CMD_RECV_BITMAP,
     MIG_CMD_SWITCHOVER_START,
     PAGE_SIZE,
+    POSTCOPY_RAM_DISCARD_VERSION,
     QEMU_VM_COMMAND,
     QEMU_VM_CONFIGURATION,
     QEMU_VM_EOF,
@@ -140,6 +148,54 @@ def open_return_path() -> bytes:
 def ping(value: int) -> bytes:
     """COMMAND PING (2, be32 value)."""
     return command(MIG_CMD_PING, BE32.pack(value))
+
+
+def postcopy_advise(page_size_summary: int, target_page_size: int) -> bytes:
+    """COMMAND POSTCOPY_ADVISE (3) in its 16-byte form: be64 the OR of every RAM block's page size,
+    be64 the target page size. The destination checks it can serve faults (userfaultfd) now."""
+    return command(MIG_CMD_POSTCOPY_ADVISE, BE64.pack(page_size_summary) + BE64.pack(target_page_size))
+
+
+def postcopy_listen() -> bytes:
+    """COMMAND POSTCOPY_LISTEN (4, no data): the destination registers its RAM for faults."""
+    return command(MIG_CMD_POSTCOPY_LISTEN)
+
+
+def postcopy_run() -> bytes:
+    """COMMAND POSTCOPY_RUN (5, no data): the device state is complete, the destination runs the guest."""
+    return command(MIG_CMD_POSTCOPY_RUN)
+
+
+def postcopy_resume() -> bytes:
+    """COMMAND POSTCOPY_RESUME (9, no data): a paused post-copy goes on, on this main channel."""
+    return command(MIG_CMD_POSTCOPY_RESUME)
+
+
+def recv_bitmap(block: str) -> bytes:
+    """COMMAND RECV_BITMAP (10): u8 length and the RAM block id (no terminator): the destination
+    answers which pages of ``block`` it has."""
+    raw = _ascii("RAM block id", block, MAX_ID)
+    return command(MIG_CMD_RECV_BITMAP, U8.pack(len(raw)) + raw)
+
+
+def postcopy_ram_discard(block: str, ranges: list[tuple[int, int]]) -> bytes:
+    """COMMAND POSTCOPY_RAM_DISCARD (6) records dropping ``ranges`` ((start, length) in bytes) of RAM
+    block ``block``: u8 version 0, u8 len, the id, a 0 byte, then be64 start / be64 length pairs, at
+    most :data:`MAX_DISCARDS_PER_COMMAND` pairs per command (as many commands as needed; b"" for no
+    range). LocalWireError for a bad id or a negative start or length."""
+    raw = _ascii("RAM block id", block, MAX_ID)
+    head = U8.pack(POSTCOPY_RAM_DISCARD_VERSION) + U8.pack(len(raw)) + raw + b"\0"
+    out = []
+    for i in range(0, len(ranges), MAX_DISCARDS_PER_COMMAND):
+        body = b"".join(_discard_range(start, length) for start, length in ranges[i:i + MAX_DISCARDS_PER_COMMAND])
+        out.append(command(MIG_CMD_POSTCOPY_RAM_DISCARD, head + body))
+    return b"".join(out)
+
+
+def _discard_range(start: int, length: int) -> bytes:
+    if start < 0 or length <= 0:
+        raise LocalWireError(f"discard range start {start} length {length}: expected start >= 0, length > 0")
+    return BE64.pack(start) + BE64.pack(length)
 
 
 def ram_mem_size(blocks: list[tuple[str, int]], page_size: int = PAGE_SIZE) -> bytes:
