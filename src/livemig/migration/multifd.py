@@ -439,12 +439,14 @@ class RecvChannel(threading.Thread):
                 block = ctx.blocks.get(hdr.ramblock)
                 if block is None:
                     raise WireError("multifd: unknown ram block", hdr.ramblock, f"one of {sorted(ctx.blocks)}")
-                packet.check_packet(hdr, method_flag=ctx.method.flag, block_size=block.size, page_size=ps)
-                pages = (hdr.offsets // ps).astype(np.int64)  # offsets checked: inside the block
-                normal, zero = pages[: hdr.normal_pages], pages[hdr.normal_pages :]
+                # offsets checked: inside the block
+                normal, zero, normal_runs = packet.check_packet(hdr, method_flag=ctx.method.flag,
+                                                                block_size=block.size, page_size=ps)
                 received = ctx.received[block.name]
-                if normal.size:
-                    self._normal(hdr, block, normal, pbuf)
+                if normal_runs:
+                    self._normal(hdr, block, normal_runs, pbuf)
+                    for f, n in normal_runs:
+                        received[f : f + n] = True
                 elif hdr.next_packet_size:
                     raise WireError("multifd: next_packet_size of a packet without normal pages",
                                     hdr.next_packet_size, 0)
@@ -465,12 +467,14 @@ class RecvChannel(threading.Thread):
             if hdr.is_sync:
                 ctx.sync(self.cid)
 
-    def _normal(self, hdr: packet.PacketHeader, block: RamBlock, normal: np.ndarray, pbuf: memoryview) -> None:
+    def _normal(self, hdr: packet.PacketHeader, block: RamBlock, normal_runs: list[tuple[int, int]],
+                pbuf: memoryview) -> None:
+        """Land the packet's normal pages (``normal_runs``: (first page, count)) in guest RAM."""
         ctx = self.ctx
         ps = ctx.page_size
-        n = int(normal.size)
+        n = hdr.normal_pages
         mv = ctx.views[block.name]
-        outs = [mv[f * ps : (f + c) * ps] for f, c in runs(normal)]
+        outs = [mv[f * ps : (f + c) * ps] for f, c in normal_runs]
         if ctx.method.raw_payload:
             want = n * ps
             if hdr.next_packet_size != want:
@@ -486,7 +490,6 @@ class RecvChannel(threading.Thread):
             # offsets were checked against the block: the decoder writes only this packet's pages
             self.decomp.decompress_into(pbuf[:size], outs, ps)
             self.counters.codec_seconds += time.thread_time() - t0
-        ctx.received[block.name][normal] = True
 
     def _recv(self, bufs: list[memoryview], what: str) -> None:
         """Fill ``bufs``: one blocking read at full speed; under a slow cap the kernel's receive
