@@ -172,6 +172,8 @@ class SendChannel(threading.Thread):
         bufs: list[Buffer] = []
         normal = zero = plen = 0
         nonzero = self._nonzero(job)
+        if nonzero is not None and nonzero.all():
+            nonzero = None  # no zero page in the job: every packet sends all its pages
         k = 0
         for idx, num in job.packets:
             nz = None if nonzero is None else nonzero[k : k + idx.size]
@@ -201,14 +203,16 @@ class SendChannel(threading.Thread):
     def _packet(self, block: str, idx: np.ndarray, num: int,
                 nonzero: np.ndarray | None) -> tuple[list[Buffer], int, int, int]:
         """Header and payload buffers of one packet, its normal and zero page counts and its payload
-        size in bytes. ``nonzero``: bool per page of ``idx`` (None: all are sent as normal)."""
+        size in bytes. ``nonzero``: bool per page of ``idx`` (None: all are sent as normal).
+        ``idx``: ascending page indices (a piece of a sorted page set)."""
         ctx = self.ctx
         ps = ctx.page_size
         first, n = int(idx[0]), int(idx.size)
-        if nonzero is None or nonzero.all():
-            normal, zero = idx, idx[:0]
+        offsets = (idx * ps).view(np.uint64)  # page indices are >= 0
+        if nonzero is None:
+            normal, zero, normal_off, zero_off = idx, idx[:0], offsets, offsets[:0]
         else:
-            normal, zero = idx[nonzero], idx[~nonzero]
+            normal, zero, normal_off, zero_off = idx[nonzero], idx[~nonzero], offsets[nonzero], offsets[~nonzero]
         mv = ctx.views[block]
         if normal.size == n and int(idx[-1]) - first + 1 == n:
             page_runs = [mv[first * ps : (first + n) * ps]]
@@ -225,8 +229,8 @@ class SendChannel(threading.Thread):
             flags=ctx.method.flag,
             packet_num=num,
             ramblock=block,
-            normal=normal.astype(np.uint64) * ps,
-            zero=zero.astype(np.uint64) * ps,
+            normal=normal_off,
+            zero=zero_off,
             next_packet_size=plen,
             page_size=ps,
         )

@@ -149,6 +149,8 @@ _NO_PAGES: Pages = np.empty(0, dtype=np.int64)
 _NO_PAGES.flags.writeable = False
 #: raw ramblock field -> decoded name: a channel sees the same few names packet after packet
 _names: dict[bytes, str] = {}
+#: ramblock name -> its checked field bytes (the sender's side of the same)
+_fields: dict[str, bytes] = {}
 
 
 def _ramblock_field(ramblock: str) -> bytes:
@@ -160,10 +162,14 @@ def _ramblock_field(ramblock: str) -> bytes:
         raise LocalWireError(f"multifd packet: ramblock {ramblock!r} is {len(raw)} bytes, max {_RAMBLOCK_SIZE - 1}")
     if b"\0" in raw:
         raise LocalWireError(f"multifd packet: ramblock {ramblock!r} contains a NUL byte")
+    if raw and len(_fields) < 64:
+        _fields[ramblock] = raw
     return raw
 
 
 def _as_offsets(name: str, values: npt.ArrayLike) -> npt.NDArray[np.integer]:
+    if isinstance(values, np.ndarray) and values.dtype == np.uint64 and values.ndim == 1:
+        return values  # what the sender passes: nothing to check
     arr = np.asarray(values)
     if arr.ndim != 1:
         raise LocalWireError(f"multifd packet: {name} offsets must be one-dimensional, got shape {arr.shape}")
@@ -202,7 +208,7 @@ def encode_packet(
         raise LocalWireError(f"multifd packet: packet_num {packet_num} does not fit a u64")
     if not 0 <= next_packet_size <= _U32_MAX:
         raise LocalWireError(f"multifd packet: next_packet_size {next_packet_size} does not fit a u32")
-    name = _ramblock_field(ramblock)
+    name = _fields.get(ramblock) or _ramblock_field(ramblock)
     normal_arr = _as_offsets("normal", normal)
     zero_arr = _as_offsets("zero", zero)
     used = normal_arr.size + zero_arr.size
@@ -226,7 +232,8 @@ def encode_packet(
         # One vectorized store straight into the packet buffer (big-endian u64 view of it).
         out = np.frombuffer(buf, dtype=">u8", count=used, offset=HEADER_FIXED_SIZE)
         out[: normal_arr.size] = normal_arr
-        out[normal_arr.size :] = zero_arr
+        if zero_arr.size:
+            out[normal_arr.size :] = zero_arr
     return bytes(buf)
 
 
