@@ -8,7 +8,7 @@ first ``auto`` migration on a host pays for it; ``livemig advise`` stores what i
 * **where**: ``$XDG_CACHE_HOME/livemig/speeds.json``, else ``~/.cache/livemig/speeds.json``;
   ``LIVEMIG_SPEED_CACHE=off`` neither reads nor writes it (every process measures).
 * **key**: what a figure depends on: the CPU model and core count (``/proc/cpuinfo``), the versions
-  of Python, numpy and the codec libraries (pyzstd and the zstd it runs on, isal), and for a codec
+  of Python, numpy and the codec libraries (zstd, pyzstd, backports.zstd, isal), and for a codec
   its method, level, backend (which names the library or the hardware) and thread count. A
   different host, library or backend misses and is measured again.
 * **age**: an entry older than :data:`MAX_AGE` seconds is measured again (speeds drift as the
@@ -63,19 +63,16 @@ def _cpu_model() -> str:
 
 
 def _versions() -> str:
-    import numpy as np
-    import pyzstd
+    from importlib import metadata
 
     from ..compress import libzstd
 
-    out = [f"python {platform.python_version()}", f"numpy {np.__version__}",
-           f"pyzstd {getattr(pyzstd, '__version__', '?')}", f"zstd {libzstd.version() or pyzstd.zstd_version}"]
-    try:
-        import isal  # type: ignore[import-untyped,unused-ignore]
-
-        out.append(f"isal {getattr(isal, '__version__', '?')}")
-    except ImportError:
-        pass
+    out = [f"python {platform.python_version()}", f"zstd {libzstd.version() or '-'}"]
+    for dist in ("numpy", "pyzstd", "backports.zstd", "isal"):
+        try:
+            out.append(f"{dist} {metadata.version(dist)}")
+        except metadata.PackageNotFoundError:
+            pass
     return ", ".join(out)
 
 

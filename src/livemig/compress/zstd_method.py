@@ -14,14 +14,20 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-
-import pyzstd
+from types import ModuleType
 
 from .._types import Buffer
 from ..errors import PayloadError
 from ..wire.constants import FLAG_ZSTD, PAGE_SIZE
 from . import libzstd
 from .base import Compressor, Decompressor, Method
+
+
+def _pyzstd() -> ModuleType:
+    """pyzstd, imported only when its API is used (the import takes ~0.1 s: it pulls in asyncio)."""
+    import pyzstd
+
+    return pyzstd
 
 
 def _use_lib() -> bool:
@@ -35,33 +41,37 @@ _MAX_WINDOW_LOG = 27
 class _Send(Compressor):
     def __init__(self, level: int) -> None:
         # levels 0..20 with an unknown source size use windowLog <= 25: within the decoder limit
+        pyzstd = _pyzstd()
+        self._mode, self._flush = pyzstd.ZstdCompressor.CONTINUE, pyzstd.ZstdCompressor.FLUSH_BLOCK
         self._z = pyzstd.ZstdCompressor({pyzstd.CParameter.compressionLevel: level})
 
     def compress(self, runs: Sequence[Buffer]) -> list[Buffer]:
         out: list[Buffer] = []
         for r in runs:
-            chunk = self._z.compress(r, pyzstd.ZstdCompressor.CONTINUE)
+            chunk = self._z.compress(r, self._mode)
             if chunk:
                 out.append(chunk)
-        out.append(self._z.flush(pyzstd.ZstdCompressor.FLUSH_BLOCK))
+        out.append(self._z.flush(self._flush))
         return out
 
 
 class _Recv(Decompressor):
     def __init__(self, page_size: int) -> None:
         self.page_size = page_size
+        pyzstd = _pyzstd()
+        self._error = pyzstd.ZstdError
         self._z = pyzstd.ZstdDecompressor(option={pyzstd.DParameter.windowLogMax: _MAX_WINDOW_LOG})
 
     def decompress(self, payload: Buffer, normal_pages: int) -> Buffer:
         want = normal_pages * self.page_size
         try:
-            out = self._z.decompress(payload, want)
+            out: bytes = self._z.decompress(payload, want)
             if len(out) == want and not self._z.needs_input:
                 # the block flush may leave input that must produce nothing more
                 extra = self._z.decompress(b"", 1)
                 if extra:
                     raise PayloadError(f"zstd: payload decompresses to more than {want} bytes ({normal_pages} pages)")
-        except pyzstd.ZstdError as exc:
+        except self._error as exc:
             raise PayloadError(f"zstd: decompressStream returned {exc}") from exc
         if self._z.eof:
             raise PayloadError("zstd: frame ended; a multifd zstd frame is never ended")
@@ -101,7 +111,7 @@ class Zstd(Method):
         if _use_lib():
             return (f"cpu: zstd {libzstd.version()}; send one contiguous segment per packet, "
                     "receive into guest RAM")
-        return f"cpu: zstd; pyzstd (zstd {pyzstd.zstd_version}) both ways"
+        return f"cpu: zstd; pyzstd (zstd {_pyzstd().zstd_version}) both ways"
 
     def compressor(self, channel: int) -> Compressor:
         return _LibSend(self.level) if _use_lib() else _Send(self.level)
