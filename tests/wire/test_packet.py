@@ -304,11 +304,11 @@ def test_check_duplicate_offsets(normal: list[int], zero: list[int]) -> None:
 def test_check_returns_the_pages_of_a_consecutive_packet() -> None:
     offsets = list(range(64 * PAGE, 192 * PAGE, PAGE))
     hdr = decode_packet(_data_packet(normal=_u64(offsets[:100]), zero=_u64(offsets[100:])))
-    normal, zero, normal_runs = check_packet(hdr, method_flag=FLAG_ZSTD, block_size=192 * PAGE)
+    normal, zero, normal_runs, span = check_packet(hdr, method_flag=FLAG_ZSTD, block_size=192 * PAGE)
     np.testing.assert_array_equal(normal, np.arange(64, 164))
     np.testing.assert_array_equal(zero, np.arange(164, 192))
     assert normal.dtype == zero.dtype == np.int64
-    assert normal_runs == [(64, 100)]
+    assert normal_runs == [(64, 100)] and span == (64, 191)
     # one page past the block: the consecutive packet is refused like any other
     with pytest.raises(WireError, match="offset too long"):
         check_packet(hdr, method_flag=FLAG_ZSTD, block_size=192 * PAGE - 1)
@@ -342,10 +342,11 @@ def test_check_matches_the_plain_rules(case: tuple[list[int], int]) -> None:
         with pytest.raises(WireError):
             check_packet(hdr, method_flag=FLAG_ZSTD, block_size=block)
         return
-    normal, zero, normal_runs = check_packet(hdr, method_flag=FLAG_ZSTD, block_size=block)
+    normal, zero, normal_runs, span = check_packet(hdr, method_flag=FLAG_ZSTD, block_size=block)
     assert normal.tolist() == [o // PAGE for o in offsets[:nn]]
     assert zero.tolist() == [o // PAGE for o in offsets[nn:]]
     assert normal_runs == runs(np.array(normal.tolist(), dtype=np.int64))
+    assert span == (min(offsets) // PAGE, max(offsets) // PAGE)
 
 
 # --- encode rejections -----------------------------------------------------------------------

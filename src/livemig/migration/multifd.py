@@ -223,7 +223,7 @@ class SendChannel(threading.Thread):
         self.counters.codec_seconds += time.thread_time() - t0
         digest = ctx.digests.get(block)
         if digest is not None:  # the pages were just read: hash their chunk while it is in cache
-            digest.cover(normal, zero, mark_rest=False)
+            digest.cover(normal, zero, mark_rest=False, span=(first, int(idx[-1])))
         plen = sum(len(b) for b in payload)
         hdr = packet.encode_packet(
             flags=ctx.method.flag,
@@ -444,8 +444,8 @@ class RecvChannel(threading.Thread):
                 if block is None:
                     raise WireError("multifd: unknown ram block", hdr.ramblock, f"one of {sorted(ctx.blocks)}")
                 # offsets checked: inside the block
-                normal, zero, normal_runs = packet.check_packet(hdr, method_flag=ctx.method.flag,
-                                                                block_size=block.size, page_size=ps)
+                normal, zero, normal_runs, span = packet.check_packet(hdr, method_flag=ctx.method.flag,
+                                                                      block_size=block.size, page_size=ps)
                 received = ctx.received[block.name]
                 if normal_runs:
                     self._normal(hdr, block, normal_runs, pbuf)
@@ -459,7 +459,7 @@ class RecvChannel(threading.Thread):
                     if again.size:
                         block.pages[again] = 0
                     received[zero] = True
-                ctx.digests[block.name].cover(normal, zero, mark_rest=True)
+                ctx.digests[block.name].cover(normal, zero, mark_rest=True, span=span)
                 c = self.counters
                 c.packets += 1
                 c.normal += int(normal.size)

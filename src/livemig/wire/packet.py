@@ -143,6 +143,8 @@ class PacketPages(NamedTuple):
     zero: Pages
     #: ``normal`` as runs of consecutive ascending pages, (first page, count), in payload order
     normal_runs: list[tuple[int, int]]
+    #: (lowest, highest) page of ``normal`` and ``zero``; None when the packet lists none
+    span: tuple[int, int] | None
 
 
 _NO_PAGES: Pages = np.empty(0, dtype=np.int64)
@@ -322,7 +324,7 @@ def check_packet(hdr: PacketHeader, *, method_flag: int, block_size: int, page_s
     and one numpy pass over its <= 128 offsets; for any other, a few passes and a sort.
     """
     if not hdr.has_data:
-        return PacketPages(_NO_PAGES, _NO_PAGES, [])
+        return PacketPages(_NO_PAGES, _NO_PAGES, [], None)
     received = hdr.flags & COMPRESSION_MASK
     if received != method_flag:
         raise WireError("multifd: packet compression flags", received, method_flag, hex=True)
@@ -339,10 +341,10 @@ def check_packet(hdr: PacketHeader, *, method_flag: int, block_size: int, page_s
         # block when the first is aligned and the last inside; two scalar and one array test
         start = first // page_size
         pages: Pages = np.arange(start, start + n, dtype=np.int64)
-        return PacketPages(pages[:nn], pages[nn:], [(start, nn)] if nn else [])
+        return PacketPages(pages[:nn], pages[nn:], [(start, nn)] if nn else [], (start, start + n - 1))
     _check_offsets(hdr, block_size, page_size)
     pages = (offsets // np.uint64(page_size)).astype(np.int64)
-    return PacketPages(pages[:nn], pages[nn:], runs(pages[:nn]))
+    return PacketPages(pages[:nn], pages[nn:], runs(pages[:nn]), (int(pages.min()), int(pages.max())))
 
 
 def _check_offsets(hdr: PacketHeader, block_size: int, page_size: int) -> None:
