@@ -118,12 +118,15 @@ class PacketCompressor:
     each call emits the blocks of exactly its input, as ZSTD_e_flush does, and never ends the frame,
     so the stream is the one QEMU's streaming compressor writes (docs/wire.md, "Payloads").
 
-    Each packet's pages are first copied to the start of one packet-sized buffer. The streaming API
+    Each packet's pages are first copied to the end of one packet-sized buffer. The streaming API
     copies input into a window buffer that wraps every window's worth of input, after which zstd's
     match finder runs its slower two-segment (``extDict``) variant for most blocks; here every packet
-    is one contiguous segment that replaces the previous one, so it runs the plain one (about 10 %
-    faster at level 1). The window never holds a byte that changed after zstd saw it: the copy
-    writes only the new input, and zstd drops whatever of the old window the new input overlaps.
+    is one contiguous segment that replaces the previous one, so it runs the plain one (about 8 %
+    faster at level 1, 70 % at level 3). Ending every packet at the same address matters: when new
+    input overlaps the old segment, zstd keeps of the old one only what lies above the new input's
+    end (nothing here, whatever the sizes), while a shorter packet copied to the start would leave
+    the old tail as a second segment. The window never holds a byte that changed after zstd saw
+    it: the copy writes only the new input, and zstd drops the old segment before reading it.
     Matches across packets (rare between unrelated pages) are lost: about 1 % more output.
     """
 
@@ -143,16 +146,17 @@ class PacketCompressor:
         """The payload of one packet whose pages are ``runs``, in order; PayloadError beyond
         ``max_input`` bytes."""
         assert LIB is not None
-        n = 0
-        view = memoryview(self._in)
-        for run in runs:
-            size = memoryview(run).nbytes
-            if n + size > len(self._in):
-                raise PayloadError(f"zstd: packet of more than {len(self._in)} bytes")
-            view[n : n + size] = memoryview(run).cast("B")
-            n += size
-        written = _check(LIB.ZSTD_compressContinue(self._cctx, self._out_addr, len(self._out), self._in_addr, n),
-                         "compressContinue")
+        views = [memoryview(run).cast("B") for run in runs]
+        n = sum(v.nbytes for v in views)
+        end = len(self._in)
+        if n > end:
+            raise PayloadError(f"zstd: packet of more than {end} bytes")
+        pos = start = end - n  # every packet ends at the buffer's end: see the class docstring
+        for v in views:
+            self._in[pos : pos + v.nbytes] = v
+            pos += v.nbytes
+        written = _check(LIB.ZSTD_compressContinue(self._cctx, self._out_addr, len(self._out), self._in_addr + start,
+                                                   n), "compressContinue")
         return bytes(memoryview(self._out)[:written])
 
     def __del__(self) -> None:
