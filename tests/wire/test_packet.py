@@ -325,6 +325,10 @@ def _offsets(draw: st.DrawFn) -> tuple[list[int], int]:
         i = draw(st.integers(0, n - 1))
         pages[i] = draw(st.sampled_from([pages[i] + 1, pages[0], 170 * PAGE, (start + n + 3) * PAGE,
                                          pages[i] - PAGE * (i > 0)]))
+    if draw(st.booleans()):  # zero pages taken out of the run and listed after the normal ones
+        zero = sorted(set(draw(st.lists(st.integers(0, n - 1), max_size=n))))
+        normal = [p for i, p in enumerate(pages) if i not in zero]
+        return normal + [pages[i] for i in zero], len(normal)
     return pages, draw(st.integers(0, n))
 
 

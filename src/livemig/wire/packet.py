@@ -342,9 +342,15 @@ def check_packet(hdr: PacketHeader, *, method_flag: int, block_size: int, page_s
         start = first // page_size
         pages: Pages = np.arange(start, start + n, dtype=np.int64)
         return PacketPages(pages[:nn], pages[nn:], [(start, nn)] if nn else [], (start, start + n - 1))
-    _check_offsets(hdr, block_size, page_size)
-    pages = (offsets // np.uint64(page_size)).astype(np.int64)
-    return PacketPages(pages[:nn], pages[nn:], runs(pages[:nn]), (int(pages.min()), int(pages.max())))
+    # any other packet (zero pages moved to the end leave gaps in the normal ones): one sort gives
+    # the span and the uniqueness; the detailed checks run only to name what is wrong
+    ordered = np.sort(offsets)
+    lo, hi = int(ordered[0]), int(ordered[-1])
+    if (hi > block_size - page_size or bool((offsets % page_size).any())
+            or (n > 1 and not bool((ordered[1:] != ordered[:-1]).all()))):
+        _check_offsets(hdr, block_size, page_size)
+    pages = (offsets // page_size).view(np.int64)  # offsets checked: < 2**63
+    return PacketPages(pages[:nn], pages[nn:], runs(pages[:nn]), (lo // page_size, hi // page_size))
 
 
 def _check_offsets(hdr: PacketHeader, block_size: int, page_size: int) -> None:
