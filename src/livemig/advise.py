@@ -30,6 +30,7 @@ import textwrap
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from .accel import cache
 from .accel.inventory import Inventory
 from .accel.sample import sample_pages
 from .accel.speed import PACKET_PAGES, Measurement, finish_time, measure, measure_loopback
@@ -241,8 +242,10 @@ def advise(
     data = sample_pages(npages, sample, seed=0)
     threads = max(1, min(ncores, os.cpu_count() or 1))  # all cores busy
     loop = measure_loopback(connections=threads)
-    preds = [predict(measure(name, level, data, threads, repeat), bandwidth, channels, ncores, same_host,
-                     loop.all_bps) for name, level in cands]
+    measured = [measure(name, level, data, threads, repeat) for name, level in cands]
+    for m in measured:  # later ``multifd-compression auto`` setups reuse them
+        cache.store_measurement(m)
+    preds = [predict(m, bandwidth, channels, ncores, same_host, loop.all_bps) for m in measured]
     pick, why, rules = recommend(preds, inventory, bandwidth)
     return Advice(
         bandwidth=bandwidth,

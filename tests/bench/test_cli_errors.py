@@ -74,6 +74,10 @@ def test_advise_help_uses_the_metavars_of_migrate() -> None:
         (["--bandwidth", "fast"], "--bandwidth", ["'fast'"]),
         (["--sample", "abc"], "--sample 'abc'", ["a size like"]),
         (["--timeout", "0"], "--timeout 0", ["greater than 0"]),
+        (["--memory", "1G,,"], "--memory", ["empty item", "'1G,,'"]),
+        (["--methods", "zstd,zstd"], "--methods", ["'zstd'", "more than once"]),
+        (["--bandwidth", "1Gbps,,0"], "--bandwidth", ["empty item"]),
+        (["--link-rate", "1Gbit,1gbit"], "--link-rate", ["'1Gbit', '1gbit'", "more than once"]),
     ],
 )
 def test_bench_refuses_bad_options_before_anything_runs(argv: list[str], option: str, words: list[str]) -> None:

@@ -55,9 +55,14 @@ def _ram(kind: str, npages: int = 8192) -> memoryview:
 @pytest.mark.usefixtures("fixed_speeds")
 @pytest.mark.parametrize(("cap", "want"), [(0, "none"), (10 * 10**9 // 8, "none"), (10**9 // 8, "zstd-1"),
                                            (10_000_000, "zstd-1")])
-def test_compressible_ram_picks_by_the_link(cap: int, want: str) -> None:
+def test_compressible_ram_picks_by_the_link(cap: int, want: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Uncapped and at 10 Gbit/s the codecs cost more than the wire on one host; at 1 Gbit/s zstd-1
-    finishes first; on a 10 MB/s link zstd-3's better ratio saves under 3 %: a tie, the lower level."""
+    finishes first; on a 10 MB/s link, where zstd-3's ratio is 1.5 % better (set here: the real gap
+    depends on the zstd version), it saves under 3 %: a tie, the lower level."""
+    if cap == 10_000_000:
+        real = auto.guest_ratio
+        monkeypatch.setattr(auto, "guest_ratio", lambda name, level, data: (
+            real("zstd", 1, data) * (1.015 if level == 3 else 1) if name == "zstd" else real(name, level, data)))
     c = auto.choose([_ram("corpus")], 2 * GIB, 8, cap, same_host=True, cores=2)
     assert c.label == want, c.reason
     rows = {auto._label(r["method"], r["level"]): r for r in c.candidates}
@@ -188,6 +193,7 @@ def test_a_destination_with_another_method_refuses_the_pick() -> None:
 
 
 def test_host_speeds_are_measured_once_per_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LIVEMIG_SPEED_CACHE", "off")  # across processes: test_auto_cache.py
     calls: list[tuple[str, int | None, int]] = []
 
     def measure(name: str, level: int | None, data: bytes, threads: int, repeat: int) -> Measurement:
@@ -199,6 +205,7 @@ def test_host_speeds_are_measured_once_per_process(monkeypatch: pytest.MonkeyPat
                         lambda total, connections, tcp: type("L", (), {"all_bps": 3e9})())
     monkeypatch.setattr(auto, "_speeds", {})
     monkeypatch.setattr(auto, "_loop", {})
+    monkeypatch.setattr(auto, "_origin", {})
     data = sample_pages(256, "corpus", seed=0)
     first = auto.host_speeds([("zstd", 1), ("none", None)], 2, data)
     again = auto.host_speeds([("zstd", 1), ("qatzip", 1)], 2, b"")

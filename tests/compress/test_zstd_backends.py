@@ -54,3 +54,32 @@ def test_lib_receiver_rejects_lies() -> None:
             zstd_method._LibRecv(4096).decompress(payload, pages)
     with pytest.raises(PayloadError, match="zstd"):
         zstd_method._LibRecv(4096).decompress(b"\x28\xb5\x2f\xfd" + b"\xff" * 64, 1)
+
+
+def test_packet_compressor_keeps_one_frame_and_reuses_its_buffer_safely() -> None:
+    """Packets of varied sizes through PacketCompressor (each copied over the last one's bytes)
+    decode with a plain streaming decoder as one never-ended frame; a packet that repeats an
+    earlier one (matches across packets are possible only within the current segment) and a
+    shorter packet after a longer one (the old tail stays as zstd's dictionary) decode exactly."""
+    import pyzstd
+
+    comp = libzstd.PacketCompressor(1)
+    dec = pyzstd.ZstdDecompressor()
+    sizes = [128, 17, 128, 3, 64, 128, 1]
+    for k, n in enumerate(sizes):
+        data = _pages(n, k % 3)  # seeds repeat: packets 0, 3, 6 start alike
+        payload = comp.compress([memoryview(data)[: 4096 * (n // 2)], memoryview(data)[4096 * (n // 2) :]])
+        assert payload[:4] == b"\x28\xb5\x2f\xfd" if k == 0 else payload[:4] != b"\x28\xb5\x2f\xfd"
+        assert dec.decompress(payload) == data
+        assert not dec.eof  # never ended
+    with pytest.raises(PayloadError, match="more than 524288 bytes"):
+        comp.compress([bytes(512 * 1024 + 4096)])
+
+
+def test_packet_compressor_output_stays_within_a_default_decoder_window() -> None:
+    """The frame header declares a window a default decoder accepts (<= 2**27, QEMU's receiver)."""
+    import pyzstd
+
+    payload = libzstd.PacketCompressor(20).compress([_pages(128, 5)])
+    dec = pyzstd.ZstdDecompressor(option={pyzstd.DParameter.windowLogMax: libzstd.WINDOW_LOG_MAX})
+    assert dec.decompress(payload) == _pages(128, 5)

@@ -86,3 +86,24 @@ def test_an_idle_refresh_does_nothing_until_the_next_mark() -> None:
     d.mark_pages(np.array([CP + 1], dtype=np.int64))
     assert d.refresh(settled=True) == 0  # just marked: not settled yet
     assert d.refresh(settled=True) == 1
+
+
+def test_cover_with_the_span_given_matches_cover_without() -> None:
+    """The span a caller passes only saves work: digests, dirty flags and hash counts are the same,
+    for packets inside one chunk (whole or not) and across two, with and without zero pages."""
+    rng = np.random.default_rng(7)
+    buf = bytearray(rng.integers(0, 256, 4 * CP * PS, dtype=np.uint8).tobytes())
+    plain, spanned = ChunkDigest(memoryview(buf)), ChunkDigest(memoryview(buf))
+    for d in (plain, spanned):
+        d.assume_zero()
+    cases = [(np.arange(CP, 2 * CP), np.arange(0)), (np.arange(2 * CP, 3 * CP - 4), np.arange(3 * CP - 4, 3 * CP)),
+             (np.arange(3 * CP + 64, 4 * CP), np.arange(20, 30)), (np.arange(0), np.arange(CP + 3, CP + 9)),
+             (np.array([4 * CP - 1, 5]), np.arange(0))]
+    for normal, zero in cases:
+        normal, zero = normal.astype(np.int64), zero.astype(np.int64)
+        both = np.concatenate((normal, zero))
+        assert plain.cover(normal, zero, mark_rest=True) == spanned.cover(
+            normal, zero, mark_rest=True, span=(int(both.min()), int(both.max())))
+        assert plain.dirty.tolist() == spanned.dirty.tolist()
+        assert (plain.hashes == spanned.hashes).all() and plain.hashed == spanned.hashed
+    assert plain.digest() == spanned.digest()

@@ -6,8 +6,11 @@ import struct
 
 import numpy as np
 import pytest
+from hypothesis import example, given
+from hypothesis import strategies as st
 
 from livemig.errors import LocalWireError, WireError
+from livemig.ram.pages import runs
 from livemig.wire import (
     PacketHeader,
     check_packet,
@@ -296,6 +299,58 @@ def test_check_duplicate_offsets(normal: list[int], zero: list[int]) -> None:
     hdr = decode_packet(_data_packet(normal=_u64(normal), zero=_u64(zero)))
     with pytest.raises(WireError, match="listed more than once"):
         check_packet(hdr, method_flag=FLAG_ZSTD, block_size=MiB)
+
+
+def test_check_returns_the_pages_of_a_consecutive_packet() -> None:
+    offsets = list(range(64 * PAGE, 192 * PAGE, PAGE))
+    hdr = decode_packet(_data_packet(normal=_u64(offsets[:100]), zero=_u64(offsets[100:])))
+    normal, zero, normal_runs, span = check_packet(hdr, method_flag=FLAG_ZSTD, block_size=192 * PAGE)
+    np.testing.assert_array_equal(normal, np.arange(64, 164))
+    np.testing.assert_array_equal(zero, np.arange(164, 192))
+    assert normal.dtype == zero.dtype == np.int64
+    assert normal_runs == [(64, 100)] and span == (64, 191)
+    # one page past the block: the consecutive packet is refused like any other
+    with pytest.raises(WireError, match="offset too long"):
+        check_packet(hdr, method_flag=FLAG_ZSTD, block_size=192 * PAGE - 1)
+
+
+@st.composite
+def _offsets(draw: st.DrawFn) -> tuple[list[int], int]:
+    """Offsets of a packet, mostly a consecutive run, sometimes bent (a page moved, repeated,
+    unaligned, past the block), and how many of them are normal pages."""
+    start = draw(st.integers(0, 40))
+    n = draw(st.integers(1, 128))
+    pages = [(start + i) * PAGE for i in range(n)]
+    for _ in range(draw(st.integers(0, 2))):
+        i = draw(st.integers(0, n - 1))
+        pages[i] = draw(st.sampled_from([pages[i] + 1, pages[0], 170 * PAGE, (start + n + 3) * PAGE,
+                                         pages[i] - PAGE * (i > 0)]))
+    if draw(st.booleans()):  # zero pages taken out of the run and listed after the normal ones
+        zero = sorted(set(draw(st.lists(st.integers(0, n - 1), max_size=n))))
+        normal = [p for i, p in enumerate(pages) if i not in zero]
+        return normal + [pages[i] for i in zero], len(normal)
+    return pages, draw(st.integers(0, n))
+
+
+@given(_offsets())
+@example(([PAGE + 1], 1))  # one unaligned page
+@example(([PAGE + 1, 2 * PAGE + 1], 0))  # a consecutive run, every page unaligned
+def test_check_matches_the_plain_rules(case: tuple[list[int], int]) -> None:
+    """Fast path or not, check_packet accepts exactly the packets whose offsets are inside the block,
+    aligned and listed once, and returns offset / page size split at normal_pages."""
+    offsets, nn = case
+    block = 168 * PAGE
+    hdr = decode_packet(_data_packet(normal=_u64(offsets[:nn]), zero=_u64(offsets[nn:])))
+    valid = all(o <= block - PAGE and o % PAGE == 0 for o in offsets) and len(set(offsets)) == len(offsets)
+    if not valid:
+        with pytest.raises(WireError):
+            check_packet(hdr, method_flag=FLAG_ZSTD, block_size=block)
+        return
+    normal, zero, normal_runs, span = check_packet(hdr, method_flag=FLAG_ZSTD, block_size=block)
+    assert normal.tolist() == [o // PAGE for o in offsets[:nn]]
+    assert zero.tolist() == [o // PAGE for o in offsets[nn:]]
+    assert normal_runs == runs(np.array(normal.tolist(), dtype=np.int64))
+    assert span == (min(offsets) // PAGE, max(offsets) // PAGE)
 
 
 # --- encode rejections -----------------------------------------------------------------------

@@ -117,9 +117,17 @@ class BenchConfig:
 
 
 def _list(text: str, option: str) -> list[str]:
-    items = [t.strip() for t in text.split(",") if t.strip()]
-    if not items:
+    """The comma-separated items of ``option``; ParameterError for an empty list, an empty item
+    (``1G,,``) or an item given twice (``zstd,zstd``), naming the option."""
+    items = [t.strip() for t in text.split(",")]
+    if not any(items):
         raise ParameterError(f"{option}: empty list")
+    if not all(items):
+        raise ParameterError(f"{option}: empty item in '{text}' (give items separated by single commas)")
+    seen = [t.lower() for t in items]
+    twice = sorted({t for t in items if seen.count(t.lower()) > 1})
+    if twice:
+        raise ParameterError(f"{option}: {', '.join(repr(t) for t in twice)} given more than once in '{text}'")
     return items
 
 

@@ -13,8 +13,9 @@ How it picks (:func:`choose`):
   each candidate, giving its ratio on this guest's data;
 * **speed**: each candidate's compress and decompress speed with as many threads at once as cores,
   and the socket copy with as many Unix socket pairs (:mod:`livemig.accel.speed`; not TCP: lo may
-  be shaped, as the bench's ``--link-rate`` does), measured once per process on the first guest's
-  sample and cached (:func:`host_speeds`);
+  be shaped, as the bench's ``--link-rate`` does), measured on the first guest's sample and kept
+  across processes for a day (:func:`host_speeds`, :mod:`livemig.accel.cache`): after the first
+  run on a host, setup reads them instead of measuring; the reason says which;
 * **link**: ``max-bandwidth`` when set, else the link's rate (a ``tc`` ``tbf`` rate on the route's
   device, or the device's speed from sysfs; :func:`link_rate`), else none;
 * **model**: :func:`livemig.accel.speed.finish_time` for the guest's non-zero bytes with the
@@ -63,6 +64,8 @@ TIE = 0.03
 _lock = threading.Lock()
 _speeds: dict[tuple[str, int | None, int], Any] = {}
 _loop: dict[int, float] = {}
+#: (method, level, cores) -> age in seconds of the cached speed used, None when measured here
+_origin: dict[tuple[str, int | None, int], float | None] = {}
 
 
 def candidates() -> list[tuple[str, int | None]]:
@@ -88,23 +91,53 @@ def host_speeds(cands: Sequence[tuple[str, int | None]], cores: int,
                 data: bytes) -> tuple[dict[tuple[str, int | None], Any], float]:
     """({(method, level): Measurement with ``cores`` threads at once}, all-cores socket bytes/s).
 
-    Each is measured the first time this process asks for it, on the first 512 KiB of ``data`` (the
-    first guest's sampled pages; the built-in corpus when that sample has none), best of 2, and
-    then cached: ~0.1 s on an idle 2-core host, the first time only."""
+    Each is taken from the host's speed cache (:mod:`livemig.accel.cache`: across processes, at
+    most a day old) or else measured the first time this process asks for it, on the first 512 KiB
+    of ``data`` (the first guest's sampled pages; the built-in corpus when that sample has none),
+    best of 2 (~0.1-0.4 s on a 2-core host), and stored there; then kept for the process.
+    :func:`speed_origin` says which."""
+    from ..accel import cache
     from ..accel.sample import synthetic_corpus
     from ..accel.speed import measure, measure_loopback
 
     with _lock:
-        missing = [c for c in cands if (*c, cores) not in _speeds]
-        if missing:
+        for name, level in cands:
+            if (name, level, cores) in _speeds:
+                continue
+            backend = create_method(name, level or 1).backend()
+            hit = cache.measurement(name, level, backend, cores)
+            if hit is not None:
+                _speeds[(name, level, cores)], _origin[(name, level, cores)] = hit[0], hit[1]
+                continue
             usable = min(len(data) - len(data) % PAGE_SIZE, REFERENCE_BYTES)
             ref = data[:usable] or synthetic_corpus(REFERENCE_BYTES)
-            for name, level in missing:
-                _speeds[(name, level, cores)] = measure(name, level, ref, threads=cores, repeat=2)
+            m = measure(name, level, ref, threads=cores, repeat=2)
+            _speeds[(name, level, cores)], _origin[(name, level, cores)] = m, None
+            cache.store_measurement(m)
         if cores not in _loop:
-            # Unix socket pairs: nothing on lo, which a tc qdisc may shape (the bench's --link-rate)
-            _loop[cores] = max(measure_loopback(8 << 20, cores, tcp=False).all_bps for _ in range(2))
+            rate = cache.socket_rate(cores)
+            if rate is None:
+                # Unix socket pairs: nothing on lo, which a tc qdisc may shape (the bench's --link-rate)
+                _loop[cores] = max(measure_loopback(8 << 20, cores, tcp=False).all_bps for _ in range(2))
+                cache.store_socket_rate(cores, _loop[cores])
+            else:
+                _loop[cores] = rate[0]
         return {c: _speeds[(*c, cores)] for c in cands}, _loop[cores]
+
+
+def speed_origin(cands: Sequence[tuple[str, int | None]], cores: int) -> str:
+    """Where :func:`host_speeds` took the speeds of ``cands`` from, for the choice's reason:
+    "measured now", "cached N min ago (FILE)" or both ('' when it was not asked)."""
+    from ..accel import cache
+
+    ages = [_origin[(*c, cores)] for c in cands if (*c, cores) in _origin]
+    if not ages:
+        return ""
+    cached = [a for a in ages if a is not None]
+    if not cached:
+        return "codec speeds measured now"
+    what = f"codec speeds cached {max(cached) / 60:.0f} min ago ({cache.path()})"
+    return what if len(cached) == len(ages) else f"{what}, the others measured now"
 
 
 def sample_guest(views: Sequence[memoryview], zero_pages_free: bool,
@@ -227,6 +260,7 @@ def choose(views: Sequence[memoryview], ram: int, channels: int, max_bandwidth: 
         f = finish_time(m, loop_bps, nonzero, cap, channels, ncores, same_host)
         rows.append({"method": name, "level": level, "ratio": round(m.ratio, 3),
                      "predicted-ms": round(f.seconds * 1000, 1), "limit": f.limit})
+    origin = speed_origin(cands, ncores)
     best = min(r["predicted-ms"] for r in rows)
     # ties go to the least codec work: the candidates are listed cheapest first within a method
     pick = next(r for r in rows if r["predicted-ms"] <= best * (1 + TIE))
@@ -235,7 +269,8 @@ def choose(views: Sequence[memoryview], ram: int, channels: int, max_bandwidth: 
                        for r in rows if r is not pick)
     reason = (f"predicted {pick['predicted-ms'] / 1000:.2f} s for {format_size(ram)} ({pick['limit']}-limited; "
               f"ratio {pick['ratio']:.2f} on {seen} sampled pages, {zeros} zero; {link}; "
-              f"{channels} channels, {ncores} cores{', shared by both ends' if same_host else ' per side'}); "
+              f"{channels} channels, {ncores} cores{', shared by both ends' if same_host else ' per side'}"
+              f"{'; ' + origin if origin else ''}); "
               f"{_tie(pick, rows, best)}others: {others or 'none'}")
     return Choice(pick["method"], pick["level"], reason, cap, cap_source, channels, ncores, same_host, seen,
                   zeros, round((time.perf_counter() - t0) * 1000, 1), rows)

@@ -1,11 +1,12 @@
-"""libzstd through ctypes: streaming compress and decompress without intermediate Python buffers.
+"""libzstd through ctypes: compress and decompress without intermediate Python buffers.
 
 QEMU's zstd method keeps one never-ended frame per channel (docs/wire.md, "Payloads"). pyzstd does that
 too, but hands every packet back as a fresh Python object and cannot decode into a caller's buffer;
 with libzstd's own streaming API the receiver decodes straight into guest RAM (no copy, no 512 KiB
 allocation per packet) and the sender writes into a buffer it keeps. ctypes releases the GIL for the
-duration of each call, so channels compress in parallel. Used when ``libzstd.so.1`` loads (Debian's
-``libzstd1``, present on every Debian system); otherwise the zstd method falls back to pyzstd.
+duration of each call, so channels compress in parallel. The library is the zstd pyzstd bundles when
+its extension exports zstd's functions, else the system's ``libzstd.so.1`` (Debian's ``libzstd1``);
+without either the zstd method falls back to pyzstd's own API.
 """
 
 from __future__ import annotations
@@ -38,13 +39,28 @@ class OutBuffer(ctypes.Structure):
     _fields_ = [("dst", ctypes.c_void_p), ("size", ctypes.c_size_t), ("pos", ctypes.c_size_t)]
 
 
+def _bundled() -> str | None:
+    """The file of the zstd that pyzstd runs on (backports.zstd's extension, which exports zstd's
+    functions), or None."""
+    try:
+        from backports.zstd import _zstd  # type: ignore[import-untyped,unused-ignore]
+    except ImportError:
+        return None
+    return getattr(_zstd, "__file__", None)
+
+
 def _load() -> ctypes.CDLL | None:
-    for name in (ctypes.util.find_library("zstd"), "libzstd.so.1"):
+    """The newest zstd that loads and exports the streaming and bufferless functions: pyzstd's own
+    (1.5.7 here: about 6 % smaller output than Debian 12's 1.5.4 at level 1, at the same speed), else
+    the system's ``libzstd.so.1``."""
+    found: list[ctypes.CDLL] = []
+    for name in (_bundled(), ctypes.util.find_library("zstd"), "libzstd.so.1"):
         if not name:
             continue
         try:
             lib = ctypes.CDLL(name)
-        except OSError:
+            lib.ZSTD_compressContinue, lib.ZSTD_decompressStream  # noqa: B018 - both exported?
+        except (OSError, AttributeError):
             continue
         lib.ZSTD_versionString.restype = ctypes.c_char_p
         lib.ZSTD_isError.argtypes = [ctypes.c_size_t]
@@ -67,8 +83,14 @@ def _load() -> ctypes.CDLL | None:
         lib.ZSTD_decompressStream.restype = ctypes.c_size_t
         lib.ZSTD_compressBound.argtypes = [ctypes.c_size_t]
         lib.ZSTD_compressBound.restype = ctypes.c_size_t
-        return lib
-    return None
+        lib.ZSTD_versionNumber.restype = ctypes.c_uint
+        lib.ZSTD_compressBegin.argtypes = [ctypes.c_void_p, ctypes.c_int]
+        lib.ZSTD_compressBegin.restype = ctypes.c_size_t
+        lib.ZSTD_compressContinue.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t,
+                                              ctypes.c_void_p, ctypes.c_size_t]
+        lib.ZSTD_compressContinue.restype = ctypes.c_size_t
+        found.append(lib)
+    return max(found, key=lambda lib: int(lib.ZSTD_versionNumber()), default=None)
 
 
 LIB = _load()
@@ -91,35 +113,51 @@ def _check(ret: int, what: str) -> int:
     return ret
 
 
-class StreamCompressor:
-    """One never-ended zstd frame; each call ends with ZSTD_e_flush (the packet boundary)."""
+class PacketCompressor:
+    """One never-ended zstd frame, written with zstd's bufferless API (``ZSTD_compressContinue``):
+    each call emits the blocks of exactly its input, as ZSTD_e_flush does, and never ends the frame,
+    so the stream is the one QEMU's streaming compressor writes (docs/wire.md, "Payloads").
+
+    Each packet's pages are first copied to the end of one packet-sized buffer. The streaming API
+    copies input into a window buffer that wraps every window's worth of input, after which zstd's
+    match finder runs its slower two-segment (``extDict``) variant for most blocks; here every packet
+    is one contiguous segment that replaces the previous one, so it runs the plain one (about 8 %
+    faster at level 1, 70 % at level 3). Ending every packet at the same address matters: when new
+    input overlaps the old segment, zstd keeps of the old one only what lies above the new input's
+    end (nothing here, whatever the sizes), while a shorter packet copied to the start would leave
+    the old tail as a second segment. The window never holds a byte that changed after zstd saw
+    it: the copy writes only the new input, and zstd drops the old segment before reading it.
+    Matches across packets (rare between unrelated pages) are lost: about 1 % more output.
+    """
 
     def __init__(self, level: int, max_input: int = 512 * 1024) -> None:
         assert LIB is not None
         self._cctx = LIB.ZSTD_createCCtx()
         if not self._cctx:
             raise MemoryError("ZSTD_createCCtx failed")
-        _check(LIB.ZSTD_CCtx_setParameter(self._cctx, ZSTD_c_compressionLevel, level), "setParameter(level)")
+        _check(LIB.ZSTD_compressBegin(self._cctx, level), "compressBegin")
+        self._in = bytearray(max_input)
+        self._in_addr, self._in_arr = _addr(self._in)
+        # + the frame header, written with the first packet
         self._out = bytearray(LIB.ZSTD_compressBound(max_input) + _FLUSH_HEADROOM)
         self._out_addr, self._out_arr = _addr(self._out)
 
     def compress(self, runs: Sequence[Buffer]) -> bytes:
+        """The payload of one packet whose pages are ``runs``, in order; PayloadError beyond
+        ``max_input`` bytes."""
         assert LIB is not None
-        out = OutBuffer(self._out_addr, len(self._out), 0)
-        inp = InBuffer(0, 0, 0)
-        last = len(runs) - 1
-        for i, run in enumerate(runs):
-            addr, keep = _addr(run)
-            inp.src, inp.size, inp.pos = addr, keep.nbytes, 0
-            mode = ZSTD_e_flush if i == last else ZSTD_e_continue
-            while True:
-                left = _check(LIB.ZSTD_compressStream2(self._cctx, ctypes.byref(out), ctypes.byref(inp), mode),
-                              "compressStream2")
-                if out.pos == out.size:
-                    raise PayloadError("zstd: compressStream buffer too small")
-                if inp.pos == inp.size and (mode == ZSTD_e_continue or left == 0):
-                    break
-        return bytes(memoryview(self._out)[: out.pos])
+        views = [memoryview(run).cast("B") for run in runs]
+        n = sum(v.nbytes for v in views)
+        end = len(self._in)
+        if n > end:
+            raise PayloadError(f"zstd: packet of more than {end} bytes")
+        pos = start = end - n  # every packet ends at the buffer's end: see the class docstring
+        for v in views:
+            self._in[pos : pos + v.nbytes] = v
+            pos += v.nbytes
+        written = _check(LIB.ZSTD_compressContinue(self._cctx, self._out_addr, len(self._out), self._in_addr + start,
+                                                   n), "compressContinue")
+        return bytes(memoryview(self._out)[:written])
 
     def __del__(self) -> None:
         if LIB is not None and getattr(self, "_cctx", None):

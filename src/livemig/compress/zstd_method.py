@@ -1,20 +1,20 @@
 """``zstd``: one zstd frame per channel, ZSTD_e_flush at the end of each packet, never ended
 (docs/wire.md, "Payloads"). Level 0 means zstd's default level (3), as in QEMU.
 
-The sender uses pyzstd (its bundled zstd 1.5.7 compresses Silesia-like data about 3 % smaller than
-Debian 12's libzstd 1.5.4 at level 1, at the same speed). The receiver uses the system's libzstd
-through ctypes (:mod:`.libzstd`), which decodes straight into guest RAM, saving a 512 KiB buffer and
-a copy per packet; without libzstd it uses pyzstd (chosen over python-zstandard because its
-decompressor takes ``max_length``: a hostile payload cannot make the receiver allocate more than the
-packet's pages). ``LIVEMIG_ZSTD=pyzstd`` forces pyzstd on both sides, ``LIVEMIG_ZSTD=lib`` libzstd
-on both. All combinations write and read the same stream."""
+Both sides use zstd through ctypes (:mod:`.libzstd`): the zstd pyzstd bundles (1.5.7, about 6 %
+smaller output than Debian 12's libzstd 1.5.4 at level 1, at the same speed) when its extension
+exports zstd's functions, else the system's libzstd. The sender compresses each packet as one
+contiguous segment (:class:`.libzstd.PacketCompressor`); the receiver decodes straight into guest
+RAM, saving a 512 KiB buffer and a copy per packet. Without a loadable zstd library both sides use
+pyzstd's API (its decompressor takes ``max_length``: a hostile payload cannot make the receiver
+allocate more than the packet's pages). ``LIVEMIG_ZSTD=pyzstd`` forces pyzstd's API on both sides.
+All combinations write and read the same stream."""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-
-import pyzstd
+from types import ModuleType
 
 from .._types import Buffer
 from ..errors import PayloadError
@@ -23,12 +23,16 @@ from . import libzstd
 from .base import Compressor, Decompressor, Method
 
 
-def _use_lib(side: str) -> bool:
-    """Whether ``side`` ("send" or "recv") uses libzstd."""
-    choice = os.environ.get("LIVEMIG_ZSTD", "")
-    if libzstd.LIB is None or choice == "pyzstd":
-        return False
-    return choice == "lib" or side == "recv"
+def _pyzstd() -> ModuleType:
+    """pyzstd, imported only when its API is used (the import takes ~0.1 s: it pulls in asyncio)."""
+    import pyzstd
+
+    return pyzstd
+
+
+def _use_lib() -> bool:
+    """Whether both sides use zstd through :mod:`.libzstd` (else pyzstd's API)."""
+    return libzstd.LIB is not None and os.environ.get("LIVEMIG_ZSTD", "") != "pyzstd"
 
 #: keep frames decodable by default decoders (ZSTD_WINDOWLOG_LIMIT_DEFAULT = 27)
 _MAX_WINDOW_LOG = 27
@@ -37,33 +41,37 @@ _MAX_WINDOW_LOG = 27
 class _Send(Compressor):
     def __init__(self, level: int) -> None:
         # levels 0..20 with an unknown source size use windowLog <= 25: within the decoder limit
+        pyzstd = _pyzstd()
+        self._mode, self._flush = pyzstd.ZstdCompressor.CONTINUE, pyzstd.ZstdCompressor.FLUSH_BLOCK
         self._z = pyzstd.ZstdCompressor({pyzstd.CParameter.compressionLevel: level})
 
     def compress(self, runs: Sequence[Buffer]) -> list[Buffer]:
         out: list[Buffer] = []
         for r in runs:
-            chunk = self._z.compress(r, pyzstd.ZstdCompressor.CONTINUE)
+            chunk = self._z.compress(r, self._mode)
             if chunk:
                 out.append(chunk)
-        out.append(self._z.flush(pyzstd.ZstdCompressor.FLUSH_BLOCK))
+        out.append(self._z.flush(self._flush))
         return out
 
 
 class _Recv(Decompressor):
     def __init__(self, page_size: int) -> None:
         self.page_size = page_size
+        pyzstd = _pyzstd()
+        self._error = pyzstd.ZstdError
         self._z = pyzstd.ZstdDecompressor(option={pyzstd.DParameter.windowLogMax: _MAX_WINDOW_LOG})
 
     def decompress(self, payload: Buffer, normal_pages: int) -> Buffer:
         want = normal_pages * self.page_size
         try:
-            out = self._z.decompress(payload, want)
+            out: bytes = self._z.decompress(payload, want)
             if len(out) == want and not self._z.needs_input:
                 # the block flush may leave input that must produce nothing more
                 extra = self._z.decompress(b"", 1)
                 if extra:
                     raise PayloadError(f"zstd: payload decompresses to more than {want} bytes ({normal_pages} pages)")
-        except pyzstd.ZstdError as exc:
+        except self._error as exc:
             raise PayloadError(f"zstd: decompressStream returned {exc}") from exc
         if self._z.eof:
             raise PayloadError("zstd: frame ended; a multifd zstd frame is never ended")
@@ -74,7 +82,7 @@ class _Recv(Decompressor):
 
 class _LibSend(Compressor):
     def __init__(self, level: int) -> None:
-        self._z = libzstd.StreamCompressor(level)
+        self._z = libzstd.PacketCompressor(level)
 
     def compress(self, runs: Sequence[Buffer]) -> list[Buffer]:
         return [self._z.compress(runs)]
@@ -100,16 +108,16 @@ class Zstd(Method):
     levels = (0, 20)
 
     def backend(self) -> str:
-        send = f"libzstd {libzstd.version()}" if _use_lib("send") else f"pyzstd (zstd {pyzstd.zstd_version})"
-        recv = (f"libzstd {libzstd.version()} into guest RAM" if _use_lib("recv")
-                else f"pyzstd (zstd {pyzstd.zstd_version})")
-        return f"cpu: zstd; send {send}, receive {recv}"
+        if _use_lib():
+            return (f"cpu: zstd {libzstd.version()}; send one contiguous segment per packet, "
+                    "receive into guest RAM")
+        return f"cpu: zstd; pyzstd (zstd {_pyzstd().zstd_version}) both ways"
 
     def compressor(self, channel: int) -> Compressor:
-        return _LibSend(self.level) if _use_lib("send") else _Send(self.level)
+        return _LibSend(self.level) if _use_lib() else _Send(self.level)
 
     def decompressor(self, channel: int) -> Decompressor:
-        return _LibRecv(self.page_size) if _use_lib("recv") else _Recv(self.page_size)
+        return _LibRecv(self.page_size) if _use_lib() else _Recv(self.page_size)
 
 
 METHOD = Zstd

@@ -172,6 +172,8 @@ class SendChannel(threading.Thread):
         bufs: list[Buffer] = []
         normal = zero = plen = 0
         nonzero = self._nonzero(job)
+        if nonzero is not None and nonzero.all():
+            nonzero = None  # no zero page in the job: every packet sends all its pages
         k = 0
         for idx, num in job.packets:
             nz = None if nonzero is None else nonzero[k : k + idx.size]
@@ -201,14 +203,16 @@ class SendChannel(threading.Thread):
     def _packet(self, block: str, idx: np.ndarray, num: int,
                 nonzero: np.ndarray | None) -> tuple[list[Buffer], int, int, int]:
         """Header and payload buffers of one packet, its normal and zero page counts and its payload
-        size in bytes. ``nonzero``: bool per page of ``idx`` (None: all are sent as normal)."""
+        size in bytes. ``nonzero``: bool per page of ``idx`` (None: all are sent as normal).
+        ``idx``: ascending page indices (a piece of a sorted page set)."""
         ctx = self.ctx
         ps = ctx.page_size
         first, n = int(idx[0]), int(idx.size)
-        if nonzero is None or nonzero.all():
-            normal, zero = idx, idx[:0]
+        offsets = (idx * ps).view(np.uint64)  # page indices are >= 0
+        if nonzero is None:
+            normal, zero, normal_off, zero_off = idx, idx[:0], offsets, offsets[:0]
         else:
-            normal, zero = idx[nonzero], idx[~nonzero]
+            normal, zero, normal_off, zero_off = idx[nonzero], idx[~nonzero], offsets[nonzero], offsets[~nonzero]
         mv = ctx.views[block]
         if normal.size == n and int(idx[-1]) - first + 1 == n:
             page_runs = [mv[first * ps : (first + n) * ps]]
@@ -219,14 +223,14 @@ class SendChannel(threading.Thread):
         self.counters.codec_seconds += time.thread_time() - t0
         digest = ctx.digests.get(block)
         if digest is not None:  # the pages were just read: hash their chunk while it is in cache
-            digest.cover(normal, zero, mark_rest=False)
+            digest.cover(normal, zero, mark_rest=False, span=(first, int(idx[-1])))
         plen = sum(len(b) for b in payload)
         hdr = packet.encode_packet(
             flags=ctx.method.flag,
             packet_num=num,
             ramblock=block,
-            normal=normal.astype(np.uint64) * ps,
-            zero=zero.astype(np.uint64) * ps,
+            normal=normal_off,
+            zero=zero_off,
             next_packet_size=plen,
             page_size=ps,
         )
@@ -442,12 +446,14 @@ class RecvChannel(threading.Thread):
                 block = ctx.blocks.get(hdr.ramblock)
                 if block is None:
                     raise WireError("multifd: unknown ram block", hdr.ramblock, f"one of {sorted(ctx.blocks)}")
-                packet.check_packet(hdr, method_flag=ctx.method.flag, block_size=block.size, page_size=ps)
-                pages = (hdr.offsets // ps).astype(np.int64)  # offsets checked: inside the block
-                normal, zero = pages[: hdr.normal_pages], pages[hdr.normal_pages :]
+                # offsets checked: inside the block
+                normal, zero, normal_runs, span = packet.check_packet(hdr, method_flag=ctx.method.flag,
+                                                                      block_size=block.size, page_size=ps)
                 received = ctx.received[block.name]
-                if normal.size:
-                    self._normal(hdr, block, normal, pbuf)
+                if normal_runs:
+                    self._normal(hdr, block, normal_runs, pbuf)
+                    for f, n in normal_runs:
+                        received[f : f + n] = True
                 elif hdr.next_packet_size:
                     raise WireError("multifd: next_packet_size of a packet without normal pages",
                                     hdr.next_packet_size, 0)
@@ -456,7 +462,7 @@ class RecvChannel(threading.Thread):
                     if again.size:
                         block.pages[again] = 0
                     received[zero] = True
-                ctx.digests[block.name].cover(normal, zero, mark_rest=True)
+                ctx.digests[block.name].cover(normal, zero, mark_rest=True, span=span)
                 if ctx.landed is not None:
                     ctx.landed(block.name, normal, zero)
                 c = self.counters
@@ -470,12 +476,14 @@ class RecvChannel(threading.Thread):
             if hdr.is_sync:
                 ctx.sync(self.cid)
 
-    def _normal(self, hdr: packet.PacketHeader, block: RamBlock, normal: np.ndarray, pbuf: memoryview) -> None:
+    def _normal(self, hdr: packet.PacketHeader, block: RamBlock, normal_runs: list[tuple[int, int]],
+                pbuf: memoryview) -> None:
+        """Land the packet's normal pages (``normal_runs``: (first page, count)) in guest RAM."""
         ctx = self.ctx
         ps = ctx.page_size
-        n = int(normal.size)
+        n = hdr.normal_pages
         mv = ctx.views[block.name]
-        outs = [mv[f * ps : (f + c) * ps] for f, c in runs(normal)]
+        outs = [mv[f * ps : (f + c) * ps] for f, c in normal_runs]
         if ctx.method.raw_payload:
             want = n * ps
             if hdr.next_packet_size != want:
@@ -491,7 +499,6 @@ class RecvChannel(threading.Thread):
             # offsets were checked against the block: the decoder writes only this packet's pages
             self.decomp.decompress_into(pbuf[:size], outs, ps)
             self.counters.codec_seconds += time.thread_time() - t0
-        ctx.received[block.name][normal] = True
 
     def _recv(self, bufs: list[memoryview], what: str) -> None:
         """Fill ``bufs``: one blocking read at full speed; under a slow cap the kernel's receive

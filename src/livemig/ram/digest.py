@@ -55,7 +55,9 @@ class ChunkDigest:
         #: settled refresh is "settled" (no write in flight)
         self._gen = np.zeros(n, dtype=np.uint32)
         self._gen_seen = np.zeros(n, dtype=np.uint32)
-        self.hashes = np.zeros((n, 16), dtype=np.uint8)
+        #: chunk digests, 16 bytes each; ``hashes`` is a numpy view of them
+        self._hash_bytes = bytearray(16 * n)
+        self.hashes = np.frombuffer(self._hash_bytes, dtype=np.uint8).reshape(n, 16)
         #: guards the arrays above (held briefly, never while hashing)
         self._lock = threading.Lock()
         #: one refresh at a time: the final digest waits for a background refresh in progress
@@ -100,26 +102,34 @@ class ChunkDigest:
             self.dirty[:] = True
             self._marked = True
 
-    def cover(self, normal: np.ndarray, zero: np.ndarray, mark_rest: bool) -> int:
+    def cover(self, normal: np.ndarray, zero: np.ndarray, mark_rest: bool,
+              span: tuple[int, int] | None = None) -> int:
         """One packet's pages were just handled: ``normal`` (read or written) and ``zero`` (pages that
         are zero now), int64 page indices, each listed once (a packet's offsets are unique:
         :func:`~livemig.wire.packet.check_packet`), any order. Every chunk these pages cover whole is
         hashed now (its digest is up to date as of this call); a chunk covered only by ``zero`` gets
         the zero-chunk digest unread. ``mark_rest``: mark the chunks covered only in part (a
-        receiver's writes); a sender leaves them as the dirty log marked them. Returns the chunks
-        hashed.
+        receiver's writes); a sender leaves them as the dirty log marked them. ``span``: the lowest
+        and highest of these pages when the caller knows them (saves two passes over them). Returns
+        the chunks hashed.
 
         Only for chunks no other thread writes meanwhile: a multifd pass lists each page once, so a
         chunk one packet covers whole is written by that packet alone until the next pass.
         """
         cp = self.chunk_pages
-        pages = np.concatenate((normal, zero)) if zero.size else normal
-        if not pages.size:
+        count = normal.size + zero.size
+        if not count:
             return 0
-        c0, c1 = int(pages.min()) // cp, int(pages.max()) // cp
+        pages = None
+        if span is None:
+            pages = np.concatenate((normal, zero)) if zero.size else normal
+            span = int(pages.min()), int(pages.max())
+        c0, c1 = span[0] // cp, span[1] // cp
         if c0 == c1:  # the usual packet: one chunk, whole when it lists as many pages as the chunk has
-            whole, part = ([c0], []) if pages.size == self._chunk_len(c0) else ([], [c0])
+            whole, part = ([c0], []) if count == self._chunk_len(c0) else ([], [c0])
         else:
+            if pages is None:
+                pages = np.concatenate((normal, zero)) if zero.size else normal
             chunks, counts = np.unique(pages // cp, return_counts=True)
             full = counts == np.minimum(cp, self.npages - chunks * cp)
             whole, part = chunks[full].tolist(), chunks[~full].tolist()
@@ -134,7 +144,7 @@ class ChunkDigest:
         with self._lock:
             for c, h in out:
                 self._gen[c] += 1
-                self.hashes[c] = np.frombuffer(h, dtype=np.uint8)
+                self._hash_bytes[16 * c : 16 * c + 16] = h
                 self.dirty[c] = False
             if mark_rest:
                 for c in part:

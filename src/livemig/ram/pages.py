@@ -50,11 +50,10 @@ def runs(idx: np.ndarray) -> list[tuple[int, int]]:
     # not be sorted (QEMU moves zero pages to the end of the list by swapping)
     if int(idx[-1]) - first + 1 == idx.size and bool(np.all(idx[1:] > idx[:-1])):
         return [(first, int(idx.size))]
-    breaks = np.flatnonzero(np.diff(idx) != 1) + 1
-    starts = np.concatenate(([0], breaks))
-    ends = np.concatenate((breaks, [idx.size]))
-    firsts = idx[starts]
-    return [(int(f), int(n)) for f, n in zip(firsts, ends - starts, strict=True)]
+    cuts = (np.flatnonzero(idx[1:] - idx[:-1] != 1) + 1).tolist()
+    starts, ends = [0, *cuts], [*cuts, int(idx.size)]
+    firsts = idx[starts].tolist()
+    return [(f, e - s) for f, s, e in zip(firsts, starts, ends, strict=True)]
 
 
 def chunks(idx: np.ndarray, size: int) -> Iterator[np.ndarray]:
