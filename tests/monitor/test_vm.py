@@ -147,9 +147,9 @@ def test_parameters_and_capabilities(pair: tuple[Monitor, Monitor]) -> None:
                                                   {"capability": "pause-before-switchover", "state": True}])
     caps = {c["capability"]: c["state"] for c in src("query-migrate-capabilities")}
     assert caps == {"multifd": True, "return-path": True, "events": True, "pause-before-switchover": True,
-                    "auto-converge": False}
-    assert src.error("migrate-set-capabilities", capabilities=[{"capability": "postcopy-ram", "state": True}]) == \
-        "Parameter 'capability' does not accept value 'postcopy-ram'"
+                    "auto-converge": False, "postcopy-ram": False}
+    assert src.error("migrate-set-capabilities", capabilities=[{"capability": "postcopy-blocktime", "state": True}]) \
+        == "Parameter 'capability' does not accept value 'postcopy-blocktime'"
 
 
 def test_migration_completes_with_events(pair: tuple[Monitor, Monitor]) -> None:
@@ -236,7 +236,7 @@ def test_hmp_commands() -> None:
         assert run("migrate_set_parameter x").output.startswith("migrate_set_parameter: missing argument\n")
         assert run("migrate_incoming tcp:127.0.0.1:0").output == \
             "Error: '-incoming' was not specified on the command line\n"
-        assert "migrate [-d] uri -- " in run("help").output
+        assert "migrate [-d] [-r] uri -- " in run("help").output
         assert run("help migrate_cancel").output == "migrate_cancel -- cancel the current VM migration\n"
         assert run("stop").output == "" and run("info status").output == "VM status: paused\n"
         assert run("c").output == "" and run("info status").output == "VM status: running\n"
