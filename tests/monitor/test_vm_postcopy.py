@@ -88,3 +88,16 @@ def test_info_migrate_postcopy_lines_in_qemu_order() -> None:
     assert lines[i + 1:i + 4] == ["postcopy request count: 42", "precopy ram: 2 kbytes", "postcopy ram: 5120 kbytes"]
     # no request yet: no line, as QEMU
     assert "postcopy request" not in format_info_migrate({"ram": ram | {"postcopy-requests": 0}})
+
+
+def test_destination_without_userfaultfd_refuses_the_capability(src: Monitor, dst: Monitor,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    from livemig.guest import uffd
+
+    monkeypatch.setattr(uffd, "unavailable", lambda: "userfaultfd: Operation not permitted")
+    on = [{"capability": "postcopy-ram", "state": True}]
+    assert dst.error("migrate-set-capabilities", capabilities=on) == \
+        "Postcopy is not supported: userfaultfd: Operation not permitted"
+    assert {c["capability"]: c["state"] for c in dst("query-migrate-capabilities")}["postcopy-ram"] is False
+    src("migrate-set-capabilities", capabilities=on)  # a source serves no faults: not checked, as QEMU
+    assert {c["capability"]: c["state"] for c in src("query-migrate-capabilities")}["postcopy-ram"] is True

@@ -22,6 +22,7 @@ import dataclasses
 from typing import Any
 
 from ..errors import MigrationError
+from ..guest import uffd
 from ..monitor.schema import QMPError
 from ..params import MigrationParameters
 from .core import CAPABILITIES, POSTCOPY_STATUSES, REQUIRED_CAPABILITIES, RUNNING_STATUSES, Emit
@@ -115,11 +116,17 @@ class VM(Outgoing, Incoming):
         return [{"capability": k, "state": v} for k, v in self.caps.items()]
 
     def set_capabilities(self, caps: list[dict[str, Any]]) -> None:
+        """As QEMU's migrate_caps_check: refused while a migration runs; ``postcopy-ram`` turned on in
+        ``inmigrate`` (the destination, which serves the faults) needs userfaultfd here."""
         with self.lock:
             if self.migration_active():
                 raise QMPError("There's a migration process in progress")
-            for cap in caps:
-                self.caps[cap["capability"]] = cap["state"]
+            new = self.caps | {c["capability"]: c["state"] for c in caps}
+            if new["postcopy-ram"] and not self.caps["postcopy-ram"] and self.state == "inmigrate":
+                reason = uffd.unavailable()
+                if reason is not None:
+                    raise QMPError(f"Postcopy is not supported: {reason}")
+            self.caps = new
 
     def query_parameters(self) -> dict[str, Any]:
         return self.params.to_qapi() | self.tls.params
