@@ -35,7 +35,7 @@ def test_options_make_three_rows_per_method() -> None:
                                  dirty_rate=100000, working_set=4096, auto_converge=True, postcopy_ram=True,
                                  postcopy_after_passes=2))
     assert c.convergence == ("precopy", "auto-converge", "postcopy") and c.postcopy_after_passes == 2
-    assert "--auto-converge" not in c.migrate_args()  # per row now, not on every row
+    assert c.workload_args() == ("--dirty-rate", "100000", "--working-set", "4096")  # no --auto-converge: per row
     with pytest.raises(ParameterError, match="--postcopy-after-passes 0"):
         parse_options(bench_args(methods="none", memory="64M", guest="portable", postcopy_after_passes=0))
 
@@ -70,7 +70,7 @@ def test_convergence_table_figures_follow_the_results(pc: tuple[int, ...], ac: t
                                                        "ram": {"dirty-sync-count": 14, "remaining": 300 << 20}})),
             run("zstd+auto-converge", throttled), run("zstd+postcopy", _postcopy(*pc))]
     text = render_convergence(aggregate(runs))
-    assert data_cells(text, "zstd") == ["did not converge in 60 s (14 passes, 300 MiB dirty)"] + ["-"] * 7
+    assert data_cells(text, "zstd") == ["did not converge in 60 s (14 passes, 300.00 MiB dirty)"] + ["-"] * 7
     assert data_cells(text, "zstd+auto-converge") == ["completed", str(ac[0]), str(ac[1]), str(ac[2]), "-", "-",
                                                       "-", "-"]
     assert data_cells(text, "zstd+postcopy") == ["completed", str(pc[0]), str(pc[1]), "-", *map(str, pc[2:])]
@@ -119,3 +119,10 @@ def test_postcopy_switch_once_at_its_pass() -> None:
     assert late.sent == []
     missed.seen("query-migrate", {"status": "active", "ram": {"dirty-sync-count": 4}})  # the event was missed
     assert late.sent == ["migrate-start-postcopy"] and missed.sent_in == 4
+
+
+def test_long_errors_are_shortened_in_the_outcome_column() -> None:
+    long = "status failed: " + "x" * 200
+    text = render_convergence(aggregate([run("zstd+postcopy", None, error=long)]))
+    cell = data_cells(text, "zstd+postcopy")[0]
+    assert cell == ("error: " + long)[:69] + "..." and len(cell) == 72

@@ -20,11 +20,12 @@ from livemig.vm.machine import VM
 class Monitor:
     """A VM with its command table, a negotiated session, an HMP and the events it sent."""
 
-    def __init__(self, incoming: bool = False, paused: bool = False, memory: int = 16 << 20) -> None:
-        cfg = GuestConfig(kind="portable", memory=memory, fill="random", workload="idle")
+    def __init__(self, incoming: bool = False, paused: bool = False, memory: int = 16 << 20,
+                 cfg: GuestConfig | None = None, timeout: float = 10) -> None:
+        cfg = cfg or GuestConfig(kind="portable", memory=memory, fill="random", workload="idle")
         self.events: list[tuple[str, Any]] = []
         self.vm = VM(create_guest(cfg, incoming=incoming), name="t", incoming=incoming, paused=paused,
-                     emit=lambda n, d=None: self.events.append((n, d)), timeout=10)
+                     emit=lambda n, d=None: self.events.append((n, d)), timeout=timeout)
         self.quit: list[tuple[str, int]] = []
         self.vm.on_quit = lambda reason, code: self.quit.append((reason, code))
         self.table = CommandTable()

@@ -220,7 +220,7 @@ def run_bench(config: BenchConfig, children: Children, measured: Bench | None = 
         b.data, b.codecs, b.codec_errors, b.loopback = (measured.data, measured.codecs, measured.codec_errors,
                                                         measured.loopback)
     exp = Experiment(c.guest, c.memory, c.workload, c.fill, c.smp, c.level, c.downtime_limit, c.timeout,
-                     c.migrate_args(), postcopy_after_passes=c.postcopy_after_passes)
+                     workload_args=c.workload_args(), postcopy_after_passes=c.postcopy_after_passes)
     workdir = tempfile.mkdtemp(prefix="livemig-bench-")
     tls_exp = tls_experiment(exp, workdir) if c.tls else None
     netns: NetNamespace | None = None

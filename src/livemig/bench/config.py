@@ -91,8 +91,8 @@ class BenchConfig:
     #: post-copy rows: migrate-start-postcopy once precopy pass N runs
     postcopy_after_passes: int = 1
 
-    def migrate_args(self) -> tuple[str, ...]:
-        """``livemig migrate`` options for the workload (rows run through it)."""
+    def workload_args(self) -> tuple[str, ...]:
+        """The workload's guest options (``livemig vm`` and ``livemig migrate`` take them alike)."""
         out: list[str] = []
         if self.dirty_rate is not None:
             out += ["--dirty-rate", str(self.dirty_rate)]

@@ -27,11 +27,16 @@ COLUMNS: tuple[tuple[str, str, str], ...] = (
 )
 
 
+#: characters of an error shown in the outcome column (the whole error is listed under the main table)
+OUTCOME_WIDTH = 72
+
+
 def outcome(row: Row) -> str:
-    """``completed``, ``did not converge in T s (...)``, or the row's n/a or error note."""
+    """``completed``, ``did not converge in T s (...)``, or the row's n/a or error note (shortened)."""
     if row.note is None:
         return "completed"
-    return row.note.removeprefix("error: ") if "did not converge" in row.note else row.note
+    text = row.note.removeprefix("error: ") if "did not converge" in row.note else row.note
+    return text if len(text) <= OUTCOME_WIDTH else text[:OUTCOME_WIDTH - 3] + "..."
 
 
 def render_convergence(rows: Sequence[Row], markdown: bool = False) -> str:

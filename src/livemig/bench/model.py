@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ..errors import MigrationError
+from ..units import format_size
 from ..wire.constants import PAGE_SIZE
 
 #: peers a row can come from
@@ -100,7 +101,7 @@ def not_finished(timeout: float, info: dict[str, Any] | None) -> str:
     info = info or {}
     ram = info.get("ram", {})
     if info.get("status") in ("active", "cancelled", "cancelling") and ram.get("dirty-sync-count"):
-        left = f", {ram['remaining'] >> 20} MiB dirty" if "remaining" in ram else ""
+        left = f", {format_size(ram['remaining'])} dirty" if "remaining" in ram else ""
         return f"did not converge in {timeout:.0f} s ({ram['dirty-sync-count']} passes{left})"
     status = f" (status {info['status']})" if info.get("status") else ""
     return f"timed out after {timeout:.0f} s{status}"

@@ -43,7 +43,10 @@ class Experiment:
     level: int = 1
     downtime_limit: int | None = None
     timeout: float = 900.0
+    #: options only ``livemig migrate`` has (rows then run through it)
     extra_args: tuple[str, ...] = ()
+    #: the workload's guest options (--dirty-rate, --working-set), given to the source either way
+    workload_args: tuple[str, ...] = ()
     #: a tls-creds-x509 directory with both ends' files: every channel over TLS (rows METHOD+tls)
     tls_dir: str | None = None
     #: how the migration finishes: precopy, auto-converge or postcopy (:data:`.config.CONVERGENCE`)
@@ -88,7 +91,7 @@ def migrate_argv(exp: Experiment, method: str, channels: int, bandwidth: int, js
     if exp.tls_dir:
         argv += ["--object", f"tls-creds-x509,id=tls0,dir={exp.tls_dir.replace(',', ',,')},endpoint=client",
                  "--tls-creds", "tls0"]
-    argv += list(exp.extra_args) + exp.convergence_args()
+    argv += list(exp.workload_args) + list(exp.extra_args) + exp.convergence_args()
     return argv
 
 

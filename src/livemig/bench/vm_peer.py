@@ -30,7 +30,7 @@ def vm_argv(exp: Experiment, qmp: str, incoming: bool) -> list[str]:
             "--qmp", f"unix:{qmp},server=on,wait=off"]
     if incoming:
         return [*argv, "--incoming", "defer", "--name", "livemig-bench-dst"]
-    return [*argv, "--workload", exp.workload, "--fill", exp.fill, "--name", "livemig-bench-src"]
+    return [*argv, "--workload", exp.workload, *exp.workload_args, "--fill", exp.fill, "--name", "livemig-bench-src"]
 
 
 def run_livemig_vm(children: Children, exp: Experiment, method: str, channels: int, bandwidth: int,
