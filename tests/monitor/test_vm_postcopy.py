@@ -101,3 +101,13 @@ def test_destination_without_userfaultfd_refuses_the_capability(src: Monitor, ds
     assert {c["capability"]: c["state"] for c in dst("query-migrate-capabilities")}["postcopy-ram"] is False
     src("migrate-set-capabilities", capabilities=on)  # a source serves no faults: not checked, as QEMU
     assert {c["capability"]: c["state"] for c in src("query-migrate-capabilities")}["postcopy-ram"] is True
+
+
+def test_max_postcopy_bandwidth_parameter(src: Monitor) -> None:
+    assert src("query-migrate-parameters")["max-postcopy-bandwidth"] == 0  # 0: max-bandwidth applies
+    assert src.hmp.run("migrate_set_parameter max-postcopy-bandwidth 1000").output == ""  # bytes/s, as QEMU
+    assert "max-postcopy-bandwidth: 1000 bytes/second\n" in src.hmp.run("info migrate_parameters").output
+    assert src.hmp.run("migrate_set_parameter max-postcopy-bandwidth 2M").output == ""
+    assert src("query-migrate-parameters")["max-postcopy-bandwidth"] == 2 << 20
+    assert src.error("migrate-set-parameters", **{"max-postcopy-bandwidth": -1}) == \
+        "Parameter 'max-postcopy-bandwidth' expects uint64_t"

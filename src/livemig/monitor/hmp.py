@@ -85,7 +85,7 @@ def format_info_migrate(info: dict[str, Any]) -> str:
     return "".join(f"{line}\n" for line in lines)
 
 
-_PARAM_UNITS = {"max-bandwidth": " bytes/second", "downtime-limit": " ms"}
+_PARAM_UNITS = {"max-bandwidth": " bytes/second", "downtime-limit": " ms", "max-postcopy-bandwidth": " bytes/second"}
 
 
 def format_info_parameters(params: dict[str, Any]) -> str:
@@ -186,9 +186,11 @@ def _set_parameter(hmp: HMP, args: list[str]) -> Result:
     if name not in current:
         raise QMPError(f"invalid parameter value: {name}")
     value: Any = text
-    if name == "max-bandwidth":  # a bare number is MiB/s, as QEMU's qemu_strtosz_MiB
+    if name in ("max-bandwidth", "max-postcopy-bandwidth"):
+        # a bare number: MiB/s for max-bandwidth (QEMU's qemu_strtosz_MiB), bytes/s for
+        # max-postcopy-bandwidth (QEMU's visit_type_size)
         try:
-            value = parse_rate(f"{text}M" if text.isdigit() else text)
+            value = parse_rate(f"{text}M" if text.isdigit() and name == "max-bandwidth" else text)
         except MigrationError as exc:
             raise QMPError(f"Invalid size {text}") from exc
     elif isinstance(current[name], bool):

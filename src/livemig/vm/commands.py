@@ -32,7 +32,7 @@ MIGRATION_STATUSES = ("none", "setup", "cancelling", "cancelled", "active", "pos
 #: QEMU's QAPI types of the parameters livemig has (others: by their Python type)
 _PARAM_TYPES: dict[str, Type] = {
     "multifd-channels": UINT8, "multifd-zlib-level": UINT8, "multifd-zstd-level": UINT8,
-    "multifd-qatzip-level": UINT8, "max-bandwidth": UINT64, "downtime-limit": UINT64,
+    "multifd-qatzip-level": UINT8, "max-bandwidth": UINT64, "max-postcopy-bandwidth": UINT64, "downtime-limit": UINT64,
     "cpu-throttle-initial": UINT8, "cpu-throttle-increment": UINT8, "max-cpu-throttle": UINT8,
     "throttle-trigger-threshold": UINT8,
 }
