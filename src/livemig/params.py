@@ -79,7 +79,7 @@ class MigrationParameters:
             raise _expects("multifd_qatzip_level", "a value between 1 and 9")
         if self.max_bandwidth < 0:
             raise _expects("max_bandwidth", "an integer in the range of 0 to 18446744073709551615 bytes/second")
-        if self.max_postcopy_bandwidth < 0:
+        if not 0 <= self.max_postcopy_bandwidth < 1 << 64:
             raise _expects("max_postcopy_bandwidth",
                            "an integer in the range of 0 to 18446744073709551615 bytes/second")
         if not 0 <= self.downtime_limit <= 2_000_000:

@@ -26,12 +26,16 @@ while it is measured. The destination's RAM is zero and prefaulted; nothing runs
 
 The dirty log is a bitmap in KVM's layout (:mod:`livemig.guest.bitmap`), written by the workers
 under a lock after the RAM writes it covers; :meth:`sync_dirty_log` swaps it for a clean one under
-the same lock, so no write is lost between syncs. Figures (``python3 -m livemig.guest.portable``,
+the same lock, so no write is lost between syncs. Figures (``python3 -m livemig.guest.portable_measure``,
 2 cores): rates within 0.1 % from 1k to 100k pages/s; pause() median < 0.01 ms, max < 0.5 ms (it
 waits for at most one batch). With
 ``dirty_rate`` 0 the threads run flat out and compete for the GIL with the migration's threads.
 The CPU-side state (:meth:`save_state`) is a versioned JSON document with each
 vCPU's random generator state; everything else is in RAM.
+
+On a post-copy destination (``RamBlock.present`` set) each vCPU faults in the pages its next batch
+writes, with the GIL released and outside the batch, before writing them; :meth:`progress` and
+:meth:`resume` never wait for a missing page (docs/postcopy.md, "Guests and the GIL").
 """
 
 from __future__ import annotations
@@ -125,6 +129,12 @@ class PortableGuest(Guest):
         self._threads: list[threading.Thread] = []
         self._errors: list[str] = []
         self._closed = False
+        # post-copy (RamBlock.present set): the dirty pages a vCPU drew and faulted in, not written yet
+        self._pending: list[np.ndarray | None] = [None] * config.smp
+        #: resume() found page 0 missing: the first vCPU to fault it in checks the header
+        self._header_pending = False
+        #: the last value progress() read (returned while page 0 is missing)
+        self._progress = 0
 
     @property
     def _ws(self) -> int:
@@ -147,7 +157,10 @@ class PortableGuest(Guest):
         if self._want_run:
             return
         if self.config.workload != "idle":
-            self._check_header()
+            if self._ram.pages_present(_HEADER_PAGE):
+                self._check_header()
+            else:  # post-copy: never wait for a page here (the caller may be the thread placing it)
+                self._header_pending = True
         with self._cond:
             self._want_run = True
             self._epoch += 1
@@ -240,25 +253,31 @@ class PortableGuest(Guest):
                 raise GuestError(f"portable guest state: vcpus[{i}].rng is not a PCG64 state: {exc!r}") from exc
             rngs.append(np.random.Generator(bitgen))
         self._rngs = rngs
+        self._pending = [None] * self.config.smp
 
     # --- workload --------------------------------------------------------------------------------
     def progress(self) -> int:
         """Steps (counter) or page writes (dirty) done in all, read from RAM; 0 for idle.
 
-        0 as well while page 0 holds no header at all (a destination before its RAM arrived).
+        0 as well while page 0 holds no header at all (a destination before its RAM arrived). Never
+        waits: while page 0 is missing (post-copy) it returns the last value it read (0 if none).
         """
         if self.config.workload == "idle" or self._closed:
             return 0
+        if not self._ram.pages_present(_HEADER_PAGE):
+            return self._progress
         if int(wl.words(self._ram.pages)[0, 0]) == 0:
             return 0
-        return sum(wl.read_header(self._ram.pages).n)
+        self._progress = sum(wl.read_header(self._ram.pages).n)
+        return self._progress
 
     def check_workload(self) -> None:
         """Check the workload's state in RAM against its reference; GuestError naming the first mismatch.
 
         A running guest is paused for the check and resumed after it: the check reads the header
         (steps done) and then the pages of the last steps, and a batch written in between would
-        put values of steps the header does not count yet into those pages.
+        put values of steps the header does not count yet into those pages. In post-copy it waits
+        for the missing pages it reads (never call it from the thread that places pages).
         """
         if self._errors:
             raise GuestError(f"vCPU failed: {self._errors[0]}")
@@ -268,9 +287,10 @@ class PortableGuest(Guest):
         if was_running:
             self.pause()
         try:
+            self._ram.ensure_pages(_HEADER_PAGE)
             self._check_header()
             if self.config.workload == "counter":
-                wl.check_counter(self._ram.pages)
+                wl.check_counter(self._ram.pages, self._ram.ensure_pages)
         finally:
             if was_running:
                 self.resume()
@@ -340,6 +360,8 @@ class PortableGuest(Guest):
                     k = min(due, max_batch)
                 else:
                     k = max_batch
+                if k > 0 and self._ram.present is not None:
+                    k = self._fault_in(cpu, k)
                 if k > 0:
                     if workload == "dirty":
                         idx = self._dirty_batch(pages, cpu, k)
@@ -349,7 +371,7 @@ class PortableGuest(Guest):
                         if self._logging:
                             set_page_bits(self._dirty, idx)
                             set_page_bits(self._dirty, _HEADER_PAGE)
-                    done += k
+                    done += idx.size
             except Exception as exc:  # a vCPU that cannot run stops and says why
                 self._errors.append(f"vCPU {cpu}: {exc!r}")
                 with self._cond:
@@ -367,10 +389,50 @@ class PortableGuest(Guest):
         """A throttle sleep ends: the guest is pausing or closing."""
         return not self._want_run or self._stop
 
+    def _fault_in(self, cpu: int, k: int) -> int:
+        """Post-copy: make the pages of vCPU ``cpu``'s next batch of ``k`` present; returns the batch
+        size to write now (0: the guest was paused meanwhile, the batch waits for the next resume).
+
+        Runs outside the batch (``_active`` not counting it), so pause() does not wait for a vCPU
+        that waits for a page, as a KVM vCPU leaves a fault on a signal. The pages stay present
+        (present only goes False -> True), so the batch that follows cannot fault with the GIL held.
+        """
+        ram = self._ram
+        with self._cond:
+            self._active -= 1
+            self._cond.notify_all()
+        try:
+            ram.ensure_pages(_HEADER_PAGE)
+            if self._header_pending:
+                self._header_pending = False
+                self._check_header()
+            if self.config.workload == "dirty":
+                idx = self._pending[cpu]
+                if idx is None:
+                    idx = self._pending[cpu] = self._dirty_pages(cpu, k)
+                k = idx.size
+            else:
+                idx = wl.counter_pages(ram.pages, cpu, k)
+            ram.ensure_pages(idx)
+        finally:
+            with self._cond:
+                self._active += 1
+                go_on = self._want_run and not self._stop
+        return k if go_on else 0
+
+    def _dirty_pages(self, cpu: int, k: int) -> np.ndarray:
+        """The k pages of the working set vCPU ``cpu`` writes next (draws from its generator)."""
+        out: np.ndarray = self._ws_start + self._rngs[cpu].integers(0, self._ws, k, dtype=np.int64)
+        return out
+
     def _dirty_batch(self, pages: np.ndarray, cpu: int, k: int) -> np.ndarray:
         w = wl.words(pages)
         n = int(w[0, 8 + 4 * cpu])
-        idx = self._ws_start + self._rngs[cpu].integers(0, self._ws, k, dtype=np.int64)
+        idx = self._pending[cpu]
+        if idx is None:
+            idx = self._dirty_pages(cpu, k)
+        self._pending[cpu] = None
+        k = idx.size
         stamps = (np.uint64(cpu) << np.uint64(48)) + np.arange(n + 1, n + k + 1, dtype=np.uint64)
         w[idx, 0] = stamps
         w[idx, 1 + (stamps % np.uint64(511)).astype(np.int64)] = stamps ^ np.uint64(_STAMP_MASK)
@@ -401,57 +463,3 @@ def _check_config(config: GuestConfig) -> None:
         raise GuestError(f"memory {config.memory!r} must be at least 2 pages (8192 bytes)")
     if not isinstance(config.seed, int):
         raise GuestError(f"seed {config.seed!r} must be an integer")
-
-
-def _measure(argv: list[str] | None = None) -> int:
-    """``python3 -m livemig.guest.portable``: workload rate accuracy and pause latency.
-
-    For each rate: start the guest, count progress (page writes or counter steps, read from RAM)
-    over ``--seconds``, then pause/resume ``--pauses`` times at random moments and time pause().
-    """
-    import argparse
-    import random
-
-    from ..units import parse_size
-
-    ap = argparse.ArgumentParser(prog="python3 -m livemig.guest.portable", description=_measure.__doc__)
-    ap.add_argument("--memory", default="1G")
-    ap.add_argument("--smp", type=int, default=1)
-    ap.add_argument("--workload", default="dirty", choices=["dirty", "counter"])
-    ap.add_argument("--rates", default="1000,10000,50000,100000,0")
-    ap.add_argument("--fill", default="corpus")
-    ap.add_argument("--seconds", type=float, default=2.0)
-    ap.add_argument("--pauses", type=int, default=200)
-    args = ap.parse_args(argv)
-    for rate in (int(r) for r in args.rates.split(",")):
-        cfg = GuestConfig(kind="portable", memory=parse_size(args.memory), smp=args.smp,
-                          workload=args.workload, dirty_rate=rate, fill=args.fill)
-        g = PortableGuest(cfg)
-        try:
-            g.start_dirty_log()
-            g.start()
-            time.sleep(0.2)
-            p0, t0 = g.progress(), time.monotonic()
-            time.sleep(args.seconds)
-            p1, t1 = g.progress(), time.monotonic()
-            lat = []
-            for _ in range(args.pauses):
-                time.sleep(random.uniform(0.0005, 0.005))
-                t = time.perf_counter()
-                g.pause()
-                lat.append((time.perf_counter() - t) * 1e3)
-                g.resume()
-            g.pause()
-            g.check_workload()
-        finally:
-            g.close()
-        got = (p1 - p0) / (t1 - t0)
-        err = f"{(got / rate - 1) * 100:+.1f} %" if rate else "unpaced"
-        q = np.percentile(np.array(lat), [50, 99, 100])
-        print(f"{args.workload} rate {rate:>7} smp {args.smp}: measured {got:11.0f}/s ({err}); "
-              f"pause ms median {q[0]:.3f} p99 {q[1]:.3f} max {q[2]:.3f}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(_measure())

@@ -28,6 +28,7 @@ reference for any n is computed without replaying the chain (jump-ahead in O(log
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -155,20 +156,29 @@ def counter_step(pages: np.ndarray, cpu: int, k: int, a_tab: np.ndarray, c_tab: 
     working set (no page written twice by one batch) nor the tables.
     """
     w = words(pages)
-    ws_start, ws = int(w[0, 4]), int(w[0, 5])
+    idx = counter_pages(pages, cpu, k)
     n = int(w[0, 8 + 4 * cpu])
     x = int(w[0, 9 + 4 * cpu])
     xs = lcg_next(x, a_tab, c_tab, k)
-    idx = ws_start + (n + np.arange(k, dtype=np.int64)) % ws
     w[idx, cpu] = fmix(xs)
     w[0, 9 + 4 * cpu] = xs[-1]
     w[0, 8 + 4 * cpu] = n + k
     return idx
 
 
-def check_counter(pages: np.ndarray) -> int:
+def counter_pages(pages: np.ndarray, cpu: int, k: int) -> np.ndarray:
+    """The pages (int64) the next k steps of vCPU ``cpu`` write, from the header in RAM (writes nothing)."""
+    w = words(pages)
+    ws_start, ws, n = int(w[0, 4]), int(w[0, 5]), int(w[0, 8 + 4 * cpu])
+    out: np.ndarray = ws_start + (n + np.arange(k, dtype=np.int64)) % ws
+    return out
+
+
+def check_counter(pages: np.ndarray, ensure: Callable[[np.ndarray], None] | None = None) -> int:
     """Check every vCPU's chain in RAM against the reference; returns the total steps.
 
+    ``ensure(idx)``, when given, is called with the pages about to be read, before reading them
+    (post-copy: :meth:`livemig.guest.base.RamBlock.ensure_pages`); page 0 must be readable already.
     Raises GuestError naming the first mismatch (vCPU, step, page, word, expected, found).
     """
     h = read_header(pages)
@@ -190,6 +200,8 @@ def check_counter(pages: np.ndarray) -> int:
         expected = fmix(lcg_next(lcg_jump(x0, first), a_tab, c_tab, m))
         steps = first + np.arange(m, dtype=np.int64)
         idx = h.ws_start + steps % h.ws
+        if ensure is not None:
+            ensure(idx)
         found = w[idx, cpu]
         bad = np.flatnonzero(found != expected)
         if bad.size:

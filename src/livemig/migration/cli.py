@@ -43,6 +43,7 @@ from . import protocol
 from .guestopts import add_guest_options, guest_config_from_args
 from .local import LocalMigration
 from .local import plan as local_plan
+from .postcopyopts import add_postcopy_options, check_postcopy, postcopy_kwargs
 from .source import Source
 from .stats import MigrationStats, info_table
 from .tlsopts import add_tls_options, local_server_args, tls_from_args
@@ -73,6 +74,7 @@ def _add_params(p: argparse.ArgumentParser, source: bool) -> None:
     g.add_argument("--max-passes", type=int, default=0, metavar="N",
                    help=f"switch over after N passes even if the downtime limit is not met (0 = never){only}")
     add_throttle_options(p, only)
+    add_postcopy_options(p, source)
     p.add_argument("--timeout", type=float, default=30.0, metavar="S",
                    help=f"seconds without progress on a channel before the migration fails ({MIN_TIMEOUT:g} or "
                         "more, finite; default 30)")
@@ -113,6 +115,8 @@ def params_from_args(args: argparse.Namespace) -> MigrationParameters:
         multifd_zstd_level=args.multifd_zstd_level,
         multifd_qatzip_level=args.multifd_qatzip_level,
         max_bandwidth=parse_option("--max-bandwidth", args.max_bandwidth, "rate"),
+        max_postcopy_bandwidth=parse_option("--max-postcopy-bandwidth",
+                                            getattr(args, "max_postcopy_bandwidth", "0"), "rate"),
         downtime_limit=args.downtime_limit,
         zero_page_detection=args.zero_page_detection,
         max_passes=args.max_passes,
@@ -207,6 +211,7 @@ def check_migrate(args: argparse.Namespace) -> Checked:
         resolve(address, args.uri)
     params, uuid = _check_common(args)
     check_peer_options(args)
+    check_postcopy(args)
     tls = tls_from_args(args, True, address)
     return Checked(params, guest_config_from_args(args), address, uuid, tls,
                    local_server_args(tls) if args.local else None)
@@ -335,7 +340,8 @@ def _migrate_remote(args: argparse.Namespace, chk: Checked, gcfg: GuestConfig, i
         connector = tls_connector(chk.address, chk.tls)
         make = peer.source if peer else Source
         src = make(guest, connector, chk.params, uuid=chk.uuid, timeout=args.timeout, full_verify=args.full_verify,
-                   dump_ram=args.dump_ram, auto_converge=args.auto_converge, log=_source_log)
+                   dump_ram=args.dump_ram, auto_converge=args.auto_converge, log=_source_log,
+                   **postcopy_kwargs(args))
         _migrating(args, chk, chk.address, src.method.backend())
 
         def poll() -> Any:

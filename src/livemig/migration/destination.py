@@ -47,6 +47,7 @@ from .accept import Gate, MainRefusal
 from .from_qemu import QemuIncoming, admit_qemu
 from .handover import DestinationHandover, ReturnPath
 from .multifd import PROGRESS_BYTES, RecvChannel, RecvContext
+from .postcopy_dest import COMMANDS as POSTCOPY_COMMANDS
 from .postcopy_dest import PostcopyDestination
 from .protocol import MACHINE_TYPE
 from .stats import ResourceMeter, host_memory_limit
@@ -128,6 +129,9 @@ class Destination:
             sync=self.channel_sync,
             failed=self.fail,
         )
+        #: capability postcopy-ram (docs/postcopy.md): its half of the migration (None: off)
+        self.postcopy = PostcopyDestination(self) if postcopy_ram else None
+        self._recv.landed = self.postcopy.landed if self.postcopy is not None else None
         self.gate = Gate(self.listener, machine_type=MACHINE_TYPE, uuid=uuid, channels=params.multifd_channels,
                          first_bytes=min(timeout, FIRST_BYTES), timeout=timeout, log=self.log,
                          on_main=self._configure, on_channel=self._add_channel,
@@ -147,8 +151,9 @@ class Destination:
         self._t_first = time.monotonic()
         self._stream_done = False
         self._main_view = memoryview(bytearray(1 << 16))
-        #: capability postcopy-ram (docs/postcopy.md): its half of the migration (None: off)
-        self.postcopy = PostcopyDestination(self) if postcopy_ram else None
+        self._hasher = threading.Thread(target=self._hash_loop, name="digest", daemon=True)
+        self._hashing = threading.Event()
+        self._hashing.set()
 
     @property
     def postcopy_status(self) -> str:
@@ -230,7 +235,7 @@ class Destination:
         """Receive one migration; the result says what the guest does (``resumed``, ``guest``)."""
         result: dict[str, Any] = {"status": "failed"}
         self.gate.start()
-        hasher = threading.Thread(target=self._hash_loop, name="digest", daemon=True)
+        hasher = self._hasher
         try:
             while not self.gate.main_ready.wait(0.05):  # no limit: a source may come any time
                 self._check()
@@ -248,7 +253,8 @@ class Destination:
             threading.Thread(target=self._watchdog, name="watchdog", daemon=True).start()
             self._receive_main(reader)
             self._stream_done = True
-            self.handover.await_commit(self.timeout)
+            if self.postcopy is None or not self.postcopy.ran:
+                self.handover.await_commit(self.timeout)
             result = self._finish()
         except BaseException as exc:  # noqa: BLE001 - every failure ends in a result
             self.fail(exc, "destination")
@@ -311,6 +317,16 @@ class Destination:
                 self.meet_channels()
             elif isinstance(ev, stream.ZeroPage | stream.Page):
                 self.apply_page(ev)
+            elif isinstance(ev, (*POSTCOPY_COMMANDS, stream.PostcopyRun)):
+                if self.postcopy is None:
+                    raise WireError("main stream: post-copy command", type(ev).__name__,
+                                    "none: postcopy-ram is off on this destination")
+                if not isinstance(ev, stream.PostcopyRun):
+                    self.postcopy.command(ev)
+                    continue
+                self.postcopy.run(state_blob)
+                self.postcopy.stream(reader)  # the rest of the stream, and its completion
+                return
             elif isinstance(ev, stream.Eof):
                 break
             elif isinstance(ev, stream.ControlLine):  # the source's Abort, before the stream's end
@@ -368,6 +384,8 @@ class Destination:
             block.pages[p] = 0
         self.received[ev.block][p] = True
         self.digests[ev.block].mark_pages(np.array([p]))
+        if self.postcopy is not None:
+            self.postcopy.landed_main(ev)
 
     @staticmethod
     def _source_digests(data: bytes | memoryview) -> dict[str, str]:
@@ -513,6 +531,8 @@ class Destination:
         """After the guest resumed: the result, and with ``run_after`` its report to the source."""
         assert self.guest is not None and self.handover.rp is not None
         result: dict[str, Any] = {"status": "completed", **self._resumed_stats()}
+        if self.postcopy is not None and self.postcopy.ran:
+            result["postcopy"] = self.postcopy.figures()
         if self.run_after:
             time.sleep(self.run_after)
             report: protocol.Stats = {"progress_after": self.guest.progress()}
@@ -528,12 +548,20 @@ class Destination:
             result.update(report)
         return result
 
+    def stop_hashing(self) -> None:
+        """End the digest loop (post-copy's LISTEN: it reads guest RAM) and wait until it has."""
+        self._hashing.clear()
+        if self._hasher.is_alive():
+            self._hasher.join()
+
     def _hash_loop(self) -> None:
-        while not self._done.is_set():
+        while not self._done.is_set() and self._hashing.is_set():
             did = sum(d.refresh(limit=64, settled=True) for d in list(self.digests.values()))
             time.sleep(0.005 if did else 0.02)
 
     def _close(self) -> None:
+        if self.postcopy is not None:
+            self.postcopy.stop()
         self.gate.close()
         for ch in list(self.channels.values()):
             ch.join(timeout=2)

@@ -11,7 +11,9 @@ Resumed/Failed. No other code pauses, resumes or discards a guest once a migrati
 
 from __future__ import annotations
 
+import select
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -98,6 +100,32 @@ class ReturnPath:
                 if not chunk:
                     raise TransportError(f"the {self.peer} closed the connection")
                 self._buf += chunk
+        line, _, rest = bytes(self._buf).partition(b"\n")
+        self._buf = bytearray(rest)
+        return p.decode(line, self.receives)
+
+    def poll(self, timeout: float) -> p.Message | None:
+        """The next message if a whole line is buffered or arrives within ``timeout`` seconds, else
+        None. Unlike :meth:`recv` it never changes the socket's timeout, so another thread may write
+        the socket meanwhile (post-copy: the source's page stream and its return-path reader).
+        Raises as :meth:`recv` (TransportError, WireError)."""
+        deadline = time.monotonic() + timeout
+        while b"\n" not in self._buf:
+            if len(self._buf) > p.MAX_LINE:
+                raise WireError(f"handover message from the {self.peer}", "longer line", f"at most {p.MAX_LINE} bytes")
+            pending = isinstance(self.sock, ssl.SSLSocket) and self.sock.pending()
+            left = deadline - time.monotonic()
+            if not pending and (left <= 0 or not select.select([self.sock], [], [], left)[0]):
+                return None
+            try:
+                chunk = self.sock.recv(65536)
+            except (BlockingIOError, ssl.SSLWantReadError):
+                continue
+            except OSError as exc:
+                raise TransportError(f"link to the {self.peer} failed: {os_reason(exc)}") from exc
+            if not chunk:
+                raise TransportError(f"the {self.peer} closed the connection")
+            self._buf += chunk
         line, _, rest = bytes(self._buf).partition(b"\n")
         self._buf = bytearray(rest)
         return p.decode(line, self.receives)

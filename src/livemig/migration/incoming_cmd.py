@@ -47,7 +47,7 @@ def cmd_incoming(args: argparse.Namespace) -> int:
         listener = tls_listener(chk.address, chk.tls, chk.params.multifd_channels)
         dst = Destination(listener, chk.params, guest=guest, uuid=chk.uuid, timeout=args.timeout,
                           run_after=args.run_after, dump_ram=args.dump_ram, full_verify=args.full_verify,
-                          max_memory=chk.max_memory,
+                          max_memory=chk.max_memory, postcopy_ram=args.postcopy_ram,
                           log=_destination_log(discarded))
     except BaseException:
         if guest is not None:

@@ -395,6 +395,9 @@ class RecvContext:
     #: ignore the next_packet_size of a packet without pages, as QEMU's receiver does (a QEMU 7.2
     #: source leaves a stale value there and sends no payload); livemig's own sources send 0
     stale_empty_size: bool = False
+    #: post-copy: ``landed(block, normal, zero)`` after a packet's pages landed (per-page hashes,
+    #: livemig.migration.pagehash); None when post-copy is off
+    landed: Callable[[str, np.ndarray, np.ndarray], None] | None = None
 
 
 class RecvChannel(threading.Thread):
@@ -454,6 +457,8 @@ class RecvChannel(threading.Thread):
                         block.pages[again] = 0
                     received[zero] = True
                 ctx.digests[block.name].cover(normal, zero, mark_rest=True)
+                if ctx.landed is not None:
+                    ctx.landed(block.name, normal, zero)
                 c = self.counters
                 c.packets += 1
                 c.normal += int(normal.size)

@@ -325,12 +325,15 @@ class MigrationStats:
         return out
 
     def progress_line(self) -> str:
-        """One line for the live progress display."""
-        return (
+        """One line for the live progress display (in post-copy: the pages the destination asked for)."""
+        line = (
             f"{self.status:<10} pass {self.passes:<3} transferred {format_size(self.transferred):>11}"
             f"  remaining {format_size(self.remaining):>11}  rate {format_rate_bits(self.mbps() * 1e6 / 8):>12}"
             f"  {self.pages_per_second():>10.0f} pages/s"
         )
+        if self.status.startswith("postcopy"):
+            line += f"  requests {self.postcopy_requests}"
+        return line
 
     def table(self) -> str:
         """The end-of-migration statistics, as ``info migrate`` prints them."""
@@ -354,6 +357,8 @@ class MigrationStats:
         s.channels = [ChannelCounters(normal=ram.get("normal", 0), zero=ram.get("duplicate", 0), wire_bytes=multifd)]
         s.active_start, s.active_end, s.active_bytes_end = 1.0, 2.0, round(ram.get("mbps", 0) * 1e6 / 8)
         s.cpu_throttle_percentage = q.get("cpu-throttle-percentage", 0)
+        s.postcopy_requests, s.postcopy_bytes = ram.get("postcopy-requests", 0), ram.get("postcopy-bytes", 0)
+        s.postcopy = lm.get("postcopy")
         return s
 
 
@@ -387,6 +392,15 @@ def info_table(q: dict[str, Any]) -> str:
             f"multifd bytes: {ram['multifd-bytes'] // 1024} kbytes",
             f"pages-per-second: {ram['pages-per-second']}",
         ]
+    if ram.get("postcopy-bytes") or ram.get("postcopy-requests"):
+        lines += [f"postcopy request count: {ram['postcopy-requests']}",
+                  f"postcopy ram: {ram['postcopy-bytes'] // 1024} kbytes"]
+    if lm.get("postcopy"):
+        pc = lm["postcopy"]
+        lat = pc.get("fault-latency-us") or {}
+        lines.append(f"post-copy: {pc.get('time-ms')} ms, {pc.get('pages-requested')} pages requested, "
+                     f"{pc.get('faults')} faults, fault latency p50 {lat.get('p50')} us p99 {lat.get('p99')} us, "
+                     f"verified {'yes' if pc.get('verified') else 'no'}")
     if "cpu-throttle-percentage" in q:
         lines.append(f"cpu throttle percentage: {q['cpu-throttle-percentage']}")
     if "auto-converge" in lm:

@@ -123,6 +123,8 @@ class KvmGuest(Guest):
         self.incoming = incoming
         self._state_loaded = not incoming
         self._fill_desc = ""
+        #: the last value progress() read (returned while a parameter page is missing in post-copy)
+        self._progress = 0
         self._runner = VcpuRunner([], {pr.PORT_BUDGET: self._grant, pr.PORT_REPORT: self._report},
                                   self.throttle)
         self.throttle.kick = self._runner.throttle_kick
@@ -201,6 +203,9 @@ class KvmGuest(Guest):
     def _grant(self, v: Vcpu, _value: int) -> None:
         """PORT_BUDGET: grant the next budget of steps, sleeping to hold the rate read from guest RAM."""
         page = self.layout.params + v.index
+        block = self.blocks[0]
+        if block.present is not None:  # post-copy; present in practice: the program just wrote its budget
+            block.ensure_pages(np.array([page]))
         p = self._ram64[page]
         grant, v.next_t, delay = pr.next_grant(int(p[pr.P_RATE // 8]), v.next_t, time.monotonic())
         if delay > 0:
@@ -274,6 +279,7 @@ class KvmGuest(Guest):
         if rate < 0:
             raise GuestError(f"dirty rate {rate}: expected >= 0 pages/s (0 = unlimited)")
         self.config.dirty_rate = rate
+        self.blocks[0].ensure_range(self.layout.params, self.config.smp)
         self._log.mark(pr.set_rate(self._ram64, self.layout, self.config.smp, rate))
 
     # --- Guest interface: CPU state --------------------------------------------------------------
@@ -319,10 +325,17 @@ class KvmGuest(Guest):
 
     # --- workload ---------------------------------------------------------------------------------
     def progress(self) -> int:
-        """Steps done by the workload (sum over vCPUs of ``n`` in guest RAM); 0 for ``idle``."""
+        """Steps done by the workload (sum over vCPUs of ``n`` in guest RAM); 0 for ``idle``.
+
+        Never waits: while a parameter page is missing (post-copy) it returns the last value it read.
+        """
         if self.config.workload == "idle" or self._vm is None:
             return 0
-        return pr.steps_done(self._ram64, self.layout, len(self._vcpus))
+        params = self.layout.params + np.arange(len(self._vcpus))
+        if not self.blocks[0].pages_present(params):
+            return self._progress
+        self._progress = pr.steps_done(self._ram64, self.layout, len(self._vcpus))
+        return self._progress
 
     def reports(self) -> list[tuple[int, int]]:
         """Per vCPU: (last value reported through the counter port, reports seen by this process)."""
@@ -330,7 +343,8 @@ class KvmGuest(Guest):
 
     def check_workload(self) -> None:
         """Check the workload against its reference (:func:`.protocol.check_vcpu`); GuestError naming
-        the first mismatch. Pauses a running guest for the check."""
+        the first mismatch. Pauses a running guest for the check. In post-copy it waits for the
+        missing pages it reads (never call it from the thread that places pages)."""
         self._runner.raise_failure()
         if self.config.workload == "idle":
             return
@@ -339,7 +353,7 @@ class KvmGuest(Guest):
             self.pause()
         try:
             for v in self._vcpus:
-                pr.check_vcpu(self._ram64, self.layout, self.config, v.port)
+                pr.check_vcpu(self._ram64, self.layout, self.config, v.port, self.blocks[0].ensure_pages)
         finally:
             if was_running:
                 self.resume()

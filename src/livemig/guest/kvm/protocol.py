@@ -24,6 +24,7 @@ Counter reports
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -194,8 +195,12 @@ class ReportPort:
 
 
 # --- the reference check ---------------------------------------------------------------------------
-def check_vcpu(ram64: np.ndarray, layout: Layout, config: GuestConfig, port: ReportPort) -> None:
+def check_vcpu(ram64: np.ndarray, layout: Layout, config: GuestConfig, port: ReportPort,
+               ensure: Callable[[np.ndarray], None] | None = None) -> None:
     """Check vCPU ``port.vcpu``'s program state in (paused) guest RAM; GuestError on the first mismatch.
+
+    ``ensure(pages)``, when given, is called with the pages (int64) about to be read, before reading
+    them (post-copy: :meth:`livemig.guest.base.RamBlock.ensure_pages`).
 
     ``counter``: the parameter page holds what the layout says; the values of the last (up to 4096)
     steps are where they belong and equal :func:`splitmix_values`; every report this process saw
@@ -204,6 +209,8 @@ def check_vcpu(ram64: np.ndarray, layout: Layout, config: GuestConfig, port: Rep
     """
     counter = config.workload == "counter"
     index = port.vcpu
+    if ensure is not None:
+        ensure(np.array([layout.params + index], dtype=np.int64))
     p = ram64[layout.params + index]
     first, count = layout.vcpu_pages(config.smp, index)
     want = {P_FIRST: first, P_NPAGES: count}
@@ -221,6 +228,8 @@ def check_vcpu(ram64: np.ndarray, layout: Layout, config: GuestConfig, port: Rep
     k = min(n, count * 512, 4096)
     steps = np.arange(n - k, n, dtype=np.uint64)
     slots = (first + steps % np.uint64(count)) * np.uint64(512) + (steps // np.uint64(count)) % np.uint64(512)
+    if ensure is not None:
+        ensure((slots // np.uint64(512)).astype(np.int64))
     got = ram64.reshape(-1)[slots.astype(np.int64)]
     expect = splitmix_values(vcpu_seed(config.seed, index), steps) if counter else steps
     bad = np.flatnonzero(got != expect)

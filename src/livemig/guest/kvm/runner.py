@@ -12,7 +12,8 @@ Pause
     from the main thread by :func:`install_kick_handler`, so KVM_RUN returns EINTR); each thread
     re-enters KVM_RUN once with ``immediate_exit`` set, which completes a pending I/O exit (RIP
     past the OUT) without running guest code, and parks on a condition variable (docs/kvm.md,
-    "Pausing a vCPU").
+    "Pausing a vCPU"). A vCPU waiting for a missing page of a post-copy destination may only park
+    once the page is placed (docs/kvm.md, "Post-copy: vCPU faults").
 
 The ioctls release the GIL (ctypes), so a thread inside KVM_RUN does not stop other threads.
 """

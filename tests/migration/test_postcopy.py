@@ -1,0 +1,152 @@
+"""Post-copy (capability postcopy-ram), livemig to livemig in one process over a socket pair: the
+guest resumes on the destination before its RAM is complete, faults in what it touches, and goes on
+exactly (its counter workload checks every step); every page the source re-dirtied is fetched again,
+each once, and the per-page hashes prove the destination started from the source's RAM."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import pytest
+
+from livemig.guest import GuestConfig, create_guest
+from livemig.guest.uffd import unavailable
+from livemig.migration import state
+from livemig.migration.destination import Destination
+from livemig.migration.source import Source
+from livemig.migration.stats import MigrationStats, info_table
+from livemig.params import MigrationParameters
+from livemig.transport.sockets import SocketPairLink
+
+pytestmark = pytest.mark.skipif(unavailable() is not None, reason=f"{unavailable()}")
+
+
+def postcopy(kind: str, method: str = "none", *, memory: int = 16 << 20, channels: int = 2,
+             dst_postcopy: bool = True, **src_kw: Any) -> tuple[MigrationStats, dict[str, Any], list[str]]:
+    """Migrate a counter guest that dirties faster than precopy converges (downtime limit 1 ms),
+    switching to post-copy after pass 1, its page stream held to 8 MiB/s so that the guest faults
+    on pages not sent yet; (source statistics, destination result, statuses seen)."""
+    cfg = GuestConfig(kind=kind, memory=memory, workload="counter", dirty_rate=20000, fill="corpus")
+    params = MigrationParameters(multifd_channels=channels, multifd_compression=method, max_bandwidth=0,
+                                 downtime_limit=1, max_postcopy_bandwidth=8 << 20)
+    src_guest, dst_guest = create_guest(cfg), create_guest(cfg, incoming=True)
+    link = SocketPairLink()
+    dst = Destination(link, params, guest=dst_guest, timeout=10, run_after=0.3, postcopy_ram=dst_postcopy)
+    out: dict[str, Any] = {}
+    t = threading.Thread(target=lambda: out.update(dst.run()))
+    try:
+        t.start()
+        src_guest.start()
+        time.sleep(0.1)
+        src = Source(src_guest, link, params, timeout=10, postcopy_ram=True,
+                     **{"postcopy_after_passes": 1, **src_kw})
+        seen: list[str] = []
+        src.status.listeners.append(seen.append)
+        stats = src.run()
+        if stats.status != "completed":
+            dst.cancel()
+        t.join(timeout=60)
+        assert not t.is_alive()
+        return stats, out, seen
+    finally:
+        src_guest.close()
+        dst_guest.close()
+
+
+def _check_postcopy(stats: MigrationStats, out: dict[str, Any], seen: list[str]) -> None:
+    assert stats.status == "completed", stats.error
+    assert seen[-3:] == [state.DEVICE, state.POSTCOPY_ACTIVE, state.COMPLETED]
+    assert out["status"] == "completed" and out["workload_check"] == "ok"  # the guest went on exactly
+    assert out["progress_after"] > 0
+    pc = out["postcopy"]
+    assert pc["verified"] is True and stats.postcopy is not None and stats.postcopy["verified"] is True
+    # every discarded page came once on the main channel, as a page or a zero page
+    assert pc["pages-placed"] > 0 and stats.postcopy_bytes >= pc["pages-placed"] * 8
+    assert stats.postcopy_requests == pc["pages-requested"] <= pc["faults"]
+    assert stats.source_guest == "postmigrate"  # the source never resumes after POSTCOPY_RUN
+    q = stats.to_qapi()
+    assert q["ram"]["postcopy-requests"] == stats.postcopy_requests
+    assert q["ram"]["postcopy-bytes"] == stats.postcopy_bytes
+    assert set(q["livemig"]["postcopy"]) == {"time-ms", "pages-requested", "faults", "fault-latency-us", "verified"}
+    assert "postcopy request count:" in info_table(q) and "post-copy:" in info_table(q)
+
+
+@pytest.mark.kvm
+@pytest.mark.parametrize("method", ["none", "zlib", "zstd", "qatzip"])
+def test_kvm_guest_postcopy_every_method(method: str) -> None:
+    stats, out, seen = postcopy("kvm", method)
+    _check_postcopy(stats, out, seen)
+    assert stats.postcopy_requests > 0  # the running vCPUs faulted on pages not yet sent (through KVM)
+    assert stats.postcopy["fault-latency-us"]["p50"] is not None  # type: ignore[index]
+
+
+@pytest.mark.parametrize("method", ["none", "zstd"])
+def test_portable_guest_postcopy(method: str) -> None:
+    stats, out, seen = postcopy("portable", method)
+    _check_postcopy(stats, out, seen)
+
+
+@pytest.mark.kvm
+def test_postcopy_bandwidth_cap_and_start_postcopy_on_request() -> None:
+    # no pass count: the switch comes from start_postcopy() (QMP migrate-start-postcopy)
+    cfg = GuestConfig(kind="kvm", memory=16 << 20, workload="counter", dirty_rate=20000, fill="corpus")
+    params = MigrationParameters(multifd_channels=1, max_bandwidth=0, downtime_limit=1,
+                                 max_postcopy_bandwidth=64 << 20)
+    src_guest, dst_guest = create_guest(cfg), create_guest(cfg, incoming=True)
+    link = SocketPairLink()
+    dst = Destination(link, params, guest=dst_guest, timeout=10, postcopy_ram=True)
+    out: dict[str, Any] = {}
+    t = threading.Thread(target=lambda: out.update(dst.run()))
+    try:
+        t.start()
+        src_guest.start()
+        src = Source(src_guest, link, params, timeout=10, postcopy_ram=True, postcopy_after_passes=None)
+        src.status.listeners.append(lambda s: src.start_postcopy() if s == state.ACTIVE else None)
+        stats = src.run()
+        t.join(timeout=60)
+        assert stats.status == "completed", stats.error
+        assert stats.postcopy is not None and stats.postcopy["verified"]
+        # the cap held the post-copy stream: its bytes took at least bytes / cap seconds
+        assert stats.postcopy["time-ms"] >= stats.postcopy_bytes / (64 << 20) * 1000 * 0.9
+    finally:
+        src_guest.close()
+        dst_guest.close()
+
+
+def test_postcopy_ram_must_be_on_both_sides() -> None:
+    stats, out, _ = postcopy("portable", dst_postcopy=False)
+    assert stats.status == "failed"
+    assert "postcopy-ram differs: source uses True, destination False" in stats.error
+    assert stats.source_guest == "running"
+
+
+def test_start_postcopy_and_resume_refused_in_qemus_words() -> None:
+    cfg = GuestConfig(kind="portable", memory=4 << 20, workload="idle")
+    guest = create_guest(cfg)
+    try:
+        plain = Source(guest, SocketPairLink(), MigrationParameters())
+        with pytest.raises(Exception, match="^Enable postcopy with migrate_set_capability before the start of "
+                                            "migration$"):
+            plain.start_postcopy()
+        pc = Source(guest, SocketPairLink(), MigrationParameters(), postcopy_ram=True)
+        with pytest.raises(Exception, match="^Postcopy must be started after migration has been started$"):
+            pc.start_postcopy()
+        with pytest.raises(Exception, match="^Cannot resume if there is no paused migration$"):
+            pc.resume(SocketPairLink())
+        dst = Destination(SocketPairLink(), MigrationParameters(), postcopy_ram=True)
+        with pytest.raises(Exception, match=r"^Migrate recover can only be run when postcopy is paused\.$"):
+            dst.recover(SocketPairLink())
+    finally:
+        guest.close()
+
+
+def test_max_postcopy_bandwidth_checked_in_qemus_words() -> None:
+    for bad in (-1, 1 << 64):
+        with pytest.raises(Exception, match="^Parameter 'max_postcopy_bandwidth' expects an integer in the range "
+                                            "of 0 to 18446744073709551615 bytes/second$"):
+            MigrationParameters(max_postcopy_bandwidth=bad).check()
+    p = MigrationParameters()
+    p.set("max-postcopy-bandwidth", "100M")
+    assert p.max_postcopy_bandwidth == 100 << 20 and p.to_qapi()["max-postcopy-bandwidth"] == 100 << 20
