@@ -63,7 +63,7 @@ Examples:
   livemig bench --memory 1G,4G,8G               size sweep, time per GiB summary
   livemig bench --methods none,zstd,qatzip,auto auto against the fixed methods
   livemig bench --memory 1G --workload dirty --dirty-rate 100000 --working-set 131072
-      --bandwidth 1Gbps --methods zstd --auto-converge --postcopy-ram --timeout 60
+      --bandwidth 1Gbps --methods zstd --auto-converge --postcopy-ram --timeout 300
                                                 a busy guest: precopy, auto-converge and
                                                 post-copy rows side by side
 
