@@ -15,7 +15,6 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ..errors import MigrationError
-from ..units import format_size
 from ..wire.constants import PAGE_SIZE
 
 #: peers a row can come from
@@ -79,8 +78,7 @@ METRICS: dict[str, Callable[[dict[str, Any]], float | None]] = {
     # how a busy guest's migration finished (auto-converge, post-copy: livemig's query-migrate figures)
     "cpu-throttle-peak": lambda r: _num(r, "livemig", "auto-converge", "cpu-throttle-peak"),
     "postcopy-time": lambda r: _num(r, "livemig", "postcopy", "time-ms"),
-    "postcopy-requests": lambda r: _num(r, "livemig", "postcopy", "pages-requested") or _num(r, "ram",
-                                                                                             "postcopy-requests"),
+    "postcopy-requests": lambda r: _num(r, "livemig", "postcopy", "pages-requested"),
     "fault-p50": lambda r: _num(r, "livemig", "postcopy", "fault-latency-us", "p50"),
     "fault-p99": lambda r: _num(r, "livemig", "postcopy", "fault-latency-us", "p99"),
 }
@@ -97,12 +95,12 @@ def _sent_per_page(r: dict[str, Any]) -> float | None:
 
 def not_finished(timeout: float, info: dict[str, Any] | None) -> str:
     """A run stopped at the bench's ``--timeout``: "did not converge in T s" while precopy still ran
-    (with its passes and what was left), else "timed out after T s" and the status it was in."""
+    (with its passes and the guest's dirty rate), else "timed out after T s" and the status it was in."""
     info = info or {}
     ram = info.get("ram", {})
     if info.get("status") in ("active", "cancelled", "cancelling") and ram.get("dirty-sync-count"):
-        left = f", {format_size(ram['remaining'])} dirty" if "remaining" in ram else ""
-        return f"did not converge in {timeout:.0f} s ({ram['dirty-sync-count']} passes{left})"
+        rate = f", guest dirtying {ram['dirty-pages-rate']} pages/s" if ram.get("dirty-pages-rate") else ""
+        return f"did not converge in {timeout:.0f} s ({ram['dirty-sync-count']} passes{rate})"
     status = f" (status {info['status']})" if info.get("status") else ""
     return f"timed out after {timeout:.0f} s{status}"
 
