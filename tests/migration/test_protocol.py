@@ -61,7 +61,7 @@ def _line(**obj: object) -> bytes:
     (_line(version=float(p.VERSION), type="ready"), "to-source", f"protocol version: received {p.VERSION}.0"),
     (_line(version=p.VERSION), "to-source", "message type (to-source): received None"),
     (_line(version=p.VERSION, type="hello"), "to-source",
-     "received 'hello', expected failed or postcopy-done or prepared"),
+     "received 'hello', expected failed or pong or postcopy-done or prepared"),
     (_line(version=p.VERSION, type=["ready"]), "to-source", "received ['ready']"),
     (_line(version=p.VERSION, type="commit"), "to-source", "received 'commit'"),  # wrong direction
     (_line(version=p.VERSION, type="ready"), "to-destination", "received 'ready', expected abort or commit"),

@@ -317,6 +317,8 @@ class Destination:
                 self.meet_channels()
             elif isinstance(ev, stream.ZeroPage | stream.Page):
                 self.apply_page(ev)
+            elif isinstance(ev, stream.Command) and self.postcopy is not None:
+                self.postcopy.ping(ev)
             elif isinstance(ev, (*POSTCOPY_COMMANDS, stream.PostcopyRun)):
                 if self.postcopy is None:
                     raise WireError("main stream: post-copy command", type(ev).__name__,
@@ -555,8 +557,10 @@ class Destination:
             self._hasher.join()
 
     def _hash_loop(self) -> None:
+        # with post-copy on, small slices: a switch to post-copy waits for the slice in hand
+        limit = 64 if self.postcopy is None else 4
         while not self._done.is_set() and self._hashing.is_set():
-            did = sum(d.refresh(limit=64, settled=True) for d in list(self.digests.values()))
+            did = sum(d.refresh(limit=limit, settled=True) for d in list(self.digests.values()))
             time.sleep(0.005 if did else 0.02)
 
     def _close(self) -> None:

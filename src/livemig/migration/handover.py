@@ -197,6 +197,8 @@ class SourceHandover:
         self.at_boundary = True
         #: the Abort went out
         self.abort_sent = False
+        #: what an unknown outcome tells the operator (post-copy: :data:`.protocol.POSTCOPY_LOST`)
+        self.unknown_advice = p.UNKNOWN_ADVICE
 
     @property
     def state(self) -> str:
@@ -231,7 +233,7 @@ class SourceHandover:
                 self.too_late = True
                 self.log(p.TOO_LATE)
             elif action == p.REPORT_UNKNOWN:
-                self.log(p.UNKNOWN_ADVICE)
+                self.log(self.unknown_advice)
 
     def cont(self) -> None:
         """The operator resumes the guest of an unknown outcome (``cont`` at ``livemig vm``'s monitor)."""
@@ -249,6 +251,7 @@ class SourceHandover:
             if self.cancelled:
                 raise Cancelled("migration cancelled")
             self._do(self.h.step("postcopy-run"))
+            self.unknown_advice = p.POSTCOPY_LOST
 
     def cancel(self) -> bool:
         """A cancel from any thread: True if it stops the migration (before the commit point), False
@@ -349,7 +352,7 @@ class DestinationHandover:
         #: the guest's progress() just before it resumed
         self.progress_at_resume = 0
         #: False in post-copy: the thread resuming the guest places its pages, so it must not read
-        #: guest RAM (a missing page would wait for itself; docs/postcopy.md, "The GIL rule")
+        #: guest RAM (a missing page would wait for itself; docs/postcopy.md, "Guests and the GIL")
         self.read_progress = True
         #: False: on commit the guest is taken over but not run (``livemig vm -S``, QEMU's paused
         #: destination), until the VM's ``cont``

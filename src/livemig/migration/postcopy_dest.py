@@ -16,8 +16,8 @@ its flush round)::
 
 The fault thread reads faults from the userfaultfd and asks the source for each missing page once
 (:class:`~.protocol.ReqPages`). The thread that places pages (the main-stream reader) never reads or
-writes guest RAM itself: a missing page would wait for the very thread that must place it (docs/
-postcopy.md, "The GIL rule").
+writes guest RAM itself: a missing page would wait for the very thread that must place it
+(docs/postcopy.md, "Guests and the GIL").
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from ..errors import IntegrityError, MigrationError, WireError
 from ..guest import uffd
 from ..transport.sockets import Listener
 from ..wire import stream
+from ..wire.constants import MIG_CMD_PING
 from . import protocol, state
 from .pagehash import ALGORITHM, PageHashes
 
@@ -84,6 +85,11 @@ class PostcopyDestination:
             self._discard(ev)
         else:
             self._listen()
+
+    def ping(self, ev: stream.Command) -> None:
+        """COMMAND PING: answer Pong once every record before it was processed (QEMU's PONG)."""
+        if ev.cmd == MIG_CMD_PING and self.dst.handover.rp is not None:
+            self.dst.handover.rp.send(protocol.Pong(int.from_bytes(ev.data, "big")))
 
     def _advise(self, ev: stream.PostcopyAdvise) -> None:
         ps = self.dst.page_size

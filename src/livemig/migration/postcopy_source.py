@@ -63,6 +63,7 @@ class PostcopySource:
         self._resumed_at = 0.0
         self._todo: dict[str, np.ndarray] = {}
         self._blocks = {b.name: b for b in src.guest.blocks}
+        self._hasher: Background | None = None
 
     def request(self) -> None:
         """``migrate-start-postcopy``: switch at the end of the current pass."""
@@ -78,15 +79,20 @@ class PostcopySource:
     def run(self) -> None:
         """From the pause to ``completed``; raises (the Source fails) on any error."""
         src, stats = self.src, self.src.stats
+        # the guest still runs: drop on the destination what the last pass found dirty (it is sent
+        # again in post-copy whatever happens), so that only pages dirtied since remain for the pause
+        early = {b.name: np.zeros(b.npages, dtype=bool) for b in src.guest.blocks}
+        for name, idx in src._pending.items():
+            early[name][idx] = True
+        src._main_write(self._discards(early) + stream.ping(1), ram=False)
+        self._await_pong(1)
         t_pause, marks, final = src._pause()
-        ps = src.page_size
-        discards = []
         for b in src.guest.blocks:
-            idx = final.get(b.name, np.empty(0, dtype=np.int64))
             todo = np.zeros(b.npages, dtype=bool)
-            todo[idx] = True
+            todo[final.get(b.name, np.empty(0, dtype=np.int64))] = True
             self._todo[b.name] = todo
-            discards.append(stream.postcopy_ram_discard(b.name, [(f * ps, n * ps) for f, n in runs(np.sort(idx))]))
+            early[b.name] = todo & ~early[b.name]  # dirtied since the early discard
+        discards = [self._discards(early)]
         blob = src.guest.save_state()
         marks.append(("save state", time.monotonic()))
         src._main_write(b"".join(discards) + stream.postcopy_listen()
@@ -97,16 +103,15 @@ class PostcopySource:
         marks.append(("run", time.monotonic()))
         t_run = time.monotonic()
         npages = sum(int(t.sum()) for t in self._todo.values())
-        stats.remaining = npages * ps
+        stats.remaining = npages * src.page_size
         src.status.step(state.POSTCOPY_ACTIVE)
         reader = threading.Thread(target=self._read_return_path, name="postcopy-rp", daemon=True)
         reader.start()
         src.limiter.set_rate(src.params.max_postcopy_bandwidth or src.params.max_bandwidth)
-        hashes = Background(src.guest)  # the frozen RAM, as the destination must end up with it
         self._send_pages(npages)
         src._main_write(stream.section_end(SECTION_RAM) + stream.ram_eos() + stream.section_footer(SECTION_RAM)
                        + stream.section_full(SECTION_DIGEST, "livemig/digest", 0, 1)
-                       + stream.blob(json.dumps(hashes.result().digests()).encode())
+                       + stream.blob(json.dumps(self._hashes().result().digests()).encode())
                        + stream.section_footer(SECTION_DIGEST) + stream.eof(), ram=False)
         deadline = time.monotonic() + src.timeout
         while not self._done.wait(0.05):
@@ -139,6 +144,23 @@ class PostcopySource:
         stats.send_mem_bytes = src.meter.mem_bytes()
         src.status.step(state.COMPLETED)
 
+    def _discards(self, pages: dict[str, np.ndarray]) -> bytes:
+        """POSTCOPY_RAM_DISCARD records for ``pages`` (block name -> bool per page)."""
+        ps = self.src.page_size
+        return b"".join(stream.postcopy_ram_discard(name, [(f * ps, n * ps) for f, n in runs(np.flatnonzero(m))])
+                        for name, m in pages.items())
+
+    def _await_pong(self, value: int) -> None:
+        """The destination's Pong for PING ``value`` (before the pause: nothing else reads the
+        return path yet)."""
+        src = self.src
+        assert src.rp is not None
+        msg = src.rp.recv(src.timeout, src.handover.is_cancelled)
+        if isinstance(msg, protocol.Failed | protocol.Refused):
+            raise PeerFailed(f"destination failed: {msg.error.removeprefix('destination: ')}")
+        if not isinstance(msg, protocol.Pong) or msg.value != value:
+            raise MigrationError(f"destination answered {msg} to PING {value}, expected pong {value}")
+
     def resume(self, connector: Connector) -> None:
         """Reconnect a paused post-copy migration (docs/postcopy.md, "Recovery")."""
         raise MigrationError("post-copy recovery is not implemented yet: the paused migration cannot resume")
@@ -155,12 +177,21 @@ class PostcopySource:
                 idx = np.flatnonzero(todo[first:first + 4096]) + first
                 for i in range(0, idx.size, BATCH):
                     left -= self._serve_requests()
+                    if self._resumed is not None:
+                        self._hashes()
                     batch = idx[i:i + BATCH]
                     batch = batch[todo[batch]]  # a request may have sent some already
                     if batch.size:
                         left -= self._write(b.name, batch)
                     src.stats.remaining = left * src.page_size
         src._main_write(stream.ram_eos() + stream.section_footer(SECTION_RAM), ram=False)
+
+    def _hashes(self) -> Background:
+        """The per-page hashes of the frozen RAM (:mod:`.pagehash`), computed in a thread started
+        once the destination resumed (before, it would compete with the switch for the CPU)."""
+        if self._hasher is None:
+            self._hasher = Background(self.src.guest)
+        return self._hasher
 
     def _serve_requests(self) -> int:
         """Write the pages of every queued request not yet sent; returns how many."""

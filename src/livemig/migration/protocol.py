@@ -2,8 +2,8 @@
 
 Protocol version :data:`VERSION` (4; 2 added the source's ``uuid`` to livemig/config, 3 lets an
 :class:`Abort` come before the stream's EOF and has the destination answer :class:`Failed` when
-it gives up on its own, 4 adds post-copy: ``postcopy-ram`` in livemig/config, :class:`ReqPages`
-and :class:`PostcopyDone`, and POSTCOPY_RUN as the commit point of a post-copy migration,
+it gives up on its own, 4 adds post-copy: ``postcopy-ram`` in livemig/config, :class:`ReqPages`,
+:class:`Pong` and :class:`PostcopyDone`, and POSTCOPY_RUN as the commit point of a post-copy migration,
 docs/postcopy.md). Every handover message carries it; a peer speaking another version is
 refused with an error naming both. A change to any message or rule bumps it.
 
@@ -157,6 +157,15 @@ class ReqPages:
 
 
 @dataclass(frozen=True)
+class Pong:
+    """Return path: the answer to the main stream's COMMAND PING ``value``: every record before the
+    PING was processed (post-copy: the early discards are done; QEMU's MIG_RP_MSG_PONG)."""
+
+    TYPE: ClassVar[str] = "pong"
+    value: int
+
+
+@dataclass(frozen=True)
 class PostcopyDone:
     """Return path, post-copy: every page arrived and was placed; ``stats``: the destination's
     figures (``faults``, ``pages-requested``, ``fault-latency-us-p50``/``-p99``, ``verified``)."""
@@ -180,12 +189,13 @@ class Abort:
     reason: str
 
 
-ToSource: TypeAlias = Ready | Refused | Prepared | Resumed | Failed | Report | ReqPages | PostcopyDone
+ToSource: TypeAlias = Ready | Refused | Prepared | Resumed | Failed | Report | ReqPages | Pong | PostcopyDone
 ToDestination: TypeAlias = Commit | Abort
 Message: TypeAlias = ToSource | ToDestination
 
 _BY_DIRECTION: dict[str, dict[str, type[Message]]] = {
-    "to-source": {c.TYPE: c for c in (Ready, Refused, Prepared, Resumed, Failed, Report, ReqPages, PostcopyDone)},
+    "to-source": {c.TYPE: c for c in (Ready, Refused, Prepared, Resumed, Failed, Report, ReqPages, Pong,
+                                      PostcopyDone)},
     "to-destination": {c.TYPE: c for c in (Commit, Abort)},
 }
 _HEX = re.compile(r"[0-9a-f]+")
@@ -227,7 +237,7 @@ def _stats(what: str, v: object) -> Stats:
 #: field name -> checker turning a decoded JSON value into the field's value
 _CHECKS: dict[str, Callable[[str, object], object]] = {
     "error": _text, "reason": _text, "algorithm": _text, "state": _hex, "digests": _digests, "stats": _stats,
-    "rbname": _text, "start": _count, "len": _count,
+    "rbname": _text, "start": _count, "len": _count, "value": _count,
 }
 
 
@@ -312,6 +322,11 @@ TOO_LATE = "cancel too late: the handover is committed; the source guest stays s
 UNKNOWN_ADVICE = ("outcome unknown: the source committed but did not hear the destination resume; the "
                   "source guest stays paused (postmigrate). Check the destination: if its guest is not "
                   "running, resume the source guest explicitly")
+
+#: what the operator is told when post-copy fails after POSTCOPY_RUN (docs/postcopy.md, "Failure")
+POSTCOPY_LOST = ("post-copy failed after the switch: neither side holds the whole guest; the source "
+                 "guest stays stopped (postmigrate) and the destination's guest waits for pages that "
+                 "cannot come (recovery is not implemented)")
 
 
 @dataclass(frozen=True)

@@ -493,8 +493,8 @@ class Source:
         else:
             peer = "" if self._cancel.is_set() else self.handover.peer_reason(err)
             self.stats.error = failure_text(str(err) or type(err).__name__, peer)
-            if self.handover.state == protocol.S_UNKNOWN:
-                self.stats.error = f"{protocol.UNKNOWN_ADVICE} ({self.stats.error})"
+            if self.handover.state == protocol.S_UNKNOWN or (self.postcopy is not None and self.postcopy.ran):
+                self.stats.error = f"{self.handover.unknown_advice} ({self.stats.error})"
         self.stats.total_time_ms = (time.monotonic() - self.stats.start) * 1000
         self.stats.send_cpu_percent = self.meter.cpu_percent()
         self.stats.send_mem_bytes = self.meter.mem_bytes()
