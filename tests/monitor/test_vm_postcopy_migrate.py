@@ -13,6 +13,7 @@ import pytest
 from livemig.guest import GuestConfig, uffd
 from livemig.monitor import QMPError
 from monitor.test_vm import Monitor, wait_for
+from support.relay import Relay
 
 pytestmark = pytest.mark.skipif(uffd.unavailable() is not None, reason=f"userfaultfd: {uffd.unavailable()}")
 
@@ -68,6 +69,7 @@ def test_postcopy_over_qmp(busy_pair: tuple[Monitor, Monitor]) -> None:
     assert info["ram"]["postcopy-bytes"] > 0
     pc = info["livemig"]["postcopy"]
     assert pc["time-ms"] >= 0 and pc["pages-requested"] == info["ram"]["postcopy-requests"]
+    assert pc["verified"] is True
     out = src.hmp.run("info migrate").output
     assert "\npostcopy ram: " in out
     assert ("postcopy request count: " in out) == bool(info["ram"]["postcopy-requests"])
@@ -77,3 +79,33 @@ def test_postcopy_over_qmp(busy_pair: tuple[Monitor, Monitor]) -> None:
     wait_for(lambda: dst("x-query-workload")["progress"] > p0, "the guest counting on")
     with pytest.raises(QMPError, match="Cannot resume if there is no paused migration"):
         src("migrate", uri=f"tcp:127.0.0.1:{port}", resume=True)
+
+
+def test_link_cut_in_postcopy_keeps_the_source_stopped(busy_pair: tuple[Monitor, Monitor]) -> None:
+    """Recovery is not built in the engine: a cut link after the switch fails the migration; the
+    source's guest stays stopped (postmigrate), its first ``cont`` says why, no resume is offered."""
+    src, dst = busy_pair
+    caps = [{"capability": "events", "state": True}, {"capability": "postcopy-ram", "state": True}]
+    for m in (src, dst):
+        m("migrate-set-capabilities", capabilities=caps)
+    src("migrate-set-parameters", **{"max-bandwidth": 8 << 20, "max-postcopy-bandwidth": 256 << 10})
+    dst("migrate-incoming", uri="tcp:127.0.0.1:0", **{"exit-on-error": False})
+    port = int(dst("query-migrate")["socket-address"][0]["port"])
+    with Relay(("127.0.0.1", port)) as relay:
+        src("migrate", uri=relay.uri)
+        wait_for(lambda: "active" in src.statuses(), "precopy")
+        src("migrate-start-postcopy")
+        wait_for(lambda: "postcopy-active" in src.statuses(), "the switch")
+        relay.cut()
+        wait_for(lambda: "failed" in src.statuses(), "the source to notice")
+    assert src("query-status") == {"status": "postmigrate", "running": False}
+    assert not src.vm.guest.running
+    assert src.error("cont").startswith("The migration failed in post-copy")
+    assert not src.vm.guest.running  # the first cont only explains
+    assert src.error("migrate", uri="tcp:127.0.0.1:1", resume=True) == \
+        "Cannot resume if there is no paused migration"
+    assert src.error("migrate", uri="tcp:127.0.0.1:1") == \
+        "Can't migrate the vm that was paused due to previous migration"
+    wait_for(lambda: "failed" in dst.statuses(), "the destination to notice")
+    assert dst.error("migrate-recover", uri="tcp:127.0.0.1:0") == \
+        "Migrate recover can only be run when postcopy is paused."

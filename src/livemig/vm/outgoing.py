@@ -28,18 +28,16 @@ UNKNOWN_CONT = ("The migration's outcome is unknown: this source committed the h
                 "if its guest runs, the migration completed and this guest must stay stopped (quit this VM). "
                 "Only if the destination's guest does not run and never will (quit it first), send 'cont' "
                 "again to resume the guest here")
-#: the same after a post-copy migration failed past its switch (the destination's guest ran)
-POSTCOPY_CONT = ("The migration failed in post-copy: the guest ran on the destination, which holds the pages it "
-                 "wrote since the switch, so this copy is stale. Resuming it here loses those writes; recover "
-                 "the migration instead if both sides still run (migrate-recover on the destination, then "
-                 "migrate with resume=true here). Send 'cont' again only to resume this stale copy anyway")
+#: the same after a post-copy migration failed past its switch (POSTCOPY_RUN went out)
+POSTCOPY_CONT = ("The migration failed in post-copy: the guest ran on the destination from the switch on, so this "
+                 "copy is stale (the destination holds every page written since) and the guest's state is split "
+                 "between both sides. Resuming it here loses those writes, and two copies would run if the "
+                 "destination's still does: quit the destination VM first. Send 'cont' again to resume this stale "
+                 "copy anyway")
 
 
 class Outgoing(VMCore):
     """The source half of the VM's monitor commands (QMPError on refusal)."""
-
-    #: the current migration switched to post-copy (its source guest never resumes by itself)
-    _postcopy_seen = False
 
     def migrate(self, uri: str, resume: bool = False) -> None:
         with self.lock:
@@ -68,7 +66,7 @@ class Outgoing(VMCore):
             except MigrationError as exc:
                 raise QMPError(str(exc)) from exc
             self.source, self._stats = src, src.stats
-            self._unknown = self._unknown_told = self._postcopy_seen = False
+            self._unknown = self._unknown_told = False
             self._switchover.clear()
             self._spawn("migration", self._run_source, src)
 
@@ -146,8 +144,6 @@ class Outgoing(VMCore):
                     if self.source is not None and self.source.status.state != "device":
                         break  # cancelled meanwhile
                 self._waiting_switchover = False
-        if status in POSTCOPY_STATUSES:
-            self._postcopy_seen = True
         self._migration_event(status)
         with self.lock:
             if status == "completed":
@@ -160,7 +156,8 @@ class Outgoing(VMCore):
         if guest_state == "postmigrate":  # committed, no answer: stays stopped until the operator acts
             self.state = "postmigrate"
             self._unknown = True
-            self._unknown_reason = POSTCOPY_CONT if self._postcopy_seen else UNKNOWN_CONT
+            ran = self.source is not None and self.source.postcopy is not None and self.source.postcopy.ran
+            self._unknown_reason = POSTCOPY_CONT if ran else UNKNOWN_CONT
         elif self._user_paused:
             self.guest.pause()
             self.state = "paused"
