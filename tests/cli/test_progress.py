@@ -177,3 +177,12 @@ def test_status_and_percent_stay_visible_at_80_columns() -> None:
     bars = [f for f in frames if "no conv." in f]
     assert bars and all(len(f.rstrip()) <= 80 for f in bars), frames
     assert all(re.match(r"active\s+93%", f) and "ETA -" in f for f in bars), bars
+
+
+def test_postcopy_active_shows_the_pages_requested_and_is_running() -> None:
+    s = _stats(status="postcopy-active", passes=1, remaining=16 * MIB)
+    s.postcopy_requests = 1234
+    snap = RateWindow().snapshot(s, now=1.0)
+    assert not snap.ended and snap.percent == 87.5
+    assert "requested 1.2k" in snap.text() and snap.line().startswith("postcopy-active  87% of 128.00 MiB")
+    assert "requests 1234" in s.progress_line()

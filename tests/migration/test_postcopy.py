@@ -152,37 +152,105 @@ def test_max_postcopy_bandwidth_checked_in_qemus_words() -> None:
     assert p.max_postcopy_bandwidth == 100 << 20 and p.to_qapi()["max-postcopy-bandwidth"] == 100 << 20
 
 
-@pytest.mark.kvm
-def test_a_link_cut_in_postcopy_fails_without_resuming_either_guest_by_itself() -> None:
-    # no recovery yet (docs/postcopy.md, "Failure and recovery"): the source's guest stays stopped,
-    # the destination's waits for its pages; the error says the guest is lost
-    cfg = GuestConfig(kind="kvm", memory=16 << 20, workload="counter", dirty_rate=20000, fill="corpus")
+def _cut_in_postcopy(kind: str) -> tuple[Source, Destination, Any, Any, threading.Thread, dict[str, Any], list[str]]:
+    """A migration whose main channel is shut down 0.3 s into post-copy (its page stream held to
+    1 MiB/s, so pages are still missing then); both sides end up postcopy-paused."""
+    cfg = GuestConfig(kind=kind, memory=16 << 20, workload="counter", dirty_rate=20000, fill="corpus")
     params = MigrationParameters(multifd_channels=1, max_bandwidth=0, downtime_limit=1,
                                  max_postcopy_bandwidth=1 << 20)
     src_guest, dst_guest = create_guest(cfg), create_guest(cfg, incoming=True)
     link = SocketPairLink()
-    dst = Destination(link, params, guest=dst_guest, timeout=5, postcopy_ram=True)
+    dst = Destination(link, params, guest=dst_guest, timeout=5, postcopy_ram=True, run_after=0.3)
     out: dict[str, Any] = {}
     t = threading.Thread(target=lambda: out.update(dst.run()))
+    t.start()
+    src_guest.start()
+    src = Source(src_guest, link, params, timeout=5, postcopy_ram=True, postcopy_after_passes=1)
+    seen: list[str] = []
+
+    def cut(status: str) -> None:
+        seen.append(status)
+        if status == state.POSTCOPY_ACTIVE and state.POSTCOPY_PAUSED not in seen:
+            assert src.main is not None
+            threading.Timer(0.3, src.main.shutdown, args=(2,)).start()
+
+    src.status.listeners.append(cut)
+    return src, dst, src_guest, dst_guest, t, out, seen
+
+
+def _wait_for(what: Any, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while not what():
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+
+
+@pytest.mark.kvm
+@pytest.mark.parametrize("kind", ["kvm", "portable"])
+def test_a_link_cut_in_postcopy_pauses_both_sides_and_recovers_without_losing_a_page(kind: str) -> None:
+    src, dst, src_guest, dst_guest, t, out, seen = _cut_in_postcopy(kind)
+    result: list[MigrationStats] = []
+    s = threading.Thread(target=lambda: result.append(src.run()))
     try:
-        t.start()
-        src_guest.start()
-        src = Source(src_guest, link, params, timeout=5, postcopy_ram=True, postcopy_after_passes=1)
-
-        def cut(status: str) -> None:
-            if status == state.POSTCOPY_ACTIVE:
-                assert src.main is not None
-                threading.Timer(0.3, src.main.shutdown, args=(2,)).start()
-
-        src.status.listeners.append(cut)
-        stats = src.run()
+        s.start()
+        _wait_for(lambda: src.status.state == state.POSTCOPY_PAUSED and dst.postcopy_status == state.POSTCOPY_PAUSED)
+        assert not src_guest.running  # nothing resumes with holes, nothing runs twice
+        with pytest.raises(Exception, match="Migrate recover can only be run when postcopy is paused"):
+            Destination(SocketPairLink(), MigrationParameters(), postcopy_ram=True).recover(SocketPairLink())
+        again = SocketPairLink()
+        dst.recover(again)  # migrate-recover, then migrate ... resume=true
+        src.resume(again)
+        s.join(timeout=60)
         t.join(timeout=30)
-        assert stats.status == "failed" and stats.error.startswith("post-copy failed after the switch")
-        assert stats.source_guest == "postmigrate" and not src_guest.running
-        assert out["status"] == "failed" and out["resumed"] is True  # it ran, and cannot go on
-        assert dst.postcopy is not None and dst.postcopy_status == state.POSTCOPY_ACTIVE
+        stats = result[0]
+        assert stats.status == "completed", stats.error
+        assert seen[-5:] == [state.POSTCOPY_ACTIVE, state.POSTCOPY_PAUSED, state.POSTCOPY_RECOVER,
+                             state.POSTCOPY_ACTIVE, state.COMPLETED]
+        # every page arrived (the destination checks before it answers) and matches the source's
+        assert out["status"] == "completed" and out["postcopy"]["verified"] is True
+        assert out["workload_check"] == "ok"  # the guest went on exactly
     finally:
+        src.cancel()
+        dst.cancel()
+        s.join(timeout=10)
+        t.join(timeout=10)
         if dst.postcopy is not None:
-            dst.postcopy.close()  # wakes the vCPUs waiting on pages, so the guest can be closed
+            dst.postcopy.close()  # wakes vCPUs still waiting on pages, so the guest can be closed
         src_guest.close()
         dst_guest.close()
+
+
+@pytest.mark.kvm
+def test_a_paused_postcopy_cancelled_fails_with_the_guest_lost() -> None:
+    src, dst, src_guest, dst_guest, t, out, _ = _cut_in_postcopy("kvm")
+    result: list[MigrationStats] = []
+    s = threading.Thread(target=lambda: result.append(src.run()))
+    try:
+        s.start()
+        _wait_for(lambda: src.status.state == state.POSTCOPY_PAUSED and dst.postcopy_status == state.POSTCOPY_PAUSED)
+        src.cancel()
+        s.join(timeout=30)
+        stats = result[0]
+        assert stats.status == "failed" and stats.error.startswith("post-copy failed after the switch")
+        assert "post-copy paused and cancelled" in stats.error
+        assert stats.source_guest == "postmigrate" and not src_guest.running
+        dst.cancel()
+        t.join(timeout=30)
+        assert out["status"] == "failed" and out["resumed"] is True  # it ran, and cannot go on
+    finally:
+        if dst.postcopy is not None:
+            dst.postcopy.close()
+        src_guest.close()
+        dst_guest.close()
+
+
+@pytest.mark.kvm
+def test_stale_precopy_bytes_are_never_kept(monkeypatch: pytest.MonkeyPatch) -> None:
+    # a destination whose discards drop nothing would keep the precopy bytes of re-dirtied pages:
+    # placing the fresh page then finds it present, and the migration fails on both sides
+    from livemig.guest.base import RamBlock
+
+    monkeypatch.setattr(RamBlock, "discard", lambda self, first, n: None)
+    stats, out, _ = postcopy("kvm")
+    assert stats.status == "failed" and "was present before it was placed" in stats.error
+    assert out["status"] == "failed" and "was present before it was placed" in out["error-desc"]

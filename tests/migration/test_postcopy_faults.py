@@ -41,6 +41,7 @@ class _Dst:
         self.page_size = PAGE
         self.received = {block.name: np.ones(block.npages, dtype=bool)}
         self.handover = SimpleNamespace(rp=_Rp())
+        self.main = None
         self.failures: list[tuple[BaseException, str]] = []
 
     def stop_hashing(self) -> None:

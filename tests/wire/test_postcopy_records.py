@@ -88,3 +88,16 @@ def test_discard_writer_refuses_bad_ranges() -> None:
     with pytest.raises(LocalWireError, match="length 0"):
         postcopy_ram_discard("pc.ram", [(0, 0)])
     assert postcopy_ram_discard("pc.ram", []) == b""
+
+
+def test_recovery_commands_round_trip() -> None:
+    from livemig.wire.stream import PostcopyResume, RecvBitmap, postcopy_resume, recv_bitmap
+
+    assert recv_bitmap("pc.ram") == bytes.fromhex("08 000a 0007 06") + b"pc.ram"  # QEMU: u8 len, id
+    assert _events(file_header() + recv_bitmap("pc.ram") + postcopy_resume(), 3) == [RecvBitmap("pc.ram"),
+                                                                                     PostcopyResume()]
+    r = StreamReader()
+    r.feed(file_header() + command(10, b"\x05pc"))
+    r.next_event()
+    with pytest.raises(WireError, match=re.escape("RECV_BITMAP) id length: received 5, expected 2")):
+        r.next_event()

@@ -210,8 +210,8 @@ def check_migrate(args: argparse.Namespace) -> Checked:
     if address is not None:
         resolve(address, args.uri)
     params, uuid = _check_common(args)
-    check_peer_options(args)
     check_postcopy(args)
+    check_peer_options(args)
     tls = tls_from_args(args, True, address)
     return Checked(params, guest_config_from_args(args), address, uuid, tls,
                    local_server_args(tls) if args.local else None)

@@ -29,21 +29,21 @@ from typing import Any
 import numpy as np
 import xxhash
 
-from ..compress import Method, create_method, method_names
+from ..compress import Method, create_method
 from ..compress.auto import AUTO
 from ..compress.qatzip import hardware_probe
 from ..errors import Cancelled, IntegrityError, MigrationError, TransportError, WireError, os_reason
-from ..guest import Guest, GuestConfig, create_guest
+from ..guest import Guest
 from ..guest.base import RamBlock
 from ..params import MigrationParameters
 from ..ram.digest import ChunkDigest
 from ..transport.address import Address
 from ..transport.sockets import AddressListener, Listener
-from ..units import format_size
 from ..wire import stream
 from ..wire.constants import PAGE_SIZE
 from . import protocol, state
-from .accept import Gate, MainRefusal
+from .accept import Gate
+from .configure import apply_config
 from .from_qemu import QemuIncoming, admit_qemu
 from .handover import DestinationHandover, ReturnPath
 from .multifd import PROGRESS_BYTES, RecvChannel, RecvContext
@@ -99,7 +99,7 @@ class Destination:
         self.max_memory = host_memory_limit() if max_memory is None else max_memory
         self.log = log or (lambda _m: None)
         self.page_size = PAGE_SIZE
-        # auto: the source's pick replaces ``none`` when its config arrives (:meth:`_adopt_method`)
+        # auto: the source's pick replaces ``none`` when its config arrives (:func:`.configure.adopt_method`)
         auto = params.multifd_compression == AUTO
         self.method: Method = create_method("none" if auto else params.multifd_compression, params.level(),
                                             self.page_size)
@@ -172,6 +172,8 @@ class Destination:
     def fail(self, exc: BaseException, where: str) -> None:
         """Fail the migration: keep the first failure (``where: reason``, the original as its cause),
         wake every thread that waits on a channel."""
+        if self.postcopy is not None and self.postcopy.ran and where.startswith("multifd channel"):
+            return  # they carry nothing after the switch; a broken link pauses post-copy instead
         self._failure.record(exc, where)
         self._barrier.abort()
         for ch in list(self.channels.values()):
@@ -327,7 +329,7 @@ class Destination:
                     self.postcopy.command(ev)
                     continue
                 self.postcopy.run(state_blob)
-                self.postcopy.stream(reader)  # the rest of the stream, and its completion
+                self.postcopy.receive_rest(reader)  # the rest of the stream, and its completion
                 return
             elif isinstance(ev, stream.Eof):
                 break
@@ -415,7 +417,7 @@ class Destination:
         is closed and forgotten."""
         created = self.guest is None
         try:
-            self._apply_config(data)
+            apply_config(self, data)
         except BaseException:  # MainRefusal: the gate answers and logs it
             self._forget(created)
             raise
@@ -428,72 +430,6 @@ class Destination:
         self.views.clear()
         self.received.clear()
         self.digests.clear()
-
-    def _adopt_method(self, name: Any) -> None:
-        """``multifd-compression auto`` here: receive the method the source named (MainRefusal if
-        it is unknown or cannot run here)."""
-        if name not in method_names():
-            raise MainRefusal(f"multifd-compression: the source's {name!r} is not a method "
-                              f"(expected one of {', '.join(method_names())})")
-        try:
-            self.method = self._recv.method = create_method(name, 1, self.page_size)
-        except MigrationError as exc:
-            raise MainRefusal(str(exc)) from exc
-
-    def _apply_config(self, data: bytes) -> None:
-        try:
-            cfg = json.loads(data)
-            gcfg = GuestConfig.from_json(json.dumps(cfg["guest"]))
-            theirs = [(str(n), int(size)) for n, size in cfg.get("blocks", [])]
-        except (ValueError, KeyError, TypeError, MigrationError) as exc:
-            raise MainRefusal(f"livemig/config section is malformed: {exc}") from exc
-        if cfg.get("protocol") != protocol.VERSION:
-            raise MainRefusal(f"handover protocol version differs: source {cfg.get('protocol')!r}, destination "
-                              f"{protocol.VERSION}; run the same livemig version on both sides")
-        try:
-            same = bytes.fromhex(str(cfg.get("uuid"))) == self.uuid
-        except ValueError:
-            same = False
-        if not same:
-            raise MainRefusal("the uuid differs from the destination's")
-        if self.params.multifd_compression == AUTO:  # take the method the source's auto picked
-            self._adopt_method(cfg.get("multifd-compression"))
-        mine = {
-            "multifd-channels": self.params.multifd_channels,
-            "multifd-compression": self.method.name,
-            "page-size": self.page_size,
-            "postcopy-ram": self.postcopy is not None,
-        }
-        for key, value in mine.items():
-            if cfg.get(key) != value:
-                raise MainRefusal(f"{key} differs: source uses {cfg.get(key)!r}, destination {value!r}; "
-                                  "set the same on both sides")
-        if self.guest is None:
-            need = max(gcfg.memory, sum(size for _, size in theirs))
-            if need > self.max_memory:
-                raise MainRefusal(f"the source's guest needs {format_size(need)} of RAM, more than this "
-                                  f"destination's --max-memory {format_size(self.max_memory)}")
-            self.log(f"creating the {gcfg.kind} guest from the source's config ({format_size(gcfg.memory)})")
-            try:
-                self.guest = create_guest(gcfg, incoming=True)
-            except MigrationError as exc:
-                raise MainRefusal(str(exc)) from exc
-        else:
-            ours = [(b.name, b.size) for b in self.guest.blocks]
-            if theirs != ours or gcfg.kind != self.guest.config.kind:
-                def show(blocks: list[tuple[str, int]]) -> str:
-                    return ", ".join(f"{name} {format_size(size)}" for name, size in blocks)
-                raise MainRefusal(f"guest differs: source has a {gcfg.kind} guest with RAM {show(theirs)}, "
-                                  f"destination a {self.guest.config.kind} guest with RAM {show(ours)}")
-            self.guest.config = gcfg
-        self._restart_timer()  # creating the guest may have taken a while
-        for b in self.guest.blocks:
-            self.blocks[b.name] = b
-            self.views[b.name] = b.view()
-            self.received[b.name] = np.zeros(b.npages, dtype=bool)
-            self.digests[b.name] = ChunkDigest(self.views[b.name], self.page_size)
-            self.digests[b.name].assume_zero()  # an incoming guest's RAM is zero (Guest contract)
-        self._guest_ready.set()
 
     def _verify(self, src: dict[str, str]) -> dict[str, str]:
         """This side's digest of each RAM block, checked against the source's; IntegrityError if one differs."""

@@ -79,10 +79,7 @@ class ReturnPath:
     def recv(self, timeout: float, cancelled: Callable[[], bool] | None = None) -> p.Message:
         deadline = time.monotonic() + timeout
         with self._own_timeouts():
-            while b"\n" not in self._buf:
-                if len(self._buf) > p.MAX_LINE:
-                    raise WireError(f"handover message from the {self.peer}", "longer line",
-                                    f"at most {p.MAX_LINE} bytes")
+            while not self._whole_line():
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise HandoverTimeout(f"no answer from the {self.peer} within {timeout:g} s")
@@ -91,15 +88,30 @@ class ReturnPath:
                         raise Cancelled("migration cancelled")
                     left = min(left, POLL)
                 self.sock.settimeout(left)
-                try:
-                    chunk = self.sock.recv(65536)
-                except TimeoutError:
-                    continue  # the deadline check above raises
-                except OSError as exc:
-                    raise TransportError(f"link to the {self.peer} failed: {os_reason(exc)}") from exc
-                if not chunk:
-                    raise TransportError(f"the {self.peer} closed the connection")
-                self._buf += chunk
+                self._read((TimeoutError,))  # on a timeout the deadline check above raises
+        return self._take_line()
+
+    def _whole_line(self) -> bool:
+        """A whole line is buffered (WireError once more than a line's worth is, without one)."""
+        if b"\n" in self._buf:
+            return True
+        if len(self._buf) > p.MAX_LINE:
+            raise WireError(f"handover message from the {self.peer}", "longer line", f"at most {p.MAX_LINE} bytes")
+        return False
+
+    def _read(self, retry: tuple[type[BaseException], ...]) -> None:
+        """One read into the buffer; the exceptions ``retry`` only mean "nothing yet"."""
+        try:
+            chunk = self.sock.recv(65536)
+        except retry:
+            return
+        except OSError as exc:
+            raise TransportError(f"link to the {self.peer} failed: {os_reason(exc)}") from exc
+        if not chunk:
+            raise TransportError(f"the {self.peer} closed the connection")
+        self._buf += chunk
+
+    def _take_line(self) -> p.Message:
         line, _, rest = bytes(self._buf).partition(b"\n")
         self._buf = bytearray(rest)
         return p.decode(line, self.receives)
@@ -110,25 +122,13 @@ class ReturnPath:
         the socket meanwhile (post-copy: the source's page stream and its return-path reader).
         Raises as :meth:`recv` (TransportError, WireError)."""
         deadline = time.monotonic() + timeout
-        while b"\n" not in self._buf:
-            if len(self._buf) > p.MAX_LINE:
-                raise WireError(f"handover message from the {self.peer}", "longer line", f"at most {p.MAX_LINE} bytes")
+        while not self._whole_line():
             pending = isinstance(self.sock, ssl.SSLSocket) and self.sock.pending()
             left = deadline - time.monotonic()
             if not pending and (left <= 0 or not select.select([self.sock], [], [], left)[0]):
                 return None
-            try:
-                chunk = self.sock.recv(65536)
-            except (BlockingIOError, ssl.SSLWantReadError):
-                continue
-            except OSError as exc:
-                raise TransportError(f"link to the {self.peer} failed: {os_reason(exc)}") from exc
-            if not chunk:
-                raise TransportError(f"the {self.peer} closed the connection")
-            self._buf += chunk
-        line, _, rest = bytes(self._buf).partition(b"\n")
-        self._buf = bytearray(rest)
-        return p.decode(line, self.receives)
+            self._read((BlockingIOError, ssl.SSLWantReadError))
+        return self._take_line()
 
     def wait_closed(self, timeout: float) -> bool:
         """Drop whatever comes until the peer closes or the link fails (True) or ``timeout`` s pass

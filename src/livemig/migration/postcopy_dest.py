@@ -29,13 +29,16 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..errors import IntegrityError, MigrationError, WireError
+from ..errors import IntegrityError, MigrationError, TransportError, WireError
 from ..guest import uffd
 from ..transport.sockets import Listener
 from ..wire import stream
 from ..wire.constants import MIG_CMD_PING
 from . import protocol, state
+from .handover import ReturnPath
 from .pagehash import ALGORITHM, PageHashes
+from .postcopy_source import queue_bound
+from .protocol import MACHINE_TYPE
 
 if TYPE_CHECKING:
     from .destination import Destination
@@ -72,6 +75,8 @@ class PostcopyDestination:
         self._stop = threading.Event()
         self._fault_thread: threading.Thread | None = None
         self._t_run = 0.0
+        self._recovering = threading.Event()
+        self._listener: Listener | None = None
 
     # --- the commands ------------------------------------------------------------------------------
     def command(self, ev: stream.PostcopyAdvise | stream.PostcopyDiscard | stream.PostcopyListen) -> None:
@@ -126,6 +131,7 @@ class PostcopyDestination:
             b.present = ~self._missing[name]
             fd.register(b.address, b.size)
         self.listening = True
+        queue_bound(self.dst.main)
         self._fault_thread = threading.Thread(target=self._serve_faults, name="postcopy-faults", daemon=True)
         self._fault_thread.start()
         self.status = state.POSTCOPY_ACTIVE
@@ -147,8 +153,6 @@ class PostcopyDestination:
     def _serve_faults(self) -> None:
         """The fault thread: each missing page faulted is requested from the source once."""
         assert self.uffd is not None
-        rp = self.dst.handover.rp
-        assert rp is not None
         ps = self.dst.page_size
         spans = [(b.address, b.address + b.size, b) for b in self.dst.blocks.values()]
         try:
@@ -164,7 +168,12 @@ class PostcopyDestination:
                             continue
                         self._requested[(block.name, page)] = time.monotonic()
                     self.pages_requested += 1
-                    rp.send(protocol.ReqPages(block.name, page * ps, ps))
+                    rp = self.dst.handover.rp  # a new one after a recovery
+                    try:
+                        if rp is not None:
+                            rp.send(protocol.ReqPages(block.name, page * ps, ps))
+                    except MigrationError:
+                        pass  # the link broke: sent again once it is recovered
         except BaseException as exc:  # noqa: BLE001 - the migration's failure
             self.dst.fail(exc, "post-copy fault thread")
 
@@ -205,8 +214,31 @@ class PostcopyDestination:
         if t is not None:
             self.latencies_us.append((now - t) * 1e6)
 
-    def stream(self, reader: stream.StreamReader) -> None:
-        """The rest of the main stream after POSTCOPY_RUN: pages up to EOF, then completion."""
+    def receive_rest(self, reader: stream.StreamReader) -> None:
+        """The rest of the main stream after POSTCOPY_RUN: pages up to EOF, then completion. A broken
+        main channel pauses (postcopy-paused) until :meth:`recover` brings a new one."""
+        from .destination import Stalled  # the destination imports this module
+
+        try:
+            while True:
+                try:
+                    source_digests = self._read_to_eof(reader)
+                    break
+                except (TransportError, Stalled) as exc:
+                    if self.dst._failure.error is not None:
+                        raise
+                    reader = self._paused(exc)
+            self._complete(source_digests)
+        except BaseException as exc:
+            rp = self.dst.handover.rp
+            try:  # best effort: the source then fails instead of waiting to recover a link that works
+                if rp is not None:
+                    rp.send(protocol.Failed(f"post-copy: {exc}"))
+            except MigrationError:
+                pass
+            raise
+
+    def _read_to_eof(self, reader: stream.StreamReader) -> Any:
         source_digests: Any = None
         while True:
             ev = self.dst.next_event(reader)
@@ -214,11 +246,72 @@ class PostcopyDestination:
                 self._place(ev)
             elif isinstance(ev, stream.Blob) and ev.idstr == "livemig/digest":
                 source_digests = json.loads(bytes(ev.data))
-            elif isinstance(ev, stream.Blob | stream.MultifdFlush | stream.ControlLine | stream.MemSize):
+            elif isinstance(ev, stream.MemSize):  # a recovered channel opens the RAM section again
+                mine = [(b.name, b.size) for b in self.dst.blocks.values()]
+                if list(ev.blocks) != mine:
+                    raise WireError("RAM block list after post-copy recovery", list(ev.blocks), mine)
+            elif isinstance(ev, stream.Blob | stream.MultifdFlush | stream.ControlLine):
                 raise WireError("main stream record in post-copy", type(ev).__name__, "RAM pages, livemig/digest, EOF")
             elif isinstance(ev, stream.Eof):
-                break
-        self._complete(source_digests)
+                return source_digests
+
+    # --- recovery (docs/postcopy.md, "Failure and recovery") -------------------------------------
+    def recover(self, listener: Listener) -> None:
+        """``migrate-recover``: take the source's new main channel from ``listener``."""
+        self._listener = listener
+        self._recovering.set()
+
+    def _paused(self, exc: BaseException) -> stream.StreamReader:
+        """postcopy-paused until :meth:`recover`, then postcopy-recover: the reader of the new main
+        channel, once the source resumed on it (a failed attempt pauses again)."""
+        dst = self.dst
+        self.status = state.POSTCOPY_PAUSED
+        dst.log(f"post-copy paused, the link broke ({exc}): the guest waits for its pages; run migrate-recover")
+        while True:
+            while not self._recovering.wait(0.05):
+                dst._check()  # a cancel ends the wait (the guest is lost)
+                dst._restart_timer()
+            self._recovering.clear()
+            self.status = state.POSTCOPY_RECOVER
+            try:
+                return self._accept()
+            except MigrationError as again:
+                if dst._failure.error is not None:
+                    raise
+                self.status = state.POSTCOPY_PAUSED
+                dst.log(f"post-copy recovery failed ({again}): still paused")
+
+    def _accept(self) -> stream.StreamReader:
+        dst, ps = self.dst, self.dst.page_size
+        assert self._listener is not None
+        sock = None
+        while sock is None:
+            dst._check()
+            dst._restart_timer()
+            sock = self._listener.accept(0.1)
+        sock.settimeout(dst.timeout)
+        queue_bound(sock)
+        if dst.main is not None:
+            dst.main.close()
+        dst.main = sock
+        rp = dst.handover.rp = ReturnPath(sock, "to-destination", "source")
+        reader = stream.StreamReader(page_size=ps)
+        first = [dst.next_event(reader), dst.next_event(reader)]
+        if not isinstance(first[1], stream.Configuration) or first[1].machine_type != MACHINE_TYPE:
+            raise WireError("post-copy recovery channel's CONFIGURATION", first[1], MACHINE_TYPE)
+        while not isinstance(ev := dst.next_event(reader), stream.PostcopyResume):
+            if not isinstance(ev, stream.RecvBitmap) or ev.block not in dst.blocks:
+                raise WireError("post-copy recovery record", ev, "RECV_BITMAP of a RAM block, POSTCOPY_RESUME")
+            present = dst.blocks[ev.block].present
+            have = np.ones(dst.blocks[ev.block].npages, dtype=bool) if present is None else present
+            rp.send(protocol.ReceivedBitmap(ev.block, np.packbits(have, bitorder="little").tobytes().hex()))
+        rp.send(protocol.ResumeAck())
+        with self._lock:
+            outstanding = list(self._requested)
+        for name, page in outstanding:  # asked for on the broken link: maybe never heard
+            rp.send(protocol.ReqPages(name, page * ps, ps))
+        self.status = state.POSTCOPY_ACTIVE
+        return reader
 
     def _complete(self, source: Any) -> None:
         missing = {n: int((~b.present).sum()) for n, b in self.dst.blocks.items() if b.present is not None}
@@ -272,5 +365,3 @@ class PostcopyDestination:
         for b in self.dst.blocks.values():
             b.present = None
 
-    def recover(self, listener: Listener) -> None:
-        raise MigrationError("post-copy recovery is not implemented yet")

@@ -20,20 +20,21 @@ from __future__ import annotations
 
 import json
 import queue
+import socket
 import threading
 import time
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..errors import MigrationError
+from ..errors import MigrationError, TransportError
 from ..ram.pages import nonzero_pages, runs
 from ..transport.sockets import Connector
 from ..wire import stream
 from . import protocol, state
-from .handover import HandoverTimeout, PeerFailed
+from .handover import HandoverTimeout, PeerFailed, ReturnPath
 from .pagehash import Background
-from .protocol import SECTION_DIGEST, SECTION_RAM, SECTION_VCPU
+from .protocol import MACHINE_TYPE, SECTION_DIGEST, SECTION_RAM, SECTION_VCPU
 from .stats import downtime_phases
 
 if TYPE_CHECKING:
@@ -41,6 +42,19 @@ if TYPE_CHECKING:
 
 #: background pages written per main-channel write (requests are looked at between writes)
 BATCH = 16
+#: bytes a post-copy main channel's kernel buffers hold, each side (the kernel doubles it)
+QUEUE_BYTES = 128 << 10
+
+
+def queue_bound(sock: socket.socket | None) -> None:
+    """Keep the socket's kernel buffer to :data:`QUEUE_BYTES`: a requested page is written behind
+    what the buffers already hold, so the less they hold the sooner it lands."""
+    if sock is not None:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, QUEUE_BYTES)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, QUEUE_BYTES)
+        except OSError:
+            pass  # not a kernel socket (TLS wraps one): keep its buffers
 
 
 class PostcopySource:
@@ -64,6 +78,12 @@ class PostcopySource:
         self._todo: dict[str, np.ndarray] = {}
         self._blocks = {b.name: b for b in src.guest.blocks}
         self._hasher: Background | None = None
+        self._reader: threading.Thread | None = None
+        self._link_down = threading.Event()
+        self._link_error = ""
+        self._resume = threading.Event()
+        self._resume_to: Connector | None = None
+        self._abandon = threading.Event()
 
     def request(self) -> None:
         """``migrate-start-postcopy``: switch at the end of the current pass."""
@@ -105,19 +125,18 @@ class PostcopySource:
         npages = sum(int(t.sum()) for t in self._todo.values())
         stats.remaining = npages * src.page_size
         src.status.step(state.POSTCOPY_ACTIVE)
-        reader = threading.Thread(target=self._read_return_path, name="postcopy-rp", daemon=True)
-        reader.start()
         src.limiter.set_rate(src.params.max_postcopy_bandwidth or src.params.max_bandwidth)
-        self._send_pages(npages)
-        src._main_write(stream.section_end(SECTION_RAM) + stream.ram_eos() + stream.section_footer(SECTION_RAM)
-                       + stream.section_full(SECTION_DIGEST, "livemig/digest", 0, 1)
-                       + stream.blob(json.dumps(self._hashes().result().digests()).encode())
-                       + stream.section_footer(SECTION_DIGEST) + stream.eof(), ram=False)
-        deadline = time.monotonic() + src.timeout
-        while not self._done.wait(0.05):
-            src._check()
-            if time.monotonic() > deadline:
-                raise HandoverTimeout(f"no post-copy completion from the destination within {src.timeout:g} s")
+        queue_bound(src.main)
+        recovered = False
+        while True:
+            try:
+                self._stream(recovered)
+                break
+            except BaseException as exc:  # noqa: BLE001 - a broken link pauses, anything else fails
+                if not self._link_lost(exc):
+                    raise
+                self._recover(exc)
+                recovered = True
         self._finished = True
         src._check()
         assert self._answer is not None and self._resumed is not None
@@ -144,6 +163,105 @@ class PostcopySource:
         stats.send_mem_bytes = src.meter.mem_bytes()
         src.status.step(state.COMPLETED)
 
+    def _stream(self, recovered: bool) -> None:
+        """Every page still to send, the RAM section's end, the digests and EOF on the main channel,
+        then the destination's PostcopyDone. ``recovered``: a new main channel, whose reader has
+        not seen the RAM section yet (it is opened again, with its MEM_SIZE)."""
+        src = self.src
+        self._link_down.clear()
+        self._reader = threading.Thread(target=self._read_return_path, name="postcopy-rp", daemon=True)
+        self._reader.start()
+        npages = sum(int(t.sum()) for t in self._todo.values())
+        src.stats.remaining = npages * src.page_size
+        head = (stream.section_start(SECTION_RAM, "ram", 0, 4) + stream.ram_mem_size(src._ram_blocks())
+                if recovered else stream.section_part(SECTION_RAM))
+        self._send_pages(npages, head)
+        src._main_write(stream.section_end(SECTION_RAM) + stream.ram_eos() + stream.section_footer(SECTION_RAM)
+                        + stream.section_full(SECTION_DIGEST, "livemig/digest", 0, 1)
+                        + stream.blob(json.dumps(self._hashes().result().digests()).encode())
+                        + stream.section_footer(SECTION_DIGEST) + stream.eof(), ram=False)
+        deadline = time.monotonic() + src.timeout
+        while not self._done.wait(0.05):
+            src._check()
+            self._check_link()
+            if time.monotonic() > deadline:
+                raise HandoverTimeout(f"no post-copy completion from the destination within {src.timeout:g} s")
+
+    def _check_link(self) -> None:
+        if self._link_down.is_set():
+            raise TransportError(f"post-copy return path: {self._link_error}")
+
+    def _link_lost(self, exc: BaseException) -> bool:
+        """``exc`` is the main channel breaking (recoverable), not a local failure or a cancel."""
+        root: BaseException | None = exc
+        while root is not None and not isinstance(root, TransportError):
+            root = root.__cause__
+        return root is not None and self.src._failure.error is None and not self._abandon.is_set()
+
+    # --- recovery (docs/postcopy.md, "Failure and recovery") -------------------------------------
+    def resume(self, connector: Connector) -> None:
+        """``migrate URI resume=true``: reconnect through ``connector`` (status postcopy-paused)."""
+        self._resume_to = connector
+        self._resume.set()
+
+    def abandon(self) -> None:
+        """A cancel: a paused post-copy gives up (the guest is lost); an active one is not stopped."""
+        if self.src.status.state in (state.POSTCOPY_PAUSED, state.POSTCOPY_RECOVER):
+            self._abandon.set()
+            self._resume.set()
+
+    def _recover(self, exc: BaseException) -> None:
+        """postcopy-paused until :meth:`resume`, then postcopy-recover on the new main channel:
+        RECV_BITMAP per block (the destination's present pages: the others are queued again),
+        POSTCOPY_RESUME, its ack; back to postcopy-active. A failed attempt pauses again."""
+        src = self.src
+        src.status.step(state.POSTCOPY_PAUSED)
+        src.log(f"post-copy paused, the link broke ({exc}): the guest waits; reconnect with migrate-recover "
+                "on the destination and migrate ... resume=true here")
+        if self._reader is not None:
+            self._reader.join(timeout=5)
+        while True:
+            if src.main is not None:
+                try:
+                    src.main.shutdown(socket.SHUT_RDWR)  # closed when a new one replaces it
+                except OSError:
+                    pass
+            self._resume.wait()
+            self._resume.clear()
+            if self._abandon.is_set():
+                raise MigrationError(f"post-copy paused and cancelled: {exc}") from exc
+            src.status.step(state.POSTCOPY_RECOVER)
+            try:
+                self._reconnect()
+                break
+            except MigrationError as again:
+                src.status.step(state.POSTCOPY_PAUSED)
+                src.log(f"post-copy recovery failed ({again}): still paused")
+        src.status.step(state.POSTCOPY_ACTIVE)
+
+    def _reconnect(self) -> None:
+        src = self.src
+        assert self._resume_to is not None
+        old, src.main = src.main, self._resume_to.connect(src.timeout)
+        queue_bound(src.main)
+        if old is not None:
+            old.close()
+        rp = src.rp = src.handover.rp = ReturnPath(src.main, "to-source", "destination")
+        src._main_write(stream.file_header() + stream.configuration(MACHINE_TYPE)
+                        + b"".join(stream.recv_bitmap(b.name) for b in src.guest.blocks), ram=False)
+        for b in src.guest.blocks:
+            msg = rp.recv(src.timeout)
+            if not isinstance(msg, protocol.ReceivedBitmap) or msg.rbname != b.name:
+                raise MigrationError(f"destination answered {msg} to RECV_BITMAP {b.name!r}")
+            bits = np.unpackbits(np.frombuffer(bytes.fromhex(msg.bitmap), dtype=np.uint8), bitorder="little")
+            if bits.size < b.npages:
+                raise MigrationError(f"destination's bitmap of {b.name!r} has {bits.size} bits, {b.npages} pages")
+            self._todo[b.name] = ~bits[:b.npages].astype(bool)  # pages in flight when it broke come again
+        src._main_write(stream.postcopy_resume(), ram=False)
+        msg = rp.recv(src.timeout)
+        if not isinstance(msg, protocol.ResumeAck):
+            raise MigrationError(f"destination answered {msg} to POSTCOPY_RESUME, expected resume-ack")
+
     def _discards(self, pages: dict[str, np.ndarray]) -> bytes:
         """POSTCOPY_RAM_DISCARD records for ``pages`` (block name -> bool per page)."""
         ps = self.src.page_size
@@ -161,21 +279,19 @@ class PostcopySource:
         if not isinstance(msg, protocol.Pong) or msg.value != value:
             raise MigrationError(f"destination answered {msg} to PING {value}, expected pong {value}")
 
-    def resume(self, connector: Connector) -> None:
-        """Reconnect a paused post-copy migration (docs/postcopy.md, "Recovery")."""
-        raise MigrationError("post-copy recovery is not implemented yet: the paused migration cannot resume")
-
     # --- pages -------------------------------------------------------------------------------------
-    def _send_pages(self, npages: int) -> None:
-        """Every discarded page once, on the main channel: requested pages first, then ascending."""
+    def _send_pages(self, npages: int, head: bytes) -> None:
+        """Every discarded page once, on the main channel after ``head``: requested pages first,
+        then ascending."""
         src = self.src
         left = npages
-        src._main_write(stream.section_part(SECTION_RAM), ram=False)
+        src._main_write(head, ram=False)
         for b in src.guest.blocks:
             todo = self._todo[b.name]
             for first in range(0, b.npages, 4096):
                 idx = np.flatnonzero(todo[first:first + 4096]) + first
                 for i in range(0, idx.size, BATCH):
+                    self._check_link()
                     left -= self._serve_requests()
                     if self._resumed is not None:
                         self._hashes()
@@ -254,8 +370,18 @@ class PostcopySource:
                 else:
                     raise MigrationError(f"destination sent '{msg.TYPE}' during post-copy")
         except BaseException as exc:  # noqa: BLE001 - the migration's failure, seen by the sender
-            if not self._finished and src._failure.record(exc, "post-copy return path"):
+            if self._finished:
+                return
+            if isinstance(exc, TransportError):  # the link broke: the sender pauses (recoverable)
+                self._link_error = str(exc)
+                self._link_down.set()
+                if src.main is not None:
+                    try:
+                        src.main.shutdown(socket.SHUT_RDWR)  # the sender's write fails at once
+                    except OSError:
+                        pass
+            elif src._failure.record(exc, "post-copy return path"):
                 src._stop.set()
                 src._shutdown_sockets()  # the sender's next write fails at once
-            self._done.set()
+                self._done.set()
 

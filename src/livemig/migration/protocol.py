@@ -3,7 +3,8 @@
 Protocol version :data:`VERSION` (4; 2 added the source's ``uuid`` to livemig/config, 3 lets an
 :class:`Abort` come before the stream's EOF and has the destination answer :class:`Failed` when
 it gives up on its own, 4 adds post-copy: ``postcopy-ram`` in livemig/config, :class:`ReqPages`,
-:class:`Pong` and :class:`PostcopyDone`, and POSTCOPY_RUN as the commit point of a post-copy migration,
+:class:`Pong`, :class:`PostcopyDone` and, for recovery, :class:`ReceivedBitmap` and :class:`ResumeAck`,
+and POSTCOPY_RUN as the commit point of a post-copy migration,
 docs/postcopy.md). Every handover message carries it; a peer speaking another version is
 refused with an error naming both. A change to any message or rule bumps it.
 
@@ -166,6 +167,25 @@ class Pong:
 
 
 @dataclass(frozen=True)
+class ReceivedBitmap:
+    """Return path, post-copy recovery: the answer to RECV_BITMAP for RAM block ``rbname``:
+    ``bitmap`` is hex of one bit per page (numpy ``packbits``, little bit order), set for a page
+    the destination has (QEMU's MIG_RP_MSG_RECV_BITMAP)."""
+
+    TYPE: ClassVar[str] = "recv-bitmap"
+    rbname: str
+    bitmap: str
+
+
+@dataclass(frozen=True)
+class ResumeAck:
+    """Return path, post-copy recovery: POSTCOPY_RESUME was read; pages flow again (QEMU's
+    MIG_RP_MSG_RESUME_ACK)."""
+
+    TYPE: ClassVar[str] = "resume-ack"
+
+
+@dataclass(frozen=True)
 class PostcopyDone:
     """Return path, post-copy: every page arrived and was placed; ``stats``: the destination's
     figures (``faults``, ``pages-requested``, ``fault-latency-us-p50``/``-p99``, ``verified``)."""
@@ -189,13 +209,14 @@ class Abort:
     reason: str
 
 
-ToSource: TypeAlias = Ready | Refused | Prepared | Resumed | Failed | Report | ReqPages | Pong | PostcopyDone
+ToSource: TypeAlias = (Ready | Refused | Prepared | Resumed | Failed | Report | ReqPages | Pong | ReceivedBitmap
+                       | ResumeAck | PostcopyDone)
 ToDestination: TypeAlias = Commit | Abort
 Message: TypeAlias = ToSource | ToDestination
 
 _BY_DIRECTION: dict[str, dict[str, type[Message]]] = {
     "to-source": {c.TYPE: c for c in (Ready, Refused, Prepared, Resumed, Failed, Report, ReqPages, Pong,
-                                      PostcopyDone)},
+                                      ReceivedBitmap, ResumeAck, PostcopyDone)},
     "to-destination": {c.TYPE: c for c in (Commit, Abort)},
 }
 _HEX = re.compile(r"[0-9a-f]+")
@@ -237,7 +258,7 @@ def _stats(what: str, v: object) -> Stats:
 #: field name -> checker turning a decoded JSON value into the field's value
 _CHECKS: dict[str, Callable[[str, object], object]] = {
     "error": _text, "reason": _text, "algorithm": _text, "state": _hex, "digests": _digests, "stats": _stats,
-    "rbname": _text, "start": _count, "len": _count, "value": _count,
+    "rbname": _text, "start": _count, "len": _count, "value": _count, "bitmap": _hex,
 }
 
 
@@ -326,7 +347,7 @@ UNKNOWN_ADVICE = ("outcome unknown: the source committed but did not hear the de
 #: what the operator is told when post-copy fails after POSTCOPY_RUN (docs/postcopy.md, "Failure")
 POSTCOPY_LOST = ("post-copy failed after the switch: neither side holds the whole guest; the source "
                  "guest stays stopped (postmigrate) and the destination's guest waits for pages that "
-                 "cannot come (recovery is not implemented)")
+                 "cannot come")
 
 
 @dataclass(frozen=True)

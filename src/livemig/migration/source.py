@@ -40,7 +40,7 @@ import numpy as np
 import xxhash
 
 from ..compress import Method, create_method
-from ..compress.auto import AUTO, choose
+from ..compress.auto import AUTO
 from ..errors import Cancelled, MigrationError
 from ..guest import Guest
 from ..params import MigrationParameters
@@ -51,6 +51,7 @@ from ..transport.ratelimit import RateLimiter
 from ..transport.sockets import AddressConnector, Connector, send_buffers
 from ..wire import packet, stream
 from . import protocol, state
+from .autopick import resolve_auto
 from .convergence import Convergence
 from .handover import PeerFailed, ReturnPath, SourceHandover, failure_text
 from .multifd import SendChannels, SendContext
@@ -58,7 +59,6 @@ from .postcopy_source import PostcopySource
 from .protocol import MACHINE_TYPE, SECTION_CONFIG, SECTION_DIGEST, SECTION_RAM, SECTION_VCPU
 from .stats import MigrationStats, ResourceMeter, downtime_phases
 from .throttling import GuestThrottling
-from .tlsopts import is_loopback
 
 #: seconds after a cancel before its sockets are shut down for a migration thread that did not get
 #: to it (stuck in a write): time for the Abort and its acknowledgement (handover.ABORT_ACK)
@@ -109,7 +109,7 @@ class Source:
         self.on_progress = on_progress
         self.page_size = guest.page_size
         self.page_count = packet.page_count(self.page_size)
-        # ``auto`` is resolved at setup (:meth:`_resolve_auto`); until then the channels hold ``none``
+        # ``auto`` is resolved at setup (:func:`.autopick.resolve_auto`); until then the channels hold ``none``
         auto = params.multifd_compression == AUTO
         self.method: Method = create_method("none" if auto else params.multifd_compression, params.level(),
                                             self.page_size)
@@ -172,6 +172,8 @@ class Source:
         after it the cancel is answered :data:`.protocol.TOO_LATE` (logged, in ``stats.notes``)
         and changes nothing: the guest stays stopped."""
         if not self.handover.cancel():
+            if self.postcopy is not None:
+                self.postcopy.abandon()  # a paused post-copy gives up; an active one goes on
             return
         self._cancel.set()
         self._stop.set()
@@ -234,26 +236,9 @@ class Source:
         return self.stats
 
     # --- phases ----------------------------------------------------------------------------------
-    def _resolve_auto(self) -> None:
-        """``multifd-compression auto``: pick the method (:func:`livemig.compress.auto.choose`), say
-        which and why (log, statistics), and send an ordinary stream of it from here on."""
-        c: Any = self.connector
-        while not isinstance(c, AddressConnector) and hasattr(c, "inner"):  # TLS wraps the address's
-            c = c.inner
-        addr = c.addr if isinstance(c, AddressConnector) else None
-        choice = choose(list(self.views.values()), self.guest.ram_size, self.params.multifd_channels,
-                        self.params.max_bandwidth, same_host=addr is None or is_loopback(addr),
-                        host=addr.host if addr is not None and addr.scheme == "tcp" else None,
-                        zero_pages_free=self.params.zero_page_detection == "multifd")
-        self.method = self.channels.ctx.method = create_method(choice.method, choice.level or 1, self.page_size)
-        self.stats.method, self.stats.level = self.method.name, choice.level
-        self.stats.backend, self.stats.accelerated = self.method.backend(), self.method.accelerated()
-        self.stats.auto = choice.to_json()
-        self.log(f"multifd-compression auto: {choice.label}, {choice.reason}")
-
     def _setup(self) -> None:
         if self.stats.method == AUTO:
-            self._resolve_auto()
+            resolve_auto(self)
         self.main = self.connector.connect(self.timeout)
         self._open_stream()
         self._open_channels()

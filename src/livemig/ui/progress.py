@@ -41,7 +41,7 @@ from ..migration.stats import MigrationStats
 from ..units import format_rate_bits, format_size
 
 #: statuses during which the migration moves RAM (QEMU's names)
-RUNNING = ("setup", "active", "device")
+RUNNING = ("setup", "active", "device", "postcopy-active")
 #: passes after which a dirty rate at or above the send rate is reported as not converging
 CONVERGENCE_PASSES = 3
 
@@ -87,6 +87,8 @@ class Snapshot:
     cap: float | None = None
     #: auto-converge's vCPU throttle, percent (0 = off: not shown)
     throttle: int = 0
+    #: post-copy: pages the destination asked for (shown while ``postcopy-active``)
+    postcopy_requests: int = 0
 
     @property
     def ended(self) -> bool:
@@ -140,6 +142,8 @@ class Snapshot:
                  "dirty": f"dirty {format_count(self.dirty_pages_rate)}/s"}
         if self.throttle:
             parts["throttle"] = f"throttle {self.throttle}%"
+        if self.status == "postcopy-active":
+            parts["postcopy"] = f"requested {format_count(self.postcopy_requests)}"
         suffix = [] if self.converging else ["not converging"]
         text = "  ".join([*parts.values(), *eta, *suffix])
         if suffix and width is not None and len(text) > width:
@@ -187,7 +191,8 @@ class RateWindow:
         remaining: int | None = stats.remaining if counted else None
         if stats.status == "completed":
             remaining = 0
-        elif remaining is not None and stats.passes <= 1:  # queued is not sent: what the channels sent
+        elif remaining is not None and stats.passes <= 1 and not stats.status.startswith("postcopy"):
+            # queued is not sent: what the channels sent (post-copy counts its own pages left)
             remaining = max(remaining, stats.ram_total - pages * stats.page_size, 0)
         snap = Snapshot(
             status=stats.status,
@@ -199,6 +204,7 @@ class RateWindow:
             dirty_pages_rate=stats.dirty_pages_rate,
             page_size=stats.page_size,
             throttle=stats.cpu_throttle_percentage,
+            postcopy_requests=stats.postcopy_requests,
             settled=not (remaining == 0 and stats.status in RUNNING),
         )
         if snap.dirtying_faster and self._stalled_pass is None:

@@ -53,13 +53,17 @@ MIG_CMD_POSTCOPY_ADVISE = 3
 MIG_CMD_POSTCOPY_LISTEN = 4
 MIG_CMD_POSTCOPY_RUN = 5
 MIG_CMD_POSTCOPY_RAM_DISCARD = 6
+#: post-copy recovery: the source resumes a paused post-copy on a new main channel
+MIG_CMD_POSTCOPY_RESUME = 9
+#: post-copy recovery: u8 length and a RAM block id; the destination answers its received bitmap
+MIG_CMD_RECV_BITMAP = 10
 #: POSTCOPY_RAM_DISCARD's format version (postcopy_ram_discard_version)
 POSTCOPY_RAM_DISCARD_VERSION = 0
 #: ranges in one POSTCOPY_RAM_DISCARD command, as QEMU sends them (MAX_DISCARDS_PER_COMMAND)
 MAX_DISCARDS_PER_COMMAND = 12
 #: 10.0+ only, sent just before the final SECTION_END sections
 MIG_CMD_SWITCHOVER_START = 11
-#: every sub-command's name, for error messages (livemig accepts 1 to 6 and 11)
+#: every sub-command's name, for error messages (livemig accepts 1 to 6, 9, 10 and 11)
 MIG_CMD_NAMES = {
     1: "OPEN_RETURN_PATH",
     2: "PING",

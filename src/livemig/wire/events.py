@@ -145,6 +145,18 @@ class PostcopyRun:
 
 
 @dataclass(frozen=True)
+class PostcopyResume:
+    """COMMAND POSTCOPY_RESUME (9): a paused post-copy goes on, on this new main channel."""
+
+
+@dataclass(frozen=True)
+class RecvBitmap:
+    """COMMAND RECV_BITMAP (10): the source asks which pages of RAM block ``block`` arrived."""
+
+    block: str
+
+
+@dataclass(frozen=True)
 class Eof:
     """QEMU_VM_EOF: the device stream is complete. A VmDescription or the end of the connection follows."""
 
@@ -222,6 +234,8 @@ Event: TypeAlias = (
     | PostcopyDiscard
     | PostcopyListen
     | PostcopyRun
+    | PostcopyResume
+    | RecvBitmap
     | Eof
     | VmDescription
     | Closed

@@ -24,7 +24,9 @@ from livemig.wire.constants import (
     MIG_CMD_POSTCOPY_ADVISE,
     MIG_CMD_POSTCOPY_LISTEN,
     MIG_CMD_POSTCOPY_RAM_DISCARD,
+    MIG_CMD_POSTCOPY_RESUME,
     MIG_CMD_POSTCOPY_RUN,
+    MIG_CMD_RECV_BITMAP,
     MIG_CMD_SWITCHOVER_START,
     PAGE_SIZE,
     POSTCOPY_RAM_DISCARD_VERSION,
@@ -58,7 +60,9 @@ from livemig.wire.events import (
     PostcopyAdvise,
     PostcopyDiscard,
     PostcopyListen,
+    PostcopyResume,
     PostcopyRun,
+    RecvBitmap,
     SectionEnd,
     SectionFull,
     SectionPart,
@@ -88,9 +92,10 @@ from livemig.wire.ramrecords import RamRecords, RamState, ascii_text
 _COMMAND_LENGTHS: Final[dict[int, tuple[int, ...] | None]] = {
     MIG_CMD_OPEN_RETURN_PATH: (0,), MIG_CMD_PING: (4,), MIG_CMD_SWITCHOVER_START: (0,),
     MIG_CMD_POSTCOPY_ADVISE: (0, 16), MIG_CMD_POSTCOPY_LISTEN: (0,), MIG_CMD_POSTCOPY_RUN: (0,),
-    MIG_CMD_POSTCOPY_RAM_DISCARD: None,
+    MIG_CMD_POSTCOPY_RAM_DISCARD: None, MIG_CMD_POSTCOPY_RESUME: (0,), MIG_CMD_RECV_BITMAP: None,
 }
-_COMMANDS_ACCEPTED: Final = "OPEN_RETURN_PATH (1), PING (2), POSTCOPY_* (3-6) or SWITCHOVER_START (11)"
+_COMMANDS_ACCEPTED: Final = ("OPEN_RETURN_PATH (1), PING (2), POSTCOPY_* (3-6), POSTCOPY_RESUME (9), "
+                             "RECV_BITMAP (10) or SWITCHOVER_START (11)")
 #: POSTCOPY_RAM_DISCARD's shortest payload: version, length, a 1-byte id, its 0, one range
 _DISCARD_MIN: Final = 1 + 1 + 1 + 1 + 16
 _TOP_LEVEL: Final = "a section, command or EOF (0x00-0x04, 0x07, 0x08)"
@@ -384,14 +389,15 @@ class StreamReader(RamRecords):
             return None
         _, cmd, length = self._rx.unpack(COMMAND)
         if cmd not in _COMMAND_LENGTHS:
-            why = f"{MIG_CMD_NAMES.get(cmd, 'unknown')}: postcopy recovery, COLO and packaged streams are not supported"
+            why = f"{MIG_CMD_NAMES.get(cmd, 'unknown')}: COLO and packaged streams are not supported"
             raise WireError("main stream: COMMAND", cmd, _COMMANDS_ACCEPTED, note=why)
         expected = _COMMAND_LENGTHS[cmd]
         if expected is not None and length not in expected:
             want = " or ".join(map(str, expected))
             raise WireError(f"main stream: COMMAND {cmd} ({MIG_CMD_NAMES[cmd]}) length", length, want)
-        if expected is None and length < _DISCARD_MIN:
-            raise WireError(f"main stream: COMMAND {cmd} ({MIG_CMD_NAMES[cmd]}) length", length, f">= {_DISCARD_MIN}")
+        least = _DISCARD_MIN if cmd == MIG_CMD_POSTCOPY_RAM_DISCARD else 2
+        if expected is None and length < least:
+            raise WireError(f"main stream: COMMAND {cmd} ({MIG_CMD_NAMES[cmd]}) length", length, f">= {least}")
         if len(self._rx) < COMMAND.size + length:
             return None
         self._rx.skip(COMMAND.size)
@@ -406,6 +412,12 @@ class StreamReader(RamRecords):
             return PostcopyRun()
         if cmd == MIG_CMD_POSTCOPY_RAM_DISCARD:
             return _discard(data)
+        if cmd == MIG_CMD_POSTCOPY_RESUME:
+            return PostcopyResume()
+        if cmd == MIG_CMD_RECV_BITMAP:
+            if data[0] != len(data) - 1:
+                raise WireError("main stream: COMMAND 10 (RECV_BITMAP) id length", data[0], len(data) - 1)
+            return RecvBitmap(ascii_text("main stream: COMMAND 10 (RECV_BITMAP) RAM block id", data[1:]))
         return Command(cmd, data)
 
     def _read_footer(self) -> Event | None:

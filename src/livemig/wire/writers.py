@@ -17,7 +17,9 @@ from livemig.wire.constants import (
     MIG_CMD_POSTCOPY_ADVISE,
     MIG_CMD_POSTCOPY_LISTEN,
     MIG_CMD_POSTCOPY_RAM_DISCARD,
+    MIG_CMD_POSTCOPY_RESUME,
     MIG_CMD_POSTCOPY_RUN,
+    MIG_CMD_RECV_BITMAP,
     MIG_CMD_SWITCHOVER_START,
     PAGE_SIZE,
     POSTCOPY_RAM_DISCARD_VERSION,
@@ -162,6 +164,18 @@ def postcopy_listen() -> bytes:
 def postcopy_run() -> bytes:
     """COMMAND POSTCOPY_RUN (5, no data): the device state is complete, the destination runs the guest."""
     return command(MIG_CMD_POSTCOPY_RUN)
+
+
+def postcopy_resume() -> bytes:
+    """COMMAND POSTCOPY_RESUME (9, no data): a paused post-copy goes on, on this main channel."""
+    return command(MIG_CMD_POSTCOPY_RESUME)
+
+
+def recv_bitmap(block: str) -> bytes:
+    """COMMAND RECV_BITMAP (10): u8 length and the RAM block id (no terminator): the destination
+    answers which pages of ``block`` it has."""
+    raw = _ascii("RAM block id", block, MAX_ID)
+    return command(MIG_CMD_RECV_BITMAP, U8.pack(len(raw)) + raw)
 
 
 def postcopy_ram_discard(block: str, ranges: list[tuple[int, int]]) -> bytes:
