@@ -19,6 +19,7 @@ from ..migration.destination import Destination
 from ..migration.mapped_load import FileLoad
 from ..monitor.schema import QMPError
 from ..transport.secure import tls_listener
+from ..transport.sockets import Listener
 from .core import POSTCOPY_STATUSES, VMCore, address_of, socket_address
 
 
@@ -133,21 +134,27 @@ class Incoming(VMCore):
     def _watch_incoming(self, dst: Destination, done: threading.Event) -> None:
         """``setup`` -> ``active`` once the main channel is accepted, then the destination's post-copy
         statuses (``postcopy-active``, ``postcopy-paused``, ``postcopy-recover``) as they change, each
-        with its MIGRATION event; the final status is :meth:`_incoming_ended`'s."""
+        with its MIGRATION event, looked at every 20 ms (a status that lasts less may not show); the
+        final status is :meth:`_incoming_ended`'s."""
         while not done.wait(0.02):
             with self.lock:
                 current = self._incoming.get("status")
                 if current == "setup" and dst.main is not None:
                     new: str | None = "active"
                 else:
-                    new = dst.postcopy_status or None
+                    new = dst.postcopy_status if dst.postcopy_status in POSTCOPY_STATUSES else None
                 if new is not None and new != current and current in ("setup", "active", *POSTCOPY_STATUSES):
                     self._incoming["status"] = new
                     self._migration_event(new)
 
+    #: the listener of the last ``migrate-recover`` (closed when another one replaces it)
+    _recover_listener: Listener | None = None
+
     def migrate_recover(self, uri: str) -> None:
         """``migrate-recover URI``: listen at ``uri`` for the source's ``migrate URI resume=true``
-        (QEMU's qmp_migrate_recover: only in ``postcopy-paused``, refused in these words otherwise)."""
+        (QEMU's qmp_migrate_recover: only in ``postcopy-paused``, refused in these words otherwise;
+        a second one while still paused listens at its URI instead, as QEMU 8.2+ releases the
+        previous transport)."""
         with self.lock:
             if self.destination is None or self._incoming.get("status") != "postcopy-paused":
                 raise QMPError("Migrate recover can only be run when postcopy is paused.")
@@ -161,4 +168,7 @@ class Incoming(VMCore):
             except MigrationError as exc:
                 listener.close()
                 raise QMPError(str(exc)) from exc
+            previous, self._recover_listener = self._recover_listener, listener
+            if previous is not None:
+                previous.close()
             self._incoming["socket-address"] = [socket_address(address, listener.port)]

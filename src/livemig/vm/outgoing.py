@@ -61,10 +61,12 @@ class Outgoing(VMCore):
                 connector = tls_connector(address, self.tls.resolve(server=False))
                 src = Source(self.guest, connector, copy.copy(self.params), uuid=self.uuid, timeout=self.timeout,
                              full_verify=self.full_verify, dump_ram=self.dump_ram,
-                             auto_converge=self.caps["auto-converge"], on_progress=self._on_source_status,
-                             **postcopy)
+                             auto_converge=self.caps["auto-converge"], **postcopy)
             except MigrationError as exc:
                 raise QMPError(str(exc)) from exc
+            # each status as it is entered (stats.status may already be the next one when read
+            # from another thread: a resume steps postcopy-recover, the migration thread active)
+            src.status.listeners.append(self._on_source_status)
             self.source, self._stats = src, src.stats
             self._unknown = self._unknown_told = False
             self._switchover.clear()
@@ -120,8 +122,9 @@ class Outgoing(VMCore):
             if finished:
                 return
 
-    def _on_source_status(self, stats: MigrationStats) -> None:
-        """The source's status changed (in its migration thread, which waits for this to return).
+    def _on_source_status(self, status: str) -> None:
+        """The source's status changed to ``status`` (in the thread that stepped it, which waits for
+        this to return: the migration thread, or the monitor's for a resume).
 
         ``device``: the guest stops first (run state ``finish-migrate``, STOP), as QEMU's
         migration_completion stops the VM before anything else; with ``pause-before-switchover`` the
@@ -131,7 +134,6 @@ class Outgoing(VMCore):
         after an unknown outcome or a failure past the post-copy switch; else running again, or
         paused if ``stop`` paused it).
         """
-        status = stats.status
         if status == "device":
             with self.lock:
                 self.guest.pause()
