@@ -83,8 +83,10 @@ def test_bench_shows_the_convergence_table_only_with_such_rows() -> None:
     b = bench_of([run("zstd", result(1000)), run("zstd+postcopy", _postcopy(2000, 10, 900, 5, 80, 300))])
     assert "how each row finished" not in render_bench(b, False)
     b.config = dataclasses.replace(b.config, convergence=("precopy", "postcopy"))
+    b.runs[0] = run("zstd", None, error=not_finished(60, {"status": "active", "ram": {"dirty-sync-count": 9}}))
     text = render_bench(b, False)
     assert "how each row finished:" in text and "|zstd+postcopy|completed|" in text.replace(" ", "")
+    assert "zstd: CPU (cpu: zstd 1.5.5)" in text  # the method ran, in its post-copy row
 
 
 def test_not_finished_wording() -> None:

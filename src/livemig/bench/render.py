@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 from ..units import format_rate_bits, format_size, plural
 from .convergence import render_convergence
-from .model import TLS_SUFFIX, Row, aggregate, ratio_row
+from .model import TLS_SUFFIX, Row, aggregate, label_parts, ratio_row
 from .tables import grid
 
 if TYPE_CHECKING:
@@ -302,7 +302,7 @@ def header(b: Bench) -> str:
     where = []
     done = [r for r in aggregate(b.runs) if r.peer == "livemig" and not r.note]
     for m in c.methods:
-        row = next((r for r in done if r.method == m), None)
+        row = next((r for r in done if label_parts(r.method)[0] == m), None)  # any of its rows
         if row is not None:
             kind = "accelerator" if row.accelerated else "CPU"
             where.append(f"{m}: {kind} ({row.backend})" if row.backend else f"{m}: {kind}")
