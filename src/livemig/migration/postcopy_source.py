@@ -106,6 +106,15 @@ class PostcopySource:
             early[name][idx] = True
         src._main_write(self._discards(early) + stream.ping(1), ram=False)
         self._await_pong(1)
+        # and what it dirtied meanwhile: the final sync (in the downtime) then has little to collect
+        extra = {name: np.zeros_like(m) for name, m in early.items()}
+        for name, idx in src._sync_dirty().items():
+            extra[name][idx] = True
+            extra[name] &= ~early[name]
+            early[name] |= extra[name]
+        src._main_write(self._discards(extra) + stream.ping(2), ram=False)
+        self._await_pong(2)
+        src._pending = {name: np.flatnonzero(m) for name, m in early.items()}
         t_pause, marks, final = src._pause()
         for b in src.guest.blocks:
             todo = np.zeros(b.npages, dtype=bool)
