@@ -20,11 +20,12 @@ from livemig.vm.machine import VM
 class Monitor:
     """A VM with its command table, a negotiated session, an HMP and the events it sent."""
 
-    def __init__(self, incoming: bool = False, paused: bool = False, memory: int = 16 << 20) -> None:
-        cfg = GuestConfig(kind="portable", memory=memory, fill="random", workload="idle")
+    def __init__(self, incoming: bool = False, paused: bool = False, memory: int = 16 << 20,
+                 cfg: GuestConfig | None = None, timeout: float = 10) -> None:
+        cfg = cfg or GuestConfig(kind="portable", memory=memory, fill="random", workload="idle")
         self.events: list[tuple[str, Any]] = []
         self.vm = VM(create_guest(cfg, incoming=incoming), name="t", incoming=incoming, paused=paused,
-                     emit=lambda n, d=None: self.events.append((n, d)), timeout=10)
+                     emit=lambda n, d=None: self.events.append((n, d)), timeout=timeout)
         self.quit: list[tuple[str, int]] = []
         self.vm.on_quit = lambda reason, code: self.quit.append((reason, code))
         self.table = CommandTable()
@@ -147,9 +148,9 @@ def test_parameters_and_capabilities(pair: tuple[Monitor, Monitor]) -> None:
                                                   {"capability": "pause-before-switchover", "state": True}])
     caps = {c["capability"]: c["state"] for c in src("query-migrate-capabilities")}
     assert caps == {"multifd": True, "return-path": True, "events": True, "pause-before-switchover": True,
-                    "auto-converge": False}
-    assert src.error("migrate-set-capabilities", capabilities=[{"capability": "postcopy-ram", "state": True}]) == \
-        "Parameter 'capability' does not accept value 'postcopy-ram'"
+                    "auto-converge": False, "postcopy-ram": False}
+    assert src.error("migrate-set-capabilities", capabilities=[{"capability": "postcopy-blocktime", "state": True}]) \
+        == "Parameter 'capability' does not accept value 'postcopy-blocktime'"
 
 
 def test_migration_completes_with_events(pair: tuple[Monitor, Monitor]) -> None:
@@ -236,7 +237,7 @@ def test_hmp_commands() -> None:
         assert run("migrate_set_parameter x").output.startswith("migrate_set_parameter: missing argument\n")
         assert run("migrate_incoming tcp:127.0.0.1:0").output == \
             "Error: '-incoming' was not specified on the command line\n"
-        assert "migrate [-d] uri -- " in run("help").output
+        assert "migrate [-d] [-r] uri -- " in run("help").output
         assert run("help migrate_cancel").output == "migrate_cancel -- cancel the current VM migration\n"
         assert run("stop").output == "" and run("info status").output == "VM status: paused\n"
         assert run("c").output == "" and run("info status").output == "VM status: running\n"

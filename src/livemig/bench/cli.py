@@ -14,6 +14,7 @@ import signal
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from types import FrameType
 from typing import TYPE_CHECKING
 
@@ -61,6 +62,10 @@ Examples:
                                                 tbf, both engines' limiters off
   livemig bench --memory 1G,4G,8G               size sweep, time per GiB summary
   livemig bench --methods none,zstd,qatzip,auto auto against the fixed methods
+  livemig bench --memory 1G --workload dirty --dirty-rate 100000 --working-set 131072
+      --bandwidth 1Gbps --methods zstd --auto-converge --postcopy-ram --timeout 300
+                                                a busy guest: precopy, auto-converge and
+                                                post-copy rows side by side
 
 Columns:
   Total time, down time, throughput, pages per second
@@ -127,8 +132,17 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:  # type: ignor
     p.add_argument("--working-set", type=int, metavar="PAGES",
                    help="pages those workloads write over and over (default 0 = all RAM)")
     p.add_argument("--auto-converge", action="store_true",
-                   help="capability auto-converge on every livemig row (QEMU's default throttle parameters); "
-                        "the footer gives the throttle each row reached")
+                   help="also a row per method with capability auto-converge (QEMU's default throttle "
+                        "parameters), beside the plain precopy one")
+    p.add_argument("--postcopy-ram", action="store_true",
+                   help="also a row per method with capability postcopy-ram: migrate-start-postcopy after "
+                        "--postcopy-after-passes (time in post-copy, pages requested, fault latency)")
+    p.add_argument("--postcopy-after-passes", type=int, metavar="N",
+                   help="post-copy rows switch after precopy pass N (default 1)")
+    p.add_argument("--convergence", metavar="LIST",
+                   help="the rows of each method, a comma list of precopy, auto-converge, postcopy (instead of "
+                        "--auto-converge/--postcopy-ram); a run still migrating at --timeout is reported "
+                        "'did not converge in T s'")
     p.add_argument("--level", type=int, default=1, help="level: zlib 0-9, zstd 0-20, qatzip 1-9 (default 1)")
     p.add_argument("--downtime-limit", type=int, help="downtime-limit in ms (default: the engine's, 300)")
     p.add_argument("--repeat", type=int, default=1, help="runs per method; the table shows medians")
@@ -206,7 +220,7 @@ def run_bench(config: BenchConfig, children: Children, measured: Bench | None = 
         b.data, b.codecs, b.codec_errors, b.loopback = (measured.data, measured.codecs, measured.codec_errors,
                                                         measured.loopback)
     exp = Experiment(c.guest, c.memory, c.workload, c.fill, c.smp, c.level, c.downtime_limit, c.timeout,
-                     c.migrate_args())
+                     workload_args=c.workload_args(), postcopy_after_passes=c.postcopy_after_passes)
     workdir = tempfile.mkdtemp(prefix="livemig-bench-")
     tls_exp = tls_experiment(exp, workdir) if c.tls else None
     netns: NetNamespace | None = None
@@ -227,12 +241,15 @@ def run_bench(config: BenchConfig, children: Children, measured: Bench | None = 
         peer = QemuPeer(children, exp, workdir, netns)
         b.peer_info = peer.describe()
     try:
-        plan = [(bw, rep, m) for bw in c.bandwidths for rep in range(c.repeat) for m in c.methods]
-        for i, (bw, rep, m) in enumerate(plan, 1):
-            b.runs += _one(b, children, exp, m, c.channels, bw, rep, workdir, netns, f"{i}/{len(plan)}", peer)
+        plan = [(bw, rep, m, conv) for bw in c.bandwidths for rep in range(c.repeat) for m in c.methods
+                for conv in c.convergence]
+        for i, (bw, rep, m, conv) in enumerate(plan, 1):
+            # QEMU's rows: plain precopy only, beside livemig's precopy row
+            b.runs += _one(b, children, replace(exp, convergence=conv), m, c.channels, bw, rep, workdir, netns,
+                           f"{i}/{len(plan)}", peer if conv == "precopy" else None)
             if tls_exp is not None:
-                b.runs += _one(b, children, tls_exp, m, c.channels, bw, rep, workdir, netns, f"{i}/{len(plan)} tls",
-                               None)
+                b.runs += _one(b, children, replace(tls_exp, convergence=conv), m, c.channels, bw, rep, workdir,
+                               netns, f"{i}/{len(plan)} tls", None)
         if c.memory_table:
             for ch in MEMORY_TABLE_CHANNELS:
                 for m in c.methods:
@@ -270,9 +287,10 @@ def _one(
     out: list[Run] = []
     reason = b.config.method_na(method)
     if reason:
-        out.append(Run("livemig", method, channels, bw, rep, na=reason))
+        out.append(Run("livemig", exp.label(method), channels, bw, rep, na=reason))
     else:
-        _progress(f"bench {tag}: livemig {method}, {plural(channels, 'channel')}, {bandwidth_label(bw)} ...")
+        _progress(f"bench {tag}: livemig {exp.label(method)}, {plural(channels, 'channel')}, "
+                  f"{bandwidth_label(bw)} ...")
         t0 = time.monotonic()
         if exp.extra_args:  # options only `livemig migrate` has
             run = run_livemig(children, exp, method, channels, bw, rep, workdir, netns)

@@ -43,6 +43,9 @@ OPTION_OF = {
 MIN_MEMORY = 2 << 20
 UNCAPPED_WORDS = ("0", "unlimited", "uncapped", "none")
 RATE_EXAMPLES = "a rate such as 1Gbps, 10Gbps, 500MiB/s, or 0 for uncapped"
+#: how a row makes a busy guest's migration finish: plain precopy, capability auto-converge (vCPU
+#: throttle), capability postcopy-ram (switch to post-copy after ``--postcopy-after-passes``)
+CONVERGENCE = ("precopy", "auto-converge", "postcopy")
 
 
 @dataclass(frozen=True)
@@ -83,18 +86,18 @@ class BenchConfig:
     #: the dirty/counter workload's pages per second and working set in pages (None: migrate's defaults)
     dirty_rate: int | None = None
     working_set: int | None = None
-    #: capability auto-converge on every livemig row
-    auto_converge: bool = False
+    #: the rows of each method, side by side: a subset of :data:`CONVERGENCE`, in that order
+    convergence: tuple[str, ...] = ("precopy",)
+    #: post-copy rows: migrate-start-postcopy once precopy pass N runs
+    postcopy_after_passes: int = 1
 
-    def migrate_args(self) -> tuple[str, ...]:
-        """``livemig migrate`` options for the workload and convergence options (rows run through it)."""
+    def workload_args(self) -> tuple[str, ...]:
+        """The workload's guest options (``livemig vm`` and ``livemig migrate`` take them alike)."""
         out: list[str] = []
         if self.dirty_rate is not None:
             out += ["--dirty-rate", str(self.dirty_rate)]
         if self.working_set is not None:
             out += ["--working-set", str(self.working_set)]
-        if self.auto_converge:
-            out.append("--auto-converge")
         return tuple(out)
     #: guest RAM sizes of a size sweep (``--memory 1G,4G,8G``), bytes; ``memory`` is the one this bench runs
     memories: tuple[int, ...] = ()
@@ -237,6 +240,9 @@ def parse_options(args: argparse.Namespace) -> BenchConfig:
     else:
         fill = args.fill
         fill_label = "the built-in corpus" if fill == "corpus" else f"'{fill}' data"
+    after = getattr(args, "postcopy_after_passes", None)
+    after = 1 if after is None else after
+    check_option("--postcopy-after-passes", after, minimum=1, what="a number of precopy passes")
     guest, guest_na = _guest(args.guest)
     for size in memories:
         check_guest(guest, size, args.smp, args.workload, fill)
@@ -264,10 +270,31 @@ def parse_options(args: argparse.Namespace) -> BenchConfig:
         tls=bool(getattr(args, "tls", False)),
         dirty_rate=args.dirty_rate,
         working_set=args.working_set,
-        auto_converge=args.auto_converge,
+        convergence=parse_convergence(getattr(args, "convergence", None), args.auto_converge,
+                                      getattr(args, "postcopy_ram", False)),
+        postcopy_after_passes=after,
         memories=tuple(memories),
         link_rates=tuple(link_rates),
     )
+
+
+def parse_convergence(text: str | None, auto_converge: bool, postcopy_ram: bool) -> tuple[str, ...]:
+    """The rows of each method: ``--convergence precopy,auto-converge,postcopy`` (any subset, shown in
+    that order), else plain precopy plus a row per flag given (``--auto-converge``,
+    ``--postcopy-ram``). ParameterError names the option and the accepted words."""
+    if text is None:
+        wanted = {"precopy", *(["auto-converge"] if auto_converge else []), *(["postcopy"] if postcopy_ram else [])}
+    else:
+        items = _list(text, "--convergence")
+        unknown = [t for t in items if t not in CONVERGENCE]
+        if unknown:
+            raise ParameterError(f"--convergence: unknown {', '.join(repr(t) for t in unknown)} "
+                                 f"(accepted: {', '.join(CONVERGENCE)})")
+        if auto_converge or postcopy_ram:
+            raise ParameterError("--convergence lists the rows itself: leave out --auto-converge and --postcopy-ram "
+                                 "(or --convergence)")
+        wanted = set(items)
+    return tuple(c for c in CONVERGENCE if c in wanted)
 
 
 def sections(c: BenchConfig) -> list[BenchConfig]:

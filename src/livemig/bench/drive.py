@@ -7,7 +7,8 @@ both sides (and the TLS objects), :meth:`~Peers.listen` sends ``migrate-incoming
 destination and reads back where it listens, :meth:`~Peers.migrate` sends ``migrate`` to the
 source, :meth:`~Peers.await_final` awaits a ``MIGRATION`` event with a final status
 (``query-migrate`` is also asked every :data:`RECHECK_S`, so a lost event costs at most that; a
-cancel request becomes ``migrate_cancel``). :func:`drive` is the bench's whole run: each side's
+cancel request becomes ``migrate_cancel``; with capability ``postcopy-ram`` a :class:`PostcopySwitch`
+sends ``migrate-start-postcopy`` after the plan's precopy pass). :func:`drive` is the bench's whole run: each side's
 final ``query-migrate`` as its statistics, send/recv CPU seconds from /proc/<pid>/stat, the loopback
 bytes from the bench's private network namespace.
 """
@@ -24,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import IO, Any
 
 from ..errors import MigrationError
-from .model import BenchError
+from .model import BenchError, not_finished
 from .procs import NetNamespace, stop
 from .qmpconn import QmpConnection
 
@@ -65,6 +66,9 @@ class Plan:
     source_more: dict[str, Any] = field(default_factory=dict)
     #: migrate-incoming's exit-on-error (QEMU 9.1+); None = not sent (QEMU's default: exit)
     exit_on_error: bool | None = None
+    #: with capability postcopy-ram: ``migrate-start-postcopy`` once precopy pass N runs
+    #: (:class:`PostcopySwitch`); None = never sent by the driver
+    postcopy_after_passes: int | None = None
 
     def params(self) -> dict[str, Any]:
         p: dict[str, Any] = {"multifd-channels": self.channels, "multifd-compression": self.method}
@@ -106,28 +110,63 @@ class _Logged:
         return self.conn.execute(command, arguments)
 
     def await_final(self, deadline: float, on_info: Callable[[dict[str, Any]], None] | None = None,
-                    cancel: threading.Event | None = None) -> dict[str, Any]:
+                    cancel: threading.Event | None = None, switch: PostcopySwitch | None = None) -> dict[str, Any]:
         """``query-migrate`` once a MIGRATION event with a final status arrived (or a check found
         one); the last, unfinished, info when ``deadline`` (monotonic s) passes first. Every info
-        goes to ``on_info``; once ``cancel`` is set, ``migrate_cancel`` is sent (once)."""
+        goes to ``on_info``; once ``cancel`` is set, ``migrate_cancel`` is sent (once); every event
+        and info also go to ``switch``, which sends ``migrate-start-postcopy`` when its pass came."""
         info: dict[str, Any] = {}
         cancelled = False
         while time.monotonic() < deadline:
             if cancel is not None and cancel.is_set() and not cancelled:
                 cancelled = True
-                self.execute("migrate_cancel")
+                try:
+                    self.execute("migrate_cancel")
+                except MigrationError as exc:  # in post-copy: neither side can go back, so it runs on
+                    self.log.append(f"{self.side}: migrate_cancel refused: {exc}")
             ev = self.conn.next_event(min(RECHECK_S, max(0.0, deadline - time.monotonic())))
+            if ev is not None and switch is not None:
+                switch.seen(ev.get("event"), ev.get("data") or {})
             if ev is not None:
                 status = (ev.get("data") or {}).get("status")
                 if ev.get("event") != "MIGRATION" or status not in FINAL:
                     continue
                 self.log.append(f"{self.side}: event MIGRATION {status}")
             info = self.execute("query-migrate")
+            if switch is not None:
+                switch.seen("query-migrate", info)
             if on_info is not None:
                 on_info(info)
             if info.get("status") in FINAL:
                 return info
         return info
+
+
+class PostcopySwitch:
+    """Sends the source ``migrate-start-postcopy`` once, when precopy pass ``after`` (1 = the first
+    full copy) is under way: a ``MIGRATION_PASS`` event with that pass number, or a
+    ``query-migrate`` whose ``ram.dirty-sync-count`` reached it (a missed event costs one check).
+    The source switches once that pass is done (QEMU: as soon as it can); a migration that
+    converges first completes as precopy."""
+
+    def __init__(self, src: _Logged, after: int) -> None:
+        self.src, self.after = src, after
+        #: the pass during which the switch was asked (None: not yet)
+        self.sent_in: int | None = None
+
+    def seen(self, kind: str | None, data: dict[str, Any]) -> None:
+        """An event (its name and data) or a query-migrate answer (``kind`` "query-migrate")."""
+        if self.sent_in is not None:
+            return
+        if kind == "MIGRATION_PASS":
+            npass = int(data.get("pass", 0))
+        elif kind == "query-migrate" and data.get("status") == "active":
+            npass = int(data.get("ram", {}).get("dirty-sync-count", 0))
+        else:
+            return
+        if npass >= self.after:
+            self.sent_in = npass
+            self.src.execute("migrate-start-postcopy")
 
 
 class Peers:
@@ -189,10 +228,12 @@ def drive(src_conn: QmpConnection, dst_conn: QmpConnection, src_pid: int, dst_pi
     t0 = time.monotonic()
     peers.migrate(uri)
     deadline = t0 + plan.timeout
-    info = src.await_final(deadline)
+    switch = None if plan.postcopy_after_passes is None else PostcopySwitch(src, plan.postcopy_after_passes)
+    info = src.await_final(deadline, switch=switch)
     if info.get("status") not in FINAL:
-        src.execute("migrate_cancel")
-        raise BenchError(f"migration not finished after {plan.timeout:.0f} s: {info}")
+        with contextlib.suppress(MigrationError):  # refused in post-copy: the VMs are quit next either way
+            src.execute("migrate_cancel")
+        raise BenchError(not_finished(plan.timeout, info))
     # QEMU 7.2 sets "completed" before migration_calculate_complete() fills total-time, downtime
     # and the whole-migration mbps: poll until they are there
     settle = time.monotonic() + 5.0

@@ -21,6 +21,23 @@ from ..wire.constants import PAGE_SIZE
 PEERS = ("livemig", "qemu")
 #: what a row run over TLS (``bench --tls``) adds to its method's label: ``zstd+tls``
 TLS_SUFFIX = "+tls"
+#: what a row's convergence (``bench --auto-converge``, ``--postcopy-ram``) adds to its method's
+#: label, before any TLS suffix: ``zstd+auto-converge``, ``zstd+postcopy+tls``
+CONVERGENCE_SUFFIX = {"precopy": "", "auto-converge": "+auto-converge", "postcopy": "+postcopy"}
+
+
+def row_label(method: str, convergence: str = "precopy", tls: bool = False) -> str:
+    """A livemig row's label: the method, its convergence suffix, then the TLS one."""
+    return method + CONVERGENCE_SUFFIX[convergence] + (TLS_SUFFIX if tls else "")
+
+
+def label_parts(label: str) -> tuple[str, str]:
+    """(method, convergence) of a row label (its TLS suffix dropped): the inverse of :func:`row_label`."""
+    method = label.removesuffix(TLS_SUFFIX)
+    for conv, suffix in CONVERGENCE_SUFFIX.items():
+        if suffix and method.endswith(suffix):
+            return method.removesuffix(suffix), conv
+    return method, "precopy"
 
 
 class BenchError(MigrationError):
@@ -58,6 +75,12 @@ METRICS: dict[str, Callable[[dict[str, Any]], float | None]] = {
     "compression-ratio": lambda r: _num(r, "livemig", "compression-ratio"),
     "dirty-sync-count": lambda r: _num(r, "ram", "dirty-sync-count"),
     "pages-sent-per-ram-page": lambda r: _sent_per_page(r),
+    # how a busy guest's migration finished (auto-converge, post-copy: livemig's query-migrate figures)
+    "cpu-throttle-peak": lambda r: _num(r, "livemig", "auto-converge", "cpu-throttle-peak"),
+    "postcopy-time": lambda r: _num(r, "livemig", "postcopy", "time-ms"),
+    "postcopy-requests": lambda r: _num(r, "livemig", "postcopy", "pages-requested"),
+    "fault-p50": lambda r: _num(r, "livemig", "postcopy", "fault-latency-us", "p50"),
+    "fault-p99": lambda r: _num(r, "livemig", "postcopy", "fault-latency-us", "p99"),
 }
 
 
@@ -68,6 +91,18 @@ def _sent_per_page(r: dict[str, Any]) -> float | None:
     if normal is None or dup is None or not total:
         return None
     return (normal + dup) * page / total
+
+
+def not_finished(timeout: float, info: dict[str, Any] | None) -> str:
+    """A run stopped at the bench's ``--timeout``: "did not converge in T s" while precopy still ran
+    (with its passes and the guest's dirty rate), else "timed out after T s" and the status it was in."""
+    info = info or {}
+    ram = info.get("ram", {})
+    if info.get("status") in ("active", "cancelled", "cancelling") and ram.get("dirty-sync-count"):
+        rate = f", guest dirtying {ram['dirty-pages-rate']} pages/s" if ram.get("dirty-pages-rate") else ""
+        return f"did not converge in {timeout:.0f} s ({ram['dirty-sync-count']} passes{rate})"
+    status = f" (status {info['status']})" if info.get("status") else ""
+    return f"timed out after {timeout:.0f} s{status}"
 
 
 @dataclass(frozen=True)

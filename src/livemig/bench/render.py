@@ -14,7 +14,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ..units import format_rate_bits, format_size, plural
-from .model import TLS_SUFFIX, Row, aggregate, ratio_row
+from .convergence import render_convergence
+from .model import TLS_SUFFIX, Row, aggregate, label_parts, ratio_row
+from .tables import grid
 
 if TYPE_CHECKING:
     from .config import BenchConfig
@@ -271,18 +273,8 @@ def render_memory(rows: Sequence[Row], markdown: bool = False) -> str:
                     v = row.value(key)
                     line.append(f"{v / (1 << 20):.1f}M" if v is not None else "-")
         body.append(line)
-    if markdown:
-        out = ["| " + " | ".join(header) + " |", "|" + "|".join("---:" for _ in header) + "|"]
-        out += ["| " + " | ".join(b) + " |" for b in body]
-    else:
-        widths = [max(len(header[i]), *(len(b[i]) for b in body)) for i in range(len(header))]
-        rule = "|" + "|".join("-" * w for w in widths) + "|"
-        out = [rule, "|" + "|".join(h.ljust(w) for h, w in zip(header, widths, strict=False)) + "|", rule]
-        for b in body:
-            out.append("|" + "|".join(v.rjust(w) for v, w in zip(b, widths, strict=False)) + "|")
-        out.append(rule)
     notes = [f"{r.method} at {r.channels} channels: {r.note}" for r in rows if r.note]
-    return "\n".join(out + notes)
+    return "\n".join(grid(header, body, markdown) + notes)
 
 
 def header(b: Bench) -> str:
@@ -310,7 +302,7 @@ def header(b: Bench) -> str:
     where = []
     done = [r for r in aggregate(b.runs) if r.peer == "livemig" and not r.note]
     for m in c.methods:
-        row = next((r for r in done if r.method == m), None)
+        row = next((r for r in done if label_parts(r.method)[0] == m), None)  # any of its rows
         if row is not None:
             kind = "accelerator" if row.accelerated else "CPU"
             where.append(f"{m}: {kind} ({row.backend})" if row.backend else f"{m}: {kind}")
@@ -328,13 +320,13 @@ def header(b: Bench) -> str:
 
 
 def _workload_detail(c: BenchConfig) -> str:
-    """`` at 100000 pages/s over 131072 pages, auto-converge`` for the options given, else ``""``."""
+    """`` at 100000 pages/s over 131072 pages`` for the options given, else ``""``."""
     out = ""
     if c.workload != "idle" and c.dirty_rate is not None:
         out += f" at {c.dirty_rate} pages/s"
     if c.workload != "idle" and c.working_set:
         out += f" over {c.working_set} pages"
-    return out + (", auto-converge" if c.auto_converge else "")
+    return out
 
 
 def throttle_lines(b: Bench) -> list[str]:
@@ -399,6 +391,9 @@ def render_bench(b: Bench, markdown: bool) -> str:
             out.append(f"{title}, min..max of {c.repeat} runs:")
             out.append(render(group, b.cores, label, spread=True))
         out += [f"  {r.method} ({r.peer}) {e}" for r in group for e in r.errors]
+        if c.convergence != ("precopy",):
+            out.append(f"{title}, how each row finished:")
+            out.append(render_convergence(group, markdown))
         out.append("")
     if b.memory_runs:
         out.append("Memory used by migration beyond guest RAM (sender / receiver, medians):")

@@ -12,7 +12,7 @@ from typing import Any
 from ..compress.auto import AUTO
 from .config import BenchConfig
 from .limits import CodecSpeed, LoopbackSpeed, compute_limit
-from .model import TLS_SUFFIX, Row, Run, aggregate
+from .model import Row, Run, aggregate, label_parts
 
 
 def picked(run: Run) -> str | None:
@@ -63,7 +63,7 @@ class Bench:
         """The runs aggregated into table rows, each with its compute limit (when measured)."""
         rows = aggregate(self.runs)
         for row in rows:
-            method = row.method.removesuffix(TLS_SUFFIX)  # the limit is the same: TLS is not in the model
+            method = label_parts(row.method)[0]  # the same limit: neither TLS nor convergence is in the model
             codec = self.codecs.get(method)
             if method == AUTO:  # the limit of what it picked
                 picks = sorted({p for p in (picked(r) for r in row.runs) if p})

@@ -22,9 +22,11 @@ from pathlib import Path
 from typing import Any
 
 from ..units import parse_size
-from .model import TLS_SUFFIX, Run
+from .model import Run, not_finished, row_label
 from .procs import Children, NetNamespace, stop
 
+#: seconds a timed-out ``migrate --local`` gets to cancel and write its JSON after SIGTERM
+CANCEL_GRACE_S = 20.0
 #: how the bench starts livemig: the same interpreter, the installed package
 LIVEMIG = [sys.executable, "-c", "import sys; from livemig.cli import main; sys.exit(main())"]
 
@@ -41,9 +43,28 @@ class Experiment:
     level: int = 1
     downtime_limit: int | None = None
     timeout: float = 900.0
+    #: options only ``livemig migrate`` has (rows then run through it)
     extra_args: tuple[str, ...] = ()
+    #: the workload's guest options (--dirty-rate, --working-set), given to the source either way
+    workload_args: tuple[str, ...] = ()
     #: a tls-creds-x509 directory with both ends' files: every channel over TLS (rows METHOD+tls)
     tls_dir: str | None = None
+    #: how the migration finishes: precopy, auto-converge or postcopy (:data:`.config.CONVERGENCE`)
+    convergence: str = "precopy"
+    #: post-copy: migrate-start-postcopy once precopy pass N runs
+    postcopy_after_passes: int = 1
+
+    def label(self, method: str) -> str:
+        """The row label of ``method`` in this experiment (:func:`.model.row_label`)."""
+        return row_label(method, self.convergence, bool(self.tls_dir))
+
+    def convergence_args(self) -> list[str]:
+        """``livemig migrate`` options of this experiment's convergence."""
+        if self.convergence == "auto-converge":
+            return ["--auto-converge"]
+        if self.convergence == "postcopy":
+            return ["--postcopy-ram", "--postcopy-after-passes", str(self.postcopy_after_passes)]
+        return []
 
 
 def migrate_argv(exp: Experiment, method: str, channels: int, bandwidth: int, json_path: str) -> list[str]:
@@ -70,7 +91,7 @@ def migrate_argv(exp: Experiment, method: str, channels: int, bandwidth: int, js
     if exp.tls_dir:
         argv += ["--object", f"tls-creds-x509,id=tls0,dir={exp.tls_dir.replace(',', ',,')},endpoint=client",
                  "--tls-creds", "tls0"]
-    argv += list(exp.extra_args)
+    argv += list(exp.workload_args) + list(exp.extra_args) + exp.convergence_args()
     return argv
 
 
@@ -98,9 +119,10 @@ def run_livemig(
     netns: NetNamespace | None,
 ) -> Run:
     """Run one migration and return its Run (result or error). KeyboardInterrupt propagates."""
-    label = method + (TLS_SUFFIX if exp.tls_dir else "")
+    label = exp.label(method)
     run = Run("livemig", label, channels, bandwidth, repeat)
     path = os.path.join(workdir, f"livemig-{label}-{channels}ch-{bandwidth}-{repeat}.json")
+    timed_out = False
     argv = migrate_argv(exp, method, channels, bandwidth, path)
     if netns is not None:
         argv = netns.prefix + argv
@@ -111,9 +133,13 @@ def run_livemig(
     try:
         out, err = proc.communicate(timeout=exp.timeout)
     except subprocess.TimeoutExpired:
-        stop(proc)
-        run.error = f"timed out after {exp.timeout:.0f} s"
-        return run
+        # SIGTERM to migrate only: it cancels (migrate_cancel) and writes its JSON, then the rest is stopped
+        timed_out = True
+        proc.terminate()
+        try:
+            out, err = proc.communicate(timeout=CANCEL_GRACE_S)
+        except subprocess.TimeoutExpired:
+            out, err = "", ""
     finally:
         if proc.poll() is None:
             stop(proc)
@@ -130,6 +156,10 @@ def run_livemig(
         if proc.returncode == 0:
             run.error = f"no JSON result in {path}: {exc}"
             return run
+    if timed_out:
+        run.result = result
+        run.error = not_finished(exp.timeout, result)
+        return run
     if result is None:
         run.error = f"exit status {proc.returncode}: {_tail(err or out) or 'no output'}"
         return run

@@ -16,7 +16,7 @@ from typing import Any
 
 from ..errors import MigrationError
 from .drive import Plan, drive, quit_all
-from .model import TLS_SUFFIX, Run
+from .model import Run
 from .procs import Children, NetNamespace
 from .qmpconn import QmpConnection
 from .runner import LIVEMIG, Experiment
@@ -30,14 +30,14 @@ def vm_argv(exp: Experiment, qmp: str, incoming: bool) -> list[str]:
             "--qmp", f"unix:{qmp},server=on,wait=off"]
     if incoming:
         return [*argv, "--incoming", "defer", "--name", "livemig-bench-dst"]
-    return [*argv, "--workload", exp.workload, "--fill", exp.fill, "--name", "livemig-bench-src"]
+    return [*argv, "--workload", exp.workload, *exp.workload_args, "--fill", exp.fill, "--name", "livemig-bench-src"]
 
 
 def run_livemig_vm(children: Children, exp: Experiment, method: str, channels: int, bandwidth: int,
                    repeat: int, workdir: str, netns: NetNamespace | None) -> Run:
     """One livemig migration between two ``livemig vm`` processes; errors land in the Run
     (KeyboardInterrupt propagates)."""
-    run = Run("livemig", method + (TLS_SUFFIX if exp.tls_dir else ""), channels, bandwidth, repeat)
+    run = Run("livemig", exp.label(method), channels, bandwidth, repeat)
     tag = uuid.uuid4().hex[:6]
     procs: list[subprocess.Popen[Any]] = []
     clients: list[QmpConnection] = []
@@ -58,8 +58,11 @@ def run_livemig_vm(children: Children, exp: Experiment, method: str, channels: i
         run.extra["argv"] = [p.args for p in procs]
         dst_proc, src_proc = procs
         dst, src = clients
+        caps = ("multifd", "events") + {"precopy": (), "auto-converge": ("auto-converge",),
+                                        "postcopy": ("postcopy-ram",)}[exp.convergence]
         plan = Plan(method, channels, exp.level, bandwidth, exp.downtime_limit, f"tcp:127.0.0.1:{PORT}",
-                    exp.timeout, tls_dir=exp.tls_dir)
+                    exp.timeout, capabilities=caps, tls_dir=exp.tls_dir,
+                    postcopy_after_passes=exp.postcopy_after_passes if exp.convergence == "postcopy" else None)
         d = drive(src, dst, src_proc.pid, dst_proc.pid, plan, netns)
         run.extra.update({"wall-s": d.wall_s, "dst-status": d.dinfo.get("status"),
                           "dst-vm-status": d.dst_vm_status, "qmp-log": d.log, "driven-over": "qmp"})

@@ -5,7 +5,10 @@ The source VM runs the guest, the destination VM waits with ``--incoming defer``
 migration parameters with ``migrate-set-parameters``, the destination listens on a free loopback
 port (``migrate-incoming tcp:127.0.0.1:0``), the source ``migrate``\\ s to it, and the source's
 ``query-migrate`` (QEMU's MigrationInfo, livemig's figures under ``livemig``) is the result. A
-cancel (Ctrl-C, SIGTERM) is ``migrate_cancel``.
+cancel (Ctrl-C, SIGTERM) is ``migrate_cancel`` (refused by the VM once in post-copy, where neither
+side can go back). With ``--postcopy-ram`` both VMs get capability ``postcopy-ram`` and the source
+``migrate-start-postcopy`` once precopy pass ``--postcopy-after-passes`` runs
+(:class:`livemig.bench.drive.PostcopySwitch`); a migration that converges first completes as precopy.
 
 Each child's stdout and stderr go to a log file in the temporary directory, never to the terminal,
 so nothing they print lands on the progress bar; the log's last lines are shown if one dies.
@@ -29,7 +32,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from ..bench.drive import Peers, Plan
+from ..bench.drive import Peers, Plan, PostcopySwitch
 from ..bench.procs import stop
 from ..bench.qmpconn import QmpConnection
 from ..errors import MigrationError
@@ -124,19 +127,26 @@ class LocalVM:
         stop(self.child)
 
 
-def plan(params: MigrationParameters, tls: Tls | None, run_before: float, auto_converge: bool = False) -> Plan:
+def plan(params: MigrationParameters, tls: Tls | None, run_before: float, auto_converge: bool = False,
+         postcopy_ram: bool = False, postcopy_after_passes: int = 1) -> Plan:
     """Every parameter of ``params`` (and the TLS settings) as the driver's plan, listening on a free
     loopback port; no deadline (``--timeout`` is each VM's time without progress). ``auto_converge``
-    adds that capability (the throttle parameters go to the source either way)."""
+    adds that capability (the throttle parameters go to the source either way); ``postcopy_ram``
+    adds capability ``postcopy-ram`` on both sides and the switch after precopy pass
+    ``postcopy_after_passes`` (1 = after the first full copy)."""
     qapi = params.to_qapi()
     shared = {k: qapi[k] for k in ("multifd-zlib-level", "multifd-zstd-level", "multifd-qatzip-level",
                                    "zero-page-detection")}
     source = {k: qapi[k] for k in ("max-bandwidth", "max-passes", "cpu-throttle-initial", "cpu-throttle-increment",
                                    "cpu-throttle-tailslow", "max-cpu-throttle", "throttle-trigger-threshold")}
-    caps = ("multifd", "events") + (("auto-converge",) if auto_converge else ())
+    if "max-postcopy-bandwidth" in qapi:
+        source["max-postcopy-bandwidth"] = qapi["max-postcopy-bandwidth"]
+    caps = ("multifd", "events") + (("auto-converge",) if auto_converge else ()) + \
+        (("postcopy-ram",) if postcopy_ram else ())
     out = Plan(params.multifd_compression, params.multifd_channels, params.level() or 1, params.max_bandwidth,
                params.downtime_limit, "tcp:127.0.0.1:0", math.inf, settle_s=run_before, capabilities=caps,
-               more=shared, source_more=source, exit_on_error=False)
+               more=shared, source_more=source, exit_on_error=False,
+               postcopy_after_passes=postcopy_after_passes if postcopy_ram else None)
     if tls is not None:
         out.tls_dir, out.tls_verify_peer = tls.creds.dir, tls.creds.verify_peer
         out.tls_hostname = tls.hostname or ""
@@ -173,17 +183,20 @@ class LocalMigration:
 
     def run(self, plan: Plan, uri: str, cancel: threading.Event,
             on_info: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
-        """``migrate`` to ``uri``, awaited to a final status; the source's last query-migrate."""
+        """``migrate`` to ``uri``, awaited to a final status (``migrate-start-postcopy`` sent after
+        the plan's pass, with postcopy-ram); the source's last query-migrate."""
         assert self.peers is not None
         time.sleep(plan.settle_s)
         self.peers.migrate(uri)
+        after = plan.postcopy_after_passes
+        switch = None if after is None else PostcopySwitch(self.peers.src, after)
 
         def seen(info: dict[str, Any]) -> None:
             self.info = info
             if on_info is not None:
                 on_info(info)
 
-        return self.peers.src.await_final(math.inf, seen, cancel)
+        return self.peers.src.await_final(math.inf, seen, cancel, switch)
 
     def destination_info(self) -> dict[str, Any]:
         """The destination's final query-migrate ({} when it cannot answer)."""

@@ -20,7 +20,8 @@ from .dispatch import CommandTable
 from .schema import QMPError
 
 #: what a migration's status is while ``migrate`` without -d keeps the prompt waiting
-MIGRATION_RUNNING = ("setup", "active", "pre-switchover", "device", "cancelling")
+MIGRATION_RUNNING = ("setup", "active", "pre-switchover", "device", "cancelling", "postcopy-active",
+                     "postcopy-recover")
 
 
 @dataclass
@@ -70,6 +71,8 @@ def format_info_migrate(info: dict[str, Any]) -> str:
         ]
         if ram.get("dirty-pages-rate"):
             lines.append(f"dirty pages rate: {ram['dirty-pages-rate']} pages")
+        if ram.get("postcopy-requests"):
+            lines.append(f"postcopy request count: {ram['postcopy-requests']}")
         for key, label in (("precopy-bytes", "precopy ram"), ("downtime-bytes", "downtime ram"),
                            ("postcopy-bytes", "postcopy ram")):
             if ram.get(key):
@@ -82,7 +85,7 @@ def format_info_migrate(info: dict[str, Any]) -> str:
     return "".join(f"{line}\n" for line in lines)
 
 
-_PARAM_UNITS = {"max-bandwidth": " bytes/second", "downtime-limit": " ms"}
+_PARAM_UNITS = {"max-bandwidth": " bytes/second", "downtime-limit": " ms", "max-postcopy-bandwidth": " bytes/second"}
 
 
 def format_info_parameters(params: dict[str, Any]) -> str:
@@ -183,9 +186,11 @@ def _set_parameter(hmp: HMP, args: list[str]) -> Result:
     if name not in current:
         raise QMPError(f"invalid parameter value: {name}")
     value: Any = text
-    if name == "max-bandwidth":  # a bare number is MiB/s, as QEMU's qemu_strtosz_MiB
+    if name in ("max-bandwidth", "max-postcopy-bandwidth"):
+        # a bare number: MiB/s for max-bandwidth (QEMU's qemu_strtosz_MiB), bytes/s for
+        # max-postcopy-bandwidth (QEMU's visit_type_size)
         try:
-            value = parse_rate(f"{text}M" if text.isdigit() else text)
+            value = parse_rate(f"{text}M" if text.isdigit() and name == "max-bandwidth" else text)
         except MigrationError as exc:
             raise QMPError(f"Invalid size {text}") from exc
     elif isinstance(current[name], bool):
@@ -212,12 +217,16 @@ def _set_capability(hmp: HMP, args: list[str]) -> Result:
 
 
 def _migrate(hmp: HMP, args: list[str]) -> Result:
-    detach = "-d" in args
-    uris = [a for a in args if a != "-d"]
+    """``migrate [-d] [-r] uri``: -d returns at once, -r resumes a paused post-copy migration."""
+    flags = {a for a in args if a in ("-d", "-r")}
+    uris = [a for a in args if a not in ("-d", "-r")]
     if len(uris) != 1:
         return Result("migrate: missing argument\nTry \"help migrate\" for more information\n")
-    hmp.qmp("migrate", {"uri": uris[0]})
-    return Result(wait=not detach)
+    arguments: dict[str, Any] = {"uri": uris[0]}
+    if "-r" in flags:
+        arguments["resume"] = True
+    hmp.qmp("migrate", arguments)
+    return Result(wait="-d" not in flags)
 
 
 def _qmp(qmp_name: str, *argnames: str) -> Callable[[HMP, list[str]], Result]:
@@ -234,13 +243,19 @@ _COMMANDS = [
     _Cmd("stop", "", "stop emulation", _qmp("stop")),
     _Cmd("cont", "", "resume emulation", _qmp("cont")),
     _Cmd("quit", "", "quit the emulator", _qmp("quit")),
-    _Cmd("migrate", "[-d] uri", "migrate to URI (using -d to not wait for completion)", _migrate, (1, 2)),
+    _Cmd("migrate", "[-d] [-r] uri", "migrate to URI (using -d to not wait for completion)"
+         "\n\t\t\t -r to resume a paused postcopy migration", _migrate, (1, 3)),
     _Cmd("migrate_incoming", "uri", "Continue an incoming migration from an -incoming defer",
          _qmp("migrate-incoming", "uri"), (1, 1)),
+    _Cmd("migrate_recover", "uri", "Continue a paused incoming postcopy migration", _qmp("migrate-recover", "uri"),
+         (1, 1)),
     _Cmd("migrate_cancel", "", "cancel the current VM migration", _qmp("migrate_cancel")),
     _Cmd("migrate_continue", "state", "Continue migration from the given paused state",
          _qmp("migrate-continue", "state"), (1, 1)),
     _Cmd("migrate_set_capability", "capability state", "Enable/Disable the usage of a capability for migration",
          _set_capability, (2, 2)),
     _Cmd("migrate_set_parameter", "parameter value", "Set the parameter for migration", _set_parameter, (2, 2)),
+    _Cmd("migrate_start_postcopy", "", "Followup to a migration command to switch the migration to postcopy mode. "
+         "The postcopy-ram capability must be set on both source and destination before the original migration "
+         "command .", _qmp("migrate-start-postcopy")),
 ]

@@ -2,14 +2,17 @@
 the :class:`~livemig.vm.machine.VM` method each one calls.
 
 Supported: qmp_capabilities, query-version, query-commands, query-status, query-name, stop, cont,
-quit, migrate (uri; detach accepted, resume refused), migrate-incoming (uri, exit-on-error),
-migrate_cancel, migrate-continue, migrate-set-capabilities, query-migrate-capabilities,
+quit, migrate (uri; detach accepted; resume: reconnect a ``postcopy-paused`` migration),
+migrate-incoming (uri, exit-on-error), migrate-recover (uri; the destination of a ``postcopy-paused``
+migration listens there), migrate-start-postcopy (capability ``postcopy-ram``), migrate_cancel
+(refused in post-copy), migrate-continue, migrate-set-capabilities, query-migrate-capabilities,
 migrate-set-parameters, query-migrate-parameters, query-migrate, human-monitor-command,
 object-add/object-del (tls-creds-x509 and authz-simple; tls-creds-psk is refused when used, as
 ``--object`` refuses it: Python 3.11's ssl has no TLS-PSK), and livemig's own ``x-query-workload``
 (QEMU's ``x-`` prefix for what is not QEMU's: the guest's progress counter and workload check).
 Not supported (no livemig counterpart yet): the ``channels`` argument of migrate and
-migrate-incoming, postcopy and the other capabilities, ``query-qmp-schema`` (no QAPI introspection;
+migrate-incoming, capabilities other than those :data:`~livemig.vm.core.CAPABILITIES` lists
+(``postcopy-blocktime``, ``postcopy-preempt``...), migrate-pause, ``query-qmp-schema`` (no QAPI introspection;
 ``query-commands`` lists what exists).
 """
 
@@ -22,13 +25,14 @@ from ..monitor.schema import ANY, BOOL, INT, STR, UINT8, UINT64, Enum, ListOf, M
 from .machine import CAPABILITIES, VM, parameter_fields
 from .tlsobjects import TLS_PARAMETERS
 
-MIGRATION_STATUSES = ("none", "setup", "cancelling", "cancelled", "active", "pre-switchover", "device",
-                      "completed", "failed")
+#: QEMU's MigrationStatus values livemig reaches (qapi/migration.json)
+MIGRATION_STATUSES = ("none", "setup", "cancelling", "cancelled", "active", "postcopy-active", "postcopy-paused",
+                      "postcopy-recover", "pre-switchover", "device", "completed", "failed")
 
 #: QEMU's QAPI types of the parameters livemig has (others: by their Python type)
 _PARAM_TYPES: dict[str, Type] = {
     "multifd-channels": UINT8, "multifd-zlib-level": UINT8, "multifd-zstd-level": UINT8,
-    "multifd-qatzip-level": UINT8, "max-bandwidth": UINT64, "downtime-limit": UINT64,
+    "multifd-qatzip-level": UINT8, "max-bandwidth": UINT64, "max-postcopy-bandwidth": UINT64, "downtime-limit": UINT64,
     "cpu-throttle-initial": UINT8, "cpu-throttle-increment": UINT8, "max-cpu-throttle": UINT8,
     "throttle-trigger-threshold": UINT8,
 }
@@ -67,10 +71,14 @@ def register(table: CommandTable, vm: VM, hmp: Callable[[str], str] | None = Non
         help="livemig's own: the guest's workload, progress counter and workload check")
     add("migrate", lambda a: vm.migrate(a["uri"], a.get("resume", False)),
         struct(Member("uri", STR), Member("detach", BOOL, optional=True), Member("resume", BOOL, optional=True)),
-        help="migrate to tcp:HOST:PORT or unix:PATH")
+        help="migrate to tcp:HOST:PORT or unix:PATH (resume: reconnect a postcopy-paused migration)")
     add("migrate-incoming", lambda a: vm.migrate_incoming(a["uri"], a.get("exit-on-error", True)),
         struct(Member("uri", STR), Member("exit-on-error", BOOL, optional=True)),
         help="listen for the incoming migration (after --incoming defer)")
+    add("migrate-recover", lambda a: vm.migrate_recover(a["uri"]), struct(Member("uri", STR)),
+        help="continue a paused incoming postcopy migration: listen at the URI for the source's resume")
+    add("migrate-start-postcopy", lambda a: vm.migrate_start_postcopy(),
+        help="switch the running migration to post-copy (capability postcopy-ram on both sides)")
     add("migrate_cancel", lambda a: vm.migrate_cancel(), help="cancel the outgoing migration")
     add("migrate-continue", lambda a: vm.migrate_continue(a["state"]),
         struct(Member("state", Enum(MIGRATION_STATUSES))), help="go on from pre-switchover")
