@@ -366,7 +366,8 @@ def _migrate_local(args: argparse.Namespace, chk: Checked, gcfg: GuestConfig, in
     tmpdir = tempfile.mkdtemp(prefix="livemig-")
     pair = LocalMigration(gcfg, _local_vm_args(args), tmpdir)
     try:
-        plan = local_plan(chk.params, chk.tls, args.run_before, args.auto_converge)
+        plan = local_plan(chk.params, chk.tls, args.run_before, args.auto_converge, args.postcopy_ram,
+                          args.postcopy_after_passes or 1)
         uri = pair.connect(plan)
         _say(args, f"destination: listening on {uri}{' (TLS)' if chk.tls else ''}")
         _say(args, f"{gcfg.kind} guest, {format_size(gcfg.memory)}, fill {gcfg.fill} "

@@ -31,9 +31,6 @@ def check_postcopy(args: argparse.Namespace) -> None:
         if not args.postcopy_ram:
             raise ParameterError("--postcopy-after-passes needs --postcopy-ram")
         check_option("--postcopy-after-passes", after, minimum=1, what="a number of passes")
-    if args.postcopy_ram and getattr(args, "local", False):
-        raise ParameterError("--postcopy-ram is not available with --local yet: run `livemig incoming URI "
-                             "--postcopy-ram` and `livemig migrate URI --postcopy-ram` in two shells")
     if args.postcopy_ram and getattr(args, "peer", "livemig") == "qemu":
         raise ParameterError("--postcopy-ram with a QEMU peer is not supported: livemig does post-copy with "
                              "livemig only")
