@@ -26,6 +26,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from ..errors import GuestError
+from ..ram.pages import unique_pages
 from ..wire.constants import PAGE_SIZE as PAGE_SIZE
 from .throttle import CpuThrottle
 
@@ -182,7 +183,7 @@ class RamBlock:
         idx = np.asarray(idx, dtype=np.int64).reshape(-1)
         missing = idx[~present[idx]]
         if missing.size:
-            self._touch(np.unique(missing))
+            self._touch(unique_pages(missing))
 
     def ensure_range(self, first_page: int, npages: int) -> None:
         """:meth:`ensure_pages` for the pages ``[first_page, first_page + npages)``."""
