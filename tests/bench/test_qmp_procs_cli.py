@@ -156,7 +156,7 @@ ACCEPTED = "(accepted: none, zlib, zstd, qatzip, qpl, uadk, auto)"
         ({"methods": "zstd,lz4,xz"}, f"--methods: unknown method(s) 'lz4', 'xz' {ACCEPTED}"),
         ({"methods": ","}, "--methods: empty list"),
         ({"bandwidth": "fast"}, "--bandwidth: 'fast' is not a rate such as 1Gbps, 10Gbps, 500MiB/s, or 0 for uncapped"),
-        ({"bandwidth": "1Gbps,,"}, None),  # empty items are skipped: valid
+        ({"bandwidth": "1Gbps,,"}, "--bandwidth: empty item in '1Gbps,,' (give items separated by single commas)"),
         ({"memory": "12345"}, "--memory 12345: expected a multiple of 4096 bytes of at least 2.00 MiB"),
         ({"memory": "1M"}, "--memory 1M: expected a multiple of 4096 bytes of at least 2.00 MiB"),
         ({"memory": "2X"}, "--memory '2X': expected a size like 4096, 512M"),

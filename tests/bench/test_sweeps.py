@@ -49,7 +49,8 @@ def test_memory_list_and_link_rates_make_sections() -> None:
     ({"link_rate": "0"}, "--link-rate: '0': expected a rate above 0"),
     ({"link_rate": "1Gbit", "no_netns": True}, "--link-rate: the link is shaped in the bench's private network"),
     ({"memory": "1G,1M"}, "--memory 1M: expected a multiple of 4096 bytes of at least 2.00 MiB"),
-    ({"memory": "1G,,"}, None),
+    ({"memory": "1G,,"}, "--memory: empty item in '1G,,' (give items separated by single commas)"),
+    ({"methods": "zstd,none,zstd"}, "--methods: 'zstd' given more than once in 'zstd,none,zstd'"),
 ])  # fmt: skip
 def test_bad_sweep_options_are_named(kw: dict[str, Any], msg: str | None, capsys: pytest.CaptureFixture[str],
                                      monkeypatch: pytest.MonkeyPatch) -> None:

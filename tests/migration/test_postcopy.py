@@ -254,3 +254,47 @@ def test_stale_precopy_bytes_are_never_kept(monkeypatch: pytest.MonkeyPatch) -> 
     stats, out, _ = postcopy("kvm")
     assert stats.status == "failed" and "was present before it was placed" in stats.error
     assert out["status"] == "failed" and "was present before it was placed" in out["error-desc"]
+
+
+@pytest.mark.kvm
+def test_a_stranger_on_the_recovery_listener_is_refused_and_the_source_resumes() -> None:
+    """A connection to the recovery listener with another migration's uuid learns nothing and
+    changes nothing: the destination stays paused, and the real source resumes after it."""
+    import json
+
+    from livemig.migration.protocol import MACHINE_TYPE, RESUME_SECTION, SECTION_CONFIG
+    from livemig.wire import stream
+
+    src, dst, src_guest, dst_guest, t, out, seen = _cut_in_postcopy("kvm")
+    result: list[MigrationStats] = []
+    s = threading.Thread(target=lambda: result.append(src.run()))
+    try:
+        s.start()
+        _wait_for(lambda: src.status.state == state.POSTCOPY_PAUSED and dst.postcopy_status == state.POSTCOPY_PAUSED)
+        again = SocketPairLink()
+        dst.recover(again)
+        stranger = again.connect(5)
+        stranger.sendall(stream.file_header() + stream.configuration(MACHINE_TYPE)
+                         + stream.section_full(SECTION_CONFIG, RESUME_SECTION, 0, 1)
+                         + stream.blob(json.dumps({"uuid": "ab" * 16}).encode())
+                         + stream.section_footer(SECTION_CONFIG) + stream.recv_bitmap("pc.ram"))
+        stranger.settimeout(5)
+        assert stranger.recv(4096) == b""  # closed without a bitmap
+        _wait_for(lambda: dst.postcopy_status == state.POSTCOPY_PAUSED)
+        assert src.status.state == state.POSTCOPY_PAUSED
+        dst.recover(again)
+        src.resume(again)
+        s.join(timeout=60)
+        t.join(timeout=30)
+        assert result[0].status == "completed", result[0].error
+        assert out["status"] == "completed" and out["postcopy"]["verified"] is True
+        assert out["workload_check"] == "ok"
+    finally:
+        src.cancel()
+        dst.cancel()
+        s.join(timeout=10)
+        t.join(timeout=10)
+        if dst.postcopy is not None:
+            dst.postcopy.close()
+        src_guest.close()
+        dst_guest.close()

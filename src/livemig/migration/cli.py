@@ -43,7 +43,7 @@ from . import protocol
 from .guestopts import add_guest_options, guest_config_from_args
 from .local import LocalMigration
 from .local import plan as local_plan
-from .postcopyopts import add_postcopy_options, check_postcopy, postcopy_kwargs
+from .postcopyopts import add_postcopy_options, check_postcopy, postcopy_kwargs, resume_when_paused
 from .source import Source
 from .stats import MigrationStats, info_table
 from .tlsopts import add_tls_options, local_server_args, tls_from_args
@@ -342,6 +342,8 @@ def _migrate_remote(args: argparse.Namespace, chk: Checked, gcfg: GuestConfig, i
         src = make(guest, connector, chk.params, uuid=chk.uuid, timeout=args.timeout, full_verify=args.full_verify,
                    dump_ram=args.dump_ram, auto_converge=args.auto_converge, log=_source_log,
                    **postcopy_kwargs(args))
+        if args.postcopy_ram and peer is None:
+            resume_when_paused(src, connector, lambda text: _say(args, text))
         _migrating(args, chk, chk.address, src.method.backend())
 
         def poll() -> Any:

@@ -22,6 +22,7 @@ from . import from_qemu
 from .cli import _write_json, check_incoming, destination_summary
 from .destination import Destination
 from .local import die_with_parent
+from .postcopyopts import recover_when_paused
 from .tlsopts import is_loopback
 
 
@@ -72,7 +73,14 @@ def cmd_incoming(args: argparse.Namespace) -> int:
         if chk.tls is None and not is_loopback(chk.address):
             print(f"livemig incoming: warning: listening on {where} without TLS: anyone who can reach this port "
                   "can put a guest here; use --tls-creds (README, \"Trust\")", file=sys.stderr, flush=True)
-        result = dst.run()
+        finished = threading.Event()
+        if args.postcopy_ram:
+            recover_when_paused(dst, chk.address, chk.tls, lambda text: print(f"livemig incoming: {text}",
+                                                                               file=sys.stderr, flush=True), finished)
+        try:
+            result = dst.run()
+        finally:
+            finished.set()
         signal.signal(signal.SIGINT, old_int)
         _write_json(args.json, result)
         if result.get("status") != "completed":

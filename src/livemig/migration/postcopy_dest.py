@@ -38,7 +38,7 @@ from . import protocol, state
 from .handover import ReturnPath
 from .pagehash import ALGORITHM, PageHashes
 from .postcopy_source import queue_bound
-from .protocol import MACHINE_TYPE
+from .protocol import MACHINE_TYPE, RESUME_SECTION
 
 if TYPE_CHECKING:
     from .destination import Destination
@@ -266,7 +266,7 @@ class PostcopyDestination:
         channel, once the source resumed on it (a failed attempt pauses again)."""
         dst = self.dst
         self.status = state.POSTCOPY_PAUSED
-        dst.log(f"post-copy paused, the link broke ({exc}): the guest waits for its pages; run migrate-recover")
+        dst.log(f"post-copy paused, the link broke ({exc}): the guest waits for its pages")
         while True:
             while not self._recovering.wait(0.05):
                 dst._check()  # a cancel ends the wait (the guest is lost)
@@ -279,6 +279,8 @@ class PostcopyDestination:
                 if dst._failure.error is not None:
                     raise
                 self.status = state.POSTCOPY_PAUSED
+                if dst.main is not None:
+                    dst.main.close()  # the failed (or stranger's) channel: it gets nothing more
                 dst.log(f"post-copy recovery failed ({again}): still paused")
 
     def _accept(self) -> stream.StreamReader:
@@ -299,6 +301,10 @@ class PostcopyDestination:
         first = [dst.next_event(reader), dst.next_event(reader)]
         if not isinstance(first[1], stream.Configuration) or first[1].machine_type != MACHINE_TYPE:
             raise WireError("post-copy recovery channel's CONFIGURATION", first[1], MACHINE_TYPE)
+        ev = dst.next_event(reader)
+        if isinstance(ev, stream.SectionFull) and ev.idstr == RESUME_SECTION:
+            ev = dst.next_event(reader)
+        self._check_resumer(ev)
         while not isinstance(ev := dst.next_event(reader), stream.PostcopyResume):
             if not isinstance(ev, stream.RecvBitmap) or ev.block not in dst.blocks:
                 raise WireError("post-copy recovery record", ev, "RECV_BITMAP of a RAM block, POSTCOPY_RESUME")
@@ -312,6 +318,19 @@ class PostcopyDestination:
             rp.send(protocol.ReqPages(name, page * ps, ps))
         self.status = state.POSTCOPY_ACTIVE
         return reader
+
+    def _check_resumer(self, ev: stream.Event) -> None:
+        """The recovery channel's first section names the migration (its uuid, as livemig/config
+        did): a stranger that reaches the recovery listener is refused before it learns a bitmap."""
+        if not isinstance(ev, stream.Blob) or ev.idstr != RESUME_SECTION:
+            raise WireError("post-copy recovery channel's first section", ev, RESUME_SECTION)
+        try:
+            uuid = bytes.fromhex(json.loads(ev.data)["uuid"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise WireError(f"{RESUME_SECTION} section", bytes(ev.data[:64]), '{"uuid": HEX}') from exc
+        if uuid != self.dst.uuid:
+            raise MigrationError(f"post-copy recovery channel from another migration (uuid {uuid.hex()}, "
+                                 f"this one's {self.dst.uuid.hex()})")
 
     def _complete(self, source: Any) -> None:
         missing = {n: int((~b.present).sum()) for n, b in self.dst.blocks.items() if b.present is not None}

@@ -34,7 +34,7 @@ from ..wire import stream
 from . import protocol, state
 from .handover import HandoverTimeout, PeerFailed, ReturnPath
 from .pagehash import Background
-from .protocol import MACHINE_TYPE, SECTION_DIGEST, SECTION_RAM, SECTION_VCPU
+from .protocol import MACHINE_TYPE, RESUME_SECTION, SECTION_CONFIG, SECTION_DIGEST, SECTION_RAM, SECTION_VCPU
 from .stats import downtime_phases
 
 if TYPE_CHECKING:
@@ -225,8 +225,7 @@ class PostcopySource:
         POSTCOPY_RESUME, its ack; back to postcopy-active. A failed attempt pauses again."""
         src = self.src
         src.status.step(state.POSTCOPY_PAUSED)
-        src.log(f"post-copy paused, the link broke ({exc}): the guest waits; reconnect with migrate-recover "
-                "on the destination and migrate ... resume=true here")
+        src.log(f"post-copy paused, the link broke ({exc}): the guest waits for the link")
         if self._reader is not None:
             self._reader.join(timeout=5)
         while True:
@@ -257,6 +256,9 @@ class PostcopySource:
             old.close()
         rp = src.rp = src.handover.rp = ReturnPath(src.main, "to-source", "destination")
         src._main_write(stream.file_header() + stream.configuration(MACHINE_TYPE)
+                        + stream.section_full(SECTION_CONFIG, RESUME_SECTION, 0, 1)
+                        + stream.blob(json.dumps({"uuid": src.uuid.hex()}).encode())
+                        + stream.section_footer(SECTION_CONFIG)
                         + b"".join(stream.recv_bitmap(b.name) for b in src.guest.blocks), ram=False)
         for b in src.guest.blocks:
             msg = rp.recv(src.timeout)

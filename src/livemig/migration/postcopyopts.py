@@ -3,10 +3,21 @@
 from __future__ import annotations
 
 import argparse
-from typing import Any
+import threading
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
-from ..errors import ParameterError
+from ..errors import MigrationError, ParameterError
 from ..params import check_option
+from ..transport.secure import tls_listener
+from . import state
+
+if TYPE_CHECKING:
+    from ..transport.address import Address
+    from ..transport.sockets import Connector, Listener
+    from ..transport.tls import Tls
+    from .destination import Destination
+    from .source import Source
 
 
 def add_postcopy_options(p: argparse.ArgumentParser, source: bool) -> None:
@@ -41,3 +52,65 @@ def postcopy_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     if not args.postcopy_ram:
         return {}
     return {"postcopy_ram": True, "postcopy_after_passes": args.postcopy_after_passes or 1}
+
+
+# --- recovery on the command line -------------------------------------------------------------------
+#: seconds between a paused source's reconnection attempts
+RETRY = 1.0
+
+
+def resume_when_paused(src: Source, connector: Connector, say: Callable[[str], None]) -> None:
+    """``livemig migrate``: a post-copy that pauses (the link broke) reconnects through ``connector``
+    (the same destination address) every :data:`RETRY` seconds, as ``migrate URI resume=true`` would,
+    until the destination takes it (:func:`recover_when_paused`) or Ctrl-C gives the guest up."""
+    def attempt() -> None:
+        if not told:  # after the engine said why it paused
+            told.append("")
+            say("post-copy paused: reconnecting to the destination every second "
+                "(Ctrl-C gives the guest up: neither side holds all of it)")
+        try:
+            src.resume(connector)
+        except MigrationError:
+            pass  # no longer paused (resumed, or given up)
+
+    def on_status(new: str) -> None:
+        if new != state.POSTCOPY_PAUSED:
+            return
+        timer = threading.Timer(RETRY, attempt)
+        timer.daemon = True
+        timer.start()
+
+    told: list[str] = []
+    src.status.listeners.append(on_status)
+
+
+def recover_when_paused(dst: Destination, address: Address, tls: Tls | None, say: Callable[[str], None],
+                        done: threading.Event) -> threading.Thread:
+    """``livemig incoming``: when post-copy pauses, stop the first listener and listen again on the same
+    address and port (``migrate-recover`` with the same URI) for the source's reconnection
+    (:func:`resume_when_paused`); a failed attempt listens again. Runs until ``done`` is set."""
+    def watch() -> None:
+        listener: Listener | None = None
+        try:
+            while not done.wait(0.05):
+                if dst.postcopy_status != state.POSTCOPY_PAUSED:
+                    continue
+                if listener is None:
+                    dst.gate.close()
+                    where = address.with_port(dst.port)
+                    listener = tls_listener(where, tls, 1)
+                    say(f"post-copy paused: the guest waits for its pages; listening again on {where} for the "
+                        "source (Ctrl-C gives the guest up: neither side holds all of it)")
+                try:  # again after each failed attempt (a stranger, a source that gave up)
+                    dst.recover(listener)
+                except MigrationError:
+                    pass  # no longer paused
+        except MigrationError as exc:  # the address cannot be bound again: say so once, stay paused
+            say(f"post-copy paused and cannot listen again: {exc}")
+        finally:
+            if listener is not None:
+                listener.close()
+
+    t = threading.Thread(target=watch, name="postcopy-recover", daemon=True)
+    t.start()
+    return t

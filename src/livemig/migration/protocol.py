@@ -81,6 +81,8 @@ SECTION_CONFIG = 1
 SECTION_RAM = 2
 SECTION_VCPU = 3
 SECTION_DIGEST = 4
+#: the first section of a post-copy recovery channel: {"uuid": hex} (docs/postcopy.md, "Failure and recovery")
+RESUME_SECTION = "livemig/resume"
 #: longest handover line accepted, newline included (a Prepared for many RAM blocks fits easily)
 MAX_LINE = 1 << 20
 #: RAM digest algorithm of :mod:`livemig.ram.digest`
