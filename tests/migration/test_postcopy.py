@@ -178,6 +178,19 @@ def _cut_in_postcopy(kind: str) -> tuple[Source, Destination, Any, Any, threadin
     return src, dst, src_guest, dst_guest, t, out, seen
 
 
+def _stop(src: Source, dst: Destination, s: threading.Thread, t: threading.Thread, *guests: Any) -> None:
+    """Tear a paused or finished pair down: cancel both, join their threads, wake vCPUs still waiting
+    on pages (closing the destination's userfaultfd), so the guests can be closed."""
+    src.cancel()
+    dst.cancel()
+    s.join(timeout=10)
+    t.join(timeout=10)
+    if dst.postcopy is not None:
+        dst.postcopy.close()
+    for g in guests:
+        g.close()
+
+
 def _wait_for(what: Any, timeout: float = 20) -> None:
     deadline = time.monotonic() + timeout
     while not what():
@@ -210,14 +223,7 @@ def test_a_link_cut_in_postcopy_pauses_both_sides_and_recovers_without_losing_a_
         assert out["status"] == "completed" and out["postcopy"]["verified"] is True
         assert out["workload_check"] == "ok"  # the guest went on exactly
     finally:
-        src.cancel()
-        dst.cancel()
-        s.join(timeout=10)
-        t.join(timeout=10)
-        if dst.postcopy is not None:
-            dst.postcopy.close()  # wakes vCPUs still waiting on pages, so the guest can be closed
-        src_guest.close()
-        dst_guest.close()
+        _stop(src, dst, s, t, src_guest, dst_guest)
 
 
 @pytest.mark.kvm
@@ -290,11 +296,4 @@ def test_a_stranger_on_the_recovery_listener_is_refused_and_the_source_resumes()
         assert out["status"] == "completed" and out["postcopy"]["verified"] is True
         assert out["workload_check"] == "ok"
     finally:
-        src.cancel()
-        dst.cancel()
-        s.join(timeout=10)
-        t.join(timeout=10)
-        if dst.postcopy is not None:
-            dst.postcopy.close()
-        src_guest.close()
-        dst_guest.close()
+        _stop(src, dst, s, t, src_guest, dst_guest)
