@@ -118,7 +118,7 @@ def test_postcopy_bandwidth_cap_and_start_postcopy_on_request() -> None:
 def test_postcopy_ram_must_be_on_both_sides() -> None:
     stats, out, _ = postcopy("portable", dst_postcopy=False)
     assert stats.status == "failed"
-    assert "postcopy-ram differs: source uses True, destination False" in stats.error
+    assert "postcopy-ram differs: source uses on, destination off" in stats.error
     assert stats.source_guest == "running"
 
 

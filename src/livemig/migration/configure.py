@@ -63,7 +63,7 @@ def apply_config(dst: Destination, data: bytes) -> None:
     cfg.setdefault("postcopy-ram", False)  # absent: off
     for key, value in mine.items():
         if cfg.get(key) != value:
-            raise MainRefusal(f"{key} differs: source uses {cfg.get(key)!r}, destination {value!r}; "
+            raise MainRefusal(f"{key} differs: source uses {_shown(cfg.get(key))}, destination {_shown(value)}; "
                               "set the same on both sides")
     if dst.guest is None:
         need = max(gcfg.memory, sum(size for _, size in theirs))
@@ -91,3 +91,10 @@ def apply_config(dst: Destination, data: bytes) -> None:
         dst.digests[b.name] = ChunkDigest(dst.views[b.name], dst.page_size)
         dst.digests[b.name].assume_zero()  # an incoming guest's RAM is zero (Guest contract)
     dst._guest_ready.set()
+
+
+def _shown(value: Any) -> str:
+    """A shared setting as QEMU's HMP shows it: capabilities on/off, names quoted, numbers bare."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return repr(value)

@@ -91,6 +91,8 @@ def cmd_incoming(args: argparse.Namespace) -> int:
                 exc = MigrationError(f"migration failed: {_unprefixed(str(result.get('error-desc')))}")
             if discarded:
                 exc.add_note("guest discarded, never run")
+            elif dst.postcopy is not None and dst.postcopy.ran:
+                exc.add_note("the guest ran here in post-copy and is lost: neither side holds all of its RAM")
             raise exc
         if result.get("source") == "qemu":
             for line in from_qemu.summary(result).splitlines():
@@ -103,6 +105,8 @@ def cmd_incoming(args: argparse.Namespace) -> int:
     finally:
         signal.signal(signal.SIGINT, old_int)
         signal.signal(signal.SIGTERM, old_term)
+        if dst.postcopy is not None:
+            dst.postcopy.close()  # wakes vCPUs waiting on pages that will not come, so the guest can close
         if dst.guest is not None:
             dst.guest.close()
 

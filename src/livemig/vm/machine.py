@@ -153,6 +153,11 @@ class VM(Outgoing, Incoming):
             self._switchover.set()
         if self.destination is not None and self._incoming.get("status") in ("setup", "active"):
             self.destination.fail(MigrationError("the VM process is quitting"), "destination")
+        pc = self.destination.postcopy if self.destination is not None else None
+        if pc is not None:
+            # a guest in post-copy dies with this process: wake its vCPUs waiting on pages that will
+            # not come (they would block in KVM_RUN, and the process with them, forever)
+            pc.close()
         for t in self._threads:
             t.join(timeout=10)
         self.guest.close()
