@@ -19,7 +19,7 @@ from livemig.guest.base import GuestConfig
 from livemig.migration import protocol
 from livemig.migration.destination import Destination, Stalled
 from livemig.migration.handover import ReturnPath
-from livemig.migration.multifd import SendChannel, SendContext
+from livemig.migration.multifd import SendChannels, SendContext
 from livemig.migration.source import MACHINE_TYPE, Source
 from livemig.migration.state import FirstFailure
 from livemig.params import MigrationParameters
@@ -307,9 +307,14 @@ def test_a_broken_channel_is_named_once() -> None:
     errors: list[tuple[int, BaseException]] = []
     ctx = SendContext(uuid=bytes(16), page_size=4096, method=create_method("none", 0, 4096), views={},
                       pages64=None, limiter=RateLimiter(0), failed=lambda cid, exc: errors.append((cid, exc)))
-    ch = SendChannel(ctx, 1, mine)
-    ch.run()  # the handshake meets a closed peer
-    mine.close()
+    ok, peer = socket.socketpair()
+    chans = SendChannels(ctx, check=lambda: None, timeout=5, threads=1)  # one thread writes both channels
+    chans.add(ok)  # channel 0: its handshake goes through
+    chans.add(mine)  # channel 1: the handshake meets a closed peer
+    chans.stop()
+    chans.close()
+    peer.close()
+    assert len(errors) == 1, errors
     failure = FirstFailure()
     failure.record(errors[0][1], f"multifd channel {errors[0][0]}")
     text = str(failure.error)

@@ -1,7 +1,8 @@
-"""The multifd channel workers, one thread per channel on each side (docs/wire.md, "Multifd packet").
+"""The multifd channels of both sides (docs/wire.md, "Multifd packet"; threads: docs/datapath.md).
 
-Send side: :class:`SendChannels` numbers packets and hands page jobs round robin to
-:class:`SendChannel` threads, which detect zero pages, compress and write packets in order; a flush
+Send side: :class:`SendChannels` numbers packets and hands page jobs round robin to the
+:class:`SendChannel` objects; at most one :class:`SendWorker` thread per core runs them (a channel
+always on the same thread), detecting zero pages, compressing and writing packets in order; a flush
 puts a SYNC packet on every channel and waits until each has written it. Every byte a channel writes
 (handshake, headers, payloads, SYNC) is charged to the bandwidth limiter first; under a cap a channel
 writes in pieces of ``PIECE_SECONDS`` of the rate, so a 512 KiB packet at 16 KiB/s shows progress
@@ -25,6 +26,7 @@ Destination object.
 from __future__ import annotations
 
 import fcntl
+import os
 import queue
 import socket
 import struct
@@ -33,6 +35,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import cast
 
 import numpy as np
 
@@ -48,6 +51,10 @@ from .stats import ChannelCounters
 
 #: packets per channel job: fewer queue hand-offs and syscalls, same packets on the wire
 BATCH = 4
+#: send threads at most (one per core): the channels are shared among them (:class:`SendWorker`)
+SEND_THREADS = max(1, len(os.sched_getaffinity(0)))
+#: jobs a send thread may have queued per channel it serves
+QUEUE_JOBS = 4
 
 #: progress unit on both sides: a channel (or the main stream) has made progress once this many bytes
 #: moved since the last progress; fewer (a peer dribbling a byte now and then) never resets a timer
@@ -79,6 +86,8 @@ class _Sync:
 
 
 _STOP = object()
+#: a channel's first job: its handshake
+_HELLO = object()
 
 
 @dataclass
@@ -122,36 +131,31 @@ def pieces(bufs: Sequence[Buffer], size: int) -> list[list[memoryview]]:
     return out
 
 
-class SendChannel(threading.Thread):
-    """One multifd channel: handshake, then zero detection, compression and sending, in job order."""
+class SendChannel:
+    """One multifd channel of the source: its socket, compressor and counters. Its work (handshake,
+    packets, SYNC) runs on the :class:`SendWorker` that serves it, in the order it was queued."""
 
     def __init__(self, ctx: SendContext, cid: int, sock: socket.socket) -> None:
-        super().__init__(name=f"multifd-send-{cid}", daemon=True)
         self.ctx = ctx
         self.cid = cid
         self.sock = sock
         self.comp = ctx.method.compressor(cid)
-        self.q: queue.Queue[object] = queue.Queue(maxsize=4)
         self.synced = threading.Semaphore(0)
         self.counters = ChannelCounters()
+        #: the thread that writes this channel (set by :meth:`SendChannels.add`)
+        self.worker: SendWorker | None = None
 
-    def run(self) -> None:
-        try:
-            timeout = self.sock.gettimeout()
-            if timeout:  # one blocking vectored write per job, the timeout kept by the kernel
-                kernel_timeouts(self.sock, timeout, timeout)
-            self._write([handshake.encode_init(self.ctx.uuid, self.cid)], "the handshake")
-            while True:
-                job = self.q.get()
-                if job is _STOP:
-                    return
-                if isinstance(job, _Sync):
-                    self._write([packet.encode_sync(job.num, self.ctx.page_size)], "the SYNC packet")
-                    self.synced.release()
-                elif isinstance(job, _Pages):
-                    self._send_pages(job)
-        except BaseException as exc:  # noqa: BLE001 - reported to the migration thread
-            self.ctx.failed(self.cid, exc)
+    def hello(self) -> None:
+        """Write the channel's handshake (MultiFDInit_t)."""
+        timeout = self.sock.gettimeout()
+        if timeout:  # one blocking vectored write per job, the timeout kept by the kernel
+            kernel_timeouts(self.sock, timeout, timeout)
+        self._write([handshake.encode_init(self.ctx.uuid, self.cid)], "the handshake")
+
+    def sync(self, num: int) -> None:
+        """Write a SYNC packet numbered ``num``, then tell :meth:`SendChannels.flush` it is written."""
+        self._write([packet.encode_sync(num, self.ctx.page_size)], "the SYNC packet")
+        self.synced.release()
 
     def _write(self, bufs: list[Buffer], what: str) -> None:
         """Charge the limiter, then write ``bufs``: in one vectored send when uncapped, in pieces of
@@ -166,7 +170,7 @@ class SendChannel(threading.Thread):
             limiter.acquire(sum(len(b) for b in piece))
             self.counters.wire_bytes += send_buffers(self.sock, piece, what)
 
-    def _send_pages(self, job: _Pages) -> None:
+    def send_pages(self, job: _Pages) -> None:
         """Build the job's packets, write them, then count their pages: the counters say what was
         written to the socket (progress and ``remaining`` read them), not what was queued."""
         bufs: list[Buffer] = []
@@ -237,6 +241,39 @@ class SendChannel(threading.Thread):
         return [hdr, *payload], int(normal.size), int(zero.size), plen
 
 
+class SendWorker(threading.Thread):
+    """A send thread: runs the jobs of the channels it serves, one at a time, in queue order.
+
+    A channel is served by one worker only, so its bytes keep their order. There are at most as many
+    workers as cores (:data:`SEND_THREADS`): the channels' work is one Python step per job plus
+    system calls and codec calls that release the GIL, and threads beyond the core count only queue
+    for the GIL and evict each other's packets from the caches (docs/datapath.md, "Threads").
+    A failed job ends the worker (the migration fails with the first failure).
+    """
+
+    def __init__(self, ctx: SendContext, wid: int, depth: int) -> None:
+        super().__init__(name=f"multifd-send-{wid}", daemon=True)
+        self.ctx = ctx
+        self.q: queue.Queue[object] = queue.Queue(maxsize=depth)
+
+    def run(self) -> None:
+        ch: SendChannel | None = None
+        try:
+            while True:
+                item = self.q.get()
+                if item is _STOP:
+                    return
+                ch, job = cast(tuple[SendChannel, object], item)
+                if job is _HELLO:
+                    ch.hello()
+                elif isinstance(job, _Sync):
+                    ch.sync(job.num)
+                elif isinstance(job, _Pages):
+                    ch.send_pages(job)
+        except BaseException as exc:  # noqa: BLE001 - reported to the migration thread
+            self.ctx.failed(ch.cid if ch is not None else -1, exc)
+
+
 class SendChannels:
     """The source's channels: packet numbering, round-robin dispatch, flush (SYNC on every channel).
 
@@ -244,19 +281,31 @@ class SendChannels:
     ``timeout`` is how long the channels may write nothing at all before a flush fails.
     """
 
-    def __init__(self, ctx: SendContext, check: Callable[[], None], timeout: float) -> None:
+    def __init__(self, ctx: SendContext, check: Callable[[], None], timeout: float,
+                 threads: int = SEND_THREADS) -> None:
         self.ctx = ctx
         self.check = check
         self.timeout = timeout
         self.channels: list[SendChannel] = []
+        #: at most ``threads`` of them; channel ``cid`` is served by worker ``cid % threads``
+        self.workers: list[SendWorker] = []
+        self.threads = max(1, threads)
         self._packet_num = 0
         self._rr = 0
 
     def add(self, sock: socket.socket) -> SendChannel:
-        """Start channel number ``len(channels)`` on a connected socket (it sends its handshake)."""
+        """Open channel number ``len(channels)`` on a connected socket: its worker writes its handshake."""
         ch = SendChannel(self.ctx, len(self.channels), sock)
+        if len(self.workers) < self.threads:
+            w = SendWorker(self.ctx, len(self.workers), QUEUE_JOBS)
+            self.workers.append(w)
+            w.start()
+        else:
+            w = self.workers[ch.cid % self.threads]
+            w.q.maxsize += QUEUE_JOBS
+        ch.worker = w
         self.channels.append(ch)
-        ch.start()
+        self._put(ch, _HELLO)
         return ch
 
     def wire_bytes(self) -> int:
@@ -285,22 +334,24 @@ class SendChannels:
         left(remaining)
 
     def _put(self, ch: SendChannel, job: object) -> None:
+        assert ch.worker is not None
         while True:
             self.check()
             try:
-                ch.q.put(job, timeout=0.05)
+                ch.worker.q.put((ch, job), timeout=0.05)
                 return
             except queue.Full:
                 continue
 
     def _dispatch(self, job: _Pages) -> None:
-        """Round robin from the channel after the last one used, skipping busy channels."""
+        """Round robin from the channel after the last one used, skipping channels whose thread is busy."""
         self.check()
         n = len(self.channels)
         for k in range(n):
             ch = self.channels[(self._rr + k) % n]
+            assert ch.worker is not None
             try:
-                ch.q.put_nowait(job)
+                ch.worker.q.put_nowait((ch, job))
                 self._rr = (self._rr + k + 1) % n
                 return
             except queue.Full:
@@ -361,17 +412,18 @@ class SendChannels:
                 pass
 
     def stop(self) -> None:
-        """Ask every channel to end after its queued jobs (a full queue: the socket shutdown ends it)."""
-        for ch in self.channels:
+        """Ask every send thread to end after its queued jobs (a full queue: the socket shutdown ends it)."""
+        for w in self.workers:
             try:
-                ch.q.put_nowait(_STOP)
+                w.q.put_nowait(_STOP)
             except queue.Full:
                 pass
 
     def close(self) -> None:
-        """Wait for every channel thread (bounded) and close its socket."""
+        """Wait for every send thread (bounded) and close every channel's socket."""
+        for w in self.workers:
+            w.join(timeout=5)
         for ch in self.channels:
-            ch.join(timeout=5)
             ch.sock.close()
 
 
