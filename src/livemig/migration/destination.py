@@ -40,7 +40,7 @@ from ..ram.digest import ChunkDigest
 from ..transport.address import Address
 from ..transport.sockets import AddressListener, Listener
 from ..wire import stream
-from ..wire.constants import PAGE_SIZE
+from ..wire.constants import MIG_CMD_PING, PAGE_SIZE
 from . import protocol, state
 from .accept import Gate
 from .configure import apply_config
@@ -319,8 +319,8 @@ class Destination:
                 self.meet_channels()
             elif isinstance(ev, stream.ZeroPage | stream.Page):
                 self.apply_page(ev)
-            elif isinstance(ev, stream.Command) and self.postcopy is not None:
-                self.postcopy.ping(ev)
+            elif isinstance(ev, stream.Command):
+                self._command(ev)
             elif isinstance(ev, (*POSTCOPY_COMMANDS, stream.PostcopyRun)):
                 if self.postcopy is None:
                     raise WireError("main stream: post-copy command", type(ev).__name__,
@@ -368,6 +368,13 @@ class Destination:
                 raise TransportError("main channel closed before the end of the migration stream")
             reader.feed(self._main_view[:n])
             self._progress(n)
+
+    def _command(self, ev: stream.Command) -> None:
+        """COMMAND PING: answer Pong now, every record before it processed (QEMU's PONG); the
+        source waits for it after each pass, and before post-copy's pause. Other commands are not
+        sent by livemig's sources outside post-copy, and are ignored."""
+        if ev.cmd == MIG_CMD_PING and self.handover.rp is not None:
+            self.handover.rp.send(protocol.Pong(int.from_bytes(ev.data, "big")))
 
     def meet_channels(self) -> None:
         """A sync point of the main stream: wait for one SYNC on every multifd channel, release them."""

@@ -33,7 +33,6 @@ from ..errors import IntegrityError, MigrationError, TransportError, WireError
 from ..guest import uffd
 from ..transport.sockets import Listener
 from ..wire import stream
-from ..wire.constants import MIG_CMD_PING
 from . import protocol, state
 from .handover import ReturnPath
 from .pagehash import ALGORITHM, PageHashes
@@ -90,11 +89,6 @@ class PostcopyDestination:
             self._discard(ev)
         else:
             self._listen()
-
-    def ping(self, ev: stream.Command) -> None:
-        """COMMAND PING: answer Pong once every record before it was processed (QEMU's PONG)."""
-        if ev.cmd == MIG_CMD_PING and self.dst.handover.rp is not None:
-            self.dst.handover.rp.send(protocol.Pong(int.from_bytes(ev.data, "big")))
 
     def _advise(self, ev: stream.PostcopyAdvise) -> None:
         ps = self.dst.page_size

@@ -104,16 +104,14 @@ class PostcopySource:
         early = {b.name: np.zeros(b.npages, dtype=bool) for b in src.guest.blocks}
         for name, idx in src._pending.items():
             early[name][idx] = True
-        src._main_write(self._discards(early) + stream.ping(1), ram=False)
-        self._await_pong(1)
+        src.ping_destination(self._discards(early))
         # and what it dirtied meanwhile: the final sync (in the downtime) then has little to collect
         extra = {name: np.zeros_like(m) for name, m in early.items()}
         for name, idx in src._sync_dirty().items():
             extra[name][idx] = True
             extra[name] &= ~early[name]
             early[name] |= extra[name]
-        src._main_write(self._discards(extra) + stream.ping(2), ram=False)
-        self._await_pong(2)
+        src.ping_destination(self._discards(extra))
         src._pending = {name: np.flatnonzero(m) for name, m in early.items()}
         t_pause, marks, final = src._pause()
         for b in src.guest.blocks:
@@ -278,17 +276,6 @@ class PostcopySource:
         ps = self.src.page_size
         return b"".join(stream.postcopy_ram_discard(name, [(f * ps, n * ps) for f, n in runs(np.flatnonzero(m))])
                         for name, m in pages.items())
-
-    def _await_pong(self, value: int) -> None:
-        """The destination's Pong for PING ``value`` (before the pause: nothing else reads the
-        return path yet)."""
-        src = self.src
-        assert src.rp is not None
-        msg = src.rp.recv(src.timeout, src.handover.is_cancelled)
-        if isinstance(msg, protocol.Failed | protocol.Refused):
-            raise PeerFailed(f"destination failed: {msg.error.removeprefix('destination: ')}")
-        if not isinstance(msg, protocol.Pong) or msg.value != value:
-            raise MigrationError(f"destination answered {msg} to PING {value}, expected pong {value}")
 
     # --- pages -------------------------------------------------------------------------------------
     def _send_pages(self, npages: int, head: bytes) -> None:

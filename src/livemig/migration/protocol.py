@@ -1,11 +1,12 @@
 """livemig's handover protocol: the commit point, its messages and both sides' outcome rules.
 
-Protocol version :data:`VERSION` (4; 2 added the source's ``uuid`` to livemig/config, 3 lets an
+Protocol version :data:`VERSION` (5; 2 added the source's ``uuid`` to livemig/config, 3 lets an
 :class:`Abort` come before the stream's EOF and has the destination answer :class:`Failed` when
 it gives up on its own, 4 adds post-copy: ``postcopy-ram`` in livemig/config, :class:`ReqPages`,
 :class:`Pong`, :class:`PostcopyDone` and, for recovery, :class:`ReceivedBitmap` and :class:`ResumeAck`,
 and POSTCOPY_RUN as the commit point of a post-copy migration,
-docs/postcopy.md). Every handover message carries it; a peer speaking another version is
+docs/postcopy.md; 5 has the destination answer every COMMAND PING with :class:`Pong`, which the
+source waits for after each pass). Every handover message carries it; a peer speaking another version is
 refused with an error naming both. A change to any message or rule bumps it.
 
 The whole migration, as it crosses the wire::
@@ -14,7 +15,8 @@ The whole migration, as it crosses the wire::
       | main:   QEVM header, configuration, livemig/config ----------->|  (guest config, parameters)
       |<------------------------------------- return: Ready | Refused  |
       | chans:  MultiFDInit_t, packets on each of N channels ========> |
-      | main:   RAM sections per pass, MULTIFD_FLUSH, EOS  ----------->|
+      | main:   RAM sections per pass, MULTIFD_FLUSH, EOS, PING n ---->|
+      |<------------------------------------------------ return: Pong n |  (all before PING processed)
       |   (a cancel or failure before the commit point: Abort ------->|  discard at once)
       |   -- guest paused (source: paused) --                          |
       | main:   END ram, livemig/vcpu, livemig/digest, EOF ----------->|
@@ -74,7 +76,7 @@ if TYPE_CHECKING:
     from ..guest import Guest
     from ..params import MigrationParameters
 
-VERSION = 4
+VERSION = 5
 #: the main stream's CONFIGURATION machine type of a livemig source, and its section ids
 MACHINE_TYPE = "livemig-1"
 SECTION_CONFIG = 1
@@ -162,7 +164,8 @@ class ReqPages:
 @dataclass(frozen=True)
 class Pong:
     """Return path: the answer to the main stream's COMMAND PING ``value``: every record before the
-    PING was processed (post-copy: the early discards are done; QEMU's MIG_RP_MSG_PONG)."""
+    PING was processed, the multifd pages before its flush included (after a pass: the destination
+    caught up; post-copy: the early discards are done; QEMU's MIG_RP_MSG_PONG)."""
 
     TYPE: ClassVar[str] = "pong"
     value: int

@@ -153,6 +153,8 @@ class Source:
         )
         self.main: socket.socket | None = None
         self.rp: ReturnPath | None = None
+        #: COMMAND PINGs written so far (each one's value)
+        self._pings = 0
         self.meter = ResourceMeter()
         self._failure = state.FirstFailure()
         self._done = threading.Event()
@@ -295,7 +297,7 @@ class Source:
             # the switchover's fixed cost, counted in the estimate: how far the destination lagged
             # behind what was written (waited out here, before the pause, not during the downtime)
             t_fixed = time.monotonic()
-            self.channels.drain(self.params.downtime_limit / 1000)
+            self._catch_up()
             fixed_ms = (time.monotonic() - t_fixed) * 1000
             dirty = self._sync_dirty()
             now = time.monotonic()
@@ -312,6 +314,29 @@ class Source:
                     self.postcopy is not None and self.postcopy.should_switch(self.stats.passes)):
                 self._pending = dirty
                 return
+
+    def _catch_up(self) -> None:
+        """Wait until the destination processed everything written so far, so that the pause never
+        finds it behind (its socket buffers, up to ~2 MiB per channel, can hold a whole small guest):
+        PING on the main stream after the pass's flush, whose Pong comes once every channel's pages
+        before its SYNC landed. (A QEMU destination: :class:`.to_qemu.QemuSource` waits for its
+        kernel's acknowledgements instead.)"""
+        self.ping_destination()
+
+    def ping_destination(self, head: bytes = b"") -> None:
+        """Write ``head`` (main-stream records) and a COMMAND PING, and wait for the destination's Pong:
+        every record before it was processed. Before the pause only (nothing else reads the return
+        path then). PeerFailed when the destination failed; MigrationError on another answer;
+        TransportError when none comes within the timeout."""
+        assert self.rp is not None
+        self._pings += 1
+        value = self._pings
+        self._main_write(head + stream.ping(value), ram=False)
+        msg = self.rp.recv(self.timeout, self.handover.is_cancelled)
+        if isinstance(msg, protocol.Failed | protocol.Refused):
+            raise PeerFailed(f"destination failed: {msg.error.removeprefix('destination: ')}")
+        if not isinstance(msg, protocol.Pong) or msg.value != value:
+            raise MigrationError(f"destination answered {msg} to PING {value}, expected pong {value}")
 
     def _pause(self) -> tuple[float, list[tuple[str, float]], dict[str, np.ndarray]]:
         """The switchover's start (precopy and post-copy): status device, guest paused, throttle off,

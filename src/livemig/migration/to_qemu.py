@@ -104,6 +104,11 @@ class QemuSource(Source):
         """Header and configuration naming the destination's machine; no answer to wait for."""
         self._main_write(stream.file_header() + stream.configuration(self.dest.machine), ram=False)
 
+    def _catch_up(self) -> None:
+        """No livemig return path to ask: wait (at most downtime-limit) until the destination's kernel
+        acknowledged every byte written (what QEMU's own process still holds is not known)."""
+        self.channels.drain(self.params.downtime_limit / 1000)
+
     def _flush_round(self) -> None:
         """SYNC on every channel; then MULTIFD_FLUSH, unless the EOS that follows is the marker."""
         self.channels.flush()
