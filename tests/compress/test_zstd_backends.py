@@ -56,24 +56,56 @@ def test_lib_receiver_rejects_lies() -> None:
         zstd_method._LibRecv(4096).decompress(b"\x28\xb5\x2f\xfd" + b"\xff" * 64, 1)
 
 
-def test_packet_compressor_keeps_one_frame_and_reuses_its_buffer_safely() -> None:
-    """Packets of varied sizes through PacketCompressor (each copied over the last one's bytes)
-    decode with a plain streaming decoder as one never-ended frame; a packet that repeats an
-    earlier one (matches across packets are possible only within the current segment) and a
-    shorter packet after a longer one (the old tail stays as zstd's dictionary) decode exactly."""
+def test_packet_compressor_writes_one_whole_frame_per_packet() -> None:
+    """Each payload is one frame declaring its packet's size (QEMU's receiver reads a sequence of
+    them as it reads its own never-ended frame); the runs of a packet of several are gathered in
+    order; the receiver decodes such packets in one call each."""
     import pyzstd
 
     comp = libzstd.PacketCompressor(1)
-    dec = pyzstd.ZstdDecompressor()
+    endless = pyzstd.EndlessZstdDecompressor()
+    dec = libzstd.PacketDecompressor()
     sizes = [128, 17, 128, 3, 64, 128, 1]
     for k, n in enumerate(sizes):
-        data = _pages(n, k % 3)  # seeds repeat: packets 0, 3, 6 start alike
-        payload = comp.compress([memoryview(data)[: 4096 * (n // 2)], memoryview(data)[4096 * (n // 2) :]])
-        assert payload[:4] == b"\x28\xb5\x2f\xfd" if k == 0 else payload[:4] != b"\x28\xb5\x2f\xfd"
-        assert dec.decompress(payload) == data
-        assert not dec.eof  # never ended
+        data = _pages(n, k % 3)
+        half = 4096 * (n // 2)
+        runs = [memoryview(data)] if k % 2 else [memoryview(data)[:half], memoryview(data)[half:]]
+        payload = comp.compress(runs)
+        assert payload[:4] == libzstd.FRAME_MAGIC
+        assert pyzstd.decompress(payload) == data  # a whole frame: decodes alone
+        assert endless.decompress(payload) == data and endless.at_frame_edge
+        out = bytearray(len(data))
+        dec.decompress_into(payload, [memoryview(out)])
+        assert out == data
+    assert dec.whole_frames == len(sizes) and dec.at_frame_edge
     with pytest.raises(PayloadError, match="more than 524288 bytes"):
         comp.compress([bytes(512 * 1024 + 4096)])
+
+
+def test_receiver_decodes_a_never_ended_frame_with_the_streaming_decoder() -> None:
+    """QEMU's stream (one frame per channel, a flush per packet) never takes the one-call path."""
+    send, dec = zstd_method._Send(1), libzstd.PacketDecompressor()
+    for k in range(4):
+        data = _pages(128, k)
+        payload = b"".join(bytes(b) for b in send.compress([data]))
+        out = bytearray(len(data))
+        dec.decompress_into(payload, [memoryview(out)])
+        assert out == data
+        assert not dec.at_frame_edge
+    assert dec.whole_frames == 0
+
+
+def test_receiver_accepts_frames_ending_inside_a_packet_as_qemu_does() -> None:
+    """Two whole frames in one packet (QEMU's receiver takes them: a frame's end is not an error)
+    decode through the streaming decoder, which then waits at a frame edge again."""
+    comp, dec = libzstd.PacketCompressor(1), libzstd.PacketDecompressor()
+    data = _pages(6, 9)
+    payload = comp.compress([data[: 2 * 4096]]) + comp.compress([data[2 * 4096 :]])
+    out = bytearray(len(data))
+    dec.decompress_into(payload, [memoryview(out)])
+    assert out == data and dec.whole_frames == 0 and dec.at_frame_edge
+    with pytest.raises(PayloadError, match="more than"):
+        dec.decompress_into(payload, [memoryview(bytearray(5 * 4096))])
 
 
 def test_packet_compressor_output_stays_within_a_default_decoder_window() -> None:

@@ -1,14 +1,16 @@
-"""``zstd``: one zstd frame per channel, ZSTD_e_flush at the end of each packet, never ended
-(docs/wire.md, "Payloads"). Level 0 means zstd's default level (3), as in QEMU.
+"""``zstd`` (docs/wire.md, "Payloads"): QEMU writes one never-ended frame per channel, a flush
+(ZSTD_e_flush) at the end of each packet; its receiver also takes frames that end and start again.
+Level 0 means zstd's default level (3), as in QEMU.
 
 Both sides use zstd through ctypes (:mod:`.libzstd`): the zstd pyzstd bundles (1.5.7, about 6 %
 smaller output than Debian 12's libzstd 1.5.4 at level 1, at the same speed) when its extension
-exports zstd's functions, else the system's libzstd. The sender compresses each packet as one
-contiguous segment (:class:`.libzstd.PacketCompressor`); the receiver decodes straight into guest
-RAM, saving a 512 KiB buffer and a copy per packet. Without a loadable zstd library both sides use
-pyzstd's API (its decompressor takes ``max_length``: a hostile payload cannot make the receiver
-allocate more than the packet's pages). ``LIVEMIG_ZSTD=pyzstd`` forces pyzstd's API on both sides.
-All combinations write and read the same stream."""
+exports zstd's functions, else the system's libzstd. The sender writes one whole frame per packet,
+from guest RAM (:class:`.libzstd.PacketCompressor`); the receiver decodes such a packet in one call
+straight into guest RAM, and any other stream (QEMU's) with the streaming decoder. Without a
+loadable zstd library both sides use pyzstd's API (one never-ended frame; its decompressor takes
+``max_length``: a hostile payload cannot make the receiver allocate more than the packet's pages).
+``LIVEMIG_ZSTD=pyzstd`` forces pyzstd's API on both sides. Every receiver reads every sender's
+stream."""
 
 from __future__ import annotations
 
@@ -60,7 +62,8 @@ class _Recv(Decompressor):
         self.page_size = page_size
         pyzstd = _pyzstd()
         self._error = pyzstd.ZstdError
-        self._z = pyzstd.ZstdDecompressor(option={pyzstd.DParameter.windowLogMax: _MAX_WINDOW_LOG})
+        # frames may end and start again at packet ends (livemig's lib sender: one per packet)
+        self._z = pyzstd.EndlessZstdDecompressor(option={pyzstd.DParameter.windowLogMax: _MAX_WINDOW_LOG})
 
     def decompress(self, payload: Buffer, normal_pages: int) -> Buffer:
         want = normal_pages * self.page_size
@@ -73,8 +76,6 @@ class _Recv(Decompressor):
                     raise PayloadError(f"zstd: payload decompresses to more than {want} bytes ({normal_pages} pages)")
         except self._error as exc:
             raise PayloadError(f"zstd: decompressStream returned {exc}") from exc
-        if self._z.eof:
-            raise PayloadError("zstd: frame ended; a multifd zstd frame is never ended")
         if len(out) != want:
             raise PayloadError(f"zstd: packet size received {len(out)} size expected {want}")
         return out
@@ -91,7 +92,7 @@ class _LibSend(Compressor):
 class _LibRecv(Decompressor):
     def __init__(self, page_size: int) -> None:
         self.page_size = page_size
-        self._z = libzstd.StreamDecompressor()
+        self._z = libzstd.PacketDecompressor()
 
     def decompress(self, payload: Buffer, normal_pages: int) -> Buffer:
         out = bytearray(normal_pages * self.page_size)
@@ -109,8 +110,8 @@ class Zstd(Method):
 
     def backend(self) -> str:
         if _use_lib():
-            return (f"cpu: zstd {libzstd.version()}; send one contiguous segment per packet, "
-                    "receive into guest RAM")
+            return (f"cpu: zstd {libzstd.version()}; one frame per packet from guest RAM, "
+                    "decoded into guest RAM")
         return f"cpu: zstd; pyzstd (zstd {_pyzstd().zstd_version}) both ways"
 
     def compressor(self, channel: int) -> Compressor:
