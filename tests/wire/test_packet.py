@@ -362,6 +362,9 @@ def _offsets(draw: st.DrawFn) -> tuple[list[int], int]:
 @example(([0, 2 * PAGE, PAGE, 3 * PAGE], 4))  # first, last and count of a run, out of order
 @example(([0, PAGE + 1, 2 * PAGE], 3))  # first, last and count of a run, one page unaligned
 @example(([0, PAGE, PAGE, 3 * PAGE], 2))  # first, last and count of a run, one page twice
+@example(([0, 2 * PAGE, PAGE], 2))  # a run once sorted: the zero page listed last
+@example(([0, 2 * PAGE, PAGE, 2 * PAGE], 2))  # a run once sorted, but for a page listed twice
+@example(([0, 2 * PAGE, PAGE + 8], 2))  # a run once sorted, but for an unaligned page
 def test_check_matches_the_plain_rules(case: tuple[list[int], int]) -> None:
     """Fast path or not, check_packet accepts exactly the packets whose offsets are inside the block,
     aligned and listed once, and returns offset / page size split at normal_pages."""

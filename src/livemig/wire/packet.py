@@ -309,7 +309,8 @@ def check_packet(hdr: PacketHeader, *, method_flag: int, block_size: int, page_s
     the packet. Packets without pages pass (QEMU only counts them). Raises
     :class:`~livemig.errors.WireError`. Returns the pages as :class:`PacketPages` (empty for a
     packet without pages). Cost: for the usual packet of consecutive ascending pages, scalar tests
-    and one numpy pass over its <= 128 offsets; for any other, a few passes and a sort.
+    and one arange compared as bytes; for one whose pages are consecutive once sorted (zero pages
+    listed last), a sort more; for any other, a few passes and a sort.
     """
     if not hdr.has_data:
         return PacketPages(_NO_PAGES, _NO_PAGES, [], None)
@@ -319,27 +320,37 @@ def check_packet(hdr: PacketHeader, *, method_flag: int, block_size: int, page_s
     offsets = hdr.offsets
     n, nn = offsets.size, hdr.normal_pages
     first, last = int(offsets[0]), int(offsets[-1])
-    if (
-        last - first == (n - 1) * page_size
-        and first % page_size == 0
-        and last <= block_size - page_size
-        and (n == 1 or np.arange(first, last + page_size, page_size, dtype=np.uint64).tobytes() == offsets.tobytes())
-    ):
-        # the usual packet: consecutive ascending pages (offset k is first + k * page_size: the n
-        # offsets from first to last, compared as bytes), so each listed once, aligned and inside
-        # the block when the first is aligned and the last inside
+    if _consecutive(offsets, first, last, block_size, page_size):
+        # the usual packet: consecutive ascending pages, so each listed once, aligned and inside the
+        # block
         start = first // page_size
         pages: Pages = np.arange(start, start + n, dtype=np.int64)
         return PacketPages(pages[:nn], pages[nn:], [(start, nn)] if nn else [], (start, start + n - 1))
     # any other packet (zero pages moved to the end leave gaps in the normal ones): one sort gives
-    # the span and the uniqueness; the detailed checks run only to name what is wrong
+    # the span, and the sorted offsets are usually one consecutive run (the packet's pages, zero
+    # ones listed last); else the plain tests give the uniqueness; the detailed checks run only to
+    # name what is wrong
     ordered = np.sort(offsets)
     lo, hi = int(ordered[0]), int(ordered[-1])
-    if (hi > block_size - page_size or bool((offsets % page_size).any())
+    if not _consecutive(ordered, lo, hi, block_size, page_size) and (
+            hi > block_size - page_size or bool((offsets % page_size).any())
             or (n > 1 and not bool((ordered[1:] != ordered[:-1]).all()))):
         _check_offsets(hdr, block_size, page_size)
     pages = (offsets // page_size).view(np.int64)  # offsets checked: < 2**63
     return PacketPages(pages[:nn], pages[nn:], runs(pages[:nn]), (lo // page_size, hi // page_size))
+
+
+def _consecutive(offsets: Offsets, first: int, last: int, block_size: int, page_size: int) -> bool:
+    """True when ``offsets`` are ``first, first + page_size, ..., last``, ``first`` aligned and
+    ``last`` inside the block: each listed once, aligned and inside it. Scalar tests, then one
+    arange compared as bytes."""
+    n = offsets.size
+    return (
+        last - first == (n - 1) * page_size
+        and first % page_size == 0
+        and last <= block_size - page_size
+        and (n == 1 or np.arange(first, last + page_size, page_size, dtype=np.uint64).tobytes() == offsets.tobytes())
+    )
 
 
 def _check_offsets(hdr: PacketHeader, block_size: int, page_size: int) -> None:
