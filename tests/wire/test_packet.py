@@ -137,6 +137,27 @@ def test_round_trip(n_normal: int, n_zero: int, flags: int) -> None:
     check_packet(hdr, method_flag=flags & COMPRESSION_MASK, block_size=4096 * PAGE)
 
 
+_U64_OFFSETS = st.lists(st.integers(0, 2**64 - 1), max_size=64)
+
+
+@given(_U64_OFFSETS, _U64_OFFSETS, st.sampled_from([np.uint64, np.int64, list]), st.integers(0, 2**64 - 1))
+def test_encode_matches_the_layout_written_field_by_field(
+    normal: list[int], zero: list[int], kind: type, packet_num: int
+) -> None:
+    """encode_packet's bytes equal a packet packed one field and one offset at a time, whatever the
+    type the offsets come in (the sender's uint64 arrays, signed arrays, lists)."""
+    if kind is not np.uint64:  # numpy takes a list as int64 (float64 past it)
+        normal, zero = [o >> 1 for o in normal], [o >> 1 for o in zero]
+    as_kind = (lambda v: v) if kind is list else (lambda v: np.array(v, dtype=kind))
+    raw = encode_packet(flags=FLAG_ZLIB | FLAG_SYNC, packet_num=packet_num, ramblock="pc.ram", normal=as_kind(normal),
+                        zero=as_kind(zero), next_packet_size=99)
+    used = len(normal) + len(zero)
+    expected = struct.pack(">6IQI28x256s", 0x11223344, 1, FLAG_ZLIB | FLAG_SYNC, 128, len(normal), 99, packet_num,
+                           len(zero), b"pc.ram")
+    expected += b"".join(struct.pack(">Q", o) for o in normal + zero) + bytes(8 * (128 - used))
+    assert raw == expected
+
+
 def test_round_trip_other_page_size() -> None:
     raw = encode_packet(flags=0, packet_num=1, ramblock="b", normal=_u64(list(range(0, 64 * 8192, 8192))),
                         zero=_u64([]), next_packet_size=0, page_size=8192)
@@ -324,7 +345,10 @@ def _offsets(draw: st.DrawFn) -> tuple[list[int], int]:
     for _ in range(draw(st.integers(0, 2))):
         i = draw(st.integers(0, n - 1))
         pages[i] = draw(st.sampled_from([pages[i] + 1, pages[0], 170 * PAGE, (start + n + 3) * PAGE,
-                                         pages[i] - PAGE * (i > 0)]))
+                                         pages[i] - PAGE * (pages[i] >= PAGE)]))
+    if n > 3 and draw(st.booleans()):  # two pages swapped inside the run: first and last unchanged
+        i, j = draw(st.integers(1, n - 2)), draw(st.integers(1, n - 2))
+        pages[i], pages[j] = pages[j], pages[i]
     if draw(st.booleans()):  # zero pages taken out of the run and listed after the normal ones
         zero = sorted(set(draw(st.lists(st.integers(0, n - 1), max_size=n))))
         normal = [p for i, p in enumerate(pages) if i not in zero]
@@ -335,6 +359,12 @@ def _offsets(draw: st.DrawFn) -> tuple[list[int], int]:
 @given(_offsets())
 @example(([PAGE + 1], 1))  # one unaligned page
 @example(([PAGE + 1, 2 * PAGE + 1], 0))  # a consecutive run, every page unaligned
+@example(([0, 2 * PAGE, PAGE, 3 * PAGE], 4))  # first, last and count of a run, out of order
+@example(([0, PAGE + 1, 2 * PAGE], 3))  # first, last and count of a run, one page unaligned
+@example(([0, PAGE, PAGE, 3 * PAGE], 2))  # first, last and count of a run, one page twice
+@example(([0, 2 * PAGE, PAGE], 2))  # a run once sorted: the zero page listed last
+@example(([0, 2 * PAGE, PAGE, 2 * PAGE], 2))  # a run once sorted, but for a page listed twice
+@example(([0, 2 * PAGE, PAGE + 8], 2))  # a run once sorted, but for an unaligned page
 def test_check_matches_the_plain_rules(case: tuple[list[int], int]) -> None:
     """Fast path or not, check_packet accepts exactly the packets whose offsets are inside the block,
     aligned and listed once, and returns offset / page size split at normal_pages."""

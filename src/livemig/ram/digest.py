@@ -126,13 +126,16 @@ class ChunkDigest:
             span = int(pages.min()), int(pages.max())
         c0, c1 = span[0] // cp, span[1] // cp
         if c0 == c1:  # the usual packet: one chunk, whole when it lists as many pages as the chunk has
-            whole, part = ([c0], []) if count == self._chunk_len(c0) else ([], [c0])
-        else:
-            if pages is None:
-                pages = np.concatenate((normal, zero)) if zero.size else normal
-            chunks, counts = np.unique(pages // cp, return_counts=True)
-            full = counts == np.minimum(cp, self.npages - chunks * cp)
-            whole, part = chunks[full].tolist(), chunks[~full].tolist()
+            if count != self._chunk_len(c0):
+                return self._store([], [c0], mark_rest, 0)
+            if not normal.size:  # zero pages only: the chunk is zero, its digest known unread
+                return self._store([(c0, self._zero_digest(c0))], [], mark_rest, 0)
+            return self._store([(c0, self._hash(c0))], [], mark_rest, 1)
+        if pages is None:
+            pages = np.concatenate((normal, zero)) if zero.size else normal
+        chunks, counts = np.unique(pages // cp, return_counts=True)
+        full = counts == np.minimum(cp, self.npages - chunks * cp)
+        whole, part = chunks[full].tolist(), chunks[~full].tolist()
         out: list[tuple[int, bytes]] = []
         hashed = 0
         for c in whole:
@@ -141,6 +144,11 @@ class ChunkDigest:
             else:
                 out.append((c, self._hash(c)))
                 hashed += 1
+        return self._store(out, part, mark_rest, hashed)
+
+    def _store(self, out: list[tuple[int, bytes]], part: list[int], mark_rest: bool, hashed: int) -> int:
+        """:meth:`cover`'s results: the digests ``out`` of the chunks covered whole, and a mark on
+        the chunks ``part`` covered only in part when ``mark_rest``; returns ``hashed``."""
         with self._lock:
             for c, h in out:
                 self._gen[c] += 1

@@ -97,11 +97,20 @@ def nonzero_pages(pages64: np.ndarray) -> np.ndarray:
     ``pages64``: ``(n, page_size // 8)`` ``uint64`` rows, one per page (a block's ``pages`` viewed as
     ``uint64``). Returns ``(n,)`` ``bool``, True where any byte of the page is non-zero.
 
-    Like QEMU's buffer_is_zero, it looks at the cheap part first: a page whose first 64 bytes are not
-    all zero is non-zero without reading the rest; only the others are scanned whole.
+    Like QEMU's buffer_is_zero, it looks at the cheap part first: a page whose first 8 bytes are not
+    all zero is non-zero without reading more (one column of the rows: the usual data page); of the
+    others, those whose first 64 bytes are not all zero are non-zero; only the rest are scanned
+    whole, gathered (all of them at once, with no gather and no 64-byte step, when no page has a
+    non-zero first word: most likely a zero chunk).
     """
-    nonzero: np.ndarray = np.asarray(pages64[:, :8].any(axis=1))
+    nonzero: np.ndarray = pages64[:, 0] != 0
     rest = np.flatnonzero(~nonzero)
-    if rest.size:
-        nonzero[rest] = pages64[rest].any(axis=1)
+    if rest.size == nonzero.size:
+        nonzero[:] = np.bitwise_or.reduce(pages64, axis=1) != 0
+    elif rest.size:
+        head = np.bitwise_or.reduce(pages64[rest, 1:8], axis=1) != 0
+        nonzero[rest] = head
+        rest = rest[~head]
+        if rest.size:
+            nonzero[rest] = np.bitwise_or.reduce(pages64[rest], axis=1) != 0
     return nonzero
