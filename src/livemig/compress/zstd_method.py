@@ -68,7 +68,8 @@ class _Recv(Decompressor):
     def decompress(self, payload: Buffer, normal_pages: int) -> Buffer:
         want = normal_pages * self.page_size
         try:
-            out: bytes = self._z.decompress(payload, want)
+            # pyzstd's EndlessZstdDecompressor takes bytes only (a memoryview raises a bare TypeError)
+            out: bytes = self._z.decompress(bytes(payload), want)
             if len(out) == want and not self._z.needs_input:
                 # the block flush may leave input that must produce nothing more
                 extra = self._z.decompress(b"", 1)

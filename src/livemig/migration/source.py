@@ -375,6 +375,9 @@ class Source:
         self.stats.recv_cpu_percent = float(answer.pop("recv-cpu-percent", None) or 0.0)
         self.stats.recv_mem_bytes = int(answer.pop("recv-mem-bytes", None) or 0)
         self.stats.destination = dict(answer)
+        # before the status says completed: a query-migrate that sees it must see the outcome too
+        self.stats.handover = self.handover.state
+        self.stats.source_guest = self.handover.guest_state
         self.status.step(state.COMPLETED)
         if self.dump_ram:
             self._dump(self.dump_ram)
