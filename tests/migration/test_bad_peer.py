@@ -19,7 +19,7 @@ from livemig.guest.base import GuestConfig
 from livemig.migration import protocol
 from livemig.migration.destination import Destination, Stalled
 from livemig.migration.handover import ReturnPath
-from livemig.migration.multifd import SendChannels, SendContext
+from livemig.migration.multifd_send import SendChannels, SendContext
 from livemig.migration.source import MACHINE_TYPE, Source
 from livemig.migration.state import FirstFailure
 from livemig.params import MigrationParameters

@@ -165,7 +165,7 @@ def test_bandwidth_cap_holds_for_every_byte(memory: int, zero: bool, channels: i
 
 @pytest.mark.parametrize(("sizes", "size"), [([10, 3], 4), ([4096], 4096), ([1, 1, 1], 2), ([0, 5], 5)])
 def test_pieces_cut_buffers_without_reordering(sizes: list[int], size: int) -> None:
-    from livemig.migration.multifd import pieces
+    from livemig.migration.multifd_send import pieces
 
     bufs = [bytes((i + k) % 256 for k in range(n)) for i, n in enumerate(sizes)]
     cut = pieces(bufs, size)

@@ -46,7 +46,8 @@ from .accept import Gate
 from .configure import apply_config
 from .from_qemu import QemuIncoming, admit_qemu
 from .handover import DestinationHandover, ReturnPath
-from .multifd import PROGRESS_BYTES, RecvChannel, RecvContext
+from .multifd import RecvChannel, RecvContext
+from .multifd_send import PROGRESS_BYTES
 from .postcopy_dest import COMMANDS as POSTCOPY_COMMANDS
 from .postcopy_dest import PostcopyDestination
 from .protocol import MACHINE_TYPE

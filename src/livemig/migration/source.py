@@ -54,7 +54,7 @@ from . import protocol, state
 from .autopick import resolve_auto
 from .convergence import Convergence
 from .handover import PeerFailed, ReturnPath, SourceHandover, failure_text
-from .multifd import SendChannels, SendContext
+from .multifd_send import SendChannels, SendContext
 from .postcopy_source import PostcopySource
 from .protocol import MACHINE_TYPE, SECTION_CONFIG, SECTION_DIGEST, SECTION_RAM, SECTION_VCPU
 from .stats import MigrationStats, ResourceMeter, downtime_phases
